@@ -1,0 +1,109 @@
+// CPU launchers of the fused step kernels: parallel over the rows of the step, the units of a
+// row in one loop that the compiler vectorises (the cell math is branch-free, see cells/common.h).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "../step_elements.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+// Rows per task: enough elements per task that scheduling costs little next to the math.
+int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
+
+template <typename Fn>
+void for_each_row(int64_t n, int64_t H, const Fn& fn) {
+  at::parallel_for(0, n, grain_rows(H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fn(b);
+  });
+}
+
+template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
+void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
+  for_each_row(p.n, p.H, [&](int64_t b) {
+    for (int64_t j = 0; j < p.H; ++j) lstm_forward_element<kCell, kPhase, kBias>(p, b, j);
+  });
+}
+
+template <CellKind kCell, Phase kPhase, typename scalar_t>
+void lstm_backward_rows(const LSTMBackwardStep<scalar_t>& p) {
+  for_each_row(p.n, p.H, [&](int64_t b) {
+    for (int64_t j = 0; j < p.H; ++j) lstm_backward_element<kCell, kPhase>(p, b, j);
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void lstm_forward_step(CellKind cell, Phase phase, const LSTMForwardStep<scalar_t>& p) {
+  const bool bias = p.bias != nullptr;
+#define FUSEDRNN_FWD(CELL, PHASE)                                          \
+  (bias ? lstm_forward_rows<CELL, PHASE, true, scalar_t>(p)                \
+        : lstm_forward_rows<CELL, PHASE, false, scalar_t>(p))
+  switch (cell) {
+    case CellKind::kLSTM: FUSEDRNN_FWD(CellKind::kLSTM, Phase::kWhole); break;
+    case CellKind::kPeephole: FUSEDRNN_FWD(CellKind::kPeephole, Phase::kWhole); break;
+    case CellKind::kWorkingMemory:
+      if (phase == Phase::kIFG) {
+        FUSEDRNN_FWD(CellKind::kWorkingMemory, Phase::kIFG);
+      } else {
+        FUSEDRNN_FWD(CellKind::kWorkingMemory, Phase::kO);
+      }
+      break;
+    default: TORCH_INTERNAL_ASSERT(false, "lstm_forward_step: not an LSTM-family cell");
+  }
+#undef FUSEDRNN_FWD
+}
+
+template <typename scalar_t>
+void lstm_backward_step(CellKind cell, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
+  switch (cell) {
+    case CellKind::kLSTM: lstm_backward_rows<CellKind::kLSTM, Phase::kWhole>(p); break;
+    case CellKind::kPeephole: lstm_backward_rows<CellKind::kPeephole, Phase::kWhole>(p); break;
+    case CellKind::kWorkingMemory:
+      if (phase == Phase::kIFG) {
+        lstm_backward_rows<CellKind::kWorkingMemory, Phase::kIFG>(p);
+      } else {
+        lstm_backward_rows<CellKind::kWorkingMemory, Phase::kO>(p);
+      }
+      break;
+    default: TORCH_INTERNAL_ASSERT(false, "lstm_backward_step: not an LSTM-family cell");
+  }
+}
+
+template <typename scalar_t>
+void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
+  TORCH_INTERNAL_ASSERT((p.bias_ih == nullptr) == (p.bias_hh == nullptr));
+  if (p.bias_ih) {
+    for_each_row(p.n, p.H, [&](int64_t b) {
+      for (int64_t j = 0; j < p.H; ++j) gru_forward_element<true>(p, b, j);
+    });
+  } else {
+    for_each_row(p.n, p.H, [&](int64_t b) {
+      for (int64_t j = 0; j < p.H; ++j) gru_forward_element<false>(p, b, j);
+    });
+  }
+}
+
+template <typename scalar_t>
+void gru_backward_step(const GRUBackwardStep<scalar_t>& p) {
+  for_each_row(p.n, p.H, [&](int64_t b) {
+    for (int64_t j = 0; j < p.H; ++j) gru_backward_element(p, b, j);
+  });
+}
+
+#define FUSEDRNN_INSTANTIATE(T)                                                        \
+  template void lstm_forward_step<T>(CellKind, Phase, const LSTMForwardStep<T>&);      \
+  template void lstm_backward_step<T>(CellKind, Phase, const LSTMBackwardStep<T>&);    \
+  template void gru_forward_step<T>(const GRUForwardStep<T>&);                         \
+  template void gru_backward_step<T>(const GRUBackwardStep<T>&);
+FUSEDRNN_INSTANTIATE(float)
+FUSEDRNN_INSTANTIATE(double)
+FUSEDRNN_INSTANTIATE(c10::BFloat16)
+FUSEDRNN_INSTANTIATE(c10::Half)
+#undef FUSEDRNN_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace fusedrnn

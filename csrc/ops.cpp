@@ -1,0 +1,51 @@
+// Operator schemas of fusedrnn (the contract of every backend) and the Python module stub.
+//
+// One layer, one direction per call. Input is time-major (T, B, I) with batch_sizes None, or
+// packed (sum(batch_sizes), I) with batch_sizes a 1-D int64 CPU tensor (non-increasing, as in
+// torch's PackedSequence); step t then processes the first batch_sizes[t] rows of the state.
+// `reverse` runs the steps from the last to the first. The workspace output holds what backward
+// needs (activated gates, cell states, ...), one row per input row; its layout is private to the
+// implementation. Absent optional gradients are returned as empty (0,) tensors.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fusedrnn._C` loads this library, whose static initialisers register the operators.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedrnn, m) {
+  // LSTM family: lstm, peephole_lstm (weight_ch (3, H)), wm_lstm (weight_ch (3H, H)).
+  // weight_hr (P, H) is the optional projection (proj_size P); then hx is (B, P).
+  for (const char* name : {"lstm", "peephole_lstm", "wm_lstm"}) {
+    const std::string op(name);
+    m.def((op +
+           "_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+           "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, "
+           "Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor hy, Tensor cy, "
+           "Tensor workspace)")
+              .c_str());
+    m.def((op +
+           "_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
+           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+           "Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, Tensor? batch_sizes, "
+           "bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_input, "
+           "Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+           "Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_weight_ch, "
+           "Tensor grad_weight_hr)")
+              .c_str());
+  }
+  m.def(
+      "gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+      "Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, bool reverse) -> (Tensor output, "
+      "Tensor hy, Tensor workspace)");
+  m.def(
+      "gru_backward(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, "
+      "bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+      "Tensor grad_bias_hh)");
+}

@@ -1,0 +1,570 @@
+// The recurrence: one layer, one direction, forward and backward, for every cell and device.
+//
+// Per step the recurrent GEMM goes through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA) and the
+// pointwise part through ONE fused step kernel (two for the working-memory cell, whose o gate
+// needs a GEMM of the new cell state). All buffers are allocated once per call, before the loop;
+// the input projection of every step is one GEMM before the loop and the weight gradients are
+// GEMMs over all rows after the backward loop.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "kernels.h"
+
+#ifdef FUSEDRNN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace fusedrnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+const char* cell_name(CellKind cell) {
+  switch (cell) {
+    case CellKind::kLSTM: return "lstm";
+    case CellKind::kPeephole: return "peephole_lstm";
+    case CellKind::kWorkingMemory: return "wm_lstm";
+    case CellKind::kGRU: return "gru";
+  }
+  return "?";
+}
+
+// Row layout of the steps: step t owns rows [off[t], off[t] + n[t]) of the input, the output and
+// the workspace, and processes rows [0, n[t]) of the state.
+struct Steps {
+  int64_t T = 0, B = 0, N = 0;
+  std::vector<int64_t> n, off;
+  bool reverse = false;
+  // time index of the k-th processed step
+  int64_t at(int64_t k) const { return reverse ? T - 1 - k : k; }
+};
+
+Steps make_steps(const char* op, const Tensor& input, const optional<Tensor>& batch_sizes,
+                 bool reverse) {
+  Steps s;
+  s.reverse = reverse;
+  if (batch_sizes.has_value()) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(input.dim() == 2, op, ": with batch_sizes, input must be packed 2-D (sum(batch_sizes), input_size), got ", input.dim(), "-D input of shape ", input.sizes());
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(), op, ": batch_sizes must be a 1-D int64 CPU tensor, got ", bs.dim(), "-D ", bs.scalar_type(), " on ", bs.device());
+    auto bs_c = bs.contiguous();
+    const int64_t* p = bs_c.data_ptr<int64_t>();
+    s.T = bs_c.numel();
+    s.n.resize(s.T);
+    s.off.resize(s.T);
+    int64_t total = 0;
+    for (int64_t t = 0; t < s.T; ++t) {
+      TORCH_CHECK(p[t] > 0, op, ": batch_sizes must be positive, got batch_sizes[", t, "] = ", p[t]);
+      TORCH_CHECK(t == 0 || p[t] <= p[t - 1], op, ": batch_sizes must be non-increasing, got batch_sizes[", t - 1, "] = ", p[t - 1], " followed by ", p[t]);
+      s.n[t] = p[t];
+      s.off[t] = total;
+      total += p[t];
+    }
+    TORCH_CHECK(total == input.size(0), op, ": sum(batch_sizes) = ", total, " must equal input.size(0) = ", input.size(0));
+    s.B = s.T > 0 ? s.n[0] : 0;
+    s.N = total;
+  } else {
+    TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D (seq_len, batch, input_size) when batch_sizes is None, got ", input.dim(), "-D input of shape ", input.sizes());
+    s.T = input.size(0);
+    s.B = input.size(1);
+    s.N = s.T * s.B;
+    s.n.assign(s.T, s.B);
+    s.off.resize(s.T);
+    for (int64_t t = 0; t < s.T; ++t) s.off[t] = t * s.B;
+  }
+  return s;
+}
+
+void check_tensor(const char* op, const char* name, const Tensor& t, const Tensor& input,
+                  at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " must have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on the device of input (", input.device(), "), got ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_opt(const char* op, const char* name, const optional<Tensor>& t, const Tensor& input,
+               at::IntArrayRef shape) {
+  if (t.has_value()) check_tensor(op, name, *t, input, shape);
+}
+
+bool is_float_type(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
+}
+
+// Sizes of one layer call, checked against every argument.
+struct Dims {
+  int64_t I = 0, H = 0, Hout = 0;
+};
+
+Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
+                const optional<Tensor>& hx, const optional<Tensor>& cx, const Steps& s) {
+  const char* op = cell_name(cell);
+  const int64_t G = cell == CellKind::kGRU ? 3 : 4;
+  TORCH_CHECK(is_float_type(input.scalar_type()), op, ": input must be float32, float64, bfloat16 or float16, got ", input.scalar_type());
+  TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(), op, ": input must be a CPU or CUDA tensor, got ", input.device());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % G == 0 && w_ih.size(0) > 0, op, ": weight_ih must be 2-D (", G, "*hidden_size, input_size), got shape ", w_ih.sizes());
+  Dims d;
+  d.I = input.size(-1);
+  d.H = w_ih.size(0) / G;
+  d.Hout = w_hr.has_value() ? w_hr->size(0) : d.H;
+  check_tensor(op, "weight_ih", w_ih, input, {G * d.H, d.I});
+  check_tensor(op, "weight_hh", w_hh, input, {G * d.H, d.Hout});
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op, ": bias_ih and bias_hh must be given together");
+  check_opt(op, "bias_ih", b_ih, input, {G * d.H});
+  check_opt(op, "bias_hh", b_hh, input, {G * d.H});
+  switch (cell) {
+    case CellKind::kLSTM:
+      TORCH_CHECK(!w_ch.has_value(), op, ": weight_ch must be None for the plain LSTM");
+      break;
+    case CellKind::kPeephole:
+      TORCH_CHECK(w_ch.has_value(), op, ": weight_ch (3, hidden_size) is required");
+      check_tensor(op, "weight_ch", *w_ch, input, {3, d.H});
+      break;
+    case CellKind::kWorkingMemory:
+      TORCH_CHECK(w_ch.has_value(), op, ": weight_ch (3*hidden_size, hidden_size) is required");
+      check_tensor(op, "weight_ch", *w_ch, input, {3 * d.H, d.H});
+      break;
+    case CellKind::kGRU: break;
+  }
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(0) < d.H, op, ": weight_hr must be 2-D (proj_size, hidden_size) with 0 < proj_size < hidden_size, got shape ", w_hr->sizes());
+    check_tensor(op, "weight_hr", *w_hr, input, {d.Hout, d.H});
+  }
+  check_opt(op, "hx", hx, input, {s.B, d.Hout});
+  check_opt(op, "cx", cx, input, {s.B, d.H});
+  return d;
+}
+
+Tensor state_or_zeros(const optional<Tensor>& t, const Tensor& like, int64_t B, int64_t H) {
+  if (t.has_value()) return t->clone(at::MemoryFormat::Contiguous);
+  return at::zeros({B, H}, like.options());
+}
+
+Tensor grad_or_zeros(const optional<Tensor>& g, const Tensor& like, int64_t B, int64_t H) {
+  if (g.has_value() && g->defined()) return g->clone(at::MemoryFormat::Contiguous);
+  return at::zeros({B, H}, like.options());
+}
+
+template <typename scalar_t>
+scalar_t* ptr(const Tensor& t) {
+  return t.data_ptr<scalar_t>();
+}
+
+template <typename scalar_t>
+const scalar_t* opt_ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+#ifdef FUSEDRNN_WITH_CUDA
+void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+#define FUSEDRNN_LAUNCH(dev, fn, ...)                                  \
+  do {                                                                 \
+    if ((dev).is_cuda()) {                                             \
+      cuda::fn(__VA_ARGS__, current_stream());                         \
+    } else {                                                           \
+      cpu::fn(__VA_ARGS__);                                            \
+    }                                                                  \
+  } while (0)
+#else
+#define FUSEDRNN_LAUNCH(dev, fn, ...)                                                 \
+  do {                                                                                \
+    TORCH_CHECK(!(dev).is_cuda(), "fusedrnn was built without CUDA support");          \
+    cpu::fn(__VA_ARGS__);                                                             \
+  } while (0)
+#endif
+
+std::unique_ptr<c10::DeviceGuard> guard_for(const Tensor& t) {
+  return std::make_unique<c10::DeviceGuard>(t.device());
+}
+
+// Column layout of the LSTM-family workspace rows.
+struct LSTMLayout {
+  int64_t gates = 0, c = 0, r = -1, u = -1, cols = 0;
+  LSTMLayout(CellKind cell, int64_t H, bool proj) {
+    c = 4 * H;
+    cols = 5 * H;
+    if (proj) { r = cols; cols += H; }
+    if (cell == CellKind::kWorkingMemory) { u = cols; cols += 3 * H; }
+  }
+};
+
+// out = a @ b, written into `out` (a view: rows of a state or columns of the workspace).
+void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
+
+// rows [start, start + n) of a 2-D tensor
+Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(0, start, n); }
+
+// Fills prev[rows of step t] with the state before step t: the previous processed step's rows of
+// `seq` where that step had them, the initial state elsewhere.
+void gather_prev(const Steps& s, const Tensor& seq, const Tensor& init, const Tensor& prev) {
+  for (int64_t k = 0; k < s.T; ++k) {
+    const int64_t t = s.at(k), n = s.n[t];
+    int64_t m = 0;
+    if (k > 0) {
+      const int64_t tp = s.at(k - 1);
+      m = std::min(n, s.n[tp]);
+      rows(prev, s.off[t], m).copy_(rows(seq, s.off[tp], m));
+    }
+    if (m < n) rows(prev, s.off[t] + m, n - m).copy_(rows(init, m, n - m));
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
+    CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+    const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_ch,
+    const optional<Tensor>& w_hr, const optional<Tensor>& hx, const optional<Tensor>& cx,
+    const optional<Tensor>& batch_sizes, bool reverse) {
+  const Steps s = make_steps(cell_name(cell), input, batch_sizes, reverse);
+  const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
+  auto guard = guard_for(input);
+  const int64_t H = d.H, Hout = d.Hout;
+  const bool proj = w_hr.has_value();
+  const LSTMLayout L(cell, H, proj);
+  const auto opts = input.options();
+
+  const Tensor x = input.reshape({s.N, d.I});
+  Tensor ws = at::empty({s.N, L.cols}, opts);
+  Tensor out = at::empty({s.N, Hout}, opts);
+  Tensor hy = state_or_zeros(hx, input, s.B, Hout);
+  Tensor cy = state_or_zeros(cx, input, s.B, H);
+  Tensor bias = b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor();
+  Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
+  Tensor p_buf;  // WM: c W_ch^T for [i | f | o]
+  if (s.N > 0) mm_into(ws.narrow(1, 0, 4 * H), x, w_ih.t());
+  if (cell == CellKind::kWorkingMemory && s.B > 0) {
+    p_buf = at::empty({s.B, 3 * H}, opts);
+    mm_into(p_buf.narrow(1, 0, 2 * H), cy, w_ch->narrow(0, 0, 2 * H).t());
+  }
+  const Tensor w_hh_t = w_hh.t();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_forward", [&] {
+    scalar_t* ws_p = s.N > 0 ? ptr<scalar_t>(ws) : nullptr;
+    for (int64_t k = 0; k < s.T; ++k) {
+      const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+      Tensor gates = rows(ws, r0, n).narrow(1, 0, 4 * H);
+      gates.addmm_(rows(hy, 0, n), w_hh_t);
+      LSTMForwardStep<scalar_t> p;
+      p.n = n;
+      p.H = H;
+      p.gates = ws_p + r0 * L.cols;
+      p.ld_gates = L.cols;
+      p.bias = opt_ptr<scalar_t>(bias);
+      p.peephole = opt_ptr<scalar_t>(peep);
+      p.c_state = ptr<scalar_t>(cy);
+      p.c_save = ws_p + r0 * L.cols + L.c;
+      p.ld_c_save = L.cols;
+      if (proj) {
+        p.h_out = ws_p + r0 * L.cols + L.r;
+        p.ld_h_out = L.cols;
+      } else {
+        p.h_out = ptr<scalar_t>(out) + r0 * Hout;
+        p.ld_h_out = Hout;
+        p.h_state = ptr<scalar_t>(hy);
+      }
+      if (cell == CellKind::kWorkingMemory) {
+        p.p = ptr<scalar_t>(p_buf);
+        p.ld_p = 3 * H;
+        p.u = ws_p + r0 * L.cols + L.u;
+        p.ld_u = L.cols;
+        FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kIFG, p);
+        mm_into(rows(p_buf, 0, n), rows(cy, 0, n), w_ch->t());
+        FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kO, p);
+      } else {
+        FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kWhole, p);
+      }
+      if (proj) {
+        Tensor out_t = rows(out, r0, n);
+        mm_into(out_t, rows(ws, r0, n).narrow(1, L.r, H), w_hr->t());
+        rows(hy, 0, n).copy_(out_t);
+      }
+    }
+  });
+
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = Hout;
+  return {out.view(out_shape), hy, cy, ws};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
+                     const optional<Tensor>& grad_hy, const optional<Tensor>& grad_cy,
+                     const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                     const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
+                     const optional<Tensor>& hx, const optional<Tensor>& cx,
+                     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output,
+                     const Tensor& workspace) {
+  const char* op = cell_name(cell);
+  const Steps s = make_steps(op, input, batch_sizes, reverse);
+  const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
+  auto guard = guard_for(input);
+  const int64_t H = d.H, Hout = d.Hout;
+  const bool proj = w_hr.has_value();
+  const LSTMLayout L(cell, H, proj);
+  const auto opts = input.options();
+  TORCH_CHECK(workspace.dim() == 2 && workspace.size(0) == s.N && workspace.size(1) == L.cols && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), op, "_backward: workspace must be the contiguous (", s.N, ", ", L.cols, ") tensor returned by the forward, got shape ", workspace.sizes());
+  TORCH_CHECK(output.numel() == s.N * Hout, op, "_backward: output must be the forward's output");
+  const bool has_dy = grad_output.has_value() && grad_output->defined();
+  if (has_dy) check_tensor(op, "grad_output", *grad_output, input, output.sizes());
+  check_opt(op, "grad_hy", grad_hy, input, {s.B, Hout});
+  check_opt(op, "grad_cy", grad_cy, input, {s.B, H});
+
+  const Tensor x = input.reshape({s.N, d.I});
+  const Tensor out = output.reshape({s.N, Hout});
+  const Tensor ws = workspace;
+  const Tensor dy = has_dy ? grad_output->reshape({s.N, Hout}).contiguous() : Tensor();
+  Tensor dh_state = grad_or_zeros(grad_hy, input, s.B, Hout);
+  Tensor dc_state = grad_or_zeros(grad_cy, input, s.B, H);
+  const Tensor h0 = hx.has_value() ? *hx : at::zeros({s.B, Hout}, opts);
+  const Tensor c0 = cx.has_value() ? *cx : at::zeros({s.B, H}, opts);
+  const Tensor c_all = ws.narrow(1, L.c, H);
+  Tensor h_prev = at::empty({s.N, Hout}, opts);
+  Tensor c_prev = at::empty({s.N, H}, opts);
+  gather_prev(s, out, h0, h_prev);
+  gather_prev(s, c_all, c0, c_prev);
+
+  Tensor dgates = at::empty({s.N, 4 * H}, opts);
+  Tensor dh_all, dr;  // projection: gradient of h_t (all rows) and of r_t (current step)
+  if (proj) {
+    dh_all = at::empty({s.N, Hout}, opts);
+    dr = at::empty({s.B, H}, opts);
+  }
+  Tensor dp, dp_all;  // WM: gradients of the cell-connection pre-activations
+  if (cell == CellKind::kWorkingMemory) {
+    dp = at::zeros({s.B, 3 * H}, opts);
+    dp_all = at::empty({s.N, 3 * H}, opts);
+  }
+  Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_backward", [&] {
+    const scalar_t* ws_p = s.N > 0 ? ws.const_data_ptr<scalar_t>() : nullptr;
+    for (int64_t k = s.T - 1; k >= 0; --k) {
+      const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+      LSTMBackwardStep<scalar_t> p;
+      p.n = n;
+      p.H = H;
+      p.gates = ws_p + r0 * L.cols;
+      p.ld_gates = L.cols;
+      p.c = ws_p + r0 * L.cols + L.c;
+      p.ld_c = L.cols;
+      p.c_prev = ptr<scalar_t>(c_prev) + r0 * H;
+      p.ld_c_prev = H;
+      p.peephole = opt_ptr<scalar_t>(peep);
+      if (proj) {
+        Tensor dh_t = rows(dh_all, r0, n);
+        if (has_dy) {
+          at::add_out(dh_t, rows(dh_state, 0, n), rows(dy, r0, n));
+        } else {
+          dh_t.copy_(rows(dh_state, 0, n));
+        }
+        mm_into(rows(dr, 0, n), dh_t, *w_hr);
+        p.dh = ptr<scalar_t>(dr);
+        p.ld_dh = H;
+      } else {
+        p.dh = ptr<scalar_t>(dh_state);
+        p.ld_dh = Hout;
+        p.dy = has_dy ? ptr<scalar_t>(dy) + r0 * Hout : nullptr;
+        p.ld_dy = Hout;
+      }
+      p.dc_state = ptr<scalar_t>(dc_state);
+      p.dgates = ptr<scalar_t>(dgates) + r0 * 4 * H;
+      p.ld_dgates = 4 * H;
+      if (cell == CellKind::kWorkingMemory) {
+        p.u = ws_p + r0 * L.cols + L.u;
+        p.ld_u = L.cols;
+        p.dp = ptr<scalar_t>(dp);
+        p.ld_dp = 3 * H;
+        p.dp_saved = ptr<scalar_t>(dp_all) + r0 * 3 * H;
+        p.ld_dp_saved = 3 * H;
+        FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kO, p);
+        // dc_t += dp_o(t) W_co + [dp_i, dp_f](next step) [W_ci; W_cf]; rows of dp whose
+        // next step did not run them are still zero.
+        rows(dc_state, 0, n).addmm_(rows(dp, 0, n), *w_ch);
+        FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kIFG, p);
+      } else {
+        FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kWhole, p);
+      }
+      mm_into(rows(dh_state, 0, n), rows(dgates, r0, n), w_hh);
+    }
+  });
+
+  if (cell == CellKind::kWorkingMemory && s.B > 0) {
+    dc_state.addmm_(dp.narrow(1, 0, 2 * H), w_ch->narrow(0, 0, 2 * H));
+  }
+  Tensor grad_input = at::mm(dgates, w_ih).view(input.sizes());
+  Tensor grad_w_ih = at::mm(dgates.t(), x);
+  Tensor grad_w_hh = at::mm(dgates.t(), h_prev);
+  Tensor grad_b_ih = at::empty({0}, opts), grad_b_hh = at::empty({0}, opts);
+  if (b_ih.has_value()) {
+    grad_b_ih = dgates.sum(0);
+    grad_b_hh = grad_b_ih.clone();
+  }
+  Tensor grad_w_ch = at::empty({0}, opts);
+  if (cell == CellKind::kPeephole) {
+    grad_w_ch = at::stack({(dgates.narrow(1, 0, H) * c_prev).sum(0),
+                           (dgates.narrow(1, H, H) * c_prev).sum(0),
+                           (dgates.narrow(1, 3 * H, H) * c_all).sum(0)});
+  } else if (cell == CellKind::kWorkingMemory) {
+    grad_w_ch = at::cat({at::mm(dp_all.narrow(1, 0, 2 * H).t(), c_prev),
+                         at::mm(dp_all.narrow(1, 2 * H, H).t(), c_all)});
+  }
+  Tensor grad_w_hr = at::empty({0}, opts);
+  if (proj) grad_w_hr = at::mm(dh_all.t(), ws.narrow(1, L.r, H));
+  return {grad_input, dh_state,  dc_state,  grad_w_ih, grad_w_hh,
+          grad_b_ih,  grad_b_hh, grad_w_ch, grad_w_hr};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor& w_ih,
+                                               const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                               const optional<Tensor>& b_hh,
+                                               const optional<Tensor>& hx,
+                                               const optional<Tensor>& batch_sizes,
+                                               bool reverse) {
+  const CellKind cell = CellKind::kGRU;
+  const Steps s = make_steps("gru", input, batch_sizes, reverse);
+  const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
+  auto guard = guard_for(input);
+  const int64_t H = d.H;
+  const auto opts = input.options();
+  const Tensor x = input.reshape({s.N, d.I});
+  Tensor ws = at::empty({s.N, 4 * H}, opts);
+  Tensor out = at::empty({s.N, H}, opts);
+  Tensor hy = state_or_zeros(hx, input, s.B, H);
+  Tensor hg = at::empty({s.B, 3 * H}, opts);
+  const Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : Tensor();
+  const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
+  if (s.N > 0) mm_into(ws.narrow(1, 0, 3 * H), x, w_ih.t());
+  const Tensor w_hh_t = w_hh.t();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_forward", [&] {
+    scalar_t* ws_p = s.N > 0 ? ptr<scalar_t>(ws) : nullptr;
+    for (int64_t k = 0; k < s.T; ++k) {
+      const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+      mm_into(rows(hg, 0, n), rows(hy, 0, n), w_hh_t);
+      GRUForwardStep<scalar_t> p;
+      p.n = n;
+      p.H = H;
+      p.gates = ws_p + r0 * 4 * H;
+      p.ld_gates = 4 * H;
+      p.hg = ptr<scalar_t>(hg);
+      p.ld_hg = 3 * H;
+      p.bias_ih = opt_ptr<scalar_t>(bias_ih);
+      p.bias_hh = opt_ptr<scalar_t>(bias_hh);
+      p.h_state = ptr<scalar_t>(hy);
+      p.h_out = ptr<scalar_t>(out) + r0 * H;
+      p.ld_h_out = H;
+      FUSEDRNN_LAUNCH(input.device(), gru_forward_step, p);
+    }
+  });
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = H;
+  return {out.view(out_shape), hy, ws};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
+    const optional<Tensor>& grad_output, const optional<Tensor>& grad_hy, const Tensor& input,
+    const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh, const optional<Tensor>& hx,
+    const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output,
+    const Tensor& workspace) {
+  const CellKind cell = CellKind::kGRU;
+  const Steps s = make_steps("gru_backward", input, batch_sizes, reverse);
+  const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
+  auto guard = guard_for(input);
+  const int64_t H = d.H;
+  const auto opts = input.options();
+  TORCH_CHECK(workspace.dim() == 2 && workspace.size(0) == s.N && workspace.size(1) == 4 * H && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), "gru_backward: workspace must be the contiguous (", s.N, ", ", 4 * H, ") tensor returned by the forward, got shape ", workspace.sizes());
+  TORCH_CHECK(output.numel() == s.N * H, "gru_backward: output must be the forward's output");
+  const bool has_dy = grad_output.has_value() && grad_output->defined();
+  if (has_dy) check_tensor("gru_backward", "grad_output", *grad_output, input, output.sizes());
+  check_opt("gru_backward", "grad_hy", grad_hy, input, {s.B, H});
+  const Tensor x = input.reshape({s.N, d.I});
+  const Tensor out = output.reshape({s.N, H});
+  const Tensor dy = has_dy ? grad_output->reshape({s.N, H}).contiguous() : Tensor();
+  Tensor dh_state = grad_or_zeros(grad_hy, input, s.B, H);
+  const Tensor h0 = hx.has_value() ? *hx : at::zeros({s.B, H}, opts);
+  Tensor h_prev = at::empty({s.N, H}, opts);
+  gather_prev(s, out, h0, h_prev);
+  Tensor dx = at::empty({s.N, 3 * H}, opts);
+  Tensor dhg = at::empty({s.N, 3 * H}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_backward", [&] {
+    const scalar_t* ws_p = s.N > 0 ? workspace.const_data_ptr<scalar_t>() : nullptr;
+    for (int64_t k = s.T - 1; k >= 0; --k) {
+      const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+      GRUBackwardStep<scalar_t> p;
+      p.n = n;
+      p.H = H;
+      p.gates = ws_p + r0 * 4 * H;
+      p.ld_gates = 4 * H;
+      p.h_prev = ptr<scalar_t>(h_prev) + r0 * H;
+      p.ld_h_prev = H;
+      p.dy = has_dy ? ptr<scalar_t>(dy) + r0 * H : nullptr;
+      p.ld_dy = H;
+      p.dh_state = ptr<scalar_t>(dh_state);
+      p.dx = ptr<scalar_t>(dx) + r0 * 3 * H;
+      p.ld_dx = 3 * H;
+      p.dhg = ptr<scalar_t>(dhg) + r0 * 3 * H;
+      p.ld_dhg = 3 * H;
+      FUSEDRNN_LAUNCH(input.device(), gru_backward_step, p);
+      rows(dh_state, 0, n).addmm_(rows(dhg, r0, n), w_hh);
+    }
+  });
+  Tensor grad_input = at::mm(dx, w_ih).view(input.sizes());
+  Tensor grad_w_ih = at::mm(dx.t(), x);
+  Tensor grad_w_hh = at::mm(dhg.t(), h_prev);
+  Tensor grad_b_ih = at::empty({0}, opts), grad_b_hh = at::empty({0}, opts);
+  if (b_ih.has_value()) {
+    grad_b_ih = dx.sum(0);
+    grad_b_hh = dhg.sum(0);
+  }
+  return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+template <CellKind kCell>
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
+    const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh, const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
+    const optional<Tensor>& hx, const optional<Tensor>& cx, const optional<Tensor>& batch_sizes,
+    bool reverse) {
+  return lstm_family_forward(kCell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx,
+                             batch_sizes, reverse);
+}
+
+template <CellKind kCell>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+lstm_backward_op(const optional<Tensor>& grad_output, const optional<Tensor>& grad_hy,
+                 const optional<Tensor>& grad_cy, const Tensor& input, const Tensor& w_ih,
+                 const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                 const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
+                 const optional<Tensor>& hx, const optional<Tensor>& cx,
+                 const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output,
+                 const Tensor& workspace) {
+  return lstm_family_backward(kCell, grad_output, grad_hy, grad_cy, input, w_ih, w_hh, b_ih,
+                              b_hh, w_ch, w_hr, hx, cx, batch_sizes, reverse, output, workspace);
+}
+
+void register_impls(torch::Library& m) {
+  m.impl("lstm_forward", &lstm_forward_op<CellKind::kLSTM>);
+  m.impl("peephole_lstm_forward", &lstm_forward_op<CellKind::kPeephole>);
+  m.impl("wm_lstm_forward", &lstm_forward_op<CellKind::kWorkingMemory>);
+  m.impl("lstm_backward", &lstm_backward_op<CellKind::kLSTM>);
+  m.impl("peephole_lstm_backward", &lstm_backward_op<CellKind::kPeephole>);
+  m.impl("wm_lstm_backward", &lstm_backward_op<CellKind::kWorkingMemory>);
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) { register_impls(m); }
+
+#ifdef FUSEDRNN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) { register_impls(m); }
+#endif
+
+}  // namespace fusedrnn

@@ -1,0 +1,181 @@
+"""Loading of the compiled operators, their fake (meta) implementations and their autograd.
+
+`layer()` is the single entry of the modules and of `fusedrnn.functional`: it runs one layer in
+one direction through the fused ops when `fusedrnn._C` is loaded, or through
+`fusedrnn.reference` otherwise (after one warning naming why the extension is missing).
+"""
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+LOAD_ERROR: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.fusedrnn.*)
+except Exception as exc:  # any failure to load means: use the reference path
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+HAS_C = LOAD_ERROR is None
+_warned = False
+
+LSTM_FAMILY = ("lstm", "peephole_lstm", "wm_lstm")
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "fusedrnn: the compiled extension fusedrnn._C could not be loaded "
+            f"({LOAD_ERROR}); using the pure-PyTorch reference implementation, which is slower. "
+            "Reinstall with `pip install --no-build-isolation .` against the installed torch.",
+            RuntimeWarning, stacklevel=3)
+
+
+def backend() -> str:
+    """'fused' when the compiled operators are in use, 'reference' otherwise."""
+    return "fused" if HAS_C else "reference"
+
+
+def _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell):
+    H = weight_ih.shape[0] // 4
+    H_out = weight_hr.shape[0] if weight_hr is not None else H
+    cols = 5 * H + (H if weight_hr is not None else 0) + (3 * H if cell == "wm_lstm" else 0)
+    return H, H_out, cols
+
+
+def _batch(input: Tensor, hx: Optional[Tensor], batch_sizes: Optional[Tensor]):
+    if hx is not None:
+        return hx.shape[0]
+    if batch_sizes is None:
+        return input.shape[1]
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+def _register(cell: str) -> None:
+    fwd = f"fusedrnn::{cell}_forward"
+    bwd_op = getattr(torch.ops.fusedrnn, f"{cell}_backward")
+
+    @torch.library.register_fake(fwd)
+    def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
+                      cx, batch_sizes, reverse):
+        H, H_out, cols = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
+        B = _batch(input, hx, batch_sizes)
+        N = input.numel() // input.shape[-1] if input.shape[-1] != 0 else (
+            input.shape[0] * (input.shape[1] if input.dim() == 3 else 1))
+        output = input.new_empty(*input.shape[:-1], H_out)
+        return output, input.new_empty(B, H_out), input.new_empty(B, H), input.new_empty(N, cols)
+
+    @torch.library.register_fake(f"fusedrnn::{cell}_backward")
+    def _fake_backward(grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih,
+                       bias_hh, weight_ch, weight_hr, hx, cx, batch_sizes, reverse, output,
+                       workspace):
+        H, H_out, _ = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
+        B = _batch(input, hx, batch_sizes)
+        empty = input.new_empty(0)
+        return (torch.empty_like(input), input.new_empty(B, H_out), input.new_empty(B, H),
+                torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                torch.empty_like(bias_ih) if bias_ih is not None else empty,
+                torch.empty_like(bias_hh) if bias_hh is not None else input.new_empty(0),
+                torch.empty_like(weight_ch) if weight_ch is not None else input.new_empty(0),
+                torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty(0))
+
+    def setup_context(ctx, inputs, output):
+        (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
+         batch_sizes, reverse) = inputs
+        out, _, _, workspace = output
+        ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                              weight_hr, hx, cx, batch_sizes, out, workspace)
+        ctx.reverse = reverse
+        ctx.mark_non_differentiable(workspace)
+
+    def backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
+        (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
+         batch_sizes, out, workspace) = ctx.saved_tensors
+        (g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_ch, g_w_hr) = bwd_op(
+            grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih, bias_hh,
+            weight_ch, weight_hr, hx, cx, batch_sizes, ctx.reverse, out, workspace)
+        return (g_input, g_w_ih, g_w_hh,
+                g_b_ih if bias_ih is not None else None,
+                g_b_hh if bias_hh is not None else None,
+                g_w_ch if weight_ch is not None else None,
+                g_w_hr if weight_hr is not None else None,
+                g_hx if hx is not None else None,
+                g_cx if cx is not None else None,
+                None, None)
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def _register_gru() -> None:
+    bwd_op = torch.ops.fusedrnn.gru_backward
+
+    @torch.library.register_fake("fusedrnn::gru_forward")
+    def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse):
+        H = weight_ih.shape[0] // 3
+        B = _batch(input, hx, batch_sizes)
+        N = input.shape[0] * (input.shape[1] if input.dim() == 3 else 1)
+        return (input.new_empty(*input.shape[:-1], H), input.new_empty(B, H),
+                input.new_empty(N, 4 * H))
+
+    @torch.library.register_fake("fusedrnn::gru_backward")
+    def _fake_backward(grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx,
+                       batch_sizes, reverse, output, workspace):
+        H = weight_ih.shape[0] // 3
+        B = _batch(input, hx, batch_sizes)
+        return (torch.empty_like(input), input.new_empty(B, H), torch.empty_like(weight_ih),
+                torch.empty_like(weight_hh),
+                torch.empty_like(bias_ih) if bias_ih is not None else input.new_empty(0),
+                torch.empty_like(bias_hh) if bias_hh is not None else input.new_empty(0))
+
+    def setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse = inputs
+        out, _, workspace = output
+        ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
+                              workspace)
+        ctx.reverse = reverse
+        ctx.mark_non_differentiable(workspace)
+
+    def backward(ctx, grad_output, grad_hy, _grad_workspace):
+        (input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
+         workspace) = ctx.saved_tensors
+        g_input, g_hx, g_w_ih, g_w_hh, g_b_ih, g_b_hh = bwd_op(
+            grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes,
+            ctx.reverse, out, workspace)
+        return (g_input, g_w_ih, g_w_hh,
+                g_b_ih if bias_ih is not None else None,
+                g_b_hh if bias_hh is not None else None,
+                g_hx if hx is not None else None, None, None)
+
+    torch.library.register_autograd("fusedrnn::gru_forward", backward,
+                                    setup_context=setup_context)
+
+
+if HAS_C:
+    for _cell in LSTM_FAMILY:
+        _register(_cell)
+    _register_gru()
+
+
+def layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+          bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
+          weight_ch: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
+          hx: Optional[Tensor] = None, cx: Optional[Tensor] = None,
+          batch_sizes: Optional[Tensor] = None, reverse: bool = False
+          ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer, one direction: (output, h_n, c_n), c_n None for the GRU (see reference.layer)."""
+    if not HAS_C:
+        _warn_fallback()
+        return reference.layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                               weight_hr, hx, cx, batch_sizes, reverse)
+    if cell == "gru":
+        out, hy, _ = torch.ops.fusedrnn.gru_forward(input, weight_ih, weight_hh, bias_ih,
+                                                    bias_hh, hx, batch_sizes, reverse)
+        return out, hy, None
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    out, hy, cy, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
+                        cx, batch_sizes, reverse)
+    return out, hy, cy

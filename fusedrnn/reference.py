@@ -1,0 +1,125 @@
+"""Plain PyTorch implementations of the four cells and of one recurrent layer.
+
+These are the equations of SPEC section 1 written once, step by step, with autograd doing the
+backward. They are the oracle of the tests, the "eager loop" baseline of the benchmarks and the
+fallback when the compiled extension cannot be loaded. One layer call has the meaning of the
+fused ops: time-major (T, B, I) input, or packed (sum(batch_sizes), I) input with per-step batch
+sizes, optional initial states, optional reverse direction.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+CELLS = ("lstm", "gru", "peephole_lstm", "wm_lstm")
+
+
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+    """torch.nn.LSTM's step: gates i, f, g, o; returns (h_t, c_t)."""
+    a = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+    a_i, a_f, a_g, a_o = a.chunk(4, 1)
+    i, f, g, o = a_i.sigmoid(), a_f.sigmoid(), a_g.tanh(), a_o.sigmoid()
+    c = f * c + i * g
+    h = o * c.tanh()
+    return (h if w_hr is None else h @ w_hr.t()), c
+
+
+def peephole_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr=None):
+    """Diagonal peepholes w_ch = [w_ci; w_cf; w_co] (3, H); o sees the new cell state."""
+    a = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+    a_i, a_f, a_g, a_o = a.chunk(4, 1)
+    w_ci, w_cf, w_co = w_ch[0], w_ch[1], w_ch[2]
+    i = (a_i + w_ci * c).sigmoid()
+    f = (a_f + w_cf * c).sigmoid()
+    g = a_g.tanh()
+    c = f * c + i * g
+    o = (a_o + w_co * c).sigmoid()
+    h = o * c.tanh()
+    return (h if w_hr is None else h @ w_hr.t()), c
+
+
+def wm_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr=None):
+    """Working-memory connections w_ch = [W_ci; W_cf; W_co] (3H, H), bounded by tanh."""
+    a = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+    a_i, a_f, a_g, a_o = a.chunk(4, 1)
+    w_ci, w_cf, w_co = w_ch.chunk(3, 0)
+    i = (a_i + (c @ w_ci.t()).tanh()).sigmoid()
+    f = (a_f + (c @ w_cf.t()).tanh()).sigmoid()
+    g = a_g.tanh()
+    c = f * c + i * g
+    o = (a_o + (c @ w_co.t()).tanh()).sigmoid()
+    h = o * c.tanh()
+    return (h if w_hr is None else h @ w_hr.t()), c
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """torch.nn.GRU's step: gates r, z, n, reset applied after the recurrent matmul."""
+    x_r, x_z, x_n = _linear(x, w_ih, b_ih).chunk(3, 1)
+    h_r, h_z, h_n = _linear(h, w_hh, b_hh).chunk(3, 1)
+    r = (x_r + h_r).sigmoid()
+    z = (x_z + h_z).sigmoid()
+    n = (x_n + r * h_n).tanh()
+    return (1 - z) * n + z * h
+
+
+def _steps(input: Tensor, batch_sizes: Optional[Tensor]):
+    """(time index, first row, rows) of every step, as the fused ops lay them out."""
+    if batch_sizes is None:
+        T, B = input.shape[0], input.shape[1]
+        return [(t, t * B, B) for t in range(T)], B
+    sizes = [int(b) for b in batch_sizes.tolist()]
+    out, off = [], 0
+    for t, n in enumerate(sizes):
+        out.append((t, off, n))
+        off += n
+    return out, (sizes[0] if sizes else 0)
+
+
+def layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+          bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
+          weight_ch: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
+          hx: Optional[Tensor] = None, cx: Optional[Tensor] = None,
+          batch_sizes: Optional[Tensor] = None, reverse: bool = False
+          ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer, one direction. Returns (output, h_n, c_n); c_n is None for the GRU."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    gates = 3 if cell == "gru" else 4
+    H = weight_ih.shape[0] // gates
+    H_out = weight_hr.shape[0] if weight_hr is not None else H
+    steps, B = _steps(input, batch_sizes)
+    x2 = input.reshape(-1, input.shape[-1])
+    h = hx if hx is not None else input.new_zeros(B, H_out)
+    c = None
+    if cell != "gru":
+        c = cx if cx is not None else input.new_zeros(B, H)
+    outs = [None] * len(steps)
+    for t, r0, n in (reversed(steps) if reverse else steps):
+        x = x2[r0:r0 + n]
+        if cell == "gru":
+            h_new = gru_cell(x, h[:n], weight_ih, weight_hh, bias_ih, bias_hh)
+        else:
+            if cell == "lstm":
+                h_new, c_new = lstm_cell(x, h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh,
+                                         weight_hr)
+            elif cell == "peephole_lstm":
+                h_new, c_new = peephole_lstm_cell(x, h[:n], c[:n], weight_ih, weight_hh, bias_ih,
+                                                  bias_hh, weight_ch, weight_hr)
+            else:
+                h_new, c_new = wm_lstm_cell(x, h[:n], c[:n], weight_ih, weight_hh, bias_ih,
+                                            bias_hh, weight_ch, weight_hr)
+            c = torch.cat([c_new, c[n:]]) if n < c.shape[0] else c_new
+        h = torch.cat([h_new, h[n:]]) if n < h.shape[0] else h_new
+        outs[t] = h_new
+    if outs:
+        output = torch.cat(outs, 0)
+    else:
+        output = input.new_zeros(0, H_out)
+    if batch_sizes is None:
+        output = output.reshape(input.shape[0], input.shape[1], H_out)
+    return output, h, c

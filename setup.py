@@ -1,0 +1,70 @@
+"""Build of fusedrnn._C: the CPU kernels always, the CUDA kernels when torch has CUDA and a CUDA
+toolkit is found (a GPU need not be present at build time).
+
+Environment:
+  FUSEDRNN_SKIP_CUDA=1    build the CPU extension only
+  FUSEDRNN_FORCE_CUDA=1   fail unless the CUDA kernels are built
+  FUSEDRNN_CPU_ARCH=...   -march for the CPU kernels (default: native; "none" for no -march)
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (torch's variable), e.g. "9.0"
+  MAX_JOBS                parallel compile jobs (ninja), as torch's cpp_extension reads it
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    skip_cuda = _flag("FUSEDRNN_SKIP_CUDA")
+    force_cuda = _flag("FUSEDRNN_FORCE_CUDA")
+    with_cuda = not skip_cuda and torch.version.cuda is not None and CUDA_HOME is not None
+    if force_cuda and not with_cuda:
+        sys.exit(
+            "FUSEDRNN_FORCE_CUDA=1 but the CUDA kernels cannot be built: torch.version.cuda="
+            f"{torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}, FUSEDRNN_SKIP_CUDA={skip_cuda}"
+        )
+
+    arch = os.environ.get("FUSEDRNN_CPU_ARCH", "native")
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    if arch != "none":
+        cxx.append(f"-march={arch}")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        return [CppExtension("fusedrnn._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx}, py_limited_api=False)]
+
+    # Headers that torch's CUDA headers include but a bare toolkit may lack (cusparse.h, ...)
+    # ship with torch's pip dependencies under site-packages/nvidia/cu*/include.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+    include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    return [CUDAExtension("fusedrnn._C", sources, include_dirs=include_dirs,
+                          define_macros=[("FUSEDRNN_WITH_CUDA", None)],
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    packages=find_packages(include=["fusedrnn", "fusedrnn.*"]),
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+)

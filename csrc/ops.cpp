@@ -5,7 +5,9 @@
 // torch's PackedSequence); step t then processes the first batch_sizes[t] rows of the state.
 // `reverse` runs the steps from the last to the first. The workspace output holds what backward
 // needs (activated gates, cell states, ...), one row per input row; its layout is private to the
-// implementation. Absent optional gradients are returned as empty (0,) tensors.
+// implementation. output_mask = (grad_input, weight gradients) says which of those backward
+// computes; the gradients of absent optional arguments, and the ones the mask leaves out, are
+// returned as empty (0,) tensors. The state gradients are always computed.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -32,8 +34,8 @@ TORCH_LIBRARY(fusedrnn, m) {
            "_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
            "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
            "Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, Tensor? batch_sizes, "
-           "bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_input, "
-           "Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+           "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask) -> "
+           "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
            "Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_weight_ch, "
            "Tensor grad_weight_hr)")
               .c_str());
@@ -45,7 +47,8 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def(
       "gru_backward(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, "
-      "bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_input, Tensor grad_hx, "
+      "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_hx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh)");
 }

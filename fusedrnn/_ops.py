@@ -55,6 +55,14 @@ def _batch(input: Tensor, hx: Optional[Tensor], batch_sizes: Optional[Tensor]):
     return torch.library.get_ctx().new_dynamic_size()
 
 
+def _grad_like(t: Optional[Tensor], computed: bool) -> Tensor:
+    """Fake gradient of `t`: its shape when computed and `t` is given, else empty (0,)."""
+    if t is None or not computed:
+        return torch.empty(0, dtype=t.dtype if t is not None else None,
+                           device=t.device if t is not None else None)
+    return torch.empty_like(t)
+
+
 def _register(cell: str) -> None:
     fwd = f"fusedrnn::{cell}_forward"
     bwd_op = getattr(torch.ops.fusedrnn, f"{cell}_backward")
@@ -72,16 +80,12 @@ def _register(cell: str) -> None:
     @torch.library.register_fake(f"fusedrnn::{cell}_backward")
     def _fake_backward(grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih,
                        bias_hh, weight_ch, weight_hr, hx, cx, batch_sizes, reverse, output,
-                       workspace):
+                       workspace, output_mask):
         H, H_out, _ = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
-        empty = input.new_empty(0)
-        return (torch.empty_like(input), input.new_empty(B, H_out), input.new_empty(B, H),
-                torch.empty_like(weight_ih), torch.empty_like(weight_hh),
-                torch.empty_like(bias_ih) if bias_ih is not None else empty,
-                torch.empty_like(bias_hh) if bias_hh is not None else input.new_empty(0),
-                torch.empty_like(weight_ch) if weight_ch is not None else input.new_empty(0),
-                torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty(0))
+        weights = [weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr]
+        return (_grad_like(input, output_mask[0]), input.new_empty(B, H_out),
+                input.new_empty(B, H), *(_grad_like(w, output_mask[1]) for w in weights))
 
     def setup_context(ctx, inputs, output):
         (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
@@ -91,20 +95,19 @@ def _register(cell: str) -> None:
                               weight_hr, hx, cx, batch_sizes, out, workspace)
         ctx.reverse = reverse
         ctx.mark_non_differentiable(workspace)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
         (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
          batch_sizes, out, workspace) = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:7])]
         (g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_ch, g_w_hr) = bwd_op(
             grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih, bias_hh,
-            weight_ch, weight_hr, hx, cx, batch_sizes, ctx.reverse, out, workspace)
-        return (g_input, g_w_ih, g_w_hh,
-                g_b_ih if bias_ih is not None else None,
-                g_b_hh if bias_hh is not None else None,
-                g_w_ch if weight_ch is not None else None,
-                g_w_hr if weight_hr is not None else None,
-                g_hx if hx is not None else None,
-                g_cx if cx is not None else None,
+            weight_ch, weight_hr, hx, cx, batch_sizes, ctx.reverse, out, workspace, mask)
+        n = ctx.needs_input_grad
+        return (g_input if n[0] else None, g_w_ih if n[1] else None, g_w_hh if n[2] else None,
+                g_b_ih if n[3] else None, g_b_hh if n[4] else None, g_w_ch if n[5] else None,
+                g_w_hr if n[6] else None, g_hx if n[7] else None, g_cx if n[8] else None,
                 None, None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
@@ -123,13 +126,12 @@ def _register_gru() -> None:
 
     @torch.library.register_fake("fusedrnn::gru_backward")
     def _fake_backward(grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx,
-                       batch_sizes, reverse, output, workspace):
+                       batch_sizes, reverse, output, workspace, output_mask):
         H = weight_ih.shape[0] // 3
         B = _batch(input, hx, batch_sizes)
-        return (torch.empty_like(input), input.new_empty(B, H), torch.empty_like(weight_ih),
-                torch.empty_like(weight_hh),
-                torch.empty_like(bias_ih) if bias_ih is not None else input.new_empty(0),
-                torch.empty_like(bias_hh) if bias_hh is not None else input.new_empty(0))
+        weights = [weight_ih, weight_hh, bias_ih, bias_hh]
+        return (_grad_like(input, output_mask[0]), input.new_empty(B, H),
+                *(_grad_like(w, output_mask[1]) for w in weights))
 
     def setup_context(ctx, inputs, output):
         input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse = inputs
@@ -138,17 +140,19 @@ def _register_gru() -> None:
                               workspace)
         ctx.reverse = reverse
         ctx.mark_non_differentiable(workspace)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_output, grad_hy, _grad_workspace):
         (input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
          workspace) = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        mask = [n[0], any(n[1:5])]
         g_input, g_hx, g_w_ih, g_w_hh, g_b_ih, g_b_hh = bwd_op(
             grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes,
-            ctx.reverse, out, workspace)
-        return (g_input, g_w_ih, g_w_hh,
-                g_b_ih if bias_ih is not None else None,
-                g_b_hh if bias_hh is not None else None,
-                g_hx if hx is not None else None, None, None)
+            ctx.reverse, out, workspace, mask)
+        return (g_input if n[0] else None, g_w_ih if n[1] else None, g_w_hh if n[2] else None,
+                g_b_ih if n[3] else None, g_b_hh if n[4] else None, g_hx if n[5] else None,
+                None, None)
 
     torch.library.register_autograd("fusedrnn::gru_forward", backward,
                                     setup_context=setup_context)

@@ -13,6 +13,9 @@ namespace {
 // Rows per task: enough elements per task that scheduling costs little next to the math.
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
 
+// The unit loops below carry `#pragma GCC ivdep`: within a row, every array a step kernel writes
+// is a separate buffer (or the same element it read), so no iteration depends on another. Without
+// it gcc gives up vectorising after too many run-time alias checks.
 template <typename Fn>
 void for_each_row(int64_t n, int64_t H, const Fn& fn) {
   at::parallel_for(0, n, grain_rows(H), [&](int64_t begin, int64_t end) {
@@ -23,14 +26,18 @@ void for_each_row(int64_t n, int64_t H, const Fn& fn) {
 template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
 void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
   for_each_row(p.n, p.H, [&](int64_t b) {
-    for (int64_t j = 0; j < p.H; ++j) lstm_forward_element<kCell, kPhase, kBias>(p, b, j);
+    const LSTMForwardStep<scalar_t> q = p;  // a local copy: stores cannot alias its pointers
+#pragma GCC ivdep
+    for (int64_t j = 0; j < q.H; ++j) lstm_forward_element<kCell, kPhase, kBias>(q, b, j);
   });
 }
 
 template <CellKind kCell, Phase kPhase, typename scalar_t>
 void lstm_backward_rows(const LSTMBackwardStep<scalar_t>& p) {
   for_each_row(p.n, p.H, [&](int64_t b) {
-    for (int64_t j = 0; j < p.H; ++j) lstm_backward_element<kCell, kPhase>(p, b, j);
+    const LSTMBackwardStep<scalar_t> q = p;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < q.H; ++j) lstm_backward_element<kCell, kPhase>(q, b, j);
   });
 }
 
@@ -78,11 +85,15 @@ void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
   TORCH_INTERNAL_ASSERT((p.bias_ih == nullptr) == (p.bias_hh == nullptr));
   if (p.bias_ih) {
     for_each_row(p.n, p.H, [&](int64_t b) {
-      for (int64_t j = 0; j < p.H; ++j) gru_forward_element<true>(p, b, j);
+      const GRUForwardStep<scalar_t> q = p;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < q.H; ++j) gru_forward_element<true>(q, b, j);
     });
   } else {
     for_each_row(p.n, p.H, [&](int64_t b) {
-      for (int64_t j = 0; j < p.H; ++j) gru_forward_element<false>(p, b, j);
+      const GRUForwardStep<scalar_t> q = p;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < q.H; ++j) gru_forward_element<false>(q, b, j);
     });
   }
 }
@@ -90,7 +101,9 @@ void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p) {
   for_each_row(p.n, p.H, [&](int64_t b) {
-    for (int64_t j = 0; j < p.H; ++j) gru_backward_element(p, b, j);
+    const GRUBackwardStep<scalar_t> q = p;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < q.H; ++j) gru_backward_element(q, b, j);
   });
 }
 

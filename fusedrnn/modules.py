@@ -1,0 +1,388 @@
+"""Drop-in modules: LSTM, GRU, PeepholeLSTM, WorkingMemoryLSTM and their one-step cells.
+
+Parameter names, shapes, registration order, initialisation, arguments and return values are
+torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules unchanged. Every
+layer and direction runs as one call of a fused whole-sequence op (see fusedrnn._ops.layer);
+the Python here only routes tensors, with no work proportional to the sequence length.
+"""
+import math
+import numbers
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _ops
+
+__all__ = ["LSTM", "GRU", "PeepholeLSTM", "WorkingMemoryLSTM", "LSTMCell", "GRUCell",
+           "PeepholeLSTMCell", "WorkingMemoryLSTMCell"]
+
+_GATES = {"lstm": 4, "peephole_lstm": 4, "wm_lstm": 4, "gru": 3}
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {value}")
+
+
+class _RNNBase(nn.Module):
+    """Shared machinery of the sequence modules; `_cell` names the fused op family."""
+
+    _cell = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        _check_positive_int("num_layers", num_layers)
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
+                or not 0 <= dropout <= 1):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             f"probability of an element being zeroed, got {dropout!r}")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable "
+                             f"projections, got {proj_size}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size="
+                             f"{proj_size} and hidden_size={hidden_size}")
+        if proj_size and self._cell == "gru":
+            raise ValueError("proj_size argument is only supported for LSTM-family modules")
+        self.mode = type(self).__name__
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        G = _GATES[self._cell]
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
+        for layer in range(num_layers):
+            for direction in range(D):
+                layer_input = input_size if layer == 0 else real_hidden * D
+                sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                params = [("weight_ih" + sfx, (G * hidden_size, layer_input)),
+                          ("weight_hh" + sfx, (G * hidden_size, real_hidden))]
+                if bias:
+                    params += [("bias_ih" + sfx, (G * hidden_size,)),
+                               ("bias_hh" + sfx, (G * hidden_size,))]
+                if proj_size > 0:
+                    params.append(("weight_hr" + sfx, (proj_size, hidden_size)))
+                if self._cell == "peephole_lstm":
+                    params.append(("weight_ch" + sfx, (3, hidden_size)))
+                elif self._cell == "wm_lstm":
+                    params.append(("weight_ch" + sfx, (3 * hidden_size, hidden_size)))
+                for name, shape in params:
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                self._flat_weights_names.extend(name for name, _ in params)
+                self._all_weights.append([name for name, _ in params])
+        self.reset_parameters()
+
+    # torch.nn.RNNBase API ---------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """No-op: the fused ops read the parameters where they are (kept for torch.nn parity)."""
+
+    @property
+    def _flat_weights(self) -> List[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # forward ---------------------------------------------------------------------------------
+    def _layer_weights(self, layer: int, direction: int):
+        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        get = lambda n: getattr(self, n + sfx, None)  # noqa: E731
+        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                get("weight_ch"), get("weight_hr"))
+
+    def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got "
+                            f"{type(input).__name__}")
+        expected = 2 if batch_sizes is not None else 3
+        if input.dim() != expected:
+            raise ValueError(f"{self.mode}: input must have {expected} dimensions, got "
+                             f"{input.dim()} (shape {tuple(input.shape)})")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"{self.mode}: input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {input.shape[-1]}")
+        if not input.is_floating_point():
+            raise TypeError(f"{self.mode}: input must be a floating point tensor, got "
+                            f"{input.dtype}")
+        w = self.weight_ih_l0
+        if input.dtype != w.dtype:
+            raise TypeError(f"{self.mode}: input dtype {input.dtype} does not match the "
+                            f"parameters' dtype {w.dtype}")
+        if input.device != w.device:
+            raise RuntimeError(f"{self.mode}: input is on {input.device} but the parameters "
+                               f"are on {w.device}")
+
+    def _check_state(self, name: str, state: Tensor, shape: Tuple[int, ...], input: Tensor):
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{self.mode}: {name} must be a Tensor, got {type(state).__name__}")
+        if tuple(state.shape) != shape:
+            raise RuntimeError(f"{self.mode}: expected {name} of size {list(shape)}, got "
+                               f"{list(state.shape)}")
+        if state.dtype != input.dtype:
+            raise TypeError(f"{self.mode}: {name} dtype {state.dtype} does not match input "
+                            f"dtype {input.dtype}")
+        if state.device != input.device:
+            raise RuntimeError(f"{self.mode}: {name} is on {state.device} but input is on "
+                               f"{input.device}")
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None):
+        is_lstm = self._cell != "gru"
+        packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = batch_sizes = None
+        unbatched = False
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_input(input, batch_sizes)
+            B = int(batch_sizes[0]) if batch_sizes.numel() > 0 else 0
+        else:
+            if isinstance(input, Tensor) and input.dim() == 2:
+                unbatched = True
+                input = input.unsqueeze(1)
+            elif isinstance(input, Tensor) and input.dim() != 3:
+                raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got "
+                                 f"{input.dim()}D tensor")
+            self._check_input(input, None)
+            if self.batch_first and not unbatched:
+                input = input.transpose(0, 1)
+            B = input.shape[1]
+
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        H_out = self.proj_size if self.proj_size > 0 else H
+        h_shape = (self.num_layers * D, B, H_out)
+        c_shape = (self.num_layers * D, B, H)
+        if hx is None:
+            h0 = input.new_zeros(h_shape)
+            c0 = input.new_zeros(c_shape) if is_lstm else None
+        else:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise TypeError(f"{self.mode}: hx must be a tuple (h_0, c_0), got "
+                                    f"{type(hx).__name__}")
+                h0, c0 = hx
+            else:
+                h0, c0 = hx, None
+            if unbatched:
+                for name, t in (("h_0", h0), ("c_0", c0)):
+                    if t is not None and isinstance(t, Tensor) and t.dim() != 2:
+                        raise RuntimeError(f"{self.mode}: for unbatched 2-D input, {name} "
+                                           f"should also be 2-D but got {t.dim()}-D tensor")
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if c0 is not None else None
+            self._check_state("h_0" if is_lstm else "hx", h0, h_shape, input)
+            if c0 is not None:
+                self._check_state("c_0", c0, c_shape, input)
+            if sorted_indices is not None:
+                h0 = h0.index_select(1, sorted_indices)
+                c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
+
+        layer_input = input
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(D):
+                k = layer * D + direction
+                w_ih, w_hh, b_ih, b_hh, w_ch, w_hr = self._layer_weights(layer, direction)
+                out, hy, cy = _ops.layer(self._cell, layer_input, w_ih, w_hh, b_ih, b_hh, w_ch,
+                                         w_hr, h0[k], c0[k] if c0 is not None else None,
+                                         batch_sizes, direction == 1)
+                outputs.append(out)
+                h_n.append(hy)
+                c_n.append(cy)
+            layer_input = outputs[0] if D == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, True)
+        output = layer_input
+        h_n = torch.stack(h_n)
+        c_n = torch.stack(c_n) if is_lstm else None
+
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+        else:
+            if self.batch_first and not unbatched:
+                output = output.transpose(0, 1)
+            if unbatched:
+                output = output.squeeze(1)
+                h_n = h_n.squeeze(1)
+                c_n = c_n.squeeze(1) if c_n is not None else None
+        return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+
+class LSTM(_RNNBase):
+    """Drop-in for torch.nn.LSTM (same arguments, parameters and outputs), fused."""
+
+    _cell = "lstm"
+
+
+class PeepholeLSTM(_RNNBase):
+    """LSTM with diagonal peephole connections; extra parameter weight_ch_l{k} (3, H)."""
+
+    _cell = "peephole_lstm"
+
+
+class WorkingMemoryLSTM(_RNNBase):
+    """LSTM with working-memory connections (LSTM-WM); extra parameter weight_ch_l{k} (3H, H)."""
+
+    _cell = "wm_lstm"
+
+
+class GRU(_RNNBase):
+    """Drop-in for torch.nn.GRU (same arguments, parameters and outputs), fused."""
+
+    _cell = "gru"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+
+class _CellBase(nn.Module):
+    """One step of a cell, as torch.nn.LSTMCell / GRUCell, run through the fused ops (T = 1)."""
+
+    _cell = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        factory = {"device": device, "dtype": dtype}
+        G = _GATES[self._cell]
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty(G * hidden_size, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(G * hidden_size, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(G * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(G * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        if self._cell == "peephole_lstm":
+            self.weight_ch = nn.Parameter(torch.empty(3, hidden_size, **factory))
+        elif self._cell == "wm_lstm":
+            self.weight_ch = nn.Parameter(torch.empty(3 * hidden_size, hidden_size, **factory))
+        else:
+            self.register_parameter("weight_ch", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        return s.format(**self.__dict__)
+
+    def forward(self, input: Tensor, hx=None):
+        name = type(self).__name__
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {got}")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"{name}: input has inconsistent input_size: got "
+                               f"{input.shape[-1]} expected {self.input_size}")
+        if input.dtype != self.weight_ih.dtype or input.device != self.weight_ih.device:
+            raise TypeError(f"{name}: input ({input.dtype}, {input.device}) must match the "
+                            f"parameters ({self.weight_ih.dtype}, {self.weight_ih.device})")
+        unbatched = input.dim() == 1
+        if unbatched:
+            input = input.unsqueeze(0)
+        B, H = input.shape[0], self.hidden_size
+        is_lstm = self._cell != "gru"
+        if hx is None:
+            h0 = input.new_zeros(B, H)
+            c0 = input.new_zeros(B, H) if is_lstm else None
+        else:
+            h0, c0 = hx if is_lstm else (hx, None)
+            if unbatched:
+                h0 = h0.unsqueeze(0)
+                c0 = c0.unsqueeze(0) if c0 is not None else None
+            for sname, t in (("hx", h0), ("cx", c0)):
+                if t is None:
+                    continue
+                if tuple(t.shape) != (B, H):
+                    raise RuntimeError(f"{name}: {sname} has shape {tuple(t.shape)}, expected "
+                                       f"{(B, H)}")
+                if t.dtype != input.dtype or t.device != input.device:
+                    raise TypeError(f"{name}: {sname} ({t.dtype}, {t.device}) must match input "
+                                    f"({input.dtype}, {input.device})")
+        _, hy, cy = _ops.layer(self._cell, input.unsqueeze(0), self.weight_ih, self.weight_hh,
+                               self.bias_ih, self.bias_hh, self.weight_ch, None, h0, c0)
+        if unbatched:
+            hy = hy.squeeze(0)
+            cy = cy.squeeze(0) if cy is not None else None
+        return (hy, cy) if is_lstm else hy
+
+
+class LSTMCell(_CellBase):
+    """Drop-in for torch.nn.LSTMCell."""
+
+    _cell = "lstm"
+
+
+class GRUCell(_CellBase):
+    """Drop-in for torch.nn.GRUCell."""
+
+    _cell = "gru"
+
+
+class PeepholeLSTMCell(_CellBase):
+    """One step of the peephole LSTM; parameter names as torch.nn.LSTMCell plus weight_ch."""
+
+    _cell = "peephole_lstm"
+
+
+class WorkingMemoryLSTMCell(_CellBase):
+    """One step of the working-memory LSTM; parameter names as LSTMCell plus weight_ch."""
+
+    _cell = "wm_lstm"

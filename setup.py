@@ -21,7 +21,27 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _set_cuda_home():
+    """torch takes CUDA_HOME (when unset) from the nvcc on PATH, two directories up. Where that
+    nvcc is a wrapper script outside the toolkit (/usr/local/bin/nvcc), that directory has no
+    CUDA headers: use /usr/local/cuda instead when it holds the toolkit. Must run before
+    torch.utils.cpp_extension is imported (it reads CUDA_HOME at import)."""
+    import shutil
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    header = os.path.join("include", "cuda_runtime_api.h")
+    guessed = os.path.dirname(os.path.dirname(nvcc))
+    if not os.path.exists(os.path.join(guessed, header)) and os.path.exists(
+            os.path.join("/usr/local/cuda", header)):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _extensions():
+    _set_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 

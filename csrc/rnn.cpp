@@ -187,14 +187,27 @@ std::unique_ptr<c10::DeviceGuard> guard_for(const Tensor& t) {
   return std::make_unique<c10::DeviceGuard>(t.device());
 }
 
-// Column layout of the LSTM-family workspace rows.
-struct LSTMLayout {
-  int64_t gates = 0, c = 0, r = -1, u = -1, cols = 0;
-  LSTMLayout(CellKind cell, int64_t H, bool proj) {
-    c = 4 * H;
-    cols = 5 * H;
-    if (proj) { r = cols; cols += H; }
-    if (cell == CellKind::kWorkingMemory) { u = cols; cols += 3 * H; }
+// The LSTM-family workspace: one flat buffer holding, one after the other, the row-major blocks
+// gates (N, 4H) [i | f | g | o], c (N, H), with projection r (N, H) = o * tanh(c), and for the
+// working-memory cell u (N, 3H) = tanh outputs [u_i | u_f | u_o]. Each block contiguous, so that
+// a step's rows of each are one dense matrix for the GEMMs.
+struct LSTMWorkspace {
+  Tensor flat, gates, c, r, u;
+  static int64_t numel(CellKind cell, int64_t N, int64_t H, bool proj) {
+    return N * H * (5 + (proj ? 1 : 0) + (cell == CellKind::kWorkingMemory ? 3 : 0));
+  }
+  LSTMWorkspace(const Tensor& buffer, CellKind cell, int64_t N, int64_t H, bool proj)
+      : flat(buffer) {
+    int64_t off = 0;
+    auto block = [&](int64_t cols) {
+      Tensor t = flat.narrow(0, off, N * cols).view({N, cols});
+      off += N * cols;
+      return t;
+    };
+    gates = block(4 * H);
+    c = block(H);
+    if (proj) r = block(H);
+    if (cell == CellKind::kWorkingMemory) u = block(3 * H);
   }
 };
 
@@ -247,6 +260,13 @@ Tensor new_gemm(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+// input's shape with the last dimension replaced by `features`
+std::vector<int64_t> out_shape(const Tensor& input, int64_t features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = features;
+  return shape;
+}
+
 // rows [start, start + n) of a 2-D tensor
 Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(0, start, n); }
 
@@ -292,43 +312,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   auto guard = guard_for(input);
   const int64_t H = d.H, Hout = d.Hout;
   const bool proj = w_hr.has_value();
-  const LSTMLayout L(cell, H, proj);
   const auto opts = input.options();
 
   const Tensor x = input.reshape({s.N, d.I});
-  Tensor ws = at::empty({s.N, L.cols}, opts);
-  Tensor out = at::empty({s.N, Hout}, opts);
+  const LSTMWorkspace ws(at::empty({LSTMWorkspace::numel(cell, s.N, H, proj)}, opts), cell, s.N,
+                         H, proj);
+  // The output is allocated in its final shape (not returned as a view, so that callers may
+  // modify it in place); `out` is its (N, H_out) row view.
+  const Tensor output = at::empty(out_shape(input, Hout), opts);
+  const Tensor out = output.view({s.N, Hout});
   Tensor hy = state_or_zeros(hx, input, s.B, Hout);
   Tensor cy = state_or_zeros(cx, input, s.B, H);
   Tensor bias = b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor();
   Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
   Tensor p_buf;  // WM: c W_ch^T for [i | f | o]
-  if (s.N > 0) gemm(ws.narrow(1, 0, 4 * H), x, w_ih.t());
-  if (cell == CellKind::kWorkingMemory && s.B > 0) {
+  if (s.N > 0) gemm(ws.gates, x, w_ih.t());
+  if (cell == CellKind::kWorkingMemory) {
     p_buf = at::empty({s.B, 3 * H}, opts);
     gemm(p_buf.narrow(1, 0, 2 * H), cy, w_ch->narrow(0, 0, 2 * H).t());
   }
   const Tensor w_hh_t = w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_forward", [&] {
-    scalar_t* ws_p = s.N > 0 ? ptr<scalar_t>(ws) : nullptr;
     for (int64_t k = 0; k < s.T; ++k) {
       const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-      Tensor gates = rows(ws, r0, n).narrow(1, 0, 4 * H);
-      gemm(gates, rows(hy, 0, n), w_hh_t, 1.0f);
+      gemm(rows(ws.gates, r0, n), rows(hy, 0, n), w_hh_t, 1.0f);
       LSTMForwardStep<scalar_t> p;
       p.n = n;
       p.H = H;
-      p.gates = ws_p + r0 * L.cols;
-      p.ld_gates = L.cols;
+      p.gates = ptr<scalar_t>(ws.gates) + r0 * 4 * H;
+      p.ld_gates = 4 * H;
       p.bias = opt_ptr<scalar_t>(bias);
       p.peephole = opt_ptr<scalar_t>(peep);
       p.c_state = ptr<scalar_t>(cy);
-      p.c_save = ws_p + r0 * L.cols + L.c;
-      p.ld_c_save = L.cols;
+      p.c_save = ptr<scalar_t>(ws.c) + r0 * H;
+      p.ld_c_save = H;
       if (proj) {
-        p.h_out = ws_p + r0 * L.cols + L.r;
-        p.ld_h_out = L.cols;
+        p.h_out = ptr<scalar_t>(ws.r) + r0 * H;
+        p.ld_h_out = H;
       } else {
         p.h_out = ptr<scalar_t>(out) + r0 * Hout;
         p.ld_h_out = Hout;
@@ -337,8 +358,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       if (cell == CellKind::kWorkingMemory) {
         p.p = ptr<scalar_t>(p_buf);
         p.ld_p = 3 * H;
-        p.u = ws_p + r0 * L.cols + L.u;
-        p.ld_u = L.cols;
+        p.u = ptr<scalar_t>(ws.u) + r0 * 3 * H;
+        p.ld_u = 3 * H;
         FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kIFG, p);
         gemm(rows(p_buf, 0, n), rows(cy, 0, n), w_ch->t());
         FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kO, p);
@@ -347,15 +368,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       }
       if (proj) {
         Tensor out_t = rows(out, r0, n);
-        gemm(out_t, rows(ws, r0, n).narrow(1, L.r, H), w_hr->t());
+        gemm(out_t, rows(ws.r, r0, n), w_hr->t());
         rows(hy, 0, n).copy_(out_t);
       }
     }
   });
 
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = Hout;
-  return {out.view(out_shape), hy, cy, ws};
+  return {output, hy, cy, ws.flat};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -373,9 +392,9 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   auto guard = guard_for(input);
   const int64_t H = d.H, Hout = d.Hout;
   const bool proj = w_hr.has_value();
-  const LSTMLayout L(cell, H, proj);
   const auto opts = input.options();
-  TORCH_CHECK(workspace.dim() == 2 && workspace.size(0) == s.N && workspace.size(1) == L.cols && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), op, "_backward: workspace must be the contiguous (", s.N, ", ", L.cols, ") tensor returned by the forward, got shape ", workspace.sizes());
+  const int64_t ws_numel = LSTMWorkspace::numel(cell, s.N, H, proj);
+  TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws_numel && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), op, "_backward: workspace must be the contiguous (", ws_numel, ",) tensor returned by the forward, got shape ", workspace.sizes());
   TORCH_CHECK(output.numel() == s.N * Hout, op, "_backward: output must be the forward's output");
   const bool has_dy = grad_output.has_value() && grad_output->defined();
   if (has_dy) check_tensor(op, "grad_output", *grad_output, input, output.sizes());
@@ -384,13 +403,13 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
 
   const Tensor x = input.reshape({s.N, d.I});
   const Tensor out = output.reshape({s.N, Hout});
-  const Tensor ws = workspace;
+  const LSTMWorkspace ws(workspace, cell, s.N, H, proj);
   const Tensor dy = has_dy ? grad_output->reshape({s.N, Hout}).contiguous() : Tensor();
   Tensor dh_state = grad_or_zeros(grad_hy, input, s.B, Hout);
   Tensor dc_state = grad_or_zeros(grad_cy, input, s.B, H);
   const Tensor h0 = hx.has_value() ? hx->contiguous() : at::zeros({s.B, Hout}, opts);
   const Tensor c0 = cx.has_value() ? cx->contiguous() : at::zeros({s.B, H}, opts);
-  const Tensor c_all = ws.narrow(1, L.c, H);
+  const Tensor& c_all = ws.c;
   Tensor h_prev = at::empty({s.N, Hout}, opts);
   Tensor c_prev = at::empty({s.N, H}, opts);
   gather_prev(s, out, h0, h_prev);
@@ -410,16 +429,15 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_backward", [&] {
-    const scalar_t* ws_p = s.N > 0 ? ws.const_data_ptr<scalar_t>() : nullptr;
     for (int64_t k = s.T - 1; k >= 0; --k) {
       const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
       LSTMBackwardStep<scalar_t> p;
       p.n = n;
       p.H = H;
-      p.gates = ws_p + r0 * L.cols;
-      p.ld_gates = L.cols;
-      p.c = ws_p + r0 * L.cols + L.c;
-      p.ld_c = L.cols;
+      p.gates = ptr<scalar_t>(ws.gates) + r0 * 4 * H;
+      p.ld_gates = 4 * H;
+      p.c = ptr<scalar_t>(ws.c) + r0 * H;
+      p.ld_c = H;
       p.c_prev = ptr<scalar_t>(c_prev) + r0 * H;
       p.ld_c_prev = H;
       p.peephole = opt_ptr<scalar_t>(peep);
@@ -443,8 +461,8 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       p.dgates = ptr<scalar_t>(dgates) + r0 * 4 * H;
       p.ld_dgates = 4 * H;
       if (cell == CellKind::kWorkingMemory) {
-        p.u = ws_p + r0 * L.cols + L.u;
-        p.ld_u = L.cols;
+        p.u = ptr<scalar_t>(ws.u) + r0 * 3 * H;
+        p.ld_u = 3 * H;
         p.dp = ptr<scalar_t>(dp);
         p.ld_dp = 3 * H;
         p.dp_saved = ptr<scalar_t>(dp_all) + r0 * 3 * H;
@@ -464,19 +482,24 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   if (cell == CellKind::kWorkingMemory && s.B > 0) {
     gemm(dc_state, dp.narrow(1, 0, 2 * H), w_ch->narrow(0, 0, 2 * H), 1.0f);
   }
-  const Tensor none = at::empty({0}, opts);
-  Tensor grad_input = output_mask[0] ? new_gemm(dgates, w_ih).view(input.sizes()) : none;
+  // Every absent gradient is its own empty tensor: outputs of an op must not alias each other.
+  auto none = [&] { return at::empty({0}, opts); };
+  Tensor grad_input = none();
+  if (output_mask[0]) {
+    grad_input = at::empty(input.sizes(), opts);
+    gemm(grad_input.view({s.N, d.I}), dgates, w_ih);
+  }
   if (!output_mask[1]) {
-    return {grad_input, dh_state, dc_state, none, none, none, none, none, none};
+    return {grad_input, dh_state, dc_state, none(), none(), none(), none(), none(), none()};
   }
   Tensor grad_w_ih = new_gemm(dgates.t(), x);
   Tensor grad_w_hh = new_gemm(dgates.t(), h_prev);
-  Tensor grad_b_ih = none, grad_b_hh = none;
+  Tensor grad_b_ih = none(), grad_b_hh = none();
   if (b_ih.has_value()) {
     grad_b_ih = dgates.sum(0);
     grad_b_hh = grad_b_ih.clone();
   }
-  Tensor grad_w_ch = none;
+  Tensor grad_w_ch = none();
   if (cell == CellKind::kPeephole) {
     grad_w_ch = at::stack({(dgates.narrow(1, 0, H) * c_prev).sum(0),
                            (dgates.narrow(1, H, H) * c_prev).sum(0),
@@ -485,7 +508,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     grad_w_ch = at::cat({new_gemm(dp_all.narrow(1, 0, 2 * H).t(), c_prev),
                          new_gemm(dp_all.narrow(1, 2 * H, H).t(), c_all)});
   }
-  Tensor grad_w_hr = proj ? new_gemm(dh_all.t(), ws.narrow(1, L.r, H)) : none;
+  Tensor grad_w_hr = proj ? new_gemm(dh_all.t(), ws.r) : none();
   return {grad_input, dh_state,  dc_state,  grad_w_ih, grad_w_hh,
           grad_b_ih,  grad_b_hh, grad_w_ch, grad_w_hr};
 }
@@ -504,7 +527,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
   const auto opts = input.options();
   const Tensor x = input.reshape({s.N, d.I});
   Tensor ws = at::empty({s.N, 4 * H}, opts);
-  Tensor out = at::empty({s.N, H}, opts);
+  const Tensor output = at::empty(out_shape(input, H), opts);
+  const Tensor out = output.view({s.N, H});
   Tensor hy = state_or_zeros(hx, input, s.B, H);
   Tensor hg = at::empty({s.B, 3 * H}, opts);
   const Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : Tensor();
@@ -531,9 +555,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
       FUSEDRNN_LAUNCH(input.device(), gru_forward_step, p);
     }
   });
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = H;
-  return {out.view(out_shape), hy, ws};
+  return {output, hy, ws};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
@@ -584,12 +606,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       gemm(rows(dh_state, 0, n), rows(dhg, r0, n), w_hh, 1.0f);
     }
   });
-  const Tensor none = at::empty({0}, opts);
-  Tensor grad_input = output_mask[0] ? new_gemm(dx, w_ih).view(input.sizes()) : none;
-  if (!output_mask[1]) return {grad_input, dh_state, none, none, none, none};
+  auto none = [&] { return at::empty({0}, opts); };  // one tensor per output: no aliasing
+  Tensor grad_input = none();
+  if (output_mask[0]) {
+    grad_input = at::empty(input.sizes(), opts);
+    gemm(grad_input.view({s.N, d.I}), dx, w_ih);
+  }
+  if (!output_mask[1]) return {grad_input, dh_state, none(), none(), none(), none()};
   Tensor grad_w_ih = new_gemm(dx.t(), x);
   Tensor grad_w_hh = new_gemm(dhg.t(), h_prev);
-  Tensor grad_b_ih = none, grad_b_hh = none;
+  Tensor grad_b_ih = none(), grad_b_hh = none();
   if (b_ih.has_value()) {
     grad_b_ih = dx.sum(0);
     grad_b_hh = dhg.sum(0);

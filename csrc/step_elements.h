@@ -65,14 +65,19 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     if (p.h_state) p.h_state[s] = static_cast<scalar_t>(h);
     return;
   }
-  a[0] = static_cast<scalar_t>(i);
-  a[H] = static_cast<scalar_t>(f);
-  a[2 * H] = static_cast<scalar_t>(g);
-  a[3 * H] = static_cast<scalar_t>(o);
-  p.c_state[s] = static_cast<scalar_t>(c);
-  p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
-  p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
-  if (p.h_state) p.h_state[s] = static_cast<scalar_t>(h);
+  // Stores of the one-kernel cells. Under `if constexpr` so that the working-memory
+  // instantiations, which return above, do not contain this (unreachable) code: nvcc would warn
+  // that it reads gates those phases never set.
+  if constexpr (kCell != CellKind::kWorkingMemory) {
+    a[0] = static_cast<scalar_t>(i);
+    a[H] = static_cast<scalar_t>(f);
+    a[2 * H] = static_cast<scalar_t>(g);
+    a[3 * H] = static_cast<scalar_t>(o);
+    p.c_state[s] = static_cast<scalar_t>(c);
+    p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
+    p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
+    if (p.h_state) p.h_state[s] = static_cast<scalar_t>(h);
+  }
 }
 
 template <CellKind kCell, Phase kPhase, typename scalar_t>

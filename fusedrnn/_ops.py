@@ -55,11 +55,11 @@ def _batch(input: Tensor, hx: Optional[Tensor], batch_sizes: Optional[Tensor]):
     return torch.library.get_ctx().new_dynamic_size()
 
 
-def _grad_like(t: Optional[Tensor], computed: bool) -> Tensor:
-    """Fake gradient of `t`: its shape when computed and `t` is given, else empty (0,)."""
+def _grad_like(t: Optional[Tensor], computed: bool, like: Tensor) -> Tensor:
+    """Fake gradient of `t`: its shape when computed and `t` is given, else empty (0,) with the
+    dtype and device of `like` (the op's input), as the real op returns."""
     if t is None or not computed:
-        return torch.empty(0, dtype=t.dtype if t is not None else None,
-                           device=t.device if t is not None else None)
+        return like.new_empty(0)
     return torch.empty_like(t)
 
 
@@ -75,7 +75,8 @@ def _register(cell: str) -> None:
         N = input.numel() // input.shape[-1] if input.shape[-1] != 0 else (
             input.shape[0] * (input.shape[1] if input.dim() == 3 else 1))
         output = input.new_empty(*input.shape[:-1], H_out)
-        return output, input.new_empty(B, H_out), input.new_empty(B, H), input.new_empty(N, cols)
+        return (output, input.new_empty(B, H_out), input.new_empty(B, H),
+                input.new_empty(N * cols))
 
     @torch.library.register_fake(f"fusedrnn::{cell}_backward")
     def _fake_backward(grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih,
@@ -84,8 +85,8 @@ def _register(cell: str) -> None:
         H, H_out, _ = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr]
-        return (_grad_like(input, output_mask[0]), input.new_empty(B, H_out),
-                input.new_empty(B, H), *(_grad_like(w, output_mask[1]) for w in weights))
+        return (_grad_like(input, output_mask[0], input), input.new_empty(B, H_out),
+                input.new_empty(B, H), *(_grad_like(w, output_mask[1], input) for w in weights))
 
     def setup_context(ctx, inputs, output):
         (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
@@ -130,8 +131,8 @@ def _register_gru() -> None:
         H = weight_ih.shape[0] // 3
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh]
-        return (_grad_like(input, output_mask[0]), input.new_empty(B, H),
-                *(_grad_like(w, output_mask[1]) for w in weights))
+        return (_grad_like(input, output_mask[0], input), input.new_empty(B, H),
+                *(_grad_like(w, output_mask[1], input) for w in weights))
 
     def setup_context(ctx, inputs, output):
         input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse = inputs

@@ -19,6 +19,8 @@ def _fused_copy(m: nn.Module) -> nn.Module:
     else:
         new = _CELLS[type(m)](m.input_size, m.hidden_size, bias=m.bias, **factory)
     new.load_state_dict(m.state_dict())
+    for name, param in m.named_parameters():  # frozen weights stay frozen
+        getattr(new, name).requires_grad_(param.requires_grad)
     new.train(m.training)
     return new
 

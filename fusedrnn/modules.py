@@ -146,8 +146,8 @@ class _RNNBase(nn.Module):
                             f"{input.dtype}")
         w = self.weight_ih_l0
         if input.dtype != w.dtype:
-            raise TypeError(f"{self.mode}: input dtype {input.dtype} does not match the "
-                            f"parameters' dtype {w.dtype}")
+            raise ValueError(f"{self.mode}: input dtype {input.dtype} does not match the "
+                             f"parameters' dtype {w.dtype}")
         if input.device != w.device:
             raise RuntimeError(f"{self.mode}: input is on {input.device} but the parameters "
                                f"are on {w.device}")

@@ -1,0 +1,255 @@
+"""Command line of ``python -m fusedrnn.bench``."""
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+import fusedrnn
+
+from . import core
+
+DESCRIPTION = """\
+Times the fused layers of fusedrnn against torch.nn.LSTM/GRU (cuDNN on a GPU, oneDNN on a CPU),
+the eager PyTorch loop of the same cell (fusedrnn.reference.layer) and torch.compile of that
+cell's step function called in a Python loop ("compiled step loop"), forward (no grad) and
+forward+backward, plus the peak memory of a training step. Without shape options it runs the
+quick suite: all four cells at T,B,I,H = 100,64,256,256 on a CPU (100,64,512,512 on a GPU) and a
+3-layer bidirectional LSTM row. Writes results.json, table.txt and speedups.png to --out."""
+
+EPILOG = """\
+examples:
+  python -m fusedrnn.bench                               quick suite on the best device
+  python -m fusedrnn.bench --cells lstm,gru --fastrnns   the fastrnns shape
+  python -m fusedrnn.bench --shapes "50,16,128,128;200,64,512,512" --no-compile
+  python -m fusedrnn.bench --grid --device cuda --dtype float16
+  python -m fusedrnn.bench.plot results.json [other.json]   re-render the plot"""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: "<prog>: error: <message> (see --help)"."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+def parse_cells(text: str) -> List[str]:
+    """Comma-separated cell names (or "all"), in the given order, without repeats."""
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of cells, got "
+                                         f"{text!r}")
+    if names == ["all"]:
+        return list(core.CELLS)
+    out = []
+    for name in names:
+        if name not in core.CELLS:
+            raise argparse.ArgumentTypeError(f"unknown cell {name!r} (choose from "
+                                             f"{', '.join(core.CELLS)})")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def parse_shapes(text: str) -> List[core.Shape]:
+    """'T,B,I,H[;T,B,I,H...]': four positive integers per shape."""
+    shapes = []
+    parts = [p.strip() for p in text.split(";")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"expected T,B,I,H[;T,B,I,H...], got {text!r}")
+    for part in parts:
+        if not part:
+            continue
+        fields = [f.strip() for f in part.split(",")]
+        try:
+            values = tuple(int(f) for f in fields)
+        except ValueError:
+            values = ()
+        if len(values) != 4 or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected T,B,I,H with four positive integers, got {part!r}")
+        shapes.append(values)
+    return shapes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m fusedrnn.bench", description=DESCRIPTION,
+                                epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run: cuda when available with auto (default: auto)")
+    p.add_argument("--dtype", choices=list(core.DTYPES), default="float32",
+                   help="parameter and input dtype (default: float32; float16 is GPU only)")
+    p.add_argument("--cells", type=parse_cells, default=list(core.CELLS), metavar="LIST",
+                   help="comma-separated cells out of " + ",".join(core.CELLS)
+                   + " or 'all' (default: all)")
+    shapes = p.add_mutually_exclusive_group()
+    shapes.add_argument("--shapes", type=parse_shapes, metavar="T,B,I,H[;T,B,I,H...]",
+                        help="explicit shapes: sequence length, batch, input size, hidden size; "
+                        "separate several with ';' (quote them in a shell)")
+    shapes.add_argument("--grid", action="store_true",
+                        help="the full grid: T in {50,200} x B in {1,16,64,256} x "
+                        "H in {128,256,512,1024}, I = H (32 shapes; long)")
+    shapes.add_argument("--fastrnns", action="store_true",
+                        help="the PyTorch fastrnns shape T,B,I,H = 100,64,512,512")
+    p.add_argument("--threads", type=_positive("threads"), default=None, metavar="N",
+                   help="torch.set_num_threads(N) (default: 1 on a CPU, which the result "
+                   "records; with N > 1 set OMP_WAIT_POLICY=PASSIVE in the environment)")
+    p.add_argument("--repeats", type=_positive("repeats"), default=10, metavar="N",
+                   help="timed runs of fused and torch.nn, median reported (default: 10); the "
+                   "slow eager and compiled loops get max(min(3, N), N // 3)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: ./fusedrnn_bench/<device>-<timestamp>)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile baseline (compiling takes tens of seconds)")
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                   help="torch.compile backend of the compiled step loop (default: inductor)")
+    p.add_argument("--input-grad", action="store_true",
+                   help="make the input require grad in fwd+bwd (default: off, as for the "
+                   "first layer of a model)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurement of the training step")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
+    if args.device == "cpu" and args.dtype == "float16":
+        parser.error("--dtype float16 is not supported on the CPU (fusedrnn's CPU kernels run "
+                     "float32, float64 and bfloat16)")
+    if args.grid:
+        args.shape_list, args.shape_preset = core.grid_shapes(), "grid"
+    elif args.fastrnns:
+        args.shape_list, args.shape_preset = [core.FASTRNNS_SHAPE], "fastrnns"
+    elif args.shapes:
+        args.shape_list, args.shape_preset = args.shapes, "shapes"
+    else:
+        args.shape_list, args.shape_preset = [core.quick_shape(args.device)], "quick"
+    return args
+
+
+def _default_out(device: str) -> str:
+    base = os.path.join("fusedrnn_bench", f"{device}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out, k = base, 1
+    while os.path.exists(out):
+        k += 1
+        out = f"{base}-{k}"
+    return out
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "fusedrnn.bench", *argv])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    err = sys.stderr
+    if device.type == "cpu" and threads > 1 and os.environ.get("OMP_WAIT_POLICY") is None:
+        print(f"warning: {threads} threads without OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waiting "
+              "can make small GEMMs many times slower on small machines; set it in the "
+              "environment before starting Python", file=err)
+    info = fusedrnn.build_info()
+    if fusedrnn.backend() != "fused":
+        print(f"warning: fusedrnn runs its reference fallback ({info.get('load_error')}); the "
+              "'fused' numbers are not the fused kernels", file=err)
+    elif not info.get(device.type):
+        print(f"warning: this fusedrnn build has no {device.type} kernels; the fused runs will "
+              "fail", file=err)
+
+    settings = core.Settings(device=device, dtype=core.DTYPES[args.dtype], repeats=args.repeats,
+                             warmup=core.WARMUP[device.type],
+                             compile=not args.no_compile, compile_backend=args.compile_backend,
+                             memory=not args.no_memory, input_grad=args.input_grad)
+    cases = core.build_cases(args.cells, args.shape_list)
+    env = core.environment(device, settings.dtype)
+    out_dir = args.out or _default_out(device.type)
+    print(f"fusedrnn {env['fusedrnn']} ({env['backend']}) on {env['device_name']}, "
+          f"{args.dtype}, {threads} thread(s); {len(cases)} cases, "
+          f"{len(args.shape_list)} shape(s)", file=err)
+
+    from tqdm import tqdm
+    started = time.perf_counter()
+    results: List[dict] = []
+    interrupted = False
+    try:
+        with tqdm(total=core.count_tasks(cases, settings), unit="run", file=err,
+                  dynamic_ncols=True, mininterval=0.5, leave=False) as bar:
+            for case in cases:
+                results.extend(core.run_case(case, settings, bar))
+    except KeyboardInterrupt:
+        interrupted = True
+    wall = time.perf_counter() - started
+    if not err.isatty():  # end the progress bar's last line in a log
+        print(file=err)
+    if interrupted:
+        print(f"interrupted: keeping the {len(results)} records measured so far", file=err)
+
+    doc = {
+        "format": "fusedrnn-bench/1",
+        "command": command_line(argv),
+        "argv": argv,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": wall,
+        "interrupted": interrupted,
+        "env": env,
+        "settings": {
+            "device": device.type, "dtype": args.dtype, "threads": threads,
+            "cells": args.cells, "shape_preset": args.shape_preset,
+            "shapes": [list(s) for s in args.shape_list],
+            "repeats": settings.repeats, "slow_repeats": settings.slow_repeats,
+            "warmup": settings.warmup, "warmup_slow": 1,
+            "timer": ("torch.cuda.Event elapsed_time, synchronised after each run"
+                      if device.type == "cuda" else "time.perf_counter around each run"),
+            "statistic": "median",
+            "compile": settings.compile, "compile_mode": core.COMPILE_MODE,
+            "compile_note": core.COMPILE_NOTE,
+            "compile_backend": settings.compile_backend,
+            "input_grad": settings.input_grad, "memory": settings.memory,
+            "memory_method": core.MEMORY_METHOD[device.type] if settings.memory else None,
+            "speedup": "median time of the baseline / median time of fused (> 1: fused faster)",
+        },
+        "results": results,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    table = core.format_table(results)
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    try:
+        from .plot import plot_results
+        plot_results([doc], os.path.join(out_dir, "speedups.png"))
+    except Exception as exc:  # the measurements are saved; a plotting problem only warns
+        print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}", file=err)
+    print(f"wall time {wall:.1f} s; results in {os.path.abspath(out_dir)}")
+    return 130 if interrupted else 0

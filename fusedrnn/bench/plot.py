@@ -7,7 +7,6 @@ case (cell and shape) with the speed-up of the fused layer over each baseline (b
 fused median, log scale, 1 = parity). The PNG goes next to the first file (speedups.png for one
 file, speedups_compare.png for two) unless --out names a .png file or a folder.
 """
-import argparse
 import json
 import os
 import sys

@@ -41,8 +41,10 @@ struct LSTMBackwardStep {
   int64_t ld_gates = 0;
   const scalar_t* c = nullptr;          // [n, H] saved c_t
   int64_t ld_c = 0;
-  const scalar_t* c_prev = nullptr;     // [n, H] c_{t-1}
-  int64_t ld_c_prev = 0;
+  const scalar_t* c_prev = nullptr;     // [m_prev, H] c_{t-1} of rows [0, m_prev): the previous
+  int64_t ld_c_prev = 0;                // step's saved c_t rows
+  const scalar_t* c_init = nullptr;     // [n, H] (ld H) initial state; c_{t-1} of rows >= m_prev
+  int64_t m_prev = 0;
   const scalar_t* peephole = nullptr;   // [3, H] peephole weights (peephole cell only)
   const scalar_t* dh = nullptr;         // [n, H] gradient of h_t from later steps / projection
   int64_t ld_dh = 0;
@@ -78,8 +80,10 @@ struct GRUBackwardStep {
   int64_t n = 0, H = 0;
   const scalar_t* gates = nullptr;      // [n, 4H] saved r, z, n, h_n
   int64_t ld_gates = 0;
-  const scalar_t* h_prev = nullptr;     // [n, H]
-  int64_t ld_h_prev = 0;
+  const scalar_t* h_prev = nullptr;     // [m_prev, H] h_{t-1} of rows [0, m_prev) (previous step's
+  int64_t ld_h_prev = 0;                // output rows)
+  const scalar_t* h_init = nullptr;     // [n, H] (ld H) initial state; h_{t-1} of rows >= m_prev
+  int64_t m_prev = 0;
   const scalar_t* dy = nullptr;         // [n, H] gradient of this step's output, or nullptr
   int64_t ld_dy = 0;
   scalar_t* dh_state = nullptr;         // [n, H] (ld H) in: dL/dh_t from later steps; out: the

@@ -270,36 +270,89 @@ std::vector<int64_t> out_shape(const Tensor& input, int64_t features) {
 // rows [start, start + n) of a 2-D tensor
 Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(0, start, n); }
 
-// Fills prev[rows of step t] with the state before step t: the previous processed step's rows of
-// `seq` where that step had them, the initial state elsewhere.
-void gather_prev(const Steps& s, const Tensor& seq, const Tensor& init, const Tensor& prev) {
-  TORCH_INTERNAL_ASSERT(seq.stride(1) == 1 && init.is_contiguous() && prev.is_contiguous());
-  const int64_t width = prev.size(1);
-  // rows [src, src + m) of `from` into rows [dst, dst + m) of `prev`
-  auto copy_rows = [&](const Tensor& from, int64_t src, int64_t dst, int64_t m) {
-    if (m <= 0) return;
-    if (prev.device().is_cpu()) {
-      const size_t row_bytes = width * prev.element_size();
-      const char* a = static_cast<const char*>(from.const_data_ptr());
-      char* b = static_cast<char*>(prev.data_ptr());
-      const int64_t lda = from.stride(0) * from.element_size();
-      for (int64_t r = 0; r < m; ++r) {
-        std::memcpy(b + (dst + r) * row_bytes, a + (src + r) * lda, row_bytes);
+// Where the state before each step comes from, for the weight gradients of the recurrent and
+// cell-connection matrices (sums over all rows of grad^T @ prev_state). Row r of step t has as
+// previous state the previous processed step's saved row r if that step ran row r, else the
+// initial state's row r. Segments map rows [dst, dst + count) of the step-ordered row space to
+// rows [src, src + count) of the saved sequence (from_init false) or of the initial state;
+// adjacent segments are merged, so a padded sequence has just two.
+struct PrevSegment {
+  int64_t dst, count, src;
+  bool from_init;
+};
+
+// The previous processed step of step t's rows: (row count taken from it, its first row);
+// count 0 for the first processed step.
+std::pair<int64_t, int64_t> prev_rows(const Steps& s, int64_t k) {
+  if (k == 0) return {0, 0};
+  const int64_t t = s.at(k), tp = s.at(k - 1);
+  return {std::min(s.n[t], s.n[tp]), s.off[tp]};
+}
+
+std::vector<PrevSegment> prev_segments(const Steps& s) {
+  std::vector<PrevSegment> segs;
+  auto push = [&](int64_t dst, int64_t count, int64_t src, bool from_init) {
+    if (count <= 0) return;
+    if (!segs.empty()) {
+      PrevSegment& last = segs.back();
+      if (last.from_init == from_init && last.dst + last.count == dst &&
+          last.src + last.count == src) {
+        last.count += count;
+        return;
       }
-    } else {
-      rows(prev, dst, m).copy_(rows(from, src, m));
     }
+    segs.push_back({dst, count, src, from_init});
   };
-  for (int64_t k = 0; k < s.T; ++k) {
-    const int64_t t = s.at(k), n = s.n[t];
-    int64_t m = 0;
-    if (k > 0) {
-      const int64_t tp = s.at(k - 1);
-      m = std::min(n, s.n[tp]);
-      copy_rows(seq, s.off[tp], s.off[t], m);
-    }
-    copy_rows(init, m, s.off[t] + m, n - m);
+  // Walk the steps in row order (time order), which is the order of `dst`.
+  std::vector<int64_t> k_of_t(s.T);
+  for (int64_t k = 0; k < s.T; ++k) k_of_t[s.at(k)] = k;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const auto [m, src] = prev_rows(s, k_of_t[t]);
+    push(s.off[t], m, src, false);
+    push(s.off[t] + m, s.n[t] - m, m, true);
   }
+  return segs;
+}
+
+// The (N, width) matrix of previous states, materialised only where the segments are many
+// (packed sequences with many distinct lengths).
+Tensor gather_prev(const std::vector<PrevSegment>& segs, const Tensor& seq, const Tensor& init,
+                   int64_t N) {
+  Tensor prev = at::empty({N, init.size(1)}, init.options());
+  for (const PrevSegment& g : segs) {
+    rows(prev, g.dst, g.count).copy_(rows(g.from_init ? init : seq, g.src, g.count));
+  }
+  return prev;
+}
+
+constexpr size_t kMaxSegmentGemms = 8;
+
+// out = grad^T @ prev_state over all rows; grad is (N, G), out (G, width).
+void gemm_prev(Tensor out, const Tensor& grad, const std::vector<PrevSegment>& segs,
+               const Tensor& seq, const Tensor& init) {
+  if (segs.size() > kMaxSegmentGemms) {
+    gemm(out, grad.t(), gather_prev(segs, seq, init, grad.size(0)));
+    return;
+  }
+  if (segs.empty()) out.zero_();
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const PrevSegment& g = segs[i];
+    gemm(out, rows(grad, g.dst, g.count).t(), rows(g.from_init ? init : seq, g.src, g.count),
+         i == 0 ? 0.0f : 1.0f);
+  }
+}
+
+// sum over all rows of grad * prev_state; grad is (N, width), result (width,).
+Tensor colsum_prev(const Tensor& grad, const std::vector<PrevSegment>& segs, const Tensor& seq,
+                   const Tensor& init) {
+  if (segs.size() > kMaxSegmentGemms) {
+    return (grad * gather_prev(segs, seq, init, grad.size(0))).sum(0);
+  }
+  Tensor acc = at::zeros({grad.size(1)}, grad.options());
+  for (const PrevSegment& g : segs) {
+    acc += (rows(grad, g.dst, g.count) * rows(g.from_init ? init : seq, g.src, g.count)).sum(0);
+  }
+  return acc;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
@@ -410,10 +463,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   const Tensor h0 = hx.has_value() ? hx->contiguous() : at::zeros({s.B, Hout}, opts);
   const Tensor c0 = cx.has_value() ? cx->contiguous() : at::zeros({s.B, H}, opts);
   const Tensor& c_all = ws.c;
-  Tensor h_prev = at::empty({s.N, Hout}, opts);
-  Tensor c_prev = at::empty({s.N, H}, opts);
-  gather_prev(s, out, h0, h_prev);
-  gather_prev(s, c_all, c0, c_prev);
+  const std::vector<PrevSegment> segs = prev_segments(s);
 
   Tensor dgates = at::empty({s.N, 4 * H}, opts);
   Tensor dh_all, dr;  // projection: gradient of h_t (all rows) and of r_t (current step)
@@ -438,8 +488,11 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       p.ld_gates = 4 * H;
       p.c = ptr<scalar_t>(ws.c) + r0 * H;
       p.ld_c = H;
-      p.c_prev = ptr<scalar_t>(c_prev) + r0 * H;
+      const auto [m_prev, prev_row0] = prev_rows(s, k);
+      p.c_prev = ptr<scalar_t>(c_all) + prev_row0 * H;
       p.ld_c_prev = H;
+      p.c_init = ptr<scalar_t>(c0);
+      p.m_prev = m_prev;
       p.peephole = opt_ptr<scalar_t>(peep);
       if (proj) {
         Tensor dh_t = rows(dh_all, r0, n);
@@ -493,7 +546,8 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     return {grad_input, dh_state, dc_state, none(), none(), none(), none(), none(), none()};
   }
   Tensor grad_w_ih = new_gemm(dgates.t(), x);
-  Tensor grad_w_hh = new_gemm(dgates.t(), h_prev);
+  Tensor grad_w_hh = at::empty({4 * H, Hout}, opts);
+  gemm_prev(grad_w_hh, dgates, segs, out, h0);
   Tensor grad_b_ih = none(), grad_b_hh = none();
   if (b_ih.has_value()) {
     grad_b_ih = dgates.sum(0);
@@ -501,12 +555,13 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   }
   Tensor grad_w_ch = none();
   if (cell == CellKind::kPeephole) {
-    grad_w_ch = at::stack({(dgates.narrow(1, 0, H) * c_prev).sum(0),
-                           (dgates.narrow(1, H, H) * c_prev).sum(0),
+    grad_w_ch = at::stack({colsum_prev(dgates.narrow(1, 0, H), segs, c_all, c0),
+                           colsum_prev(dgates.narrow(1, H, H), segs, c_all, c0),
                            (dgates.narrow(1, 3 * H, H) * c_all).sum(0)});
   } else if (cell == CellKind::kWorkingMemory) {
-    grad_w_ch = at::cat({new_gemm(dp_all.narrow(1, 0, 2 * H).t(), c_prev),
-                         new_gemm(dp_all.narrow(1, 2 * H, H).t(), c_all)});
+    grad_w_ch = at::empty({3 * H, H}, opts);
+    gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_all.narrow(1, 0, 2 * H), segs, c_all, c0);
+    gemm(grad_w_ch.narrow(0, 2 * H, H), dp_all.narrow(1, 2 * H, H).t(), c_all);
   }
   Tensor grad_w_hr = proj ? new_gemm(dh_all.t(), ws.r) : none();
   return {grad_input, dh_state,  dc_state,  grad_w_ih, grad_w_hh,
@@ -580,8 +635,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const Tensor dy = has_dy ? grad_output->reshape({s.N, H}).contiguous() : Tensor();
   Tensor dh_state = grad_or_zeros(grad_hy, input, s.B, H);
   const Tensor h0 = hx.has_value() ? hx->contiguous() : at::zeros({s.B, H}, opts);
-  Tensor h_prev = at::empty({s.N, H}, opts);
-  gather_prev(s, out, h0, h_prev);
+  const std::vector<PrevSegment> segs = prev_segments(s);
   Tensor dx = at::empty({s.N, 3 * H}, opts);
   Tensor dhg = at::empty({s.N, 3 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_backward", [&] {
@@ -593,8 +647,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       p.H = H;
       p.gates = ws_p + r0 * 4 * H;
       p.ld_gates = 4 * H;
-      p.h_prev = ptr<scalar_t>(h_prev) + r0 * H;
+      const auto [m_prev, prev_row0] = prev_rows(s, k);
+      p.h_prev = ptr<scalar_t>(out) + prev_row0 * H;
       p.ld_h_prev = H;
+      p.h_init = ptr<scalar_t>(h0);
+      p.m_prev = m_prev;
       p.dy = has_dy ? ptr<scalar_t>(dy) + r0 * H : nullptr;
       p.ld_dy = H;
       p.dh_state = ptr<scalar_t>(dh_state);
@@ -614,7 +671,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   }
   if (!output_mask[1]) return {grad_input, dh_state, none(), none(), none(), none()};
   Tensor grad_w_ih = new_gemm(dx.t(), x);
-  Tensor grad_w_hh = new_gemm(dhg.t(), h_prev);
+  Tensor grad_w_hh = at::empty({3 * H, H}, opts);
+  gemm_prev(grad_w_hh, dhg, segs, out, h0);
   Tensor grad_b_ih = none(), grad_b_hh = none();
   if (b_ih.has_value()) {
     grad_b_ih = dx.sum(0);

@@ -21,6 +21,15 @@ FUSEDRNN_HD acc_type<scalar_t> ld(const scalar_t* p, int64_t i) {
   return static_cast<acc_type<scalar_t>>(p[i]);
 }
 
+// The state before this step of row b: the previous step's saved row where that step ran row b
+// (b < m_prev), else the initial state.
+template <typename scalar_t>
+FUSEDRNN_HD acc_type<scalar_t> prev_state(const scalar_t* prev, int64_t ld_prev,
+                                          const scalar_t* init, int64_t m_prev, int64_t H,
+                                          int64_t b, int64_t j) {
+  return b < m_prev ? ld(prev + b * ld_prev, j) : ld(init + b * H, j);
+}
+
 template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
 FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
@@ -109,7 +118,7 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
       const scalar_t* u = p.u + b * p.ld_u + j;
       WorkingMemoryLSTMCell<acc_t>::backward_ifg(
           static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]), static_cast<acc_t>(gt[2 * H]),
-          static_cast<acc_t>(u[0]), static_cast<acc_t>(u[H]), ld(p.c_prev + b * p.ld_c_prev, j),
+          static_cast<acc_t>(u[0]), static_cast<acc_t>(u[H]), prev_state(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j),
           ld(p.dc_state, s), da_i, da_f, da_g, dp_i, dp_f, dc_prev);
       da[0] = static_cast<scalar_t>(da_i);
       da[H] = static_cast<scalar_t>(da_f);
@@ -126,7 +135,8 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
     acc_t da_i, da_f, da_g, da_o, dc_prev;
     const acc_t i = static_cast<acc_t>(gt[0]), f = static_cast<acc_t>(gt[H]),
                 g = static_cast<acc_t>(gt[2 * H]), o = static_cast<acc_t>(gt[3 * H]);
-    const acc_t c = ld(p.c + b * p.ld_c, j), c_prev = ld(p.c_prev + b * p.ld_c_prev, j);
+    const acc_t c = ld(p.c + b * p.ld_c, j);
+    const acc_t c_prev = prev_state(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j);
     if constexpr (kCell == CellKind::kLSTM) {
       LSTMCell<acc_t>::backward(i, f, g, o, c, c_prev, dh_total(), ld(p.dc_state, s), da_i,
                                 da_f, da_g, da_o, dc_prev);
@@ -181,7 +191,8 @@ FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_
   acc_t dx_r, dx_z, dx_n, dh_n, dh_prev;
   GRUCell<acc_t>::backward(static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]),
                            static_cast<acc_t>(gt[2 * H]), static_cast<acc_t>(gt[3 * H]),
-                           ld(p.h_prev + b * p.ld_h_prev, j), dh, dx_r, dx_z, dx_n, dh_n, dh_prev);
+                           prev_state(p.h_prev, p.ld_h_prev, p.h_init, p.m_prev, H, b, j), dh, dx_r,
+                           dx_z, dx_n, dh_n, dh_prev);
   scalar_t* dx = p.dx + b * p.ld_dx + j;
   scalar_t* dhg = p.dhg + b * p.ld_dhg + j;
   dx[0] = static_cast<scalar_t>(dx_r);

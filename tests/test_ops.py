@@ -685,3 +685,17 @@ def test_error_backward_workspace():
     with pytest.raises(RuntimeError, match="grad_output"):
         torch.ops.fusedrnn.lstm_backward(*_fwd_bwd_args("lstm", x, w, hx, cx, bs, False, out,
                                                         go[:-1], None, None, [True, True]))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell,proj", _cell_proj_cases(), ids=lambda v: str(v))
+def test_packed_many_lengths(cell, proj, reverse):
+    """A packed batch whose 12 sequences all have different lengths: the previous-state rows of
+    the weight gradients then come from many (> 8) row segments, which backward gathers into
+    one matrix instead of one GEMM per segment. Outputs and every gradient against fp64."""
+    lengths = list(range(12, 0, -1))
+    bs = torch.tensor(lengths, dtype=torch.int64)  # lengths 12..1: batch size 12, 11, ..., 1
+    w = make_weights(cell, 3, 4, proj, True, F64, scale=0.5)
+    x = make_input(12, 12, 3, lengths, F64)
+    hx, cx = make_states(cell, 12, 4, proj, F64)
+    _check_forward_and_grads(cell, x, w, hx, cx, bs, reverse, F64)

@@ -18,8 +18,9 @@ enum class CellKind : int { kLSTM = 0, kPeephole = 1, kWorkingMemory = 2, kGRU =
 template <typename scalar_t>
 struct LSTMForwardStep {
   int64_t n = 0, H = 0;
-  scalar_t* gates = nullptr;            // [n, 4H] in: pre-activations without bias; out: i,f,g,o
+  scalar_t* gates = nullptr;            // [n, 4H] in: x W_ih^T; out: i, f, g, o
   int64_t ld_gates = 0;
+  const scalar_t* hg = nullptr;         // [n, 4H] (ld 4H) h_{t-1} W_hh^T
   const scalar_t* bias = nullptr;       // [4H] b_ih + b_hh, or nullptr
   const scalar_t* peephole = nullptr;   // [3, H] w_ci, w_cf, w_co (peephole cell only)
   scalar_t* c_state = nullptr;          // [n, H] (ld H) in: c_{t-1}; out: c_t

@@ -4,10 +4,11 @@
 // packed (sum(batch_sizes), I) with batch_sizes a 1-D int64 CPU tensor (non-increasing, as in
 // torch's PackedSequence); step t then processes the first batch_sizes[t] rows of the state.
 // `reverse` runs the steps from the last to the first. The workspace output holds what backward
-// needs (activated gates, cell states, ...), one row per input row; its layout is private to the
-// implementation. output_mask = (grad_input, weight gradients) says which of those backward
-// computes; the gradients of absent optional arguments, and the ones the mask leaves out, are
-// returned as empty (0,) tensors. The state gradients are always computed.
+// needs (activated gates, cell states, ...); its layout is private to the implementation. With
+// need_workspace=False (inference) it is returned empty and the forward uses less memory.
+// In backward, output_mask = (grad_input, weight gradients) says which of those to compute; the
+// gradients of absent optional arguments, and the ones the mask leaves out, are returned as
+// empty (0,) tensors. The state gradients are always computed.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -27,8 +28,8 @@ TORCH_LIBRARY(fusedrnn, m) {
     m.def((op +
            "_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
            "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, "
-           "Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor hy, Tensor cy, "
-           "Tensor workspace)")
+           "Tensor? batch_sizes, bool reverse, bool need_workspace=True) -> (Tensor output, "
+           "Tensor hy, Tensor cy, Tensor workspace)")
               .c_str());
     m.def((op +
            "_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
@@ -42,8 +43,8 @@ TORCH_LIBRARY(fusedrnn, m) {
   }
   m.def(
       "gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-      "Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, bool reverse) -> (Tensor output, "
-      "Tensor hy, Tensor workspace)");
+      "Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, bool reverse, "
+      "bool need_workspace=True) -> (Tensor output, Tensor hy, Tensor workspace)");
   m.def(
       "gru_backward(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, "

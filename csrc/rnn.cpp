@@ -12,6 +12,8 @@
 #include <array>
 #include <cstring>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -355,21 +357,76 @@ Tensor colsum_prev(const Tensor& grad, const std::vector<PrevSegment>& segs, con
   return acc;
 }
 
+// The input projection x W_ih^T of the rows a step reads. With a workspace (training) it is one
+// GEMM over all rows, before the loop, into the workspace's gate block. Without (inference), it
+// is computed for a chunk of consecutive steps at a time into a small reused buffer: less memory,
+// and the projection is still in cache when its steps run.
+class InputProjection {
+ public:
+  InputProjection(const Steps& s, const Tensor& x, const Tensor& w_ih_t, Tensor full,
+                  int64_t width, const at::TensorOptions& opts)
+      : s_(s), x_(x), w_ih_t_(w_ih_t), width_(width) {
+    const int64_t G = w_ih_t.size(1);
+    if (full.defined()) {
+      buf_ = full;
+      if (s.N > 0) gemm(buf_.narrow(1, 0, G), x, w_ih_t);
+      lo_ = 0;
+      hi_ = s.N;
+    } else {
+      cap_ = std::max<int64_t>(kChunkRows, s.B);
+      buf_ = at::empty({std::min(cap_, s.N), width}, opts);
+    }
+  }
+  // Row r0 (of the input's row space) of the projection, for the k-th processed step.
+  Tensor rows_for(int64_t k) {
+    const int64_t t = s_.at(k);
+    if (s_.off[t] < lo_ || s_.off[t] + s_.n[t] > hi_) {
+      int64_t k1 = k + 1;
+      while (k1 < s_.T && span(k, k1 + 1).second - span(k, k1 + 1).first <= cap_) ++k1;
+      std::tie(lo_, hi_) = span(k, k1);
+      gemm(rows(buf_, 0, hi_ - lo_).narrow(1, 0, w_ih_t_.size(1)), rows(x_, lo_, hi_ - lo_),
+           w_ih_t_);
+    }
+    return rows(buf_, s_.off[t] - lo_, s_.n[t]);
+  }
+
+ private:
+  // The input rows owned by the processed steps [k0, k1): one contiguous range.
+  std::pair<int64_t, int64_t> span(int64_t k0, int64_t k1) const {
+    int64_t a = s_.at(k0), b = s_.at(k1 - 1);
+    if (a > b) std::swap(a, b);
+    return {s_.off[a], s_.off[b] + s_.n[b]};
+  }
+  static constexpr int64_t kChunkRows = 512;
+  const Steps& s_;
+  const Tensor& x_;
+  const Tensor& w_ih_t_;
+  int64_t width_;
+  Tensor buf_;
+  int64_t lo_ = 0, hi_ = 0, cap_ = 0;
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
     CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_ch,
     const optional<Tensor>& w_hr, const optional<Tensor>& hx, const optional<Tensor>& cx,
-    const optional<Tensor>& batch_sizes, bool reverse) {
+    const optional<Tensor>& batch_sizes, bool reverse, bool need_workspace) {
   const Steps s = make_steps(cell_name(cell), input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
   auto guard = guard_for(input);
   const int64_t H = d.H, Hout = d.Hout;
   const bool proj = w_hr.has_value();
+  const bool wm = cell == CellKind::kWorkingMemory;
   const auto opts = input.options();
 
   const Tensor x = input.reshape({s.N, d.I});
-  const LSTMWorkspace ws(at::empty({LSTMWorkspace::numel(cell, s.N, H, proj)}, opts), cell, s.N,
-                         H, proj);
+  // Training keeps every step's gates, c_t (and r_t, u_*) in the workspace; inference keeps
+  // only the current step's, in per-call scratch buffers.
+  const LSTMWorkspace ws(
+      at::empty({need_workspace ? LSTMWorkspace::numel(cell, s.N, H, proj) : 0}, opts), cell,
+      need_workspace ? s.N : 0, H, proj);
+  const Tensor r_scratch = !need_workspace && proj ? at::empty({s.B, H}, opts) : Tensor();
+  const Tensor u_scratch = !need_workspace && wm ? at::empty({s.B, 3 * H}, opts) : Tensor();
   // The output is allocated in its final shape (not returned as a view, so that callers may
   // modify it in place); `out` is its (N, H_out) row view.
   const Tensor output = at::empty(out_shape(input, Hout), opts);
@@ -378,9 +435,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   Tensor cy = state_or_zeros(cx, input, s.B, H);
   Tensor bias = b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor();
   Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
+  const Tensor w_ih_t = w_ih.t();
+  InputProjection xproj(s, x, w_ih_t, need_workspace ? ws.gates : Tensor(), 4 * H, opts);
+  const Tensor hg = at::empty({s.B, 4 * H}, opts);  // h_{t-1} W_hh^T of the current step
   Tensor p_buf;  // WM: c W_ch^T for [i | f | o]
-  if (s.N > 0) gemm(ws.gates, x, w_ih.t());
-  if (cell == CellKind::kWorkingMemory) {
+  if (wm) {
     p_buf = at::empty({s.B, 3 * H}, opts);
     gemm(p_buf.narrow(1, 0, 2 * H), cy, w_ch->narrow(0, 0, 2 * H).t());
   }
@@ -389,29 +448,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_forward", [&] {
     for (int64_t k = 0; k < s.T; ++k) {
       const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-      gemm(rows(ws.gates, r0, n), rows(hy, 0, n), w_hh_t, 1.0f);
+      const Tensor gates = xproj.rows_for(k);
+      gemm(rows(hg, 0, n), rows(hy, 0, n), w_hh_t);
       LSTMForwardStep<scalar_t> p;
       p.n = n;
       p.H = H;
-      p.gates = ptr<scalar_t>(ws.gates) + r0 * 4 * H;
+      p.gates = ptr<scalar_t>(gates);
       p.ld_gates = 4 * H;
+      p.hg = ptr<scalar_t>(hg);
       p.bias = opt_ptr<scalar_t>(bias);
       p.peephole = opt_ptr<scalar_t>(peep);
       p.c_state = ptr<scalar_t>(cy);
-      p.c_save = ptr<scalar_t>(ws.c) + r0 * H;
+      // without a workspace c_t is stored twice into the state, harmlessly
+      p.c_save = need_workspace ? ptr<scalar_t>(ws.c) + r0 * H : ptr<scalar_t>(cy);
       p.ld_c_save = H;
+      const Tensor r_t = proj ? (need_workspace ? rows(ws.r, r0, n) : rows(r_scratch, 0, n))
+                              : Tensor();
       if (proj) {
-        p.h_out = ptr<scalar_t>(ws.r) + r0 * H;
+        p.h_out = ptr<scalar_t>(r_t);
         p.ld_h_out = H;
       } else {
         p.h_out = ptr<scalar_t>(out) + r0 * Hout;
         p.ld_h_out = Hout;
         p.h_state = ptr<scalar_t>(hy);
       }
-      if (cell == CellKind::kWorkingMemory) {
+      if (wm) {
         p.p = ptr<scalar_t>(p_buf);
         p.ld_p = 3 * H;
-        p.u = ptr<scalar_t>(ws.u) + r0 * 3 * H;
+        p.u = need_workspace ? ptr<scalar_t>(ws.u) + r0 * 3 * H : ptr<scalar_t>(u_scratch);
         p.ld_u = 3 * H;
         FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kIFG, p);
         gemm(rows(p_buf, 0, n), rows(cy, 0, n), w_ch->t());
@@ -421,7 +485,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       }
       if (proj) {
         Tensor out_t = rows(out, r0, n);
-        gemm(out_t, rows(ws.r, r0, n), w_hr->t());
+        gemm(out_t, r_t, w_hr->t());
         rows(hy, 0, n).copy_(out_t);
       }
     }
@@ -573,7 +637,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
                                                const optional<Tensor>& b_hh,
                                                const optional<Tensor>& hx,
                                                const optional<Tensor>& batch_sizes,
-                                               bool reverse) {
+                                               bool reverse, bool need_workspace) {
   const CellKind cell = CellKind::kGRU;
   const Steps s = make_steps("gru", input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
@@ -581,24 +645,25 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
   const int64_t H = d.H;
   const auto opts = input.options();
   const Tensor x = input.reshape({s.N, d.I});
-  Tensor ws = at::empty({s.N, 4 * H}, opts);
+  // The workspace keeps every step's r, z, n and h_n (training); inference keeps none.
+  Tensor ws = at::empty({need_workspace ? s.N : 0, 4 * H}, opts);
   const Tensor output = at::empty(out_shape(input, H), opts);
   const Tensor out = output.view({s.N, H});
   Tensor hy = state_or_zeros(hx, input, s.B, H);
   Tensor hg = at::empty({s.B, 3 * H}, opts);
   const Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : Tensor();
   const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
-  if (s.N > 0) gemm(ws.narrow(1, 0, 3 * H), x, w_ih.t());
+  const Tensor w_ih_t = w_ih.t();
+  InputProjection xproj(s, x, w_ih_t, need_workspace ? ws : Tensor(), 4 * H, opts);
   const Tensor w_hh_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_forward", [&] {
-    scalar_t* ws_p = s.N > 0 ? ptr<scalar_t>(ws) : nullptr;
     for (int64_t k = 0; k < s.T; ++k) {
       const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
       gemm(rows(hg, 0, n), rows(hy, 0, n), w_hh_t);
       GRUForwardStep<scalar_t> p;
       p.n = n;
       p.H = H;
-      p.gates = ws_p + r0 * 4 * H;
+      p.gates = ptr<scalar_t>(xproj.rows_for(k));
       p.ld_gates = 4 * H;
       p.hg = ptr<scalar_t>(hg);
       p.ld_hg = 3 * H;
@@ -686,9 +751,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
     const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
     const optional<Tensor>& b_hh, const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
     const optional<Tensor>& hx, const optional<Tensor>& cx, const optional<Tensor>& batch_sizes,
-    bool reverse) {
+    bool reverse, bool need_workspace) {
   return lstm_family_forward(kCell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx,
-                             batch_sizes, reverse);
+                             batch_sizes, reverse, need_workspace);
 }
 
 template <CellKind kCell>

@@ -35,8 +35,9 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
   using acc_t = acc_type<scalar_t>;
   const int64_t H = p.H;
   scalar_t* a = p.gates + b * p.ld_gates + j;
+  const scalar_t* hg = p.hg + b * 4 * H + j;
   auto pre = [&](int k) {
-    acc_t v = static_cast<acc_t>(a[k * H]);
+    acc_t v = static_cast<acc_t>(a[k * H]) + static_cast<acc_t>(hg[k * H]);
     if constexpr (kBias) v += ld(p.bias, k * H + j);
     return v;
   };

@@ -69,14 +69,14 @@ def _register(cell: str) -> None:
 
     @torch.library.register_fake(fwd)
     def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
-                      cx, batch_sizes, reverse):
+                      cx, batch_sizes, reverse, need_workspace=True):
         H, H_out, cols = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
         N = input.numel() // input.shape[-1] if input.shape[-1] != 0 else (
             input.shape[0] * (input.shape[1] if input.dim() == 3 else 1))
         output = input.new_empty(*input.shape[:-1], H_out)
         return (output, input.new_empty(B, H_out), input.new_empty(B, H),
-                input.new_empty(N * cols))
+                input.new_empty(N * cols if need_workspace else 0))
 
     @torch.library.register_fake(f"fusedrnn::{cell}_backward")
     def _fake_backward(grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih,
@@ -90,7 +90,7 @@ def _register(cell: str) -> None:
 
     def setup_context(ctx, inputs, output):
         (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
-         batch_sizes, reverse) = inputs
+         batch_sizes, reverse, *_) = inputs
         out, _, _, workspace = output
         ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                               weight_hr, hx, cx, batch_sizes, out, workspace)
@@ -109,7 +109,7 @@ def _register(cell: str) -> None:
         return (g_input if n[0] else None, g_w_ih if n[1] else None, g_w_hh if n[2] else None,
                 g_b_ih if n[3] else None, g_b_hh if n[4] else None, g_w_ch if n[5] else None,
                 g_w_hr if n[6] else None, g_hx if n[7] else None, g_cx if n[8] else None,
-                None, None)
+                None, None, None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
@@ -118,12 +118,13 @@ def _register_gru() -> None:
     bwd_op = torch.ops.fusedrnn.gru_backward
 
     @torch.library.register_fake("fusedrnn::gru_forward")
-    def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse):
+    def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse,
+                      need_workspace=True):
         H = weight_ih.shape[0] // 3
         B = _batch(input, hx, batch_sizes)
         N = input.shape[0] * (input.shape[1] if input.dim() == 3 else 1)
         return (input.new_empty(*input.shape[:-1], H), input.new_empty(B, H),
-                input.new_empty(N, 4 * H))
+                input.new_empty(N if need_workspace else 0, 4 * H))
 
     @torch.library.register_fake("fusedrnn::gru_backward")
     def _fake_backward(grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx,
@@ -135,7 +136,7 @@ def _register_gru() -> None:
                 *(_grad_like(w, output_mask[1], input) for w in weights))
 
     def setup_context(ctx, inputs, output):
-        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse = inputs
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse, *_ = inputs
         out, _, workspace = output
         ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
                               workspace)
@@ -153,7 +154,7 @@ def _register_gru() -> None:
             ctx.reverse, out, workspace, mask)
         return (g_input if n[0] else None, g_w_ih if n[1] else None, g_w_hh if n[2] else None,
                 g_b_ih if n[3] else None, g_b_hh if n[4] else None, g_hx if n[5] else None,
-                None, None)
+                None, None, None)
 
     torch.library.register_autograd("fusedrnn::gru_forward", backward,
                                     setup_context=setup_context)
@@ -176,11 +177,16 @@ def layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
         _warn_fallback()
         return reference.layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                                weight_hr, hx, cx, batch_sizes, reverse)
+    # The workspace (what backward reads) is only kept when a gradient can be asked for.
+    need_workspace = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx))
     if cell == "gru":
         out, hy, _ = torch.ops.fusedrnn.gru_forward(input, weight_ih, weight_hh, bias_ih,
-                                                    bias_hh, hx, batch_sizes, reverse)
+                                                    bias_hh, hx, batch_sizes, reverse,
+                                                    need_workspace)
         return out, hy, None
     op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
     out, hy, cy, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
-                        cx, batch_sizes, reverse)
+                        cx, batch_sizes, reverse, need_workspace)
     return out, hy, cy

@@ -699,3 +699,27 @@ def test_packed_many_lengths(cell, proj, reverse):
     x = make_input(12, 12, 3, lengths, F64)
     hx, cx = make_states(cell, 12, 4, proj, F64)
     _check_forward_and_grads(cell, x, w, hx, cx, bs, reverse, F64)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell,proj", _cell_proj_cases(), ids=lambda v: str(v))
+def test_inference_mode_matches_training_mode(cell, proj, reverse, packed):
+    """need_workspace=False (what the modules pass under no_grad) computes the input projection
+    in chunks of steps and keeps no per-step state: same results, bit for bit, as the training
+    path, and an empty workspace. T=300 so that several chunks of 512 rows are used."""
+    T_, B_ = 300, 3
+    bs = torch.tensor([3] * 100 + [2] * 120 + [1] * 80) if packed else None
+    w = make_weights(cell, 4, 5, proj, True, F32, scale=0.5)
+    x = make_input(T_, B_, 4, bs.tolist() if packed else None, F32)
+    hx, cx = make_states(cell, B_, 5, proj, F32)
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    if cell == "gru":
+        args = (x, w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], hx, bs, reverse)
+    else:
+        args = (x, *layer_args(w), hx, cx, bs, reverse)
+    train = op(*args, True)
+    infer = op(*args, False)
+    assert infer[-1].numel() == 0 and train[-1].numel() > 0
+    for a, b in zip(train[:-1], infer[:-1]):
+        assert torch.equal(a, b)

@@ -63,6 +63,26 @@ def _grad_like(t: Optional[Tensor], computed: bool, like: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
+def _differentiable_grads(cell, tensors, batch_sizes, reverse, grad_outputs, needs):
+    """First-order gradients as a differentiable graph, for double backward (create_graph=True).
+
+    The fused backward op has no derivative of its own; here the layer is recomputed with the
+    reference equations from the saved inputs and differentiated with create_graph=True, so
+    that gradients of gradients (gradgradcheck, gradient penalties) work. `tensors` are the
+    layer's (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx).
+    """
+    wanted = [i for i, (t, n) in enumerate(zip(tensors, needs)) if n and t is not None]
+    with torch.enable_grad():
+        outs = reference.layer(cell, *tensors, batch_sizes, reverse)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if o is not None and g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+    result = [None] * len(tensors)
+    for i, g in zip(wanted, grads):
+        result[i] = g if g is not None else torch.zeros_like(tensors[i])
+    return result
+
+
 def _register(cell: str) -> None:
     fwd = f"fusedrnn::{cell}_forward"
     bwd_op = getattr(torch.ops.fusedrnn, f"{cell}_backward")
@@ -101,6 +121,12 @@ def _register(cell: str) -> None:
     def backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
         (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
          batch_sizes, out, workspace) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            g = _differentiable_grads(
+                cell, (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
+                       cx), batch_sizes, ctx.reverse, (grad_output, grad_hy, grad_cy),
+                ctx.needs_input_grad[:9])
+            return (*g, None, None, None)
         mask = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:7])]
         (g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_ch, g_w_hr) = bwd_op(
             grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih, bias_hh,
@@ -148,6 +174,12 @@ def _register_gru() -> None:
         (input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
          workspace) = ctx.saved_tensors
         n = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            g = _differentiable_grads(
+                "gru", (input, weight_ih, weight_hh, bias_ih, bias_hh, None, None, hx, None),
+                batch_sizes, ctx.reverse, (grad_output, grad_hy, None),
+                (*n[:5], False, False, n[5], False))
+            return (*g[:5], g[7], None, None, None)
         mask = [n[0], any(n[1:5])]
         g_input, g_hx, g_w_ih, g_w_hh, g_b_ih, g_b_hh = bwd_op(
             grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes,

@@ -723,3 +723,27 @@ def test_inference_mode_matches_training_mode(cell, proj, reverse, packed):
     assert infer[-1].numel() == 0 and train[-1].numel() > 0
     for a, b in zip(train[:-1], infer[:-1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradgradcheck(cell, packed):
+    """Double backward (which cuDNN's LSTM cannot do): first-order gradients come from the fused
+    backward op, gradients of gradients from a differentiable recomputation."""
+    proj = 2 if cell in LSTM_FAMILY else 0
+    bs = torch.tensor([2, 2, 1]) if packed else None
+    w = make_weights(cell, 2, 3, proj, True, F64, scale=0.5, requires_grad=True)
+    x = make_input(3, 2, 2, [2, 2, 1] if packed else None).requires_grad_()
+    hx, cx = make_states(cell, 2, 3, proj)
+    names = ["x", "hx"] + (["cx"] if cell != "gru" else []) + \
+        [k for k in WEIGHT_NAMES if w[k] is not None]
+    tensors = [x, hx.requires_grad_()] + ([cx.requires_grad_()] if cell != "gru" else []) + \
+        [w[k] for k in WEIGHT_NAMES if w[k] is not None]
+
+    def fn(*args):
+        d = dict(zip(names, args))
+        wd = {k: d.get(k) for k in WEIGHT_NAMES}
+        out = functional.rnn_layer(cell, d["x"], *layer_args(wd), d["hx"], d.get("cx"), bs, True)
+        return tuple(o for o in out if o is not None)
+
+    assert torch.autograd.gradgradcheck(fn, tuple(tensors))

@@ -5,7 +5,8 @@ Environment:
   FUSEDRNN_SKIP_CUDA=1    build the CPU extension only
   FUSEDRNN_FORCE_CUDA=1   fail unless the CUDA kernels are built
   FUSEDRNN_CPU_ARCH=...   -march for the CPU kernels (default: native; "none" for no -march)
-  TORCH_CUDA_ARCH_LIST    CUDA architectures (torch's variable), e.g. "9.0"
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (torch's variable), e.g. "9.0"; without it and
+                          without a visible GPU: DEFAULT_CUDA_ARCHS below
   MAX_JOBS                parallel compile jobs (ninja), as torch's cpp_extension reads it
 """
 import glob
@@ -15,6 +16,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"  # when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset
 
 
 def _flag(name):
@@ -71,6 +73,10 @@ def _extensions():
     include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
     include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to read the architecture from (a build machine, CI): torch's default would
+        # fail. Build for the current data-centre and workstation generations, plus PTX.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return [CUDAExtension("fusedrnn._C", sources, include_dirs=include_dirs,
                           define_macros=[("FUSEDRNN_WITH_CUDA", None)],

@@ -22,6 +22,7 @@ struct LSTMForwardStep {
   int64_t ld_gates = 0;
   const scalar_t* hg = nullptr;         // [n, 4H] (ld 4H) h_{t-1} W_hh^T
   const scalar_t* bias = nullptr;       // [4H] b_ih + b_hh, or nullptr
+  bool save_gates = true;               // store i, f, g, o back into `gates` (for backward)
   const scalar_t* peephole = nullptr;   // [3, H] w_ci, w_cf, w_co (peephole cell only)
   scalar_t* c_state = nullptr;          // [n, H] (ld H) in: c_{t-1}; out: c_t
   scalar_t* c_save = nullptr;           // [n, H] c_t kept for backward

@@ -456,6 +456,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       p.gates = ptr<scalar_t>(gates);
       p.ld_gates = 4 * H;
       p.hg = ptr<scalar_t>(hg);
+      p.save_gates = need_workspace;
       p.bias = opt_ptr<scalar_t>(bias);
       p.peephole = opt_ptr<scalar_t>(peep);
       p.c_state = ptr<scalar_t>(cy);

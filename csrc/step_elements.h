@@ -55,9 +55,11 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     WorkingMemoryLSTMCell<acc_t>::forward_ifg(pre(0), pre(1), pre(2), static_cast<acc_t>(pp[0]),
                                               static_cast<acc_t>(pp[H]), ld(p.c_state, s), i, f,
                                               g, c, u_i, u_f);
-    a[0] = static_cast<scalar_t>(i);
-    a[H] = static_cast<scalar_t>(f);
-    a[2 * H] = static_cast<scalar_t>(g);
+    if (p.save_gates) {
+      a[0] = static_cast<scalar_t>(i);
+      a[H] = static_cast<scalar_t>(f);
+      a[2 * H] = static_cast<scalar_t>(g);
+    }
     p.c_state[s] = static_cast<scalar_t>(c);
     p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
     scalar_t* u = p.u + b * p.ld_u + j;
@@ -69,7 +71,7 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     c = ld(p.c_state, s);
     WorkingMemoryLSTMCell<acc_t>::forward_o(pre(3), ld(p.p + b * p.ld_p, 2 * H + j), c, o, u_o,
                                             h);
-    a[3 * H] = static_cast<scalar_t>(o);
+    if (p.save_gates) a[3 * H] = static_cast<scalar_t>(o);
     p.u[b * p.ld_u + 2 * H + j] = static_cast<scalar_t>(u_o);
     p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
     if (p.h_state) p.h_state[s] = static_cast<scalar_t>(h);
@@ -79,10 +81,12 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
   // instantiations, which return above, do not contain this (unreachable) code: nvcc would warn
   // that it reads gates those phases never set.
   if constexpr (kCell != CellKind::kWorkingMemory) {
-    a[0] = static_cast<scalar_t>(i);
-    a[H] = static_cast<scalar_t>(f);
-    a[2 * H] = static_cast<scalar_t>(g);
-    a[3 * H] = static_cast<scalar_t>(o);
+    if (p.save_gates) {
+      a[0] = static_cast<scalar_t>(i);
+      a[H] = static_cast<scalar_t>(f);
+      a[2 * H] = static_cast<scalar_t>(g);
+      a[3 * H] = static_cast<scalar_t>(o);
+    }
     p.c_state[s] = static_cast<scalar_t>(c);
     p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
     p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);

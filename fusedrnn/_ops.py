@@ -47,6 +47,19 @@ def _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell):
     return H, H_out, cols
 
 
+def _check_fake_devices(op: str, input: Tensor, batch_sizes: Optional[Tensor], **tensors):
+    """The real kernels reject arguments on another device than `input`; the fake (meta)
+    implementations must too, or a meta argument would make the dispatcher run the fake kernel
+    on real tensors and return uninitialised memory."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"fusedrnn::{op}: {name} must be on the device of input "
+                               f"({input.device}), got {t.device}")
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"fusedrnn::{op}: batch_sizes must be a CPU tensor, got "
+                           f"{batch_sizes.device}")
+
+
 def _batch(input: Tensor, hx: Optional[Tensor], batch_sizes: Optional[Tensor]):
     if hx is not None:
         return hx.shape[0]
@@ -90,6 +103,9 @@ def _register(cell: str) -> None:
     @torch.library.register_fake(fwd)
     def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
                       cx, batch_sizes, reverse, need_workspace=True):
+        _check_fake_devices(f"{cell}_forward", input, batch_sizes, weight_ih=weight_ih,
+                            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                            weight_ch=weight_ch, weight_hr=weight_hr, hx=hx, cx=cx)
         H, H_out, cols = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
         N = input.numel() // input.shape[-1] if input.shape[-1] != 0 else (
@@ -102,6 +118,11 @@ def _register(cell: str) -> None:
     def _fake_backward(grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih,
                        bias_hh, weight_ch, weight_hr, hx, cx, batch_sizes, reverse, output,
                        workspace, output_mask):
+        _check_fake_devices(f"{cell}_backward", input, batch_sizes, grad_output=grad_output,
+                            grad_hy=grad_hy, grad_cy=grad_cy, weight_ih=weight_ih,
+                            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                            weight_ch=weight_ch, weight_hr=weight_hr, hx=hx, cx=cx,
+                            output=output, workspace=workspace)
         H, H_out, _ = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr]
@@ -146,6 +167,8 @@ def _register_gru() -> None:
     @torch.library.register_fake("fusedrnn::gru_forward")
     def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse,
                       need_workspace=True):
+        _check_fake_devices("gru_forward", input, batch_sizes, weight_ih=weight_ih,
+                            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, hx=hx)
         H = weight_ih.shape[0] // 3
         B = _batch(input, hx, batch_sizes)
         N = input.shape[0] * (input.shape[1] if input.dim() == 3 else 1)
@@ -155,6 +178,10 @@ def _register_gru() -> None:
     @torch.library.register_fake("fusedrnn::gru_backward")
     def _fake_backward(grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx,
                        batch_sizes, reverse, output, workspace, output_mask):
+        _check_fake_devices("gru_backward", input, batch_sizes, grad_output=grad_output,
+                            grad_hy=grad_hy, weight_ih=weight_ih, weight_hh=weight_hh,
+                            bias_ih=bias_ih, bias_hh=bias_hh, hx=hx, output=output,
+                            workspace=workspace)
         H = weight_ih.shape[0] // 3
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh]

@@ -141,11 +141,8 @@ class _RNNBase(nn.Module):
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{self.mode}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {input.shape[-1]}")
-        if not input.is_floating_point():
-            raise TypeError(f"{self.mode}: input must be a floating point tensor, got "
-                            f"{input.dtype}")
         w = self.weight_ih_l0
-        if input.dtype != w.dtype:
+        if not input.is_floating_point() or input.dtype != w.dtype:
             raise ValueError(f"{self.mode}: input dtype {input.dtype} does not match the "
                              f"parameters' dtype {w.dtype}")
         if input.device != w.device:
@@ -184,6 +181,9 @@ class _RNNBase(nn.Module):
             self._check_input(input, None)
             if self.batch_first and not unbatched:
                 input = input.transpose(0, 1)
+            if input.shape[0] == 0:
+                raise RuntimeError(f"{self.mode}: Expected sequence length to be larger than 0 "
+                                   f"in RNN, got input of shape {tuple(input.shape)}")
             B = input.shape[1]
 
         D = 2 if self.bidirectional else 1

@@ -228,13 +228,18 @@ __attribute__((weak)) void mkldnn_matmul(const at::Tensor& mat1, const at::Tenso
 namespace fusedrnn {
 namespace {
 
-bool use_onednn_gemm(const Tensor& out) {
+// oneDNN's matmul costs ~20 us per call on top of the arithmetic (descriptor and primitive
+// cache look-ups), MKL's ~2 us: the small per-step GEMMs of short hidden sizes and batches go to
+// at::mm, the large ones (input projection, weight gradients, big steps) to oneDNN.
+constexpr int64_t kOneDnnMinMacs = int64_t{1} << 22;
+
+bool use_onednn_gemm(const Tensor& out, int64_t k) {
   static const bool enabled = [] {
     const char* env = std::getenv("FUSEDRNN_CPU_GEMM");
     return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
            !(env && std::string(env) == "aten");
   }();
-  return enabled && out.device().is_cpu() &&
+  return enabled && out.device().is_cpu() && out.numel() * k >= kOneDnnMinMacs &&
          (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16);
 }
 
@@ -246,7 +251,7 @@ void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta = 0.0f) {
     if (beta == 0.0f) out.zero_();
     return;
   }
-  if (use_onednn_gemm(out)) {
+  if (use_onednn_gemm(out, a.size(1))) {
     at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
   } else if (beta == 0.0f) {
     at::mm_out(out, a, b);
@@ -397,7 +402,7 @@ class InputProjection {
     if (a > b) std::swap(a, b);
     return {s_.off[a], s_.off[b] + s_.n[b]};
   }
-  static constexpr int64_t kChunkRows = 512;
+  static constexpr int64_t kChunkRows = 128;
   const Steps& s_;
   const Tensor& x_;
   const Tensor& w_ih_t_;

@@ -95,7 +95,9 @@ def test_tiny_run_writes_json_table_and_png(tiny_run):
         assert (cell, "fwd") in labels and (cell, "fwd+bwd") in labels
     assert ("lstm 3-layer bidir", "fwd+bwd") in labels
     for rec in results:
-        assert rec["shape"] == {"T": 3, "B": 2, "I": 4, "H": 5}
+        # the stacked row runs at half the sequence length (it is the slowest row)
+        T = 1 if rec["layers"] == 3 else 3
+        assert rec["shape"] == {"T": T, "B": 2, "I": 4, "H": 5}
         fused = rec["impls"]["fused"]
         assert fused["status"] == "ok" and len(fused["times_ms"]) == 2
         assert fused["median_ms"] > 0 and rec["memory"] is None
@@ -120,7 +122,9 @@ def test_memory_and_compiled_loop(tmp_path):
     for rec in train:
         for impl, entry in rec["impls"].items():
             assert entry["status"] == "ok", entry
-            assert rec["memory"][impl]["peak_mb"] > 0
+            if impl != "compiled":  # the compiled loop's memory is not measured
+                assert rec["memory"][impl]["peak_mb"] > 0
+        assert "compiled" not in rec["memory"]
     single = train[0]
     assert single["impls"]["compiled"]["mode"] == "compiled step loop"
     assert set(single["speedup"]) == {"torch", "eager", "compiled"}

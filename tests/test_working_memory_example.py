@@ -102,8 +102,9 @@ def test_eager_timing_and_denormal_check(tiny_run):
     assert set(eager["models"]) == set(saved["config"]["models"])
     for r in eager["models"].values():
         assert r["speedup"] > 0 and len(r["fused"]["losses"]) == eager["steps"] + 1
-        # the eager loop runs the same network on the same batches: the same losses
-        assert r["max_loss_diff"] < 1e-3
+        # the eager loop runs the same network: the same gradients at the same weights, and
+        # (over these few steps) the same losses
+        assert r["grad_rel_diff"] < 1e-4 and r["max_loss_diff"] < 1e-3
     den = saved["denormal_check"]["scenarios"]
     assert set(den) == {"normal", "denormal-states", "saturated-gates"}
     assert den["normal"]["denormal_frac_output"] == 0.0

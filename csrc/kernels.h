@@ -8,7 +8,10 @@
 // weights are: LSTM family [i | f | g | o], GRU [r | z | n], H columns each.
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace fusedrnn {
 
@@ -98,6 +101,44 @@ struct GRUBackwardStep {
 
 // Phases of a step. The WM cell runs its forward as kIFG then kO, its backward as kO then kIFG.
 enum class Phase : int { kWhole = 0, kIFG = 1, kO = 2 };
+
+// Run-time cell / phase / flag to compile-time tags, for the launchers of both devices: `fn` is
+// called with std::integral_constant tags (read as decltype(tag)::value), so that the kernels
+// are templated on them and their loops carry no run-time branches.
+template <CellKind kCell>
+using CellTag = std::integral_constant<CellKind, kCell>;
+template <Phase kPhase>
+using PhaseTag = std::integral_constant<Phase, kPhase>;
+
+// The LSTM-family (cell, phase) pairs that have a step kernel: LSTM and peephole run whole
+// steps, the working-memory cell two phases.
+template <typename Fn>
+void dispatch_lstm_family(CellKind cell, Phase phase, Fn&& fn) {
+  switch (cell) {
+    case CellKind::kLSTM: fn(CellTag<CellKind::kLSTM>{}, PhaseTag<Phase::kWhole>{}); return;
+    case CellKind::kPeephole:
+      fn(CellTag<CellKind::kPeephole>{}, PhaseTag<Phase::kWhole>{});
+      return;
+    case CellKind::kWorkingMemory:
+      if (phase == Phase::kIFG) {
+        fn(CellTag<CellKind::kWorkingMemory>{}, PhaseTag<Phase::kIFG>{});
+      } else {
+        fn(CellTag<CellKind::kWorkingMemory>{}, PhaseTag<Phase::kO>{});
+      }
+      return;
+    default: break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "dispatch_lstm_family: not an LSTM-family cell");
+}
+
+template <typename Fn>
+void dispatch_bool(bool value, Fn&& fn) {
+  if (value) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
 
 namespace cpu {
 template <typename scalar_t>

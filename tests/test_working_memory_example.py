@@ -8,9 +8,11 @@ import torch
 
 import fusedrnn
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
+# The example's dependencies are part of the test install (README command 1): a missing one is
+# an install error and must fail here, not skip.
+import matplotlib  # noqa: F401,E402
+import sklearn  # noqa: F401,E402
+import tqdm  # noqa: F401,E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "working_memory.py")
 

@@ -45,57 +45,30 @@ void lstm_backward_rows(const LSTMBackwardStep<scalar_t>& p) {
 
 template <typename scalar_t>
 void lstm_forward_step(CellKind cell, Phase phase, const LSTMForwardStep<scalar_t>& p) {
-  const bool bias = p.bias != nullptr;
-#define FUSEDRNN_FWD(CELL, PHASE)                                          \
-  (bias ? lstm_forward_rows<CELL, PHASE, true, scalar_t>(p)                \
-        : lstm_forward_rows<CELL, PHASE, false, scalar_t>(p))
-  switch (cell) {
-    case CellKind::kLSTM: FUSEDRNN_FWD(CellKind::kLSTM, Phase::kWhole); break;
-    case CellKind::kPeephole: FUSEDRNN_FWD(CellKind::kPeephole, Phase::kWhole); break;
-    case CellKind::kWorkingMemory:
-      if (phase == Phase::kIFG) {
-        FUSEDRNN_FWD(CellKind::kWorkingMemory, Phase::kIFG);
-      } else {
-        FUSEDRNN_FWD(CellKind::kWorkingMemory, Phase::kO);
-      }
-      break;
-    default: TORCH_INTERNAL_ASSERT(false, "lstm_forward_step: not an LSTM-family cell");
-  }
-#undef FUSEDRNN_FWD
+  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
+    dispatch_bool(p.bias != nullptr, [&](auto bias) {
+      lstm_forward_rows<decltype(c)::value, decltype(ph)::value, decltype(bias)::value>(p);
+    });
+  });
 }
 
 template <typename scalar_t>
 void lstm_backward_step(CellKind cell, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
-  switch (cell) {
-    case CellKind::kLSTM: lstm_backward_rows<CellKind::kLSTM, Phase::kWhole>(p); break;
-    case CellKind::kPeephole: lstm_backward_rows<CellKind::kPeephole, Phase::kWhole>(p); break;
-    case CellKind::kWorkingMemory:
-      if (phase == Phase::kIFG) {
-        lstm_backward_rows<CellKind::kWorkingMemory, Phase::kIFG>(p);
-      } else {
-        lstm_backward_rows<CellKind::kWorkingMemory, Phase::kO>(p);
-      }
-      break;
-    default: TORCH_INTERNAL_ASSERT(false, "lstm_backward_step: not an LSTM-family cell");
-  }
+  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
+    lstm_backward_rows<decltype(c)::value, decltype(ph)::value>(p);
+  });
 }
 
 template <typename scalar_t>
 void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
   TORCH_INTERNAL_ASSERT((p.bias_ih == nullptr) == (p.bias_hh == nullptr));
-  if (p.bias_ih) {
+  dispatch_bool(p.bias_ih != nullptr, [&](auto bias) {
     for_each_row(p.n, p.H, [&](int64_t b) {
       const GRUForwardStep<scalar_t> q = p;
 #pragma GCC ivdep
-      for (int64_t j = 0; j < q.H; ++j) gru_forward_element<true>(q, b, j);
+      for (int64_t j = 0; j < q.H; ++j) gru_forward_element<decltype(bias)::value>(q, b, j);
     });
-  } else {
-    for_each_row(p.n, p.H, [&](int64_t b) {
-      const GRUForwardStep<scalar_t> q = p;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < q.H; ++j) gru_forward_element<false>(q, b, j);
-    });
-  }
+  });
 }
 
 template <typename scalar_t>

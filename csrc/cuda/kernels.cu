@@ -95,52 +95,29 @@ void launch(void (*kernel)(const Params), const Params& p, void* stream) {
 template <typename scalar_t>
 void lstm_forward_step(CellKind cell, Phase phase, const LSTMForwardStep<scalar_t>& p,
                        void* stream) {
-  const bool bias = p.bias != nullptr;
-#define FUSEDRNN_FWD(CELL, PHASE)                                                    \
-  launch(bias ? lstm_forward_kernel<CELL, PHASE, true, scalar_t>                      \
-              : lstm_forward_kernel<CELL, PHASE, false, scalar_t>,                    \
-         p, stream)
-  switch (cell) {
-    case CellKind::kLSTM: FUSEDRNN_FWD(CellKind::kLSTM, Phase::kWhole); break;
-    case CellKind::kPeephole: FUSEDRNN_FWD(CellKind::kPeephole, Phase::kWhole); break;
-    case CellKind::kWorkingMemory:
-      if (phase == Phase::kIFG) {
-        FUSEDRNN_FWD(CellKind::kWorkingMemory, Phase::kIFG);
-      } else {
-        FUSEDRNN_FWD(CellKind::kWorkingMemory, Phase::kO);
-      }
-      break;
-    default: TORCH_INTERNAL_ASSERT(false, "lstm_forward_step: not an LSTM-family cell");
-  }
-#undef FUSEDRNN_FWD
+  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
+    dispatch_bool(p.bias != nullptr, [&](auto bias) {
+      launch(lstm_forward_kernel<decltype(c)::value, decltype(ph)::value, decltype(bias)::value,
+                                 scalar_t>,
+             p, stream);
+    });
+  });
 }
 
 template <typename scalar_t>
 void lstm_backward_step(CellKind cell, Phase phase, const LSTMBackwardStep<scalar_t>& p,
                         void* stream) {
-  switch (cell) {
-    case CellKind::kLSTM:
-      launch(lstm_backward_kernel<CellKind::kLSTM, Phase::kWhole, scalar_t>, p, stream);
-      break;
-    case CellKind::kPeephole:
-      launch(lstm_backward_kernel<CellKind::kPeephole, Phase::kWhole, scalar_t>, p, stream);
-      break;
-    case CellKind::kWorkingMemory:
-      if (phase == Phase::kIFG) {
-        launch(lstm_backward_kernel<CellKind::kWorkingMemory, Phase::kIFG, scalar_t>, p, stream);
-      } else {
-        launch(lstm_backward_kernel<CellKind::kWorkingMemory, Phase::kO, scalar_t>, p, stream);
-      }
-      break;
-    default: TORCH_INTERNAL_ASSERT(false, "lstm_backward_step: not an LSTM-family cell");
-  }
+  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
+    launch(lstm_backward_kernel<decltype(c)::value, decltype(ph)::value, scalar_t>, p, stream);
+  });
 }
 
 template <typename scalar_t>
 void gru_forward_step(const GRUForwardStep<scalar_t>& p, void* stream) {
   TORCH_INTERNAL_ASSERT((p.bias_ih == nullptr) == (p.bias_hh == nullptr));
-  launch(p.bias_ih ? gru_forward_kernel<true, scalar_t> : gru_forward_kernel<false, scalar_t>, p,
-         stream);
+  dispatch_bool(p.bias_ih != nullptr, [&](auto bias) {
+    launch(gru_forward_kernel<decltype(bias)::value, scalar_t>, p, stream);
+  });
 }
 
 template <typename scalar_t>

@@ -23,7 +23,8 @@ struct LSTMForwardStep {
   int64_t n = 0, H = 0;
   scalar_t* gates = nullptr;            // [n, 4H] in: x W_ih^T; out: i, f, g, o
   int64_t ld_gates = 0;
-  const scalar_t* hg = nullptr;         // [n, 4H] (ld 4H) h_{t-1} W_hh^T
+  const scalar_t* hg = nullptr;         // [n, 4H] (ld 4H) h_{t-1} W_hh^T (unread by the fused
+                                        // CPU steps: `gates` holds the whole pre-activation)
   const scalar_t* bias = nullptr;       // [4H] b_ih + b_hh, or nullptr
   bool save_gates = true;               // store i, f, g, o back into `gates` (for backward)
   const scalar_t* peephole = nullptr;   // [3, H] w_ci, w_cf, w_co (peephole cell only)

@@ -12,6 +12,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/fused_step.h"
+
 extern "C" {
 // `import fusedrnn._C` loads this library, whose static initialisers register the operators.
 PyObject* PyInit__C(void) {
@@ -52,4 +54,7 @@ TORCH_LIBRARY(fusedrnn, m) {
       "Tensor grad_hx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh)");
+  // Whether fp32 CPU calls run the fused GEMM + cell steps (cpu/fused_step.h): an AVX-512 build
+  // with FUSEDRNN_CPU_FUSED not set to 0.
+  m.def("cpu_fused_steps() -> bool", [] { return fusedrnn::cpu::fused_steps_available(); });
 }

@@ -11,11 +11,13 @@
 #include <cstdlib>
 #include <array>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "cpu/fused_step.h"
 #include "kernels.h"
 
 #ifdef FUSEDRNN_WITH_CUDA
@@ -440,9 +442,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   Tensor cy = state_or_zeros(cx, input, s.B, H);
   Tensor bias = b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor();
   Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
+  // Fused CPU steps (fp32): each step is one pass that computes x_t W_ih^T + h_{t-1} W_hh^T tile
+  // by tile from weights packed here, once per call, and runs the cell on each tile (no input
+  // projection before the loop). The LSTM / peephole step writes h_t into the state its GEMM
+  // reads h_{t-1} from, so that GEMM reads a copy (`h_prev`); the WM step writes h_t in its
+  // second phase only, after the GEMMs.
+  const bool fused = cpu::fused_steps_enabled(input);
+  cpu::PackedWeight w_ih_packed, w_hh_packed, w_ch_packed;
+  Tensor x_rows, h_prev;
+  std::optional<InputProjection> xproj;
   const Tensor w_ih_t = w_ih.t();
-  InputProjection xproj(s, x, w_ih_t, need_workspace ? ws.gates : Tensor(), 4 * H, opts);
-  const Tensor hg = at::empty({s.B, 4 * H}, opts);  // h_{t-1} W_hh^T of the current step
+  if (fused) {
+    w_ih_packed = cpu::pack_weight(w_ih, 4);
+    w_hh_packed = cpu::pack_weight(w_hh, 4);
+    if (wm) w_ch_packed = cpu::pack_weight(*w_ch, 3);
+    if (!wm && !proj) h_prev = at::empty({s.B, Hout}, opts);
+    x_rows = x.contiguous();
+  } else {
+    xproj.emplace(s, x, w_ih_t, need_workspace ? ws.gates : Tensor(), 4 * H, opts);
+  }
+  // Unfused: h_{t-1} W_hh^T of the current step. Fused: the step's gates without a workspace.
+  const Tensor hg = at::empty({s.B, 4 * H}, opts);
   Tensor p_buf;  // WM: c W_ch^T for [i | f | o]
   if (wm) {
     p_buf = at::empty({s.B, 3 * H}, opts);
@@ -453,8 +473,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_forward", [&] {
     for (int64_t k = 0; k < s.T; ++k) {
       const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-      const Tensor gates = xproj.rows_for(k);
-      gemm(rows(hg, 0, n), rows(hy, 0, n), w_hh_t);
+      Tensor gates;
+      if (fused) {
+        gates = need_workspace ? rows(ws.gates, r0, n) : rows(hg, 0, n);
+      } else {
+        gates = xproj->rows_for(k);
+        gemm(rows(hg, 0, n), rows(hy, 0, n), w_hh_t);
+      }
       LSTMForwardStep<scalar_t> p;
       p.n = n;
       p.H = H;
@@ -483,6 +508,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
         p.ld_p = 3 * H;
         p.u = need_workspace ? ptr<scalar_t>(ws.u) + r0 * 3 * H : ptr<scalar_t>(u_scratch);
         p.ld_u = 3 * H;
+      }
+      if (fused) {
+        p.hg = nullptr;  // the GEMM tile is the whole pre-activation, written into p.gates
+        const cpu::GemmSource x_src{ptr<float>(x_rows) + r0 * d.I, d.I, &w_ih_packed};
+        if (wm) {
+          cpu::lstm_forward_fused_step(cell, Phase::kIFG, p, p.gates, 4 * H, x_src,
+                                       {ptr<float>(hy), Hout, &w_hh_packed});
+          cpu::lstm_forward_fused_step(cell, Phase::kO, p, ptr<scalar_t>(p_buf), 3 * H,
+                                       {ptr<float>(cy), H, &w_ch_packed});
+        } else {
+          const float* h_src = ptr<float>(hy);
+          if (h_prev.defined()) {
+            std::memcpy(ptr<float>(h_prev), h_src, sizeof(float) * n * Hout);
+            h_src = ptr<float>(h_prev);
+          }
+          cpu::lstm_forward_fused_step(cell, Phase::kWhole, p, p.gates, 4 * H, x_src,
+                                       {h_src, Hout, &w_hh_packed});
+        }
+      } else if (wm) {
         FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kIFG, p);
         gemm(rows(p_buf, 0, n), rows(cy, 0, n), w_ch->t());
         FUSEDRNN_LAUNCH(input.device(), lstm_forward_step, cell, Phase::kO, p);
@@ -662,10 +706,19 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
   const Tensor w_ih_t = w_ih.t();
   InputProjection xproj(s, x, w_ih_t, need_workspace ? ws : Tensor(), 4 * H, opts);
   const Tensor w_hh_t = w_hh.t();
+  // Fused CPU steps (fp32), as in the LSTM forward: the step writes h_t into the state, so the
+  // GEMM reads a copy of h_{t-1}.
+  const bool fused = cpu::fused_steps_enabled(input);
+  cpu::PackedWeight w_hh_packed;
+  Tensor h_prev;
+  if (fused) {
+    w_hh_packed = cpu::pack_weight(w_hh, 3);
+    h_prev = at::empty({s.B, H}, opts);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_forward", [&] {
     for (int64_t k = 0; k < s.T; ++k) {
       const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-      gemm(rows(hg, 0, n), rows(hy, 0, n), w_hh_t);
+      if (!fused) gemm(rows(hg, 0, n), rows(hy, 0, n), w_hh_t);
       GRUForwardStep<scalar_t> p;
       p.n = n;
       p.H = H;
@@ -678,7 +731,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
       p.h_state = ptr<scalar_t>(hy);
       p.h_out = ptr<scalar_t>(out) + r0 * H;
       p.ld_h_out = H;
-      FUSEDRNN_LAUNCH(input.device(), gru_forward_step, p);
+      if (fused) {
+        std::memcpy(ptr<scalar_t>(h_prev), ptr<scalar_t>(hy), sizeof(scalar_t) * n * H);
+        cpu::gru_forward_fused_step(p, ptr<scalar_t>(h_prev), H, w_hh_packed);
+      } else {
+        FUSEDRNN_LAUNCH(input.device(), gru_forward_step, p);
+      }
     }
   });
   return {output, hy, ws};

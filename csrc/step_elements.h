@@ -30,14 +30,16 @@ FUSEDRNN_HD acc_type<scalar_t> prev_state(const scalar_t* prev, int64_t ld_prev,
   return b < m_prev ? ld(prev + b * ld_prev, j) : ld(init + b * H, j);
 }
 
-template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
+// kHg false: p.hg is not read, p.gates holds the whole pre-activation (the fused CPU steps).
+template <CellKind kCell, Phase kPhase, bool kBias, bool kHg = true, typename scalar_t>
 FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
   const int64_t H = p.H;
   scalar_t* a = p.gates + b * p.ld_gates + j;
-  const scalar_t* hg = p.hg + b * 4 * H + j;
+  const scalar_t* hg = kHg ? p.hg + b * 4 * H + j : nullptr;
   auto pre = [&](int k) {
-    acc_t v = static_cast<acc_t>(a[k * H]) + static_cast<acc_t>(hg[k * H]);
+    acc_t v = static_cast<acc_t>(a[k * H]);
+    if constexpr (kHg) v += static_cast<acc_t>(hg[k * H]);
     if constexpr (kBias) v += ld(p.bias, k * H + j);
     return v;
   };

@@ -18,9 +18,12 @@ __all__ = ["LSTM", "GRU", "PeepholeLSTM", "WorkingMemoryLSTM", "LSTMCell", "GRUC
 def build_info() -> dict:
     """What this installation runs: the backend and which devices the compiled ops support."""
     info = {"version": __version__, "torch": torch.__version__, "backend": _ops.backend(),
-            "load_error": _ops.LOAD_ERROR, "cpu": False, "cuda": False}
+            "load_error": _ops.LOAD_ERROR, "cpu": False, "cuda": False,
+            "cpu_fused_steps": False}
     if _ops.HAS_C:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
         info["cpu"] = has("fusedrnn::lstm_forward", "CPU")
         info["cuda"] = has("fusedrnn::lstm_forward", "CUDA")
+        # fp32 CPU steps as one GEMM + cell pass (AVX-512 builds; FUSEDRNN_CPU_FUSED=0 turns off)
+        info["cpu_fused_steps"] = torch.ops.fusedrnn.cpu_fused_steps()
     return info

@@ -1,0 +1,108 @@
+"""The fused fp32 CPU steps (csrc/cpu/fused_step.*): one GEMM + cell pass per step, tiled as
+6 or 8 batch rows by 16 hidden units. Every tile shape (row and unit remainders), packed batches
+whose row count changes from step to step in both directions, the projection and every cell
+against the fp64 reference; and the unfused fp32 path (FUSEDRNN_CPU_FUSED=0) the same way."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import functional, reference
+
+from conftest import (CELLS, LSTM_FAMILY, assert_close, cast, cast_weights, make_input,
+                      make_states, make_weights, run_layer)
+
+F32, F64 = torch.float32, torch.float64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+def test_fused_steps_reported_as_built():
+    """The build compiles for the build machine's CPU (-march=native): an AVX-512 CPU gets the
+    fused steps (unless FUSEDRNN_CPU_FUSED=0), another CPU reports them absent."""
+    expected = _cpu_has_avx512f() and os.environ.get("FUSEDRNN_CPU_FUSED") != "0"
+    assert fusedrnn.build_info()["cpu_fused_steps"] is expected
+
+
+def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state):
+    T = len(batch_sizes) if batch_sizes is not None else 3
+    bs = torch.tensor(batch_sizes, dtype=torch.int64) if batch_sizes is not None else None
+    w64 = make_weights(cell, I, H, proj, True, scale=0.5)
+    x64 = make_input(T, B, I, batch_sizes)
+    Bn = batch_sizes[0] if batch_sizes is not None else B
+    hx64, cx64 = make_states(cell, Bn, H, proj) if with_state else (None, None)
+    got = run_layer(functional.rnn_layer, cell, cast(x64, F32), cast_weights(w64, F32),
+                    cast(hx64, F32), cast(cx64, F32), bs, reverse)
+    # the reference runs on the fp32-rounded values, in fp64
+    ref = run_layer(reference.layer, cell, cast(cast(x64, F32), F64),
+                    cast_weights(cast_weights(w64, F32), F64), cast(cast(hx64, F32), F64),
+                    cast(cast(cx64, F32), F64), bs, reverse)
+    for name, g, r in zip(("output", "h_n", "c_n"), got, ref):
+        if r is not None:
+            assert_close(g, r, F32, f"{cell} B={B} H={H} {name}")
+
+
+# rows per tile are 6 (4 gates) and 8 (3 gates): B covers whole tiles, every remainder of both;
+# H covers whole 16-unit panels, a partial panel alone (5) and after whole ones (33)
+@pytest.mark.parametrize("H", [5, 16, 33])
+@pytest.mark.parametrize("B", [1, 6, 7, 8, 11, 13, 17])
+@pytest.mark.parametrize("cell", CELLS)
+def test_tile_shapes(cell, B, H):
+    _check(cell, B, H, I=9, proj=0, batch_sizes=None, reverse=False, with_state=True)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("proj", [0, 4], ids=["noproj", "proj"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_changing_row_counts(cell, proj, reverse):
+    """Row counts 13, 13, 9, 7, 2, 1: tiles of a step end in the middle of the previous step's
+    rows; reversed, the rows grow and new ones start from the initial state."""
+    if proj and cell not in LSTM_FAMILY:
+        pytest.skip("proj_size exists for the LSTM family only")
+    _check(cell, 13, 20, I=7, proj=proj, batch_sizes=[13, 13, 9, 7, 2, 1], reverse=reverse,
+           with_state=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_steps_multithreaded(cell):
+    """More than one thread splits each step's panels (16 units each) between them; the result
+    is the one-thread result (each element is computed by one thread in the same order)."""
+    old = torch.get_num_threads()
+    x = torch.randn(3, 64, 32)
+    w = cast_weights(make_weights(cell, 32, 96, 0, True, scale=0.3), F32)
+    try:
+        torch.set_num_threads(1)
+        one = run_layer(functional.rnn_layer, cell, x, w)
+        torch.set_num_threads(3)
+        three = run_layer(functional.rnn_layer, cell, x, w)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, three):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_unfused_fp32_path():
+    """FUSEDRNN_CPU_FUSED=0 (read once per process, hence a child process): fp32 goes through
+    the separate GEMM + step kernel path, which the CUDA build shares, and still matches."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import fusedrnn, test_fused_cpu as t\n"
+        "assert fusedrnn.build_info()['cpu_fused_steps'] is False\n"
+        "for cell in t.CELLS:\n"
+        "    t._check(cell, 7, 33, 9, 0, None, False, True)\n"
+        "    t._check(cell, 13, 20, 7, 0, [13, 13, 9, 7, 2, 1], True, True)\n"
+        "print('ok')\n")
+    env = dict(os.environ, FUSEDRNN_CPU_FUSED="0")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

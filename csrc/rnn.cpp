@@ -591,6 +591,12 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     dp_all = at::empty({s.N, 3 * H}, opts);
   }
   Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
+  // Fused CPU steps (fp32; LSTM and peephole without projection): the GEMM that carries dh back
+  // through weight_hh runs tile by tile from weight_hh packed here, each tile followed by the
+  // previous step's kernel on its rows and units.
+  const bool fused = cpu::fused_steps_enabled(input) && !proj &&
+                     cell != CellKind::kWorkingMemory;
+  const cpu::PackedWeight w_hh_plain = fused ? cpu::pack_plain(w_hh) : cpu::PackedWeight();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_backward", [&] {
     for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -639,10 +645,17 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
         // next step did not run them are still zero.
         gemm(rows(dc_state, 0, n), rows(dp, 0, n), *w_ch, 1.0f);
         FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kIFG, p);
+      } else if (fused && k + 1 < s.T) {
+        // dh_t = dgates(next processed step) W_hh, tile by tile, each tile's step kernel after it
+        const int64_t t_next = s.at(k + 1);
+        cpu::lstm_backward_fused_step(
+            cell, p, ptr<scalar_t>(dh_state), Hout,
+            {ptr<float>(dgates) + s.off[t_next] * 4 * H, 4 * H, &w_hh_plain}, s.n[t_next]);
       } else {
         FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kWhole, p);
       }
-      gemm(rows(dh_state, 0, n), rows(dgates, r0, n), w_hh);
+      // unfused: this step's part of dh_{t-1} now; fused: in the next processed step's call
+      if (!fused || k == 0) gemm(rows(dh_state, 0, n), rows(dgates, r0, n), w_hh);
     }
   });
 

@@ -1,7 +1,8 @@
 """The fused fp32 CPU steps (csrc/cpu/fused_step.*): one GEMM + cell pass per step, tiled as
 6 or 8 batch rows by 16 hidden units. Every tile shape (row and unit remainders), packed batches
 whose row count changes from step to step in both directions, the projection and every cell
-against the fp64 reference; and the unfused fp32 path (FUSEDRNN_CPU_FUSED=0) the same way."""
+against the fp64 reference, forward and backward; and the unfused fp32 path
+(FUSEDRNN_CPU_FUSED=0) the same way."""
 import os
 import subprocess
 import sys
@@ -34,27 +35,47 @@ def test_fused_steps_reported_as_built():
     assert fusedrnn.build_info()["cpu_fused_steps"] is expected
 
 
+def _leaves(x, w, hx, cx, dtype):
+    """Copies in `dtype` (of the fp32-rounded values) that require grad."""
+    def c(t):
+        return None if t is None else t.detach().to(F32).to(dtype).requires_grad_()
+    return c(x), {k: c(v) for k, v in w.items()}, c(hx), c(cx)
+
+
 def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state):
+    """Forward outputs and the gradients of every input, fp32 fused against the fp64 reference
+    on the same (fp32-rounded) values."""
     T = len(batch_sizes) if batch_sizes is not None else 3
     bs = torch.tensor(batch_sizes, dtype=torch.int64) if batch_sizes is not None else None
     w64 = make_weights(cell, I, H, proj, True, scale=0.5)
     x64 = make_input(T, B, I, batch_sizes)
     Bn = batch_sizes[0] if batch_sizes is not None else B
     hx64, cx64 = make_states(cell, Bn, H, proj) if with_state else (None, None)
-    got = run_layer(functional.rnn_layer, cell, cast(x64, F32), cast_weights(w64, F32),
-                    cast(hx64, F32), cast(cx64, F32), bs, reverse)
-    # the reference runs on the fp32-rounded values, in fp64
-    ref = run_layer(reference.layer, cell, cast(cast(x64, F32), F64),
-                    cast_weights(cast_weights(w64, F32), F64), cast(cast(hx64, F32), F64),
-                    cast(cast(cx64, F32), F64), bs, reverse)
+    results = {}
+    for dtype, fn in ((F32, functional.rnn_layer), (F64, reference.layer)):
+        x, w, hx, cx = _leaves(x64, w64, hx64, cx64, dtype)
+        out = run_layer(fn, cell, x, w, hx, cx, bs, reverse)
+        torch.manual_seed(0)  # the same output gradients for both
+        loss = sum((o * torch.randn(o.shape, dtype=F64).to(dtype)).sum()
+                   for o in out if o is not None)
+        loss.backward()
+        grads = {"input": x.grad, "hx": hx.grad if hx is not None else None,
+                 "cx": cx.grad if cx is not None else None}
+        grads.update({k: v.grad for k, v in w.items() if v is not None})
+        results[dtype] = (out, grads)
+    (got, got_g), (ref, ref_g) = results[F32], results[F64]
     for name, g, r in zip(("output", "h_n", "c_n"), got, ref):
         if r is not None:
             assert_close(g, r, F32, f"{cell} B={B} H={H} {name}")
+    for name, r in ref_g.items():
+        if r is not None:
+            assert_close(got_g[name], r, F32, f"{cell} B={B} H={H} grad {name}")
 
 
-# rows per tile are 6 (4 gates) and 8 (3 gates): B covers whole tiles, every remainder of both;
-# H covers whole 16-unit panels, a partial panel alone (5) and after whole ones (33)
-@pytest.mark.parametrize("H", [5, 16, 33])
+# Rows per tile are 6 (4 gates) and 8 (3 gates): B covers whole tiles, every remainder of both.
+# Panels are 16 units of every gate (forward) or 64 units (backward): H covers whole panels, a
+# partial panel alone (5) and after whole ones (33, 70).
+@pytest.mark.parametrize("H", [5, 16, 33, 70])
 @pytest.mark.parametrize("B", [1, 6, 7, 8, 11, 13, 17])
 @pytest.mark.parametrize("cell", CELLS)
 def test_tile_shapes(cell, B, H):

@@ -13,12 +13,20 @@
 namespace fusedrnn {
 namespace cpu {
 
-// A weight W of shape (G * H, K) (G gate blocks of H rows, as weight_hh and weight_ch are laid
-// out) packed for the fused steps: for every block of 16 units, a K x (G * 16) panel of W^T
-// (columns: gate 0 units j0..j0+15, gate 1 units j0..j0+15, ...), zero-padded past H.
+// The B operand of the fused GEMMs (out = a @ B), packed once per call into panels of
+// K x (NV * 16) floats, zero-padded past the last unit:
+// - gated (pack_weight): B = W^T for a weight W (G * H, K) of G gate blocks, as weight_ih,
+//   weight_hh and weight_ch are laid out. A panel is 16 units of every gate (vector v = gate v,
+//   output columns v * H + j), so that one tile holds all the gates of its units.
+// - plain (pack_plain): B (K, N) as it is; a panel is 64 consecutive output columns.
 struct PackedWeight {
-  at::Tensor data;  // (panels, K, G * 16) float
-  int64_t K = 0, H = 0, G = 0;
+  at::Tensor data;  // (panels, K, NV * 16) float
+  int64_t K = 0;
+  int64_t H = 0;           // units: output columns per gate (gated), all columns (plain)
+  int64_t G = 0;           // gates; 1 for plain
+  int64_t NV = 0;          // vectors of 16 columns per panel row
+  int64_t unit_block = 0;  // units per panel
+  int64_t col_stride = 0;  // output column distance of consecutive vectors
 };
 
 // Whether this build has the AVX-512 kernels and FUSEDRNN_CPU_FUSED is not "0".
@@ -27,8 +35,11 @@ bool fused_steps_available();
 // Whether the fused steps run for tensors like `t`: available, CPU and float32.
 bool fused_steps_enabled(const at::Tensor& t);
 
-// Packs w (G * H, K), G in {3, 4}.
+// Packs B = w^T for w (G * H, K), G in {3, 4}.
 PackedWeight pack_weight(const at::Tensor& w, int64_t G);
+
+// Packs B (K, N) as it is.
+PackedWeight pack_plain(const at::Tensor& b);
 
 // One operand of a fused step's GEMM: rows [0, n) of `a` (row stride lda) times W^T.
 struct GemmSource {
@@ -45,6 +56,13 @@ struct GemmSource {
 void lstm_forward_fused_step(CellKind cell, Phase phase, const LSTMForwardStep<float>& p,
                              float* out, int64_t ldo, GemmSource s0, GemmSource s1 = {});
 
+// LSTM / peephole backward step: dh[0:gemm_rows] (row stride ld_dh) = src.a @ B (the next
+// processed step's gradients of the gate pre-activations times weight_hh, packed plain), then the
+// backward step kernel on each tile's rows below p.n, and on rows [gemm_rows, p.n) after (their
+// dh is already in place). p.dh must be dh.
+void lstm_backward_fused_step(CellKind cell, const LSTMBackwardStep<float>& p, float* dh,
+                              int64_t ld_dh, GemmSource src, int64_t gemm_rows);
+
 // GRU: out = p.hg (ld p.ld_hg) = a @ weight_hh^T (G = 3), then the GRU step kernel per tile.
 void gru_forward_fused_step(const GRUForwardStep<float>& p, const float* a, int64_t lda,
                             const PackedWeight& w);
@@ -54,6 +72,11 @@ void gru_forward_fused_step(const GRUForwardStep<float>& p, const float* a, int6
 template <typename T>
 void lstm_forward_fused_step(CellKind, Phase, const LSTMForwardStep<T>&, T*, int64_t, GemmSource,
                              GemmSource = {}) {
+  TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
+}
+template <typename T>
+void lstm_backward_fused_step(CellKind, const LSTMBackwardStep<T>&, T*, int64_t, GemmSource,
+                              int64_t) {
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
 }
 template <typename T>

@@ -780,6 +780,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const std::vector<PrevSegment> segs = prev_segments(s);
   Tensor dx = at::empty({s.N, 3 * H}, opts);
   Tensor dhg = at::empty({s.N, 3 * H}, opts);
+  // Fused CPU steps (fp32), as in the LSTM backward.
+  const bool fused = cpu::fused_steps_enabled(input);
+  const cpu::PackedWeight w_hh_plain = fused ? cpu::pack_plain(w_hh) : cpu::PackedWeight();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_backward", [&] {
     const scalar_t* ws_p = s.N > 0 ? workspace.const_data_ptr<scalar_t>() : nullptr;
     for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -801,8 +804,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       p.ld_dx = 3 * H;
       p.dhg = ptr<scalar_t>(dhg) + r0 * 3 * H;
       p.ld_dhg = 3 * H;
-      FUSEDRNN_LAUNCH(input.device(), gru_backward_step, p);
-      gemm(rows(dh_state, 0, n), rows(dhg, r0, n), w_hh, 1.0f);
+      if (fused && k + 1 < s.T) {
+        // dh_t += dhg(next processed step) W_hh, tile by tile, each tile's step kernel after it
+        const int64_t t_next = s.at(k + 1);
+        cpu::gru_backward_fused_step(
+            p, {ptr<float>(dhg) + s.off[t_next] * 3 * H, 3 * H, &w_hh_plain}, s.n[t_next]);
+      } else {
+        FUSEDRNN_LAUNCH(input.device(), gru_backward_step, p);
+      }
+      // unfused: this step's part of dh_{t-1} now; fused: in the next processed step's call
+      if (!fused || k == 0) gemm(rows(dh_state, 0, n), rows(dhg, r0, n), w_hh, 1.0f);
     }
   });
   auto none = [&] { return at::empty({0}, opts); };  // one tensor per output: no aliasing

@@ -103,7 +103,7 @@ struct PanelSource {
 
 // One output tile: MR rows x NV vectors of 16 columns, summed over the sources. Vector v of row
 // r is stored at out + r * ldo + v * col_stride under mask[v] (the units that exist).
-template <int NV, int MR>
+template <int NV, int MR, bool kAcc>
 inline void gemm_tile(const PanelSource* src, int nsrc, int64_t row0, float* out, int64_t ldo,
                       int64_t col_stride, const __mmask16* mask) {
   __m512 acc[MR][NV];
@@ -129,6 +129,16 @@ inline void gemm_tile(const PanelSource* src, int nsrc, int64_t row0, float* out
       }
     }
   }
+  if constexpr (kAcc) {  // out += the product
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        acc[r][v] = _mm512_add_ps(
+            acc[r][v], _mm512_maskz_loadu_ps(mask[v], out + r * ldo + v * col_stride));
+      }
+    }
+  }
   // Whole-vector stores where the vector is full: the loads of the step kernel that follow at
   // once are then served from the store buffer.
 #pragma GCC unroll 4
@@ -145,14 +155,14 @@ inline void gemm_tile(const PanelSource* src, int nsrc, int64_t row0, float* out
   }
 }
 
-template <int NV, int MR>
+template <int NV, int MR, bool kAcc>
 inline void gemm_tail(int rows, const PanelSource* src, int nsrc, int64_t row0, float* out,
                       int64_t ldo, int64_t col_stride, const __mmask16* mask) {
   if constexpr (MR > 0) {
     if (rows == MR) {
-      gemm_tile<NV, MR>(src, nsrc, row0, out, ldo, col_stride, mask);
+      gemm_tile<NV, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, mask);
     } else {
-      gemm_tail<NV, MR - 1>(rows, src, nsrc, row0, out, ldo, col_stride, mask);
+      gemm_tail<NV, MR - 1, kAcc>(rows, src, nsrc, row0, out, ldo, col_stride, mask);
     }
   }
 }
@@ -162,10 +172,10 @@ __mmask16 lanes(int64_t count) {
   return static_cast<__mmask16>((1u << count) - 1u);
 }
 
-// out = sum over the sources of a @ B for rows [0, n), panel by panel (in parallel over
-// panels); epi(r0, rows, j0, units) runs after each tile. Rows per tile: 6 for 4 vectors, 8 for
-// 3 (24 accumulators of the 32 vector registers).
-template <int NV, typename Epi>
+// out = sum over the sources of a @ B (kAcc: out += ...) for rows [0, n), panel by panel (in
+// parallel over panels); epi(r0, rows, j0, units) runs after each tile. Rows per tile: 6 for 4
+// vectors, 8 for 3 (24 accumulators of the 32 vector registers).
+template <int NV, bool kAcc = false, typename Epi>
 void gemm_tiles(int64_t n, const GemmSource* sources, int nsrc, float* out, int64_t ldo,
                 const Epi& epi) {
   constexpr int MR = NV == 4 ? 6 : 8;
@@ -199,12 +209,12 @@ void gemm_tiles(int64_t n, const GemmSource* sources, int nsrc, float* out, int6
       }
       int64_t r = 0;
       for (; r + MR <= n; r += MR) {
-        gemm_tile<NV, MR>(src, nsrc, r, out + r * ldo + j0, ldo, col_stride, mask);
+        gemm_tile<NV, MR, kAcc>(src, nsrc, r, out + r * ldo + j0, ldo, col_stride, mask);
         epi(r, static_cast<int64_t>(MR), j0, units);
       }
       if (r < n) {
-        gemm_tail<NV, MR - 1>(static_cast<int>(n - r), src, nsrc, r, out + r * ldo + j0, ldo,
-                              col_stride, mask);
+        gemm_tail<NV, MR - 1, kAcc>(static_cast<int>(n - r), src, nsrc, r, out + r * ldo + j0,
+                                    ldo, col_stride, mask);
         epi(r, n - r, j0, units);
       }
     }
@@ -258,38 +268,56 @@ void lstm_forward_fused_step(CellKind cell, Phase phase, const LSTMForwardStep<f
   });
 }
 
+// A backward step: dh[0:gemm_rows] (=, or += with kAcc) src.a @ B tile by tile, then
+// element(q, b, j) on each tile's rows below p.n; then on rows [gemm_rows, p.n), whose dh the
+// GEMM does not produce (it is already in place).
+template <bool kAcc, typename Step, typename Element>
+void backward_tiles(const Step& p, float* dh, int64_t ld_dh, const GemmSource& src,
+                    int64_t gemm_rows, const Element& element) {
+  TORCH_INTERNAL_ASSERT(src.w->G == 1, "fused backward step: weight must be packed plain");
+  auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
+    const Step q = p;  // a local copy: stores cannot alias its pointers
+    rows = std::min(rows, p.n - r0);  // GEMM rows past the step's are gradients of h0 only
+    if (rows <= 0) return;
+    for_tile<4 * kVec>(r0, rows, j0, units,
+                       [&](int64_t b, int64_t j) __attribute__((always_inline)) {
+                         element(q, b, j);
+                       });
+  };
+  if (gemm_rows > 0) gemm_tiles<4, kAcc>(gemm_rows, &src, 1, dh, ld_dh, epi);
+  if (p.n > gemm_rows) {
+    at::parallel_for(gemm_rows, p.n, 1, [&](int64_t b0, int64_t b1) {
+      const Step q = p;
+      for (int64_t b = b0; b < b1; ++b) {
+#pragma GCC ivdep
+        for (int64_t j = 0; j < q.H; ++j) element(q, b, j);
+      }
+    });
+  }
+}
+
 void lstm_backward_fused_step(CellKind cell, const LSTMBackwardStep<float>& p, float* dh,
                               int64_t ld_dh, GemmSource src, int64_t gemm_rows) {
   TORCH_INTERNAL_ASSERT(cell == CellKind::kLSTM || cell == CellKind::kPeephole,
                         "lstm_backward_fused_step: LSTM and peephole LSTM only");
-  TORCH_INTERNAL_ASSERT(p.dh == dh && p.ld_dh == ld_dh && src.w->G == 1,
+  TORCH_INTERNAL_ASSERT(p.dh == dh && p.ld_dh == ld_dh,
                         "lstm_backward_fused_step: the step must read dh from the GEMM's output");
   dispatch_lstm_family(cell, Phase::kWhole, [&](auto c, auto ph) {
     constexpr CellKind kCell = decltype(c)::value;
     constexpr Phase kPhase = decltype(ph)::value;
-    auto element = [&](const LSTMBackwardStep<float>& q, int64_t b, int64_t j)
-        __attribute__((always_inline)) { lstm_backward_element<kCell, kPhase>(q, b, j); };
-    auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
-      const LSTMBackwardStep<float> q = p;
-      rows = std::min(rows, p.n - r0);  // GEMM rows past the step's are gradients of h0 only
-      if (rows <= 0) return;
-      for_tile<4 * kVec>(r0, rows, j0, units,
-                         [&](int64_t b, int64_t j) __attribute__((always_inline)) {
-                           element(q, b, j);
-                         });
-    };
-    if (gemm_rows > 0) gemm_tiles<4>(gemm_rows, &src, 1, dh, ld_dh, epi);
-    // rows the GEMM does not produce: dh is the incoming gradient already in `dh`
-    if (p.n > gemm_rows) {
-      at::parallel_for(gemm_rows, p.n, 1, [&](int64_t b0, int64_t b1) {
-        const LSTMBackwardStep<float> q = p;
-        for (int64_t b = b0; b < b1; ++b) {
-#pragma GCC ivdep
-          for (int64_t j = 0; j < q.H; ++j) element(q, b, j);
-        }
-      });
-    }
+    backward_tiles<false>(p, dh, ld_dh, src, gemm_rows,
+                          [&](const LSTMBackwardStep<float>& q, int64_t b, int64_t j)
+                              __attribute__((always_inline)) {
+                                lstm_backward_element<kCell, kPhase>(q, b, j);
+                              });
   });
+}
+
+void gru_backward_fused_step(const GRUBackwardStep<float>& p, GemmSource src,
+                             int64_t gemm_rows) {
+  backward_tiles<true>(p, p.dh_state, p.H, src, gemm_rows,
+                       [&](const GRUBackwardStep<float>& q, int64_t b, int64_t j)
+                           __attribute__((always_inline)) { gru_backward_element(q, b, j); });
 }
 
 void gru_forward_fused_step(const GRUForwardStep<float>& p, const float* a, int64_t lda,
@@ -323,6 +351,10 @@ void lstm_backward_fused_step(CellKind, const LSTMBackwardStep<float>&, float*, 
 
 void gru_forward_fused_step(const GRUForwardStep<float>&, const float*, int64_t,
                             const PackedWeight&) {
+  TORCH_INTERNAL_ASSERT(false, "fused CPU steps need an AVX-512 build");
+}
+
+void gru_backward_fused_step(const GRUBackwardStep<float>&, GemmSource, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps need an AVX-512 build");
 }
 

@@ -63,6 +63,11 @@ void lstm_forward_fused_step(CellKind cell, Phase phase, const LSTMForwardStep<f
 void lstm_backward_fused_step(CellKind cell, const LSTMBackwardStep<float>& p, float* dh,
                               int64_t ld_dh, GemmSource src, int64_t gemm_rows);
 
+// GRU backward step: p.dh_state[0:gemm_rows] += src.a @ B (the next processed step's
+// gradients of the h-side pre-activations times weight_hh, packed plain), then the backward
+// step kernel as for the LSTM.
+void gru_backward_fused_step(const GRUBackwardStep<float>& p, GemmSource src, int64_t gemm_rows);
+
 // GRU: out = p.hg (ld p.ld_hg) = a @ weight_hh^T (G = 3), then the GRU step kernel per tile.
 void gru_forward_fused_step(const GRUForwardStep<float>& p, const float* a, int64_t lda,
                             const PackedWeight& w);
@@ -77,6 +82,10 @@ void lstm_forward_fused_step(CellKind, Phase, const LSTMForwardStep<T>&, T*, int
 template <typename T>
 void lstm_backward_fused_step(CellKind, const LSTMBackwardStep<T>&, T*, int64_t, GemmSource,
                               int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
+}
+template <typename T>
+void gru_backward_fused_step(const GRUBackwardStep<T>&, GemmSource, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
 }
 template <typename T>

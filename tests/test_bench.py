@@ -59,7 +59,7 @@ def test_parse_presets():
     args = cli.parse_args(["--shapes", "3,2,4,5; 6,7,8,9", "--cells", "gru,lstm,gru"])
     assert args.shape_list == [(3, 2, 4, 5), (6, 7, 8, 9)] and args.cells == ["gru", "lstm"]
     cases = core.build_cases(["lstm", "wm_lstm"], [(3, 2, 4, 5)])
-    assert [c.label for c in cases] == ["lstm", "wm_lstm", "lstm 3-layer bidir"]
+    assert [c.label for c in cases] == ["lstm", "wm_lstm", "lstm +dx", "lstm 3-layer bidir"]
     assert "torch" not in cases[1].impls and cases[2].passes == ("fwd+bwd",)
     assert core.slow_repeats(10) == 3 and core.slow_repeats(2) == 2
 
@@ -94,15 +94,19 @@ def test_tiny_run_writes_json_table_and_png(tiny_run):
     for cell in core.CELLS:
         assert (cell, "fwd") in labels and (cell, "fwd+bwd") in labels
     assert ("lstm 3-layer bidir", "fwd+bwd") in labels
+    assert ("lstm +dx", "fwd+bwd") in labels
     for rec in results:
-        # the stacked row runs at half the sequence length (it is the slowest row)
-        T = 1 if rec["layers"] == 3 else 3
+        # the stacked row and its single-layer "+dx" comparison run at half the sequence length
+        # (the stacked row is the slowest)
+        stack_rows = rec["layers"] == 3 or rec["label"] == "lstm +dx"
+        assert rec["input_grad"] is (rec["label"] == "lstm +dx")
+        T = 1 if stack_rows else 3
         assert rec["shape"] == {"T": T, "B": 2, "I": 4, "H": 5}
         fused = rec["impls"]["fused"]
         assert fused["status"] == "ok" and len(fused["times_ms"]) == 2
         assert fused["median_ms"] > 0 and rec["memory"] is None
         assert rec["impls"]["compiled"]["status"] == "skipped" if "compiled" in rec["impls"] \
-            else rec["layers"] == 3
+            else stack_rows
         if "torch" in rec["impls"]:
             assert rec["impls"]["torch"]["kernel"] in ("oneDNN", "ATen")
             assert rec["speedup"]["torch"] > 0

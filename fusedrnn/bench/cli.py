@@ -18,8 +18,10 @@ Times the fused layers of fusedrnn against torch.nn.LSTM/GRU (cuDNN on a GPU, on
 the eager PyTorch loop of the same cell (fusedrnn.reference.layer) and torch.compile of that
 cell's step function called in a Python loop ("compiled step loop"), forward (no grad) and
 forward+backward, plus the peak memory of a training step. Without shape options it runs the
-quick suite: all four cells at T,B,I,H = 100,64,256,256 on a CPU (100,64,512,512 on a GPU) and a
-3-layer bidirectional LSTM row. Writes results.json, table.txt and speedups.png to --out."""
+quick suite: all four cells at T,B,I,H = 100,64,256,256 on a CPU (100,64,512,512 on a GPU), a
+3-layer bidirectional LSTM row and, to compare it with, a single LSTM layer whose input requires
+grad ("lstm +dx": the stack's upper layers compute the input gradient, which the single-layer rows
+skip). Writes results.json, table.txt and speedups.png to --out."""
 
 EPILOG = """\
 examples:
@@ -189,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              warmup=core.WARMUP[device.type],
                              compile=not args.no_compile, compile_backend=args.compile_backend,
                              memory=not args.no_memory, input_grad=args.input_grad)
-    cases = core.build_cases(args.cells, args.shape_list)
+    cases = core.build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
     env = core.environment(device, settings.dtype)
     out_dir = args.out or _default_out(device.type)
     print(f"fusedrnn {env['fusedrnn']} ({env['backend']}) on {env['device_name']}, "

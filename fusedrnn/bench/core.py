@@ -95,12 +95,17 @@ class Case:
     impls: Tuple[str, ...] = IMPLS
     layers: int = 1
     bidirectional: bool = False
+    # whether the input requires grad; None: as the settings say (--input-grad)
+    input_grad: Optional[bool] = None
 
     @property
     def label(self) -> str:
-        if self.layers == 1 and not self.bidirectional:
-            return self.cell
-        return f"{self.cell} {self.layers}-layer" + (" bidir" if self.bidirectional else "")
+        label = self.cell
+        if self.layers > 1 or self.bidirectional:
+            label += f" {self.layers}-layer" + (" bidir" if self.bidirectional else "")
+        if self.input_grad:
+            label += " +dx"
+        return label
 
 
 @dataclass
@@ -127,10 +132,14 @@ class Settings:
         return self.warmup, self.repeats
 
 
-def build_cases(cells: Iterable[str], shapes: Iterable[Shape], stacked: bool = True
-                ) -> List[Case]:
-    """Every cell at every shape (fwd and fwd+bwd, all applicable implementations), plus the
-    3-layer bidirectional LSTM (fused vs torch.nn, fwd+bwd) at every shape when LSTM is asked."""
+def build_cases(cells: Iterable[str], shapes: Iterable[Shape], stacked: bool = True,
+                input_grad: bool = False) -> List[Case]:
+    """Every cell at every shape (fwd and fwd+bwd, all applicable implementations), plus, when
+    LSTM is asked, the 3-layer bidirectional LSTM (fused vs torch.nn, fwd+bwd) at every shape
+    and beside it the single layer with an input that requires grad ("+dx"): the layers of a
+    stack above the first must compute the input gradient, which the first layer of a model (and
+    the single-layer rows) skip, so this is the single layer to compare the stack with. With
+    `input_grad` (--input-grad) every row computes it and the "+dx" row is left out."""
     cells = list(cells)
     cases = []
     for shape in shapes:
@@ -142,6 +151,9 @@ def build_cases(cells: Iterable[str], shapes: Iterable[Shape], stacked: bool = T
             # Half the sequence length: the stacked row is the slowest of the suite (6 layer
             # directions), and what it shows, the speed-up over torch.nn, does not depend on T.
             stacked_shape = (max(1, shape[0] // 2),) + shape[1:]
+            if not input_grad:
+                cases.append(Case("lstm", stacked_shape, ("fwd+bwd",), ("fused", "torch"),
+                                  input_grad=True))
             cases.append(Case("lstm", stacked_shape, ("fwd+bwd",), ("fused", "torch"),
                               STACK_LAYERS, True))
     return cases
@@ -243,7 +255,8 @@ class Workload:
         D = 2 if case.bidirectional else 1
         self.module = _MODULES[case.cell](I, H, num_layers=case.layers,
                                           bidirectional=case.bidirectional, device=dev, dtype=dt)
-        self.x = torch.randn(T, B, I, device=dev, dtype=dt).requires_grad_(settings.input_grad)
+        input_grad = settings.input_grad if case.input_grad is None else case.input_grad
+        self.x = torch.randn(T, B, I, device=dev, dtype=dt).requires_grad_(input_grad)
         self.grad = torch.randn(T, B, D * H, device=dev, dtype=dt)
         self._built: Dict[str, Tuple[Callable[[], Tensor], List[Tensor]]] = {}
         self.broken: Dict[str, str] = {}
@@ -489,7 +502,8 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
         rec = {"cell": case.cell, "label": case.label,
                "shape": {"T": T, "B": B, "I": I, "H": H}, "shape_str": shape_str(case.shape),
                "layers": case.layers, "bidirectional": case.bidirectional, "pass": pass_,
-               "input_grad": settings.input_grad, "impls": {}, "speedup": {}, "memory": None}
+               "input_grad": settings.input_grad if case.input_grad is None else case.input_grad,
+               "impls": {}, "speedup": {}, "memory": None}
         reference_output = None
         for impl in case.impls:
             if progress is not None:

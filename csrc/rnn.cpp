@@ -595,12 +595,17 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     dp_all = at::empty({s.N, 3 * H}, opts);
   }
   Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
-  // Fused CPU steps (fp32; LSTM and peephole without projection): the GEMM that carries dh back
-  // through weight_hh runs tile by tile from weight_hh packed here, each tile followed by the
-  // previous step's kernel on its rows and units.
-  const bool fused = cpu::fused_steps_enabled(input) && !proj &&
-                     cell != CellKind::kWorkingMemory;
+  // Fused CPU steps (fp32, without projection): the GEMM that carries dh back through weight_hh
+  // runs tile by tile from weight_hh packed here, each tile followed by the previous step's
+  // kernel on its rows and units; for the WM cell likewise the GEMM that carries dc back through
+  // weight_ch, followed by the kIFG phase. That phase writes the dp_i, dp_f the next step's
+  // GEMM reads while this step's GEMM still reads the previous ones: it writes them into a
+  // second dp buffer (`dp_next`), and the two swap after each step.
+  const bool wm = cell == CellKind::kWorkingMemory;
+  const bool fused = cpu::fused_steps_enabled(input) && !proj;
   const cpu::PackedWeight w_hh_plain = fused ? cpu::pack_plain(w_hh) : cpu::PackedWeight();
+  const cpu::PackedWeight w_ch_plain = fused && wm ? cpu::pack_plain(*w_ch) : cpu::PackedWeight();
+  Tensor dp_next = fused && wm ? at::zeros({s.B, 3 * H}, opts) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_backward", [&] {
     for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -644,16 +649,37 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
         p.ld_dp = 3 * H;
         p.dp_saved = ptr<scalar_t>(dp_all) + r0 * 3 * H;
         p.ld_dp_saved = 3 * H;
-        FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kO, p);
+        if (fused && k + 1 < s.T) {
+          const int64_t t_next = s.at(k + 1);
+          cpu::lstm_backward_fused_step(
+              cell, Phase::kO, p, ptr<scalar_t>(dh_state), Hout,
+              {ptr<float>(dgates) + s.off[t_next] * 4 * H, 4 * H, &w_hh_plain}, s.n[t_next]);
+        } else {
+          FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kO, p);
+        }
         // dc_t += dp_o(t) W_co + [dp_i, dp_f](next step) [W_ci; W_cf]; rows of dp whose
         // next step did not run them are still zero.
-        gemm(rows(dc_state, 0, n), rows(dp, 0, n), *w_ch, 1.0f);
-        FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kIFG, p);
+        if (fused) {
+          p.dp = ptr<scalar_t>(dp_next);
+          cpu::lstm_backward_fused_step(cell, Phase::kIFG, p, ptr<scalar_t>(dc_state), H,
+                                        {ptr<float>(dp), 3 * H, &w_ch_plain}, n);
+          // Rows the next processed step does not run keep this step's dp_i, dp_f for good
+          // (the gradient of c0 adds them after the loop): both buffers must hold them.
+          const int64_t n_next = k > 0 ? s.n[s.at(k - 1)] : n;
+          if (n_next < n) {
+            rows(dp, n_next, n - n_next).narrow(1, 0, 2 * H)
+                .copy_(rows(dp_next, n_next, n - n_next).narrow(1, 0, 2 * H));
+          }
+          std::swap(dp, dp_next);
+        } else {
+          gemm(rows(dc_state, 0, n), rows(dp, 0, n), *w_ch, 1.0f);
+          FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kIFG, p);
+        }
       } else if (fused && k + 1 < s.T) {
         // dh_t = dgates(next processed step) W_hh, tile by tile, each tile's step kernel after it
         const int64_t t_next = s.at(k + 1);
         cpu::lstm_backward_fused_step(
-            cell, p, ptr<scalar_t>(dh_state), Hout,
+            cell, Phase::kWhole, p, ptr<scalar_t>(dh_state), Hout,
             {ptr<float>(dgates) + s.off[t_next] * 4 * H, 4 * H, &w_hh_plain}, s.n[t_next]);
       } else {
         FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kWhole, p);

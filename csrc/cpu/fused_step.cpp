@@ -296,20 +296,23 @@ void backward_tiles(const Step& p, float* dh, int64_t ld_dh, const GemmSource& s
   }
 }
 
-void lstm_backward_fused_step(CellKind cell, const LSTMBackwardStep<float>& p, float* dh,
-                              int64_t ld_dh, GemmSource src, int64_t gemm_rows) {
-  TORCH_INTERNAL_ASSERT(cell == CellKind::kLSTM || cell == CellKind::kPeephole,
-                        "lstm_backward_fused_step: LSTM and peephole LSTM only");
-  TORCH_INTERNAL_ASSERT(p.dh == dh && p.ld_dh == ld_dh,
-                        "lstm_backward_fused_step: the step must read dh from the GEMM's output");
-  dispatch_lstm_family(cell, Phase::kWhole, [&](auto c, auto ph) {
+void lstm_backward_fused_step(CellKind cell, Phase phase, const LSTMBackwardStep<float>& p,
+                              float* out, int64_t ldo, GemmSource src, int64_t gemm_rows) {
+  // The GEMM writes what the phase's kernel reads: dh (=) before kWhole / kO, dc (+=) before
+  // the WM kIFG phase.
+  const bool into_dc = cell == CellKind::kWorkingMemory && phase == Phase::kIFG;
+  TORCH_INTERNAL_ASSERT(into_dc ? (out == p.dc_state && ldo == p.H)
+                                : (out == p.dh && ldo == p.ld_dh),
+                        "lstm_backward_fused_step: the step must read the GEMM's output");
+  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
     constexpr CellKind kCell = decltype(c)::value;
     constexpr Phase kPhase = decltype(ph)::value;
-    backward_tiles<false>(p, dh, ld_dh, src, gemm_rows,
-                          [&](const LSTMBackwardStep<float>& q, int64_t b, int64_t j)
-                              __attribute__((always_inline)) {
-                                lstm_backward_element<kCell, kPhase>(q, b, j);
-                              });
+    constexpr bool kIntoDc = kCell == CellKind::kWorkingMemory && kPhase == Phase::kIFG;
+    backward_tiles<kIntoDc>(p, out, ldo, src, gemm_rows,
+                            [&](const LSTMBackwardStep<float>& q, int64_t b, int64_t j)
+                                __attribute__((always_inline)) {
+                                  lstm_backward_element<kCell, kPhase>(q, b, j);
+                                });
   });
 }
 
@@ -344,7 +347,7 @@ void lstm_forward_fused_step(CellKind, Phase, const LSTMForwardStep<float>&, flo
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps need an AVX-512 build");
 }
 
-void lstm_backward_fused_step(CellKind, const LSTMBackwardStep<float>&, float*, int64_t,
+void lstm_backward_fused_step(CellKind, Phase, const LSTMBackwardStep<float>&, float*, int64_t,
                               GemmSource, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps need an AVX-512 build");
 }

@@ -56,12 +56,14 @@ struct GemmSource {
 void lstm_forward_fused_step(CellKind cell, Phase phase, const LSTMForwardStep<float>& p,
                              float* out, int64_t ldo, GemmSource s0, GemmSource s1 = {});
 
-// LSTM / peephole backward step: dh[0:gemm_rows] (row stride ld_dh) = src.a @ B (the next
-// processed step's gradients of the gate pre-activations times weight_hh, packed plain), then the
-// backward step kernel on each tile's rows below p.n, and on rows [gemm_rows, p.n) after (their
-// dh is already in place). p.dh must be dh.
-void lstm_backward_fused_step(CellKind cell, const LSTMBackwardStep<float>& p, float* dh,
-                              int64_t ld_dh, GemmSource src, int64_t gemm_rows);
+// LSTM-family backward step phase: out[0:gemm_rows] (row stride ldo) = src.a @ B, then the
+// phase's backward kernel on each tile's rows below p.n, and on rows [gemm_rows, p.n) after (whose
+// input is already in place in out). LSTM / peephole (kWhole) and WM kO: B = weight_hh packed
+// plain, src.a = the next processed step's gradients of the gate pre-activations, out = p.dh.
+// WM kIFG: out = p.dc_state (+= instead of =), B = weight_ch packed plain, src.a = the
+// gradients of the cell-connection pre-activations (next step's i, f; this step's o).
+void lstm_backward_fused_step(CellKind cell, Phase phase, const LSTMBackwardStep<float>& p,
+                              float* out, int64_t ldo, GemmSource src, int64_t gemm_rows);
 
 // GRU backward step: p.dh_state[0:gemm_rows] += src.a @ B (the next processed step's
 // gradients of the h-side pre-activations times weight_hh, packed plain), then the backward
@@ -80,8 +82,8 @@ void lstm_forward_fused_step(CellKind, Phase, const LSTMForwardStep<T>&, T*, int
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
 }
 template <typename T>
-void lstm_backward_fused_step(CellKind, const LSTMBackwardStep<T>&, T*, int64_t, GemmSource,
-                              int64_t) {
+void lstm_backward_fused_step(CellKind, Phase, const LSTMBackwardStep<T>&, T*, int64_t,
+                              GemmSource, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
 }
 template <typename T>

@@ -340,18 +340,32 @@ Tensor gather_prev(const std::vector<PrevSegment>& segs, const Tensor& seq, cons
 
 constexpr size_t kMaxSegmentGemms = 8;
 
-// out = grad^T @ prev_state over all rows; grad is (N, G), out (G, width).
+// Rows of dgates the LSTM-family backward keeps at a time (see `chunked` there).
+constexpr int64_t kBackwardChunkRows = 1024;
+
+// The segments of rows [lo, hi) of the row space, renumbered from 0.
+std::vector<PrevSegment> clip_segments(const std::vector<PrevSegment>& segs, int64_t lo,
+                                       int64_t hi) {
+  std::vector<PrevSegment> out;
+  for (const PrevSegment& g : segs) {
+    const int64_t a = std::max(g.dst, lo), b = std::min(g.dst + g.count, hi);
+    if (a < b) out.push_back({a - lo, b - a, g.src + (a - g.dst), g.from_init});
+  }
+  return out;
+}
+
+// out = beta * out + grad^T @ prev_state over all rows; grad is (N, G), out (G, width).
 void gemm_prev(Tensor out, const Tensor& grad, const std::vector<PrevSegment>& segs,
-               const Tensor& seq, const Tensor& init) {
+               const Tensor& seq, const Tensor& init, float beta = 0.0f) {
   if (segs.size() > kMaxSegmentGemms) {
-    gemm(out, grad.t(), gather_prev(segs, seq, init, grad.size(0)));
+    gemm(out, grad.t(), gather_prev(segs, seq, init, grad.size(0)), beta);
     return;
   }
-  if (segs.empty()) out.zero_();
+  if (segs.empty() && beta == 0.0f) out.zero_();
   for (size_t i = 0; i < segs.size(); ++i) {
     const PrevSegment& g = segs[i];
     gemm(out, rows(grad, g.dst, g.count).t(), rows(g.from_init ? init : seq, g.src, g.count),
-         i == 0 ? 0.0f : 1.0f);
+         i == 0 ? beta : 1.0f);
   }
 }
 
@@ -583,7 +597,67 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   const Tensor& c_all = ws.c;
   const std::vector<PrevSegment> segs = prev_segments(s);
 
-  Tensor dgates = at::empty({s.N, 4 * H}, opts);
+  // The gradients of the gate pre-activations, dgates, are kept for a chunk of consecutive
+  // processed steps at a time (fp32 / fp64 on the CPU; otherwise one chunk holds all steps): when
+  // a chunk is done, its part of the input and weight gradients is computed (accumulated) from
+  // it while it is still in cache, and its buffer is reused two chunks later (the next chunk's
+  // first step reads the previous chunk's last rows). Less memory, fewer fresh pages to fault in.
+  const bool chunked = input.device().is_cpu() &&
+                       (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+  const int64_t chunk_cap = chunked ? std::max<int64_t>(kBackwardChunkRows, s.B) : s.N;
+  struct Chunk {
+    int64_t k_lo, lo, hi;  // the chunk's last processed step, its rows [lo, hi)
+    int buf;
+  };
+  std::vector<int64_t> chunk_of(s.T);  // the chunk of each processed step
+  std::vector<Chunk> chunks;
+  for (int64_t k = s.T - 1; k >= 0; --k) {
+    const int64_t t = s.at(k), lo = s.off[t], hi = lo + s.n[t];
+    if (chunks.empty() ||
+        std::max(hi, chunks.back().hi) - std::min(lo, chunks.back().lo) > chunk_cap) {
+      chunks.push_back({k, lo, hi, static_cast<int>(chunks.size() % 2)});
+    } else {
+      Chunk& c = chunks.back();
+      c.k_lo = k;
+      c.lo = std::min(lo, c.lo);
+      c.hi = std::max(hi, c.hi);
+    }
+    chunk_of[k] = static_cast<int64_t>(chunks.size()) - 1;
+  }
+  int64_t buf_rows = 0;
+  for (const Chunk& c : chunks) buf_rows = std::max(buf_rows, c.hi - c.lo);
+  const Tensor dgates_buf[2] = {at::empty({buf_rows, 4 * H}, opts),
+                                chunks.size() > 1 ? at::empty({buf_rows, 4 * H}, opts) : Tensor()};
+  // rows [r, r + count) of dgates, for a row r of processed step k
+  auto dgates_rows = [&](int64_t k, int64_t r, int64_t count) {
+    const Chunk& c = chunks[chunk_of[k]];
+    return rows(dgates_buf[c.buf], r - c.lo, count);
+  };
+  // The gradients the chunks accumulate into.
+  auto none = [&] { return at::empty({0}, opts); };  // one tensor per absent gradient: no aliasing
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
+  Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b = none(), grad_peep = none();
+  if (output_mask[1]) {
+    grad_w_ih = at::zeros({4 * H, d.I}, opts);
+    grad_w_hh = at::zeros({4 * H, Hout}, opts);
+    if (b_ih.has_value()) grad_b = at::zeros({4 * H}, opts);
+    if (cell == CellKind::kPeephole) grad_peep = at::zeros({3, H}, opts);
+  }
+  auto finish_chunk = [&](const Chunk& c) {
+    const int64_t m = c.hi - c.lo;
+    const Tensor dg = rows(dgates_buf[c.buf], 0, m);
+    if (output_mask[0]) gemm(rows(grad_input.view({s.N, d.I}), c.lo, m), dg, w_ih);
+    if (!output_mask[1]) return;
+    gemm(grad_w_ih, dg.t(), rows(x, c.lo, m), 1.0f);
+    const std::vector<PrevSegment> cs = clip_segments(segs, c.lo, c.hi);
+    gemm_prev(grad_w_hh, dg, cs, out, h0, 1.0f);
+    if (grad_b.numel()) grad_b += dg.sum(0);
+    if (cell == CellKind::kPeephole) {
+      grad_peep[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c0);
+      grad_peep[1] += colsum_prev(dg.narrow(1, H, H), cs, c_all, c0);
+      grad_peep[2] += (dg.narrow(1, 3 * H, H) * rows(c_all, c.lo, m)).sum(0);
+    }
+  };
   Tensor dh_all, dr;  // projection: gradient of h_t (all rows) and of r_t (current step)
   if (proj) {
     dh_all = at::empty({s.N, Hout}, opts);
@@ -640,7 +714,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
         p.ld_dy = Hout;
       }
       p.dc_state = ptr<scalar_t>(dc_state);
-      p.dgates = ptr<scalar_t>(dgates) + r0 * 4 * H;
+      p.dgates = ptr<scalar_t>(dgates_rows(k, r0, n));
       p.ld_dgates = 4 * H;
       if (cell == CellKind::kWorkingMemory) {
         p.u = ptr<scalar_t>(ws.u) + r0 * 3 * H;
@@ -653,7 +727,8 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
           const int64_t t_next = s.at(k + 1);
           cpu::lstm_backward_fused_step(
               cell, Phase::kO, p, ptr<scalar_t>(dh_state), Hout,
-              {ptr<float>(dgates) + s.off[t_next] * 4 * H, 4 * H, &w_hh_plain}, s.n[t_next]);
+              {ptr<float>(dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * H, &w_hh_plain},
+              s.n[t_next]);
         } else {
           FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kO, p);
         }
@@ -680,41 +755,31 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
         const int64_t t_next = s.at(k + 1);
         cpu::lstm_backward_fused_step(
             cell, Phase::kWhole, p, ptr<scalar_t>(dh_state), Hout,
-            {ptr<float>(dgates) + s.off[t_next] * 4 * H, 4 * H, &w_hh_plain}, s.n[t_next]);
+            {ptr<float>(dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * H, &w_hh_plain},
+            s.n[t_next]);
       } else {
         FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kWhole, p);
       }
       // unfused: this step's part of dh_{t-1} now; fused: in the next processed step's call
-      if (!fused || k == 0) gemm(rows(dh_state, 0, n), rows(dgates, r0, n), w_hh);
+      if (!fused || k == 0) gemm(rows(dh_state, 0, n), dgates_rows(k, r0, n), w_hh);
+      if (k == chunks[chunk_of[k]].k_lo) finish_chunk(chunks[chunk_of[k]]);
     }
   });
 
   if (cell == CellKind::kWorkingMemory && s.B > 0) {
     gemm(dc_state, dp.narrow(1, 0, 2 * H), w_ch->narrow(0, 0, 2 * H), 1.0f);
   }
-  // Every absent gradient is its own empty tensor: outputs of an op must not alias each other.
-  auto none = [&] { return at::empty({0}, opts); };
-  Tensor grad_input = none();
-  if (output_mask[0]) {
-    grad_input = at::empty(input.sizes(), opts);
-    gemm(grad_input.view({s.N, d.I}), dgates, w_ih);
-  }
   if (!output_mask[1]) {
     return {grad_input, dh_state, dc_state, none(), none(), none(), none(), none(), none()};
   }
-  Tensor grad_w_ih = new_gemm(dgates.t(), x);
-  Tensor grad_w_hh = at::empty({4 * H, Hout}, opts);
-  gemm_prev(grad_w_hh, dgates, segs, out, h0);
   Tensor grad_b_ih = none(), grad_b_hh = none();
   if (b_ih.has_value()) {
-    grad_b_ih = dgates.sum(0);
-    grad_b_hh = grad_b_ih.clone();
+    grad_b_ih = grad_b;
+    grad_b_hh = grad_b.clone();
   }
   Tensor grad_w_ch = none();
   if (cell == CellKind::kPeephole) {
-    grad_w_ch = at::stack({colsum_prev(dgates.narrow(1, 0, H), segs, c_all, c0),
-                           colsum_prev(dgates.narrow(1, H, H), segs, c_all, c0),
-                           (dgates.narrow(1, 3 * H, H) * c_all).sum(0)});
+    grad_w_ch = grad_peep;
   } else if (cell == CellKind::kWorkingMemory) {
     grad_w_ch = at::empty({3 * H, H}, opts);
     gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_all.narrow(1, 0, 2 * H), segs, c_all, c0);

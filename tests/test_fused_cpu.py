@@ -127,3 +127,16 @@ def test_unfused_fp32_path():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 3), ("peephole_lstm", 0),
+                                       ("wm_lstm", 0), ("gru", 0)])
+def test_backward_in_chunks(cell, proj, reverse):
+    """More rows than the LSTM-family backward keeps dgates for at a time (1024; fp32 and fp64
+    on the CPU): the input and weight gradients add up over the chunks, the first step of a
+    chunk reads the last dgates of the one before, and packed lengths put chunk boundaries
+    between and inside runs of equal batch sizes."""
+    batch_sizes = [8] * 110 + [5] * 120 + [2] * 100  # 1720 rows: two chunks
+    _check(cell, 8, 6, I=4, proj=proj, batch_sizes=batch_sizes, reverse=reverse,
+           with_state=True)

@@ -340,8 +340,54 @@ Tensor gather_prev(const std::vector<PrevSegment>& segs, const Tensor& seq, cons
 
 constexpr size_t kMaxSegmentGemms = 8;
 
-// Rows of dgates the LSTM-family backward keeps at a time (see `chunked` there).
+// The backward loops keep the per-row gradients that the weight gradients need (dgates) for a
+// chunk of consecutive processed steps at a time, fp32 / fp64 on the CPU (other dtypes would
+// round each chunk's partial weight gradients): a chunk's part of the input and weight gradients
+// is computed, accumulated, when it is done, while it is still in cache, and its buffers are
+// reused two chunks later (the next chunk's first step reads the previous chunk's last rows).
+// Less memory, fewer fresh pages to fault in. Otherwise one chunk holds every step.
 constexpr int64_t kBackwardChunkRows = 1024;
+
+struct StepChunks {
+  struct Chunk {
+    int64_t k_lo, lo, hi;  // the chunk's last processed step; its rows [lo, hi)
+    int buf;               // which of the two buffers holds it
+  };
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> chunk_of;  // the chunk of each processed step
+  int64_t buf_rows = 0;
+
+  StepChunks(const Steps& s, const Tensor& input) : chunk_of(s.T) {
+    const bool chunked = input.device().is_cpu() && (input.scalar_type() == at::kFloat ||
+                                                     input.scalar_type() == at::kDouble);
+    const int64_t cap = chunked ? std::max<int64_t>(kBackwardChunkRows, s.B) : s.N;
+    for (int64_t k = s.T - 1; k >= 0; --k) {
+      const int64_t t = s.at(k), lo = s.off[t], hi = lo + s.n[t];
+      if (chunks.empty() ||
+          std::max(hi, chunks.back().hi) - std::min(lo, chunks.back().lo) > cap) {
+        chunks.push_back({k, lo, hi, static_cast<int>(chunks.size() % 2)});
+      } else {
+        Chunk& c = chunks.back();
+        c.k_lo = k;
+        c.lo = std::min(lo, c.lo);
+        c.hi = std::max(hi, c.hi);
+      }
+      chunk_of[k] = static_cast<int64_t>(chunks.size()) - 1;
+    }
+    for (const Chunk& c : chunks) buf_rows = std::max(buf_rows, c.hi - c.lo);
+  }
+  // Buffer `which` (0 or 1) of `width` columns; undefined when there is no second chunk.
+  Tensor buffer(int64_t width, const at::TensorOptions& opts, int which) const {
+    if (which == 1 && chunks.size() < 2) return Tensor();
+    return at::empty({buf_rows, width}, opts);
+  }
+  const Chunk& of(int64_t k) const { return chunks[chunk_of[k]]; }
+  // rows [r, r + count) of a per-row buffer pair, for a row r of processed step k
+  Tensor rows_of(const Tensor (&bufs)[2], int64_t k, int64_t r, int64_t count) const {
+    const Chunk& c = of(k);
+    return bufs[c.buf].narrow(0, r - c.lo, count);
+  }
+};
 
 // The segments of rows [lo, hi) of the row space, renumbered from 0.
 std::vector<PrevSegment> clip_segments(const std::vector<PrevSegment>& segs, int64_t lo,
@@ -598,40 +644,13 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   const std::vector<PrevSegment> segs = prev_segments(s);
 
   // The gradients of the gate pre-activations, dgates, are kept for a chunk of consecutive
-  // processed steps at a time (fp32 / fp64 on the CPU; otherwise one chunk holds all steps): when
-  // a chunk is done, its part of the input and weight gradients is computed (accumulated) from
-  // it while it is still in cache, and its buffer is reused two chunks later (the next chunk's
-  // first step reads the previous chunk's last rows). Less memory, fewer fresh pages to fault in.
-  const bool chunked = input.device().is_cpu() &&
-                       (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
-  const int64_t chunk_cap = chunked ? std::max<int64_t>(kBackwardChunkRows, s.B) : s.N;
-  struct Chunk {
-    int64_t k_lo, lo, hi;  // the chunk's last processed step, its rows [lo, hi)
-    int buf;
-  };
-  std::vector<int64_t> chunk_of(s.T);  // the chunk of each processed step
-  std::vector<Chunk> chunks;
-  for (int64_t k = s.T - 1; k >= 0; --k) {
-    const int64_t t = s.at(k), lo = s.off[t], hi = lo + s.n[t];
-    if (chunks.empty() ||
-        std::max(hi, chunks.back().hi) - std::min(lo, chunks.back().lo) > chunk_cap) {
-      chunks.push_back({k, lo, hi, static_cast<int>(chunks.size() % 2)});
-    } else {
-      Chunk& c = chunks.back();
-      c.k_lo = k;
-      c.lo = std::min(lo, c.lo);
-      c.hi = std::max(hi, c.hi);
-    }
-    chunk_of[k] = static_cast<int64_t>(chunks.size()) - 1;
-  }
-  int64_t buf_rows = 0;
-  for (const Chunk& c : chunks) buf_rows = std::max(buf_rows, c.hi - c.lo);
-  const Tensor dgates_buf[2] = {at::empty({buf_rows, 4 * H}, opts),
-                                chunks.size() > 1 ? at::empty({buf_rows, 4 * H}, opts) : Tensor()};
-  // rows [r, r + count) of dgates, for a row r of processed step k
+  // processed steps at a time (see StepChunks): when a chunk is done, its part of the input and
+  // weight gradients is computed (accumulated) from it while it is still in cache.
+  const StepChunks sc(s, input);
+  using Chunk = StepChunks::Chunk;
+  const Tensor dgates_buf[2] = {sc.buffer(4 * H, opts, 0), sc.buffer(4 * H, opts, 1)};
   auto dgates_rows = [&](int64_t k, int64_t r, int64_t count) {
-    const Chunk& c = chunks[chunk_of[k]];
-    return rows(dgates_buf[c.buf], r - c.lo, count);
+    return sc.rows_of(dgates_buf, k, r, count);
   };
   // The gradients the chunks accumulate into.
   auto none = [&] { return at::empty({0}, opts); };  // one tensor per absent gradient: no aliasing
@@ -762,7 +781,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       }
       // unfused: this step's part of dh_{t-1} now; fused: in the next processed step's call
       if (!fused || k == 0) gemm(rows(dh_state, 0, n), dgates_rows(k, r0, n), w_hh);
-      if (k == chunks[chunk_of[k]].k_lo) finish_chunk(chunks[chunk_of[k]]);
+      if (k == sc.of(k).k_lo) finish_chunk(sc.of(k));
     }
   });
 
@@ -873,8 +892,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   Tensor dh_state = grad_or_zeros(grad_hy, input, s.B, H);
   const Tensor h0 = hx.has_value() ? hx->contiguous() : at::zeros({s.B, H}, opts);
   const std::vector<PrevSegment> segs = prev_segments(s);
-  Tensor dx = at::empty({s.N, 3 * H}, opts);
-  Tensor dhg = at::empty({s.N, 3 * H}, opts);
+  // dx and dhg (the gradients of the x-side and h-side pre-activations) chunk by chunk, as
+  // dgates in the LSTM-family backward.
+  const StepChunks sc(s, input);
+  using Chunk = StepChunks::Chunk;
+  const Tensor dx_buf[2] = {sc.buffer(3 * H, opts, 0), sc.buffer(3 * H, opts, 1)};
+  const Tensor dhg_buf[2] = {sc.buffer(3 * H, opts, 0), sc.buffer(3 * H, opts, 1)};
+  auto none = [&] { return at::empty({0}, opts); };  // one tensor per output: no aliasing
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
+  Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
+  if (output_mask[1]) {
+    grad_w_ih = at::zeros({3 * H, d.I}, opts);
+    grad_w_hh = at::zeros({3 * H, H}, opts);
+    if (b_ih.has_value()) {
+      grad_b_ih = at::zeros({3 * H}, opts);
+      grad_b_hh = at::zeros({3 * H}, opts);
+    }
+  }
+  auto finish_chunk = [&](const Chunk& c) {
+    const int64_t m = c.hi - c.lo;
+    const Tensor dx = rows(dx_buf[c.buf], 0, m), dhg = rows(dhg_buf[c.buf], 0, m);
+    if (output_mask[0]) gemm(rows(grad_input.view({s.N, d.I}), c.lo, m), dx, w_ih);
+    if (!output_mask[1]) return;
+    gemm(grad_w_ih, dx.t(), rows(x, c.lo, m), 1.0f);
+    gemm_prev(grad_w_hh, dhg, clip_segments(segs, c.lo, c.hi), out, h0, 1.0f);
+    if (grad_b_ih.numel()) {
+      grad_b_ih += dx.sum(0);
+      grad_b_hh += dhg.sum(0);
+    }
+  };
   // Fused CPU steps (fp32), as in the LSTM backward.
   const bool fused = cpu::fused_steps_enabled(input);
   const cpu::PackedWeight w_hh_plain = fused ? cpu::pack_plain(w_hh) : cpu::PackedWeight();
@@ -895,37 +941,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       p.dy = has_dy ? ptr<scalar_t>(dy) + r0 * H : nullptr;
       p.ld_dy = H;
       p.dh_state = ptr<scalar_t>(dh_state);
-      p.dx = ptr<scalar_t>(dx) + r0 * 3 * H;
+      p.dx = ptr<scalar_t>(sc.rows_of(dx_buf, k, r0, n));
       p.ld_dx = 3 * H;
-      p.dhg = ptr<scalar_t>(dhg) + r0 * 3 * H;
+      p.dhg = ptr<scalar_t>(sc.rows_of(dhg_buf, k, r0, n));
       p.ld_dhg = 3 * H;
       if (fused && k + 1 < s.T) {
         // dh_t += dhg(next processed step) W_hh, tile by tile, each tile's step kernel after it
         const int64_t t_next = s.at(k + 1);
         cpu::gru_backward_fused_step(
-            p, {ptr<float>(dhg) + s.off[t_next] * 3 * H, 3 * H, &w_hh_plain}, s.n[t_next]);
+            p,
+            {ptr<float>(sc.rows_of(dhg_buf, k + 1, s.off[t_next], s.n[t_next])), 3 * H,
+             &w_hh_plain},
+            s.n[t_next]);
       } else {
         FUSEDRNN_LAUNCH(input.device(), gru_backward_step, p);
       }
       // unfused: this step's part of dh_{t-1} now; fused: in the next processed step's call
-      if (!fused || k == 0) gemm(rows(dh_state, 0, n), rows(dhg, r0, n), w_hh, 1.0f);
+      if (!fused || k == 0) {
+        gemm(rows(dh_state, 0, n), sc.rows_of(dhg_buf, k, r0, n), w_hh, 1.0f);
+      }
+      if (k == sc.of(k).k_lo) finish_chunk(sc.of(k));
     }
   });
-  auto none = [&] { return at::empty({0}, opts); };  // one tensor per output: no aliasing
-  Tensor grad_input = none();
-  if (output_mask[0]) {
-    grad_input = at::empty(input.sizes(), opts);
-    gemm(grad_input.view({s.N, d.I}), dx, w_ih);
-  }
-  if (!output_mask[1]) return {grad_input, dh_state, none(), none(), none(), none()};
-  Tensor grad_w_ih = new_gemm(dx.t(), x);
-  Tensor grad_w_hh = at::empty({3 * H, H}, opts);
-  gemm_prev(grad_w_hh, dhg, segs, out, h0);
-  Tensor grad_b_ih = none(), grad_b_hh = none();
-  if (b_ih.has_value()) {
-    grad_b_ih = dx.sum(0);
-    grad_b_hh = dhg.sum(0);
-  }
   return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 

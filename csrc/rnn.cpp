@@ -266,13 +266,6 @@ void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta = 0.0f) {
   }
 }
 
-// a @ b into a new tensor
-Tensor new_gemm(const Tensor& a, const Tensor& b) {
-  Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  gemm(out, a, b);
-  return out;
-}
-
 // input's shape with the last dimension replaced by `features`
 std::vector<int64_t> out_shape(const Tensor& input, int64_t features) {
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
@@ -655,13 +648,22 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   // The gradients the chunks accumulate into.
   auto none = [&] { return at::empty({0}, opts); };  // one tensor per absent gradient: no aliasing
   Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
-  Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b = none(), grad_peep = none();
+  Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b = none(), grad_w_ch = none(),
+         grad_w_hr = none();
   if (output_mask[1]) {
     grad_w_ih = at::zeros({4 * H, d.I}, opts);
     grad_w_hh = at::zeros({4 * H, Hout}, opts);
     if (b_ih.has_value()) grad_b = at::zeros({4 * H}, opts);
-    if (cell == CellKind::kPeephole) grad_peep = at::zeros({3, H}, opts);
+    if (cell == CellKind::kPeephole) grad_w_ch = at::zeros({3, H}, opts);
+    if (cell == CellKind::kWorkingMemory) grad_w_ch = at::zeros({3 * H, H}, opts);
+    if (proj) grad_w_hr = at::zeros({Hout, H}, opts);
   }
+  // Per chunk as dgates: the projection's gradient of h_t (all rows), the WM's gradients of the
+  // cell-connection pre-activations.
+  const Tensor dh_buf[2] = {proj ? sc.buffer(Hout, opts, 0) : Tensor(),
+                            proj ? sc.buffer(Hout, opts, 1) : Tensor()};
+  const Tensor dp_buf[2] = {cell == CellKind::kWorkingMemory ? sc.buffer(3 * H, opts, 0) : Tensor(),
+                            cell == CellKind::kWorkingMemory ? sc.buffer(3 * H, opts, 1) : Tensor()};
   auto finish_chunk = [&](const Chunk& c) {
     const int64_t m = c.hi - c.lo;
     const Tensor dg = rows(dgates_buf[c.buf], 0, m);
@@ -672,21 +674,20 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     gemm_prev(grad_w_hh, dg, cs, out, h0, 1.0f);
     if (grad_b.numel()) grad_b += dg.sum(0);
     if (cell == CellKind::kPeephole) {
-      grad_peep[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c0);
-      grad_peep[1] += colsum_prev(dg.narrow(1, H, H), cs, c_all, c0);
-      grad_peep[2] += (dg.narrow(1, 3 * H, H) * rows(c_all, c.lo, m)).sum(0);
+      grad_w_ch[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c0);
+      grad_w_ch[1] += colsum_prev(dg.narrow(1, H, H), cs, c_all, c0);
+      grad_w_ch[2] += (dg.narrow(1, 3 * H, H) * rows(c_all, c.lo, m)).sum(0);
+    } else if (cell == CellKind::kWorkingMemory) {
+      const Tensor dp_c = rows(dp_buf[c.buf], 0, m);
+      gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_c.narrow(1, 0, 2 * H), cs, c_all, c0, 1.0f);
+      gemm(grad_w_ch.narrow(0, 2 * H, H), dp_c.narrow(1, 2 * H, H).t(), rows(c_all, c.lo, m),
+           1.0f);
     }
+    if (proj) gemm(grad_w_hr, rows(dh_buf[c.buf], 0, m).t(), rows(ws.r, c.lo, m), 1.0f);
   };
-  Tensor dh_all, dr;  // projection: gradient of h_t (all rows) and of r_t (current step)
-  if (proj) {
-    dh_all = at::empty({s.N, Hout}, opts);
-    dr = at::empty({s.B, H}, opts);
-  }
-  Tensor dp, dp_all;  // WM: gradients of the cell-connection pre-activations
-  if (cell == CellKind::kWorkingMemory) {
-    dp = at::zeros({s.B, 3 * H}, opts);
-    dp_all = at::empty({s.N, 3 * H}, opts);
-  }
+  // projection: gradient of r_t (current step); WM: the cell-connection gradients in flight
+  const Tensor dr = proj ? at::empty({s.B, H}, opts) : Tensor();
+  Tensor dp = cell == CellKind::kWorkingMemory ? at::zeros({s.B, 3 * H}, opts) : Tensor();
   Tensor peep = cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor();
   // Fused CPU steps (fp32, without projection): the GEMM that carries dh back through weight_hh
   // runs tile by tile from weight_hh packed here, each tile followed by the previous step's
@@ -717,7 +718,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       p.m_prev = m_prev;
       p.peephole = opt_ptr<scalar_t>(peep);
       if (proj) {
-        Tensor dh_t = rows(dh_all, r0, n);
+        Tensor dh_t = sc.rows_of(dh_buf, k, r0, n);
         if (has_dy) {
           at::add_out(dh_t, rows(dh_state, 0, n), rows(dy, r0, n));
         } else {
@@ -740,7 +741,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
         p.ld_u = 3 * H;
         p.dp = ptr<scalar_t>(dp);
         p.ld_dp = 3 * H;
-        p.dp_saved = ptr<scalar_t>(dp_all) + r0 * 3 * H;
+        p.dp_saved = ptr<scalar_t>(sc.rows_of(dp_buf, k, r0, n));
         p.ld_dp_saved = 3 * H;
         if (fused && k + 1 < s.T) {
           const int64_t t_next = s.at(k + 1);
@@ -796,15 +797,6 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     grad_b_ih = grad_b;
     grad_b_hh = grad_b.clone();
   }
-  Tensor grad_w_ch = none();
-  if (cell == CellKind::kPeephole) {
-    grad_w_ch = grad_peep;
-  } else if (cell == CellKind::kWorkingMemory) {
-    grad_w_ch = at::empty({3 * H, H}, opts);
-    gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_all.narrow(1, 0, 2 * H), segs, c_all, c0);
-    gemm(grad_w_ch.narrow(0, 2 * H, H), dp_all.narrow(1, 2 * H, H).t(), c_all);
-  }
-  Tensor grad_w_hr = proj ? new_gemm(dh_all.t(), ws.r) : none();
   return {grad_input, dh_state,  dc_state,  grad_w_ih, grad_w_hh,
           grad_b_ih,  grad_b_hh, grad_w_ch, grad_w_hr};
 }

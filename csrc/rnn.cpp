@@ -504,7 +504,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   // projection before the loop). The LSTM / peephole step writes h_t into the state its GEMM
   // reads h_{t-1} from, so that GEMM reads a copy (`h_prev`); the WM step writes h_t in its
   // second phase only, after the GEMMs.
-  const bool fused = cpu::fused_steps_enabled(input);
+  const bool fused = cpu::fused_steps_enabled(input, s.T, s.N);
   cpu::PackedWeight w_ih_packed, w_hh_packed, w_ch_packed;
   Tensor x_rows, h_prev;
   std::optional<InputProjection> xproj;
@@ -696,7 +696,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   // GEMM reads while this step's GEMM still reads the previous ones: it writes them into a
   // second dp buffer (`dp_next`), and the two swap after each step.
   const bool wm = cell == CellKind::kWorkingMemory;
-  const bool fused = cpu::fused_steps_enabled(input) && !proj;
+  const bool fused = cpu::fused_steps_enabled(input, s.T, s.N) && !proj;
   const cpu::PackedWeight w_hh_plain = fused ? cpu::pack_plain(w_hh) : cpu::PackedWeight();
   const cpu::PackedWeight w_ch_plain = fused && wm ? cpu::pack_plain(*w_ch) : cpu::PackedWeight();
   Tensor dp_next = fused && wm ? at::zeros({s.B, 3 * H}, opts) : Tensor();
@@ -827,7 +827,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
   const Tensor w_hh_t = w_hh.t();
   // Fused CPU steps (fp32), as in the LSTM forward: the step writes h_t into the state, so the
   // GEMM reads a copy of h_{t-1}.
-  const bool fused = cpu::fused_steps_enabled(input);
+  const bool fused = cpu::fused_steps_enabled(input, s.T, s.N);
   cpu::PackedWeight w_hh_packed;
   Tensor h_prev;
   if (fused) {
@@ -914,7 +914,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     }
   };
   // Fused CPU steps (fp32), as in the LSTM backward.
-  const bool fused = cpu::fused_steps_enabled(input);
+  const bool fused = cpu::fused_steps_enabled(input, s.T, s.N);
   const cpu::PackedWeight w_hh_plain = fused ? cpu::pack_plain(w_hh) : cpu::PackedWeight();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_backward", [&] {
     const scalar_t* ws_p = s.N > 0 ? workspace.const_data_ptr<scalar_t>() : nullptr;

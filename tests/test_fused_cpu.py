@@ -47,7 +47,9 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
     on the same (fp32-rounded) values. long_sums: the weight gradients are sums over so many rows
     (over a thousand) that fp32 rounding alone can exceed the SPEC's 1e-5; they are then held to
     the larger of that and twice the error of the reference loop run in fp32."""
-    T = len(batch_sizes) if batch_sizes is not None else 3
+    # padded: enough steps for the fused path at every B (cpu/fused_step.h: at least 4 steps
+    # and 32 rows; shorter calls run the unfused path)
+    T = len(batch_sizes) if batch_sizes is not None else max(6, -(-32 // B))
     bs = torch.tensor(batch_sizes, dtype=torch.int64) if batch_sizes is not None else None
     w64 = make_weights(cell, I, H, proj, True, scale=0.5)
     x64 = make_input(T, B, I, batch_sizes)
@@ -113,7 +115,7 @@ def test_fused_steps_multithreaded(cell):
     """More than one thread splits each step's panels (16 units each) between them; the result
     is the one-thread result (each element is computed by one thread in the same order)."""
     old = torch.get_num_threads()
-    x = torch.randn(3, 64, 32)
+    x = torch.randn(4, 64, 32)
     w = cast_weights(make_weights(cell, 32, 96, 0, True, scale=0.3), F32)
     try:
         torch.set_num_threads(1)

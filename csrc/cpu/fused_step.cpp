@@ -30,8 +30,9 @@ bool fused_steps_available() {
   return available;
 }
 
-bool fused_steps_enabled(const at::Tensor& t) {
-  return fused_steps_available() && t.device().is_cpu() && t.scalar_type() == at::kFloat;
+bool fused_steps_enabled(const at::Tensor& t, int64_t steps, int64_t rows) {
+  return fused_steps_available() && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+         steps >= kFusedMinSteps && rows >= kFusedMinRows;
 }
 
 namespace {

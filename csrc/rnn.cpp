@@ -736,6 +736,19 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       p.dc_state = ptr<scalar_t>(dc_state);
       p.dgates = ptr<scalar_t>(dgates_rows(k, r0, n));
       p.ld_dgates = 4 * H;
+      // The phase that reads dh_t (kWhole; WM kO). Fused: dh_t = dgates(next processed step)
+      // W_hh tile by tile, each tile's step kernel after it; unfused: dh_t is already there.
+      auto dh_phase = [&](Phase phase) {
+        if (fused && k + 1 < s.T) {
+          const int64_t t_next = s.at(k + 1);
+          cpu::lstm_backward_fused_step(
+              cell, phase, p, ptr<scalar_t>(dh_state), Hout,
+              {ptr<float>(dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * H, &w_hh_plain},
+              s.n[t_next]);
+        } else {
+          FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, phase, p);
+        }
+      };
       if (cell == CellKind::kWorkingMemory) {
         p.u = ptr<scalar_t>(ws.u) + r0 * 3 * H;
         p.ld_u = 3 * H;
@@ -743,15 +756,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
         p.ld_dp = 3 * H;
         p.dp_saved = ptr<scalar_t>(sc.rows_of(dp_buf, k, r0, n));
         p.ld_dp_saved = 3 * H;
-        if (fused && k + 1 < s.T) {
-          const int64_t t_next = s.at(k + 1);
-          cpu::lstm_backward_fused_step(
-              cell, Phase::kO, p, ptr<scalar_t>(dh_state), Hout,
-              {ptr<float>(dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * H, &w_hh_plain},
-              s.n[t_next]);
-        } else {
-          FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kO, p);
-        }
+        dh_phase(Phase::kO);
         // dc_t += dp_o(t) W_co + [dp_i, dp_f](next step) [W_ci; W_cf]; rows of dp whose
         // next step did not run them are still zero.
         if (fused) {
@@ -770,15 +775,8 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
           gemm(rows(dc_state, 0, n), rows(dp, 0, n), *w_ch, 1.0f);
           FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kIFG, p);
         }
-      } else if (fused && k + 1 < s.T) {
-        // dh_t = dgates(next processed step) W_hh, tile by tile, each tile's step kernel after it
-        const int64_t t_next = s.at(k + 1);
-        cpu::lstm_backward_fused_step(
-            cell, Phase::kWhole, p, ptr<scalar_t>(dh_state), Hout,
-            {ptr<float>(dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * H, &w_hh_plain},
-            s.n[t_next]);
       } else {
-        FUSEDRNN_LAUNCH(input.device(), lstm_backward_step, cell, Phase::kWhole, p);
+        dh_phase(Phase::kWhole);
       }
       // unfused: this step's part of dh_{t-1} now; fused: in the next processed step's call
       if (!fused || k == 0) gemm(rows(dh_state, 0, n), dgates_rows(k, r0, n), w_hh);

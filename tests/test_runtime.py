@@ -2,8 +2,8 @@
 many iterations, DistributedDataParallel across processes, and a large CPU shape."""
 import copy
 import datetime
+import gc
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -227,10 +227,11 @@ def _train(model, x, y):
         opt.step()
 
 
-def _ddp_worker(rank, world, init_path, data_path, out_path):
+def _ddp_worker(rank, world, store_path, init_path, data_path, out_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+    # a FileStore: no TCP store server on rank 0 that rank 1 depends on, and no port to race for
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
     try:
         model = _Net()
         model.load_state_dict(torch.load(init_path))
@@ -240,15 +241,15 @@ def _ddp_worker(rank, world, init_path, data_path, out_path):
         _train(ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
         if rank == 0:
             torch.save(model.state_dict(), out_path)
+        # DistributedDataParallel sits in a reference cycle (its hooks refer to it), so without
+        # a collection it, its reducer and the process group it holds would live on until
+        # interpreter shutdown, where gloo's threads releasing their work could abort the process
+        del ddp
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        gc.collect()
 
 
 def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch):
@@ -260,15 +261,14 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch)
     init = _Net()
     x = torch.randn(4, 5, 3, dtype=F64)
     y = torch.randn(4, dtype=F64)
-    init_path, data_path, out_path = (str(tmp_path / n) for n in ("init.pt", "data.pt", "out.pt"))
+    store_path, init_path, data_path, out_path = (
+        str(tmp_path / n) for n in ("store", "init.pt", "data.pt", "out.pt"))
     torch.save(init.state_dict(), init_path)
     torch.save((x, y), data_path)
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_ddp_worker, args=(2, init_path, data_path, out_path), nprocs=2,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(_ddp_worker, args=(2, store_path, init_path, data_path, out_path),
+                             nprocs=2, join=False, start_method="spawn")
     deadline = time.time() + 120
     try:
         while not ctx.join(timeout=1):  # raises if a worker failed

@@ -165,7 +165,7 @@ else
   if grep -Eq "ERROR SUMMARY: [1-9]" "$OUT/memcheck.log" || [ "$STAGE_RC" = 99 ]; then
     record memcheck FAIL "$STAGE_S" "memcheck errors (memcheck.log)"
     FAILED=1
-  elif grep -q "CUDA correctness checks failed" "$OUT/memcheck.log"; then
+  elif grep -q "cuda correctness checks failed" "$OUT/memcheck.log"; then
     record memcheck FAIL "$STAGE_S" "the tiny check failed under the sanitizer (memcheck.log)"
     FAILED=1
   else

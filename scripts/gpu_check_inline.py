@@ -20,10 +20,14 @@ cap (grid-stride loop), a CUDA graph capture and replay of forward+backward of o
 Exits non-zero when any check fails; writes every measured error to --out (JSON).
 
 --tiny runs small fp32/bf16 cases only (for compute-sanitizer, where every launch is slow).
+--device cpu runs the same cell checks on the CPU fused path (no grid-stride or graph checks):
+a dry run of this script where no GPU is, which the CPU test suite makes, so that a mistake in
+the script itself never costs a GPU session.
 """
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import Dict, List, Optional
@@ -33,88 +37,26 @@ import torch
 import fusedrnn
 from fusedrnn import functional, reference
 
-CELLS = ("lstm", "gru", "peephole_lstm", "wm_lstm")
-HALF_TYPES = (torch.bfloat16, torch.float16)
-# floor of the half-type bound, relative to max|ref|: ~2.5 ulps (bf16 eps 2^-8, fp16 eps 2^-11)
-HALF_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1.25e-3}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from layer_cases import (CELLS, HALF_TYPES, make_layer_args, max_err,  # noqa: E402
+                         run_layer, within_tolerance)
 
 
 class Case:
-    """fp64 CPU leaves and cotangents of one layer call."""
+    """One layer call (tests/layer_cases.py) with its name, and whether to check the half
+    types on it: their rule compares two max errors, which on a single element is a coin toss."""
 
-    # Default sizes: odd, and large enough that the max error of the half types is a stable
-    # statistic (on a few hundred elements, the ratio of two max errors is noisy).
-    def __init__(self, cell: str, layout: str, T: int = 8, B: int = 17, I: int = 15,
-                 H: int = 33, proj: int = 0, bias: bool = True, seed: int = 0,
-                 half: bool = True):
-        g = torch.Generator().manual_seed(seed)
-        f64 = torch.float64
-
-        def uniform(*shape):  # torch's RNN initialisation, uniform in +-1/sqrt(H)
-            return (torch.rand(*shape, generator=g, dtype=f64) * 2 - 1) / math.sqrt(H)
-
-        def normal(*shape):
-            return torch.randn(*shape, generator=g, dtype=f64)
-
-        self.cell, self.layout, self.proj, self.bias = cell, layout, proj, bias
-        # whether to check fp16/bf16: their rule compares two max errors, which on a single
-        # element is a coin toss
-        self.half = half
+    def __init__(self, cell: str, layout: str, proj: int = 0, bias: bool = True,
+                 half: bool = True, **sizes):
+        self.cell, self.half = cell, half
+        self.args = make_layer_args(cell, layout, proj=proj, bias=bias, **sizes)
         self.name = f"{cell}/{layout}" + (f"/proj{proj}" if proj else "") + \
             ("" if bias else "/nobias")
-        G = 3 if cell == "gru" else 4
-        H_out = proj or H
-        t: Dict[str, torch.Tensor] = {}
-        if layout == "packed_reverse":
-            sizes = [max(1, B - (B * k) // T) for k in range(T)]  # non-increasing, sizes[0] = B
-            self.batch_sizes: Optional[torch.Tensor] = torch.tensor(sizes, dtype=torch.int64)
-            self.reverse = True
-            t["input"] = normal(sum(sizes), I)
-        else:
-            self.batch_sizes = None
-            self.reverse = False
-            t["input"] = normal(T, B, I)
-        t["weight_ih"] = uniform(G * H, I)
-        t["weight_hh"] = uniform(G * H, H_out)
-        if bias:
-            t["bias_ih"] = uniform(G * H)
-            t["bias_hh"] = uniform(G * H)
-        if cell == "peephole_lstm":
-            t["weight_ch"] = uniform(3, H)
-        elif cell == "wm_lstm":
-            t["weight_ch"] = uniform(3 * H, H)
-        if proj:
-            t["weight_hr"] = uniform(proj, H)
-        t["hx"] = 0.5 * normal(B, H_out)
-        if cell != "gru":
-            t["cx"] = 0.5 * normal(B, H)
-        self.leaves = t
-        rows = t["input"].shape[:-1]
-        self.cotangents = [normal(*rows, H_out), normal(B, H_out)]
-        if cell != "gru":
-            self.cotangents.append(normal(B, H))
 
 
 def run(fn, case: Case, device: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """Outputs and gradients of every leaf, as fp64 CPU tensors."""
-    leaves = {k: v.detach().to(device, dtype).requires_grad_() for k, v in case.leaves.items()}
-    out, hy, cy = fn(case.cell, leaves["input"], leaves["weight_ih"], leaves["weight_hh"],
-                     leaves.get("bias_ih"), leaves.get("bias_hh"), leaves.get("weight_ch"),
-                     leaves.get("weight_hr"), leaves["hx"], leaves.get("cx"), case.batch_sizes,
-                     case.reverse)
-    outs = [out, hy] + ([cy] if cy is not None else [])
-    cots = [c.to(device, dtype) for c in case.cotangents]
-    names = list(leaves)
-    grads = torch.autograd.grad(outs, [leaves[k] for k in names], cots)
-    result = {"output": out, "h_n": hy}
-    if cy is not None:
-        result["c_n"] = cy
-    result.update({"grad_" + k: g for k, g in zip(names, grads)})
-    return {k: v.detach().to("cpu", torch.float64) for k, v in result.items()}
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item() if a.numel() else 0.0
+    return run_layer(fn, case.cell, case.args, device, dtype)
 
 
 class Checker:
@@ -129,32 +71,16 @@ class Checker:
             return
         for k, r in ref.items():
             g = got[k]
-            rec = {"check": label, "tensor": k, "dtype": str(dtype).replace("torch.", "")}
-            if g.shape != r.shape:
-                self.failures.append(f"{label} {k}: shape {tuple(g.shape)} != {tuple(r.shape)}")
-                continue
-            err = max_err(g, r)
-            rec["max_abs_err"] = err
-            if not torch.isfinite(g).all():
-                ok, rec["bound"] = False, "finite"
-            elif dtype == torch.float64:
-                ok = bool(((g - r).abs() <= 1e-10 + 1e-10 * r.abs()).all())
-                rec["bound"] = "1e-10 + 1e-10|ref|"
-            elif dtype == torch.float32:
-                ok = bool(((g - r).abs() <= 1e-5 + 1e-5 * r.abs()).all())
-                rec["bound"] = "1e-5 + 1e-5|ref|"
-            else:
-                assert lowp is not None, "half types need the low-precision reference"
-                floor = HALF_FLOOR[dtype] * (r.abs().max().item() if r.numel() else 0.0)
-                bound = 2 * max_err(lowp[k], r) + floor
-                ok = err <= bound
-                rec["bound"] = bound
+            ok, bound = within_tolerance(g, r, dtype, None if lowp is None else lowp[k])
+            rec = {"check": label, "tensor": k, "dtype": str(dtype).replace("torch.", ""),
+                   "max_abs_err": max_err(g, r) if g.shape == r.shape else None,
+                   "bound": bound, "ok": ok}
+            if lowp is not None:
                 rec["reference_lowp_err"] = max_err(lowp[k], r)
-            rec["ok"] = ok
             self.records.append(rec)
             if not ok:
-                self.failures.append(f"{label} {k} [{rec['dtype']}]: max abs err {err:.3e}, "
-                                     f"bound {rec['bound']}")
+                self.failures.append(f"{label} {k} [{rec['dtype']}]: max abs err "
+                                     f"{rec['max_abs_err']}, bound {bound}")
 
     def fail(self, msg: str) -> None:
         self.failures.append(msg)
@@ -176,7 +102,7 @@ def cases(tiny: bool) -> List[Case]:
     return out
 
 
-def check_cells(chk: Checker, tiny: bool) -> None:
+def check_cells(chk: Checker, tiny: bool, device: str) -> None:
     dtypes = (torch.float32, torch.bfloat16) if tiny else \
         (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     for case in cases(tiny):
@@ -187,10 +113,10 @@ def check_cells(chk: Checker, tiny: bool) -> None:
         for dtype in dtypes:
             if dtype in HALF_TYPES and not case.half:
                 continue
-            got = run(functional.rnn_layer, case, "cuda", dtype)
-            lowp = run(reference.layer, case, "cuda", dtype) if dtype in HALF_TYPES else None
-            chk.compare(f"{case.name} cuda", got, ref, dtype, lowp)
-        torch.cuda.synchronize()
+            got = run(functional.rnn_layer, case, device, dtype)
+            lowp = run(reference.layer, case, device, dtype) if dtype in HALF_TYPES else None
+            chk.compare(f"{case.name} {device}", got, ref, dtype, lowp)
+        synchronize(device)
 
 
 def check_grid_stride(chk: Checker) -> None:
@@ -268,13 +194,21 @@ def check_graph(chk: Checker) -> None:
         chk.fail(f"cuda graph replay vs fp64 reference: output max abs err {err:.3e}")
 
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small fp32/bf16 cases only")
     parser.add_argument("--out", default=None, help="JSON file of every measured error")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a dry run of the cell checks on the CPU fused path")
     args = parser.parse_args()
+    device = args.device
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check_inline: torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     info = fusedrnn.build_info()
@@ -282,28 +216,29 @@ def main() -> int:
     # fp32 GEMMs in full fp32 (TF32 would not meet the fp32 tolerance)
     torch.backends.cuda.matmul.allow_tf32 = False
     chk = Checker()
-    if info["backend"] != "fused" or not info["cuda"]:
-        chk.fail(f"the fused CUDA ops are not available: {info}")
+    if info["backend"] != "fused" or not info[device]:
+        chk.fail(f"the fused {device} ops are not available: {info}")
     else:
-        stages = [("cells", lambda: check_cells(chk, args.tiny))]
-        if not args.tiny:
+        stages = [("cells", lambda: check_cells(chk, args.tiny, device))]
+        if not args.tiny and device == "cuda":
             stages += [("grid_stride", lambda: check_grid_stride(chk)),
                        ("cuda_graph", lambda: check_graph(chk))]
         for name, fn in stages:
             t0 = time.time()
             try:
                 fn()
-                torch.cuda.synchronize()
+                synchronize(device)
             except Exception as exc:  # a raised error is a failed check, reported with the rest
                 chk.fail(f"{name}: raised {type(exc).__name__}: {exc}")
             print(f"stage {name}: {time.time() - t0:.1f}s, {len(chk.failures)} failures so far",
                   flush=True)
     try:
-        torch.cuda.synchronize()
+        synchronize(device)
     except Exception as exc:
         chk.fail(f"final torch.cuda.synchronize() raised {type(exc).__name__}: {exc}")
 
-    summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    summary = {"device": name, "torch": torch.__version__,
                "build_info": info, "tiny": args.tiny, "checks": len(chk.records),
                "failures": chk.failures, "records": chk.records}
     if args.out:
@@ -316,8 +251,8 @@ def main() -> int:
     print(f"{len(chk.records)} tensor checks; worst max abs err per dtype: {worst}")
     for msg in chk.failures:
         print("FAIL:", msg)
-    assert not chk.failures, f"{len(chk.failures)} CUDA correctness checks failed"
-    print("gpu_check_inline: all checks passed")
+    assert not chk.failures, f"{len(chk.failures)} {device} correctness checks failed"
+    print(f"gpu_check_inline: all {len(chk.records)} checks passed ({name})")
     return 0
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from layer_cases import CELLS, max_err  # noqa: F401 (shared with the CUDA tests)
+
 # SPEC §5: on these 2-core machines OpenMP's spin-wait makes two-thread small GEMMs ~30x slower
 # than one thread. The suite runs single-threaded to stay fast; the multi-threaded code path
 # (parallel_for over the rows of a step) has its own test that raises the thread count.
 torch.set_num_threads(1)
 
-CELLS = ("lstm", "gru", "peephole_lstm", "wm_lstm")
 LSTM_FAMILY = ("lstm", "peephole_lstm", "wm_lstm")
 GATES = {"lstm": 4, "peephole_lstm": 4, "wm_lstm": 4, "gru": 3}
 DTYPES = (torch.float64, torch.float32, torch.bfloat16)
@@ -118,10 +119,6 @@ def make_input(T, B, I, batch_sizes=None, dtype=torch.float64):
     return torch.randn(T, B, I, dtype=torch.float64).to(dtype)
 
 
-def max_err(a, b) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
-
-
 def assert_close(actual, expected, dtype, msg=""):
     """`actual` (any dtype) against the fp64 `expected` with the tolerance of `dtype`."""
     assert actual.shape == expected.shape, f"{msg}: shape {actual.shape} vs {expected.shape}"
@@ -179,6 +176,25 @@ def flatten_result(res):
     return tensors
 
 
+def backward_random_functional(tensors, seed):
+    """Backward of a fixed random linear functional of every tensor (weights drawn from a
+    generator seeded with `seed`, in fp64, cast to each tensor's dtype), so that every output
+    contributes to every gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
+        for t in tensors).backward()
+
+
+def input_state_param_grads(module, input_leaf, state_leaves):
+    """The gradients after a backward, by name: "input", "state0".., then every parameter."""
+    grads = {"input": input_leaf.grad}
+    for i, s in enumerate(state_leaves):
+        grads[f"state{i}"] = s.grad
+    for name, p in module.named_parameters():
+        grads[name] = p.grad
+    return grads
+
+
 def compare_modules(ref, fused, inp, hx, dtype, check_grads=True):
     """Forward both modules on clones of `inp`/`hx`; compare outputs, final states and the
     gradients of the input, the initial state and every parameter (by name)."""
@@ -209,16 +225,8 @@ def compare_modules(ref, fused, inp, hx, dtype, check_grads=True):
         tensors = flatten_result(res)
         grads = None
         if check_grads:
-            # a fixed random linear functional of every output, so that every output matters
-            gen = torch.Generator().manual_seed(1234)
-            loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64)
-                        .to(t.dtype)).sum() for t in tensors)
-            loss.backward()
-            grads = {"input": leaf.grad}
-            for i, hl in enumerate(h_leaves):
-                grads[f"state{i}"] = hl.grad
-            for name, p in m.named_parameters():
-                grads[name] = p.grad
+            backward_random_functional(tensors, seed=1234)
+            grads = input_state_param_grads(m, leaf, h_leaves)
         results.append((tensors, grads))
     (t_ref, g_ref), (t_fus, g_fus) = results
     assert len(t_ref) == len(t_fus)

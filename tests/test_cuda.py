@@ -3,7 +3,6 @@
 capture, torch.compile(fullgraph=True), stream and synchronisation behaviour (SPEC section 3).
 Every test needs a CUDA GPU and is skipped, with that reason, without one."""
 import copy
-import math
 
 import pytest
 import torch
@@ -13,15 +12,12 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fusedrnn
 from fusedrnn import functional, reference
 
+from layer_cases import (CELLS, HALF_TYPES, make_layer_args, max_err, run_layer,
+                         within_tolerance)
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CELLS = ("lstm", "gru", "peephole_lstm", "wm_lstm")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-HALF_TYPES = (torch.bfloat16, torch.float16)
-# Floor of the half-type bound, relative to max|ref|: ~2.5 ulps (bf16 eps 2^-8, fp16 eps 2^-11).
-# A low-precision reference can happen to be nearly exact on a few elements, and one rounding of
-# a stored result is the least error any such result has.
-HALF_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1.25e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -42,89 +38,12 @@ def test_extension_has_cuda_kernels():
 # ---------------------------------------------------------------------------------------------
 # one layer through fusedrnn.functional against fusedrnn.reference
 
-def make_layer_args(cell, layout, T=8, B=17, I=15, H=33, proj=0, bias=True, seed=0):
-    """fp64 CPU leaves, batch_sizes, reverse and cotangents of one layer call."""
-    g = torch.Generator().manual_seed(seed)
-    f64 = torch.float64
-
-    def uniform(*shape):
-        return (torch.rand(*shape, generator=g, dtype=f64) * 2 - 1) / math.sqrt(H)
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=g, dtype=f64)
-
-    G = 3 if cell == "gru" else 4
-    H_out = proj or H
-    leaves = {}
-    batch_sizes, reverse = None, False
-    if layout == "packed_reverse":
-        batch_sizes = torch.tensor([max(1, B - (B * k) // T) for k in range(T)])
-        reverse = True
-        leaves["input"] = normal(int(batch_sizes.sum()), I)
-    else:
-        leaves["input"] = normal(T, B, I)
-    leaves["weight_ih"] = uniform(G * H, I)
-    leaves["weight_hh"] = uniform(G * H, H_out)
-    if bias:
-        leaves["bias_ih"] = uniform(G * H)
-        leaves["bias_hh"] = uniform(G * H)
-    if cell == "peephole_lstm":
-        leaves["weight_ch"] = uniform(3, H)
-    elif cell == "wm_lstm":
-        leaves["weight_ch"] = uniform(3 * H, H)
-    if proj:
-        leaves["weight_hr"] = uniform(proj, H)
-    leaves["hx"] = 0.5 * normal(B, H_out)
-    if cell != "gru":
-        leaves["cx"] = 0.5 * normal(B, H)
-    rows = leaves["input"].shape[:-1]
-    cotangents = [normal(*rows, H_out), normal(B, H_out)] + ([normal(B, H)] if cell != "gru"
-                                                              else [])
-    return leaves, batch_sizes, reverse, cotangents
-
-
-def run_layer(fn, cell, args, device, dtype, noncontiguous=False):
-    """Outputs and the gradients of every leaf, as fp64 CPU tensors, keyed by name."""
-    leaves, batch_sizes, reverse, cotangents = args
-    xs = {k: v.detach().to(device, dtype).requires_grad_() for k, v in leaves.items()}
-    x = xs["input"]
-    if noncontiguous:  # the same values, through a transposed (batch-first) buffer
-        x = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
-        assert not x.is_contiguous()
-        xs["input"] = x
-    out, hy, cy = fn(cell, x, xs["weight_ih"], xs["weight_hh"], xs.get("bias_ih"),
-                     xs.get("bias_hh"), xs.get("weight_ch"), xs.get("weight_hr"), xs["hx"],
-                     xs.get("cx"), batch_sizes, reverse)
-    outs = [out, hy] + ([cy] if cy is not None else [])
-    grads = torch.autograd.grad(outs, list(xs.values()), [c.to(device, dtype) for c in cotangents])
-    result = {"output": out, "h_n": hy, **{"grad_" + k: v for k, v in zip(xs, grads)}}
-    if cy is not None:
-        result["c_n"] = cy
-    return {k: v.detach().to("cpu", torch.float64) for k, v in result.items()}
-
-
-def max_err(a, b):
-    return (a - b).abs().max().item() if a.numel() else 0.0
-
-
 def assert_matches(got, ref, dtype, lowp=None):
-    """SPEC section 4 tolerances against the fp64 reference."""
+    """SPEC section 4 tolerances against the fp64 reference (layer_cases.within_tolerance)."""
     assert set(got) == set(ref)
     for k, r in ref.items():
-        g = got[k]
-        assert g.shape == r.shape, k
-        assert torch.isfinite(g).all(), f"{k}: not finite"
-        if dtype == torch.float64:
-            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{k}: {m}")
-        elif dtype == torch.float32:
-            # relative 1e-5; the absolute 1e-5 covers elements near zero
-            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
-        else:
-            # SPEC: at most twice the error of the reference computed in that dtype (+ floor)
-            bound = 2 * max_err(lowp[k], r) + HALF_FLOOR[dtype] * r.abs().max().item()
-            assert max_err(g, r) <= bound, (
-                f"{k}: max abs err {max_err(g, r):.3e} > {bound:.3e} = 2 x the {dtype} "
-                f"reference's {max_err(lowp[k], r):.3e} + floor")
+        ok, bound = within_tolerance(got[k], r, dtype, None if lowp is None else lowp[k])
+        assert ok, f"{k} [{dtype}]: max abs err {max_err(got[k], r):.3e}, bound {bound}"
 
 
 def check_layer(cell, dtype, args, noncontiguous=False):

@@ -13,7 +13,7 @@ import torch
 import fusedrnn
 from fusedrnn import functional, reference
 
-from conftest import (CELLS, LSTM_FAMILY, assert_close, cast, cast_weights, make_input,
+from conftest import (CELLS, LSTM_FAMILY, assert_close, cast_weights, make_input,
                       make_states, make_weights, max_err, run_layer)
 
 F32, F64 = torch.float32, torch.float64

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
 
-from conftest import flatten_result
+from conftest import backward_random_functional, flatten_result, input_state_param_grads
 from test_modules import RefRNN
 
 F64 = torch.float64
@@ -90,16 +90,8 @@ def _run(module, buf, make, cfg, packing, state, gen_seed):
     module.zero_grad(set_to_none=True)
     res = module(inp, hx) if hx is not None else module(inp)
     tensors = flatten_result(res)
-    gen = torch.Generator().manual_seed(gen_seed)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=F64).to(t.dtype)).sum()
-               for t in tensors)
-    loss.backward()
-    grads = {"input": leaf.grad}
-    for i, s in enumerate(st_leaves):
-        grads[f"state{i}"] = s.grad
-    for name, p in module.named_parameters():
-        grads[name] = p.grad
-    return tensors, grads
+    backward_random_functional(tensors, gen_seed)
+    return tensors, input_state_param_grads(module, leaf, st_leaves)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, print_blob=True,

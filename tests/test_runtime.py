@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import CELLS, flatten_result
+from conftest import CELLS, backward_random_functional, flatten_result
 
 F64 = torch.float64
 F32 = torch.float32
@@ -46,9 +46,7 @@ def _fwd_bwd(m, x, lengths, seed):
     xl = x.clone().requires_grad_()
     res = m(pack_padded_sequence(xl, lengths, enforce_sorted=False))
     tensors = flatten_result(res)
-    g = torch.Generator().manual_seed(seed)
-    sum((t * torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)).sum()
-        for t in tensors).backward()
+    backward_random_functional(tensors, seed)
     return [t.detach() for t in tensors] + [xl.grad] + [p.grad.clone() for p in m.parameters()]
 
 

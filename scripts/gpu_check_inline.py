@@ -22,7 +22,7 @@ Exits non-zero when any check fails; writes every measured error to --out (JSON)
 --tiny runs small fp32/bf16 cases only (for compute-sanitizer, where every launch is slow).
 --device cpu runs the same cell checks on the CPU fused path (no grid-stride or graph checks):
 a dry run of this script where no GPU is, which the CPU test suite makes, so that a mistake in
-the script itself never costs a GPU session.
+the script itself never costs GPU time.
 """
 import argparse
 import json

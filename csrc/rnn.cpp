@@ -331,6 +331,19 @@ Tensor gather_prev(const std::vector<PrevSegment>& segs, const Tensor& seq, cons
   return prev;
 }
 
+// h_{t-1} for the GEMM of a fused forward step that writes h_t into `state` (width columns),
+// so that the GEMM must not read the state itself. The previous processed step's output rows
+// hold h_{t-1} of every row of this step when that step ran at least as many rows (every step
+// but the first of padded and forward-packed input), and this step does not write them; otherwise
+// (the first step; reverse-packed steps whose batch grows) a copy of the state in `copy`.
+const float* fused_h_prev(const Steps& s, int64_t k, const Tensor& out, const Tensor& state,
+                          const Tensor& copy, int64_t width) {
+  const int64_t n = s.n[s.at(k)];
+  if (k > 0 && s.n[s.at(k - 1)] >= n) return ptr<float>(out) + s.off[s.at(k - 1)] * width;
+  std::memcpy(ptr<float>(copy), ptr<float>(state), sizeof(float) * n * width);
+  return ptr<float>(copy);
+}
+
 constexpr size_t kMaxSegmentGemms = 8;
 
 // The backward loops keep the per-row gradients that the weight gradients need (dgates) for a
@@ -502,8 +515,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   // Fused CPU steps (fp32): each step is one pass that computes x_t W_ih^T + h_{t-1} W_hh^T tile
   // by tile from weights packed here, once per call, and runs the cell on each tile (no input
   // projection before the loop). The LSTM / peephole step writes h_t into the state its GEMM
-  // reads h_{t-1} from, so that GEMM reads a copy (`h_prev`); the WM step writes h_t in its
-  // second phase only, after the GEMMs.
+  // reads h_{t-1} from, so that GEMM reads the previous step's output rows or a copy
+  // (fused_h_prev); the WM step writes h_t in its second phase only, after the GEMMs, and with a
+  // projection the step writes r_t, projected into the state after the GEMM.
   const bool fused = cpu::fused_steps_enabled(input, s.T, s.N);
   cpu::PackedWeight w_ih_packed, w_hh_packed, w_ch_packed;
   Tensor x_rows, h_prev;
@@ -575,11 +589,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
           cpu::lstm_forward_fused_step(cell, Phase::kO, p, ptr<scalar_t>(p_buf), 3 * H,
                                        {ptr<float>(cy), H, &w_ch_packed});
         } else {
-          const float* h_src = ptr<float>(hy);
-          if (h_prev.defined()) {
-            std::memcpy(ptr<float>(h_prev), h_src, sizeof(float) * n * Hout);
-            h_src = ptr<float>(h_prev);
-          }
+          const float* h_src =
+              h_prev.defined() ? fused_h_prev(s, k, out, hy, h_prev, Hout) : ptr<float>(hy);
           cpu::lstm_forward_fused_step(cell, Phase::kWhole, p, p.gates, 4 * H, x_src,
                                        {h_src, Hout, &w_hh_packed});
         }
@@ -662,8 +673,9 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   // cell-connection pre-activations.
   const Tensor dh_buf[2] = {proj ? sc.buffer(Hout, opts, 0) : Tensor(),
                             proj ? sc.buffer(Hout, opts, 1) : Tensor()};
-  const Tensor dp_buf[2] = {cell == CellKind::kWorkingMemory ? sc.buffer(3 * H, opts, 0) : Tensor(),
-                            cell == CellKind::kWorkingMemory ? sc.buffer(3 * H, opts, 1) : Tensor()};
+  const bool wm = cell == CellKind::kWorkingMemory;
+  const Tensor dp_buf[2] = {wm ? sc.buffer(3 * H, opts, 0) : Tensor(),
+                            wm ? sc.buffer(3 * H, opts, 1) : Tensor()};
   auto finish_chunk = [&](const Chunk& c) {
     const int64_t m = c.hi - c.lo;
     const Tensor dg = rows(dgates_buf[c.buf], 0, m);
@@ -695,7 +707,6 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   // weight_ch, followed by the kIFG phase. That phase writes the dp_i, dp_f the next step's
   // GEMM reads while this step's GEMM still reads the previous ones: it writes them into a
   // second dp buffer (`dp_next`), and the two swap after each step.
-  const bool wm = cell == CellKind::kWorkingMemory;
   const bool fused = cpu::fused_steps_enabled(input, s.T, s.N) && !proj;
   const cpu::PackedWeight w_hh_plain = fused ? cpu::pack_plain(w_hh) : cpu::PackedWeight();
   const cpu::PackedWeight w_ch_plain = fused && wm ? cpu::pack_plain(*w_ch) : cpu::PackedWeight();
@@ -824,7 +835,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
   InputProjection xproj(s, x, w_ih_t, need_workspace ? ws : Tensor(), 4 * H, opts);
   const Tensor w_hh_t = w_hh.t();
   // Fused CPU steps (fp32), as in the LSTM forward: the step writes h_t into the state, so the
-  // GEMM reads a copy of h_{t-1}.
+  // GEMM reads h_{t-1} from the previous step's output rows or a copy (fused_h_prev).
   const bool fused = cpu::fused_steps_enabled(input, s.T, s.N);
   cpu::PackedWeight w_hh_packed;
   Tensor h_prev;
@@ -849,8 +860,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
       p.h_out = ptr<scalar_t>(out) + r0 * H;
       p.ld_h_out = H;
       if (fused) {
-        std::memcpy(ptr<scalar_t>(h_prev), ptr<scalar_t>(hy), sizeof(scalar_t) * n * H);
-        cpu::gru_forward_fused_step(p, ptr<scalar_t>(h_prev), H, w_hh_packed);
+        cpu::gru_forward_fused_step(p, fused_h_prev(s, k, out, hy, h_prev, H), H, w_hh_packed);
       } else {
         FUSEDRNN_LAUNCH(input.device(), gru_forward_step, p);
       }

@@ -98,7 +98,8 @@ void gru_backward_fused_step(const GRUBackwardStep<T>&, GemmSource, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
 }
 template <typename T>
-void gru_forward_fused_step(const GRUForwardStep<T>&, const T*, int64_t, const PackedWeight&) {
+void gru_forward_fused_step(const GRUForwardStep<T>&, const float*, int64_t,
+                            const PackedWeight&) {
   TORCH_INTERNAL_ASSERT(false, "fused CPU steps are float32 only");
 }
 

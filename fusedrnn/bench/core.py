@@ -107,6 +107,9 @@ class Case:
             label += " +dx"
         return label
 
+    def needs_input_grad(self, settings: "Settings") -> bool:
+        return settings.input_grad if self.input_grad is None else self.input_grad
+
 
 @dataclass
 class Settings:
@@ -255,8 +258,8 @@ class Workload:
         D = 2 if case.bidirectional else 1
         self.module = _MODULES[case.cell](I, H, num_layers=case.layers,
                                           bidirectional=case.bidirectional, device=dev, dtype=dt)
-        input_grad = settings.input_grad if case.input_grad is None else case.input_grad
-        self.x = torch.randn(T, B, I, device=dev, dtype=dt).requires_grad_(input_grad)
+        self.x = torch.randn(T, B, I, device=dev, dtype=dt).requires_grad_(
+            case.needs_input_grad(settings))
         self.grad = torch.randn(T, B, D * H, device=dev, dtype=dt)
         self._built: Dict[str, Tuple[Callable[[], Tensor], List[Tensor]]] = {}
         self.broken: Dict[str, str] = {}
@@ -276,7 +279,7 @@ class Workload:
         return (lambda: m(x)[0]), list(m.parameters())
 
     def _build_torch(self):
-        c, (T, B, I, H) = self.case, self.case.shape
+        c, (_, _, I, H) = self.case, self.case.shape
         t = _TORCH_MODULES[c.cell](I, H, num_layers=c.layers, bidirectional=c.bidirectional,
                                    device=self.settings.device, dtype=self.settings.dtype)
         t.load_state_dict(self.module.state_dict())
@@ -502,7 +505,7 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
         rec = {"cell": case.cell, "label": case.label,
                "shape": {"T": T, "B": B, "I": I, "H": H}, "shape_str": shape_str(case.shape),
                "layers": case.layers, "bidirectional": case.bidirectional, "pass": pass_,
-               "input_grad": settings.input_grad if case.input_grad is None else case.input_grad,
+               "input_grad": case.needs_input_grad(settings),
                "impls": {}, "speedup": {}, "memory": None}
         reference_output = None
         for impl in case.impls:

@@ -4,7 +4,9 @@ toolkit is found (a GPU need not be present at build time).
 Environment:
   FUSEDRNN_SKIP_CUDA=1    build the CPU extension only
   FUSEDRNN_FORCE_CUDA=1   fail unless the CUDA kernels are built
-  FUSEDRNN_CPU_ARCH=...   -march for the CPU kernels (default: native; "none" for no -march)
+  FUSEDRNN_CPU_ARCH=...   -march for the whole extension (default: none, a portable build whose
+                          AVX2 and AVX-512 kernels are chosen at run time; "native" ties the
+                          build to the build machine's CPU)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (torch's variable), e.g. "9.0"; without it and
                           without a visible GPU: DEFAULT_CUDA_ARCHS below
   MAX_JOBS                parallel compile jobs (ninja), as torch's cpp_extension reads it
@@ -56,11 +58,16 @@ def _extensions():
             f"{torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}, FUSEDRNN_SKIP_CUDA={skip_cuda}"
         )
 
-    arch = os.environ.get("FUSEDRNN_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    arch = os.environ.get("FUSEDRNN_CPU_ARCH", "none")
+    # -fno-trapping-math: the cell math's selects (cells/common.h) may then be computed on both
+    # sides, which AVX2 code needs to vectorise a step kernel's loop (no masked FP ops there)
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if arch != "none":
         cxx.append(f"-march={arch}")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "driver", "*.cpp")))
+    # cpu/isa_*.cpp compile their kernels for AVX2 / AVX-512 through target pragmas, with the
+    # same flags as everything else (cpu/isa_begin.h)
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:

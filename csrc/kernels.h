@@ -8,12 +8,15 @@
 // weights are: LSTM family [i | f | g | o], GRU [r | z | n], H columns each.
 #pragma once
 
-#include <c10/util/Exception.h>
-
 #include <cstdint>
 #include <type_traits>
 
 namespace fusedrnn {
+
+// Raises the library's internal error for a (cell, phase) that has no kernel. Defined once, in
+// portable code (cpu/kernels_cpu.cpp): this header is also compiled into the per-ISA translation
+// units, which must not instantiate ATen's inline error helpers.
+[[noreturn]] void bad_dispatch(const char* what);
 
 enum class CellKind : int { kLSTM = 0, kPeephole = 1, kWorkingMemory = 2, kGRU = 3 };
 
@@ -129,7 +132,7 @@ void dispatch_lstm_family(CellKind cell, Phase phase, Fn&& fn) {
       return;
     default: break;
   }
-  TORCH_INTERNAL_ASSERT(false, "dispatch_lstm_family: not an LSTM-family cell");
+  bad_dispatch("dispatch_lstm_family: not an LSTM-family cell");
 }
 
 template <typename Fn>

@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include "cpu/fused_step.h"
+#include "cpu/isa.h"
+#include "driver/gemm.h"
 
 extern "C" {
 // `import fusedrnn._C` loads this library, whose static initialisers register the operators.
@@ -54,7 +56,17 @@ TORCH_LIBRARY(fusedrnn, m) {
       "Tensor grad_hx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh)");
-  // Whether fp32 CPU calls run the fused GEMM + cell steps (cpu/fused_step.h): an AVX-512 build
-  // with FUSEDRNN_CPU_FUSED not set to 0.
+  // How CPU calls run (fusedrnn.build_info()): whether fp32 calls run the fused GEMM + cell
+  // steps (cpu/fused_step.h), the instruction set of the vectorised kernels in use and the best
+  // one available (cpu/isa.h), and whether large fp32 / bf16 GEMMs go through oneDNN.
   m.def("cpu_fused_steps() -> bool", [] { return fusedrnn::cpu::fused_steps_available(); });
+  m.def("cpu_isa() -> str",
+        [] { return std::string(fusedrnn::cpu::isa_name(fusedrnn::cpu::current_isa())); });
+  m.def("cpu_isa_best() -> str",
+        [] { return std::string(fusedrnn::cpu::isa_name(fusedrnn::cpu::best_isa())); });
+  m.def("cpu_onednn_gemm() -> bool", [] { return fusedrnn::driver::onednn_gemm_enabled(); });
+  // Switches the ISA in use, returning the previous one (the tests run the fused paths under
+  // each ISA the machine has). Not thread-safe against concurrent layer calls: for tests.
+  m.def("_set_cpu_isa(str isa) -> str",
+        [](const std::string& isa) { return fusedrnn::cpu::set_isa(isa); });
 }

@@ -12,6 +12,7 @@
 #include "kernels.h"
 
 namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
@@ -21,19 +22,32 @@ FUSEDRNN_HD acc_type<scalar_t> ld(const scalar_t* p, int64_t i) {
   return static_cast<acc_type<scalar_t>>(p[i]);
 }
 
+// Options of an element that the caller may fix at compile time, so that the loop over a row's
+// units carries no branch (AVX2 code cannot vectorise one): kRuntime reads the step struct;
+// kOff / kOn fix the answer. A caller passing kOff / kOn must know it holds for every element it
+// runs: forward kSave = p.save_gates, kHState = p.h_state != nullptr; backward kDy =
+// p.dy != nullptr, kPrev = kOn when every row is below p.m_prev (its previous state is the
+// previous step's row), kOff when none is.
+constexpr int kRuntime = -1, kOff = 0, kOn = 1;
+
 // The state before this step of row b: the previous step's saved row where that step ran row b
 // (b < m_prev), else the initial state.
-template <typename scalar_t>
+template <int kPrev = kRuntime, typename scalar_t>
 FUSEDRNN_HD acc_type<scalar_t> prev_state(const scalar_t* prev, int64_t ld_prev,
                                           const scalar_t* init, int64_t m_prev, int64_t H,
                                           int64_t b, int64_t j) {
+  if constexpr (kPrev == kOn) return ld(prev + b * ld_prev, j);
+  if constexpr (kPrev == kOff) return ld(init + b * H, j);
   return b < m_prev ? ld(prev + b * ld_prev, j) : ld(init + b * H, j);
 }
 
 // kHg false: p.hg is not read, p.gates holds the whole pre-activation (the fused CPU steps).
-template <CellKind kCell, Phase kPhase, bool kBias, bool kHg = true, typename scalar_t>
+template <CellKind kCell, Phase kPhase, bool kBias, bool kHg = true, int kSave = kRuntime,
+          int kHState = kRuntime, typename scalar_t>
 FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
+  const bool save = kSave == kRuntime ? p.save_gates : kSave == kOn;
+  const bool h_state = kHState == kRuntime ? p.h_state != nullptr : kHState == kOn;
   const int64_t H = p.H;
   scalar_t* a = p.gates + b * p.ld_gates + j;
   const scalar_t* hg = kHg ? p.hg + b * 4 * H + j : nullptr;
@@ -57,7 +71,7 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     WorkingMemoryLSTMCell<acc_t>::forward_ifg(pre(0), pre(1), pre(2), static_cast<acc_t>(pp[0]),
                                               static_cast<acc_t>(pp[H]), ld(p.c_state, s), i, f,
                                               g, c, u_i, u_f);
-    if (p.save_gates) {
+    if (save) {
       a[0] = static_cast<scalar_t>(i);
       a[H] = static_cast<scalar_t>(f);
       a[2 * H] = static_cast<scalar_t>(g);
@@ -73,17 +87,17 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     c = ld(p.c_state, s);
     WorkingMemoryLSTMCell<acc_t>::forward_o(pre(3), ld(p.p + b * p.ld_p, 2 * H + j), c, o, u_o,
                                             h);
-    if (p.save_gates) a[3 * H] = static_cast<scalar_t>(o);
+    if (save) a[3 * H] = static_cast<scalar_t>(o);
     p.u[b * p.ld_u + 2 * H + j] = static_cast<scalar_t>(u_o);
     p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
-    if (p.h_state) p.h_state[s] = static_cast<scalar_t>(h);
+    if (h_state) p.h_state[s] = static_cast<scalar_t>(h);
     return;
   }
   // Stores of the one-kernel cells. Under `if constexpr` so that the working-memory
   // instantiations, which return above, do not contain this (unreachable) code: nvcc would warn
   // that it reads gates those phases never set.
   if constexpr (kCell != CellKind::kWorkingMemory) {
-    if (p.save_gates) {
+    if (save) {
       a[0] = static_cast<scalar_t>(i);
       a[H] = static_cast<scalar_t>(f);
       a[2 * H] = static_cast<scalar_t>(g);
@@ -92,21 +106,23 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     p.c_state[s] = static_cast<scalar_t>(c);
     p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
     p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
-    if (p.h_state) p.h_state[s] = static_cast<scalar_t>(h);
+    if (h_state) p.h_state[s] = static_cast<scalar_t>(h);
   }
 }
 
-template <CellKind kCell, Phase kPhase, typename scalar_t>
+template <CellKind kCell, Phase kPhase, int kDy = kRuntime, int kPrev = kRuntime,
+          typename scalar_t>
 FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int64_t b,
                                        int64_t j) {
   using acc_t = acc_type<scalar_t>;
+  const bool has_dy = kDy == kRuntime ? p.dy != nullptr : kDy == kOn;
   const int64_t H = p.H;
   const scalar_t* gt = p.gates + b * p.ld_gates + j;
   scalar_t* da = p.dgates + b * p.ld_dgates + j;
   const int64_t s = b * H + j;
   auto dh_total = [&]() {
     acc_t dh = ld(p.dh + b * p.ld_dh, j);
-    if (p.dy) dh += ld(p.dy + b * p.ld_dy, j);
+    if (has_dy) dh += ld(p.dy + b * p.ld_dy, j);
     return dh;
   };
   if constexpr (kCell == CellKind::kWorkingMemory) {
@@ -125,7 +141,7 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
       const scalar_t* u = p.u + b * p.ld_u + j;
       WorkingMemoryLSTMCell<acc_t>::backward_ifg(
           static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]), static_cast<acc_t>(gt[2 * H]),
-          static_cast<acc_t>(u[0]), static_cast<acc_t>(u[H]), prev_state(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j),
+          static_cast<acc_t>(u[0]), static_cast<acc_t>(u[H]), prev_state<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j),
           ld(p.dc_state, s), da_i, da_f, da_g, dp_i, dp_f, dc_prev);
       da[0] = static_cast<scalar_t>(da_i);
       da[H] = static_cast<scalar_t>(da_f);
@@ -143,7 +159,7 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
     const acc_t i = static_cast<acc_t>(gt[0]), f = static_cast<acc_t>(gt[H]),
                 g = static_cast<acc_t>(gt[2 * H]), o = static_cast<acc_t>(gt[3 * H]);
     const acc_t c = ld(p.c + b * p.ld_c, j);
-    const acc_t c_prev = prev_state(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j);
+    const acc_t c_prev = prev_state<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j);
     if constexpr (kCell == CellKind::kLSTM) {
       LSTMCell<acc_t>::backward(i, f, g, o, c, c_prev, dh_total(), ld(p.dc_state, s), da_i,
                                 da_f, da_g, da_o, dc_prev);
@@ -187,18 +203,19 @@ FUSEDRNN_HD void gru_forward_element(const GRUForwardStep<scalar_t>& p, int64_t 
   p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
 }
 
-template <typename scalar_t>
+template <int kDy = kRuntime, int kPrev = kRuntime, typename scalar_t>
 FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
+  const bool has_dy = kDy == kRuntime ? p.dy != nullptr : kDy == kOn;
   const int64_t H = p.H;
   const scalar_t* gt = p.gates + b * p.ld_gates + j;
   const int64_t s = b * H + j;
   acc_t dh = ld(p.dh_state, s);
-  if (p.dy) dh += ld(p.dy + b * p.ld_dy, j);
+  if (has_dy) dh += ld(p.dy + b * p.ld_dy, j);
   acc_t dx_r, dx_z, dx_n, dh_n, dh_prev;
   GRUCell<acc_t>::backward(static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]),
                            static_cast<acc_t>(gt[2 * H]), static_cast<acc_t>(gt[3 * H]),
-                           prev_state(p.h_prev, p.ld_h_prev, p.h_init, p.m_prev, H, b, j), dh, dx_r,
+                           prev_state<kPrev>(p.h_prev, p.ld_h_prev, p.h_init, p.m_prev, H, b, j), dh, dx_r,
                            dx_z, dx_n, dh_n, dh_prev);
   scalar_t* dx = p.dx + b * p.ld_dx + j;
   scalar_t* dhg = p.dhg + b * p.ld_dhg + j;
@@ -211,4 +228,5 @@ FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_
   p.dh_state[s] = static_cast<scalar_t>(dh_prev);
 }
 
+FUSEDRNN_ISA_END
 }  // namespace fusedrnn

@@ -19,11 +19,20 @@ def build_info() -> dict:
     """What this installation runs: the backend and which devices the compiled ops support."""
     info = {"version": __version__, "torch": torch.__version__, "backend": _ops.backend(),
             "load_error": _ops.LOAD_ERROR, "cpu": False, "cuda": False,
-            "cpu_fused_steps": False}
+            "cpu_fused_steps": False, "cpu_isa": None, "cpu_isa_best": None,
+            "cpu_onednn_gemm": False}
     if _ops.HAS_C:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
         info["cpu"] = has("fusedrnn::lstm_forward", "CPU")
         info["cuda"] = has("fusedrnn::lstm_forward", "CUDA")
-        # fp32 CPU steps as one GEMM + cell pass (AVX-512 builds; FUSEDRNN_CPU_FUSED=0 turns off)
-        info["cpu_fused_steps"] = torch.ops.fusedrnn.cpu_fused_steps()
+        ops = torch.ops.fusedrnn
+        # fp32 CPU steps as one GEMM + cell pass (every ISA but the baseline;
+        # FUSEDRNN_CPU_FUSED=0 turns them off)
+        info["cpu_fused_steps"] = ops.cpu_fused_steps()
+        # the instruction set of the CPU kernels in use (FUSEDRNN_CPU_ISA forces a lower one)
+        # and the best one this CPU and build have
+        info["cpu_isa"] = ops.cpu_isa()
+        info["cpu_isa_best"] = ops.cpu_isa_best()
+        # whether large fp32 / bf16 CPU GEMMs go through oneDNN (AVX-512 only) or at::mm
+        info["cpu_onednn_gemm"] = ops.cpu_onednn_gemm()
     return info

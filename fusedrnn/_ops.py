@@ -19,6 +19,10 @@ except Exception as exc:  # any failure to load means: use the reference path
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 HAS_C = LOAD_ERROR is None
+if HAS_C:
+    # The CPU kernels' instruction set is chosen now, so that a FUSEDRNN_CPU_ISA this CPU lacks
+    # (or a misspelt one) is a ValueError at import, not a fallback or a crash later.
+    torch.ops.fusedrnn.cpu_isa()
 _warned = False
 
 LSTM_FAMILY = ("lstm", "peephole_lstm", "wm_lstm")

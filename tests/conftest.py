@@ -55,6 +55,83 @@ def tol(dtype: torch.dtype) -> dict:
     return TOL[dtype]
 
 
+# The CPU instruction sets of the vectorised kernels (csrc/cpu/isa.h). Tests that take the
+# `cpu_isa` fixture run once under each ISA this CPU has (the lower ones forced), so that an
+# AVX-512 machine tests the AVX2 and baseline kernels too; the session fails if such tests ran
+# but not under every ISA the CPU has (a build that lost its AVX2 kernels, say), see
+# pytest_sessionfinish below.
+ISAS = ("baseline", "avx2", "avx512")
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags, read from /proc/cpuinfo (independent of the library)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isas_of_cpu() -> list:
+    """The ISAs of ISAS this CPU supports (the library needs AVX2 + FMA, and AVX512F/BW/VL/DQ)."""
+    f = cpu_flags()
+    out = ["baseline"]
+    if {"avx2", "fma"} <= f:
+        out.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= f:
+            out.append("avx512")
+    return out
+
+
+_ISA_RUNS = {"collected": set(), "passed": set()}
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request):
+    """Runs the test with the library's CPU kernels switched to one ISA, then restores it."""
+    isa = request.param
+    _ISA_RUNS["collected"].add(isa)
+    if isa not in isas_of_cpu():
+        pytest.skip(f"this CPU has no {isa} (it has {', '.join(isas_of_cpu())})")
+    ops = torch.ops.fusedrnn
+    previous = ops._set_cpu_isa(isa)
+    try:
+        assert ops.cpu_isa() == isa
+        yield isa
+    finally:
+        ops._set_cpu_isa(previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.passed and "cpu_isa" in item.fixturenames:
+        _ISA_RUNS["passed"].add(item.callspec.params.get("cpu_isa"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the session when the ISA-parametrised tests ran but none passed under an ISA this
+    CPU has: the suite must have tested every ISA's kernels, at least baseline and AVX2 on any
+    machine that has AVX2."""
+    if not _ISA_RUNS["collected"] or exitstatus != 0:
+        return
+    missing = [isa for isa in isas_of_cpu()
+               if isa in _ISA_RUNS["collected"] and isa not in _ISA_RUNS["passed"]]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if missing:
+        if reporter:
+            reporter.write_line(f"fusedrnn: no ISA-parametrised test passed under {missing}, "
+                                f"which this CPU has", red=True)
+        session.exitstatus = 1
+    elif reporter:
+        reporter.write_line("fusedrnn: CPU kernels tested under ISAs: "
+                            + ", ".join(i for i in ISAS if i in _ISA_RUNS["passed"]))
+
+
 def make_weights(cell: str, I: int, H: int, P: int = 0, bias: bool = True,
                  dtype: torch.dtype = torch.float64, scale: float = 1.0,
                  requires_grad: bool = False) -> Dict[str, Optional[torch.Tensor]]:

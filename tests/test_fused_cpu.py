@@ -1,8 +1,9 @@
-"""The fused fp32 CPU steps (csrc/cpu/fused_step.*): one GEMM + cell pass per step, tiled as
-6 or 8 batch rows by 16 hidden units. Every tile shape (row and unit remainders), packed batches
-whose row count changes from step to step in both directions, the projection and every cell
-against the fp64 reference, forward and backward; and the unfused fp32 path
-(FUSEDRNN_CPU_FUSED=0) the same way."""
+"""The fused fp32 CPU steps (csrc/cpu/fused_step.*, fused_tiles.h): one GEMM + cell pass per
+step, tiled as 6 or 8 batch rows by 16 hidden units (AVX-512) or 5 rows by 8 units (AVX2). Every
+tile shape (row and unit remainders), packed batches whose row count changes from step to step
+in both directions, the projection and every cell against the fp64 reference, forward and
+backward, under every ISA the CPU has (the `cpu_isa` fixture; baseline runs the GEMM + step
+kernel path); and the unfused fp32 path (FUSEDRNN_CPU_FUSED=0) the same way."""
 import os
 import subprocess
 import sys
@@ -20,19 +21,14 @@ F32, F64 = torch.float32, torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cpu_has_avx512f() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
+pytestmark = pytest.mark.usefixtures("cpu_isa")
 
 
-def test_fused_steps_reported_as_built():
-    """The build compiles for the build machine's CPU (-march=native): an AVX-512 CPU gets the
-    fused steps (unless FUSEDRNN_CPU_FUSED=0), another CPU reports them absent."""
-    expected = _cpu_has_avx512f() and os.environ.get("FUSEDRNN_CPU_FUSED") != "0"
+def test_fused_steps_reported(cpu_isa):
+    """Every ISA but the baseline has fused steps (unless FUSEDRNN_CPU_FUSED=0)."""
+    expected = cpu_isa != "baseline" and os.environ.get("FUSEDRNN_CPU_FUSED") != "0"
     assert fusedrnn.build_info()["cpu_fused_steps"] is expected
+    assert fusedrnn.build_info()["cpu_isa"] == cpu_isa
 
 
 def _leaves(x, w, hx, cx, dtype):
@@ -88,11 +84,12 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
             assert_close(got_g[name], r, F32, f"{cell} B={B} H={H} grad {name}")
 
 
-# Rows per tile are 6 (4 gates) and 8 (3 gates): B covers whole tiles, every remainder of both.
-# Panels are 16 units of every gate (forward) or 64 units (backward): H covers whole panels, a
-# partial panel alone (5) and after whole ones (33, 70).
+# Rows per tile are 6 (4 gates) and 8 (3 gates) with AVX-512, 5 with AVX2: B covers whole tiles,
+# every remainder of both. Panels are 16 units of every gate (forward) or 64 units (backward) with
+# AVX-512, 8 and 32 with AVX2: H covers whole panels, a partial panel alone (5) and after whole
+# ones (33, 70).
 @pytest.mark.parametrize("H", [5, 16, 33, 70])
-@pytest.mark.parametrize("B", [1, 6, 7, 8, 11, 13, 17])
+@pytest.mark.parametrize("B", [1, 5, 6, 7, 8, 11, 13, 17])
 @pytest.mark.parametrize("cell", CELLS)
 def test_tile_shapes(cell, B, H):
     _check(cell, B, H, I=9, proj=0, batch_sizes=None, reverse=False, with_state=True)
@@ -127,7 +124,7 @@ def test_fused_steps_multithreaded(cell):
             assert torch.equal(a, b)
 
 
-def test_unfused_fp32_path():
+def test_unfused_fp32_path(cpu_isa):
     """FUSEDRNN_CPU_FUSED=0 (read once per process, hence a child process): fp32 goes through
     the separate GEMM + step kernel path, which the CUDA build shares, and still matches."""
     code = (
@@ -137,7 +134,7 @@ def test_unfused_fp32_path():
         "    t._check(cell, 7, 33, 9, 0, None, False, True)\n"
         "    t._check(cell, 13, 20, 7, 0, [13, 13, 9, 7, 2, 1], True, True)\n"
         "print('ok')\n")
-    env = dict(os.environ, FUSEDRNN_CPU_FUSED="0")
+    env = dict(os.environ, FUSEDRNN_CPU_FUSED="0", FUSEDRNN_CPU_ISA=cpu_isa)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -7,6 +7,18 @@
 #include <cstdint>
 #include <cstring>
 
+// The cell math and the step elements (../step_elements.h) are compiled several times into one
+// library: for the portable CPU code, for the CUDA kernels and once per CPU instruction set
+// (cpu/isa_*.cpp, with that ISA's target flags). Each copy lives in its own inline namespace,
+// FUSEDRNN_ISA_NAMESPACE, set by the translation unit before it includes these headers, so that
+// the linker can never take an AVX-512 copy of an inline function or template for a caller that
+// runs on every CPU: the copies have different symbol names.
+#ifndef FUSEDRNN_ISA_NAMESPACE
+#define FUSEDRNN_ISA_NAMESPACE portable
+#endif
+#define FUSEDRNN_ISA_BEGIN inline namespace FUSEDRNN_ISA_NAMESPACE {
+#define FUSEDRNN_ISA_END }
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FUSEDRNN_HD __host__ __device__ __forceinline__
 #else
@@ -14,6 +26,7 @@
 #endif
 
 namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
 namespace math {
 
 FUSEDRNN_HD float bits_to_float(int32_t i) {
@@ -77,4 +90,5 @@ FUSEDRNN_HD float tanh(float x) {
 FUSEDRNN_HD double tanh(double x) { return ::tanh(x); }
 
 }  // namespace math
+FUSEDRNN_ISA_END
 }  // namespace fusedrnn

@@ -8,6 +8,7 @@
 #include "common.h"
 
 namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
 
 template <typename acc_t>
 struct GRUCell {
@@ -36,4 +37,5 @@ struct GRUCell {
   }
 };
 
+FUSEDRNN_ISA_END
 }  // namespace fusedrnn

@@ -8,6 +8,7 @@
 #include "common.h"
 
 namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
 
 template <typename acc_t>
 struct LSTMCell {
@@ -40,4 +41,5 @@ struct LSTMCell {
   }
 };
 
+FUSEDRNN_ISA_END
 }  // namespace fusedrnn

@@ -7,6 +7,7 @@
 #include "common.h"
 
 namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
 
 template <typename acc_t>
 struct PeepholeLSTMCell {
@@ -39,4 +40,5 @@ struct PeepholeLSTMCell {
   }
 };
 
+FUSEDRNN_ISA_END
 }  // namespace fusedrnn

@@ -10,6 +10,7 @@
 #include "common.h"
 
 namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
 
 template <typename acc_t>
 struct WorkingMemoryLSTMCell {
@@ -59,4 +60,5 @@ struct WorkingMemoryLSTMCell {
   }
 };
 
+FUSEDRNN_ISA_END
 }  // namespace fusedrnn

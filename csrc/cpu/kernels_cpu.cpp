@@ -6,7 +6,15 @@
 
 #include "../step_elements.h"
 
+#include <cstdlib>
+
 namespace fusedrnn {
+
+void bad_dispatch(const char* what) {
+  TORCH_INTERNAL_ASSERT(false, what);
+  std::abort();  // not reached: the assertion throws
+}
+
 namespace cpu {
 namespace {
 

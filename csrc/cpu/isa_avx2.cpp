@@ -1,0 +1,50 @@
+// The fused CPU steps for AVX2 + FMA: 8 floats per vector, 16 vector registers.
+#include "fused_isa.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDRNN_ISA_NAMESPACE avx2
+#define FUSEDRNN_ISA_TARGET "avx2,fma"
+#include "isa_begin.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace avx2 {
+
+struct Vec {
+  static constexpr const char* kName = "avx2";
+  static constexpr int kLanes = 8;
+  // Tiles of 5 rows, computed in passes of 2 vectors: 5 x 2 accumulators, 2 b vectors and a
+  // broadcast in the 16 registers (with 6 rows gcc spills an accumulator in the inner loop).
+  static constexpr int kRows4 = 5;
+  static constexpr int kRows3 = 5;
+  static constexpr int kPassVectors = 2;
+  using Reg = __m256;
+  using Mask = __m256i;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static Reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+  // lanes [0, count) of a vector, 0 <= count <= 8: lane l is set when l < count
+  static Mask first_lanes(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Reg load_masked(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void store_masked(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
+};
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace fusedrnn
+
+#include "fused_tiles.h"
+#include "isa_end.h"
+
+const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() {
+  return &avx2::kKernels;
+}
+#else
+const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() { return nullptr; }
+#endif

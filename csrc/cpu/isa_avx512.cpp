@@ -1,0 +1,50 @@
+// The fused CPU steps for AVX-512 (AVX512F; the library selects them only on CPUs that also have
+// AVX512BW, VL and DQ, see isa.cpp): 16 floats per vector, 32 vector registers.
+#include "fused_isa.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDRNN_ISA_NAMESPACE avx512
+#define FUSEDRNN_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
+#include "isa_begin.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace avx512 {
+
+struct Vec {
+  static constexpr const char* kName = "avx512";
+  static constexpr int kLanes = 16;
+  // Tile heights: rows x vectors accumulators of the 32 registers (24 for both shapes), in one
+  // pass.
+  static constexpr int kRows4 = 6;
+  static constexpr int kRows3 = 8;
+  static constexpr int kPassVectors = 4;
+  using Reg = __m512;
+  using Mask = __mmask16;
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static Reg broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+  // lanes [0, count) of a vector, 0 <= count <= 16
+  static Mask first_lanes(int64_t count) {
+    return static_cast<Mask>((count >= 16 ? 0xFFFFu : (1u << count) - 1u));
+  }
+  static Reg load_masked(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store_masked(float* p, Mask m, Reg v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace fusedrnn
+
+#include "fused_tiles.h"
+#include "isa_end.h"
+
+const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx512() {
+  return &avx512::kKernels;
+}
+#else
+const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx512() { return nullptr; }
+#endif

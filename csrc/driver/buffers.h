@@ -1,0 +1,124 @@
+// The buffers of one layer call: states, the LSTM-family workspace layout, the input projection,
+// and the raw-pointer helpers the step structs are filled with.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../kernels.h"
+#include "gemm.h"
+#include "steps.h"
+
+namespace fusedrnn {
+namespace driver {
+
+inline Tensor state_or_zeros(const c10::optional<Tensor>& t, const Tensor& like, int64_t B,
+                             int64_t H) {
+  if (t.has_value()) return t->clone(at::MemoryFormat::Contiguous);
+  return at::zeros({B, H}, like.options());
+}
+
+inline Tensor grad_or_zeros(const c10::optional<Tensor>& g, const Tensor& like, int64_t B,
+                            int64_t H) {
+  if (g.has_value() && g->defined()) return g->clone(at::MemoryFormat::Contiguous);
+  return at::zeros({B, H}, like.options());
+}
+
+template <typename scalar_t>
+scalar_t* ptr(const Tensor& t) {
+  return t.data_ptr<scalar_t>();
+}
+
+template <typename scalar_t>
+const scalar_t* opt_ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// input's shape with the last dimension replaced by `features`
+inline std::vector<int64_t> out_shape(const Tensor& input, int64_t features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = features;
+  return shape;
+}
+
+// The LSTM-family workspace: one flat buffer holding, one after the other, the row-major blocks
+// gates (N, 4H) [i | f | g | o], c (N, H), with projection r (N, H) = o * tanh(c), and for the
+// working-memory cell u (N, 3H) = tanh outputs [u_i | u_f | u_o]. Each block contiguous, so that
+// a step's rows of each are one dense matrix for the GEMMs.
+struct LSTMWorkspace {
+  Tensor flat, gates, c, r, u;
+  static int64_t numel(CellKind cell, int64_t N, int64_t H, bool proj) {
+    return N * H * (5 + (proj ? 1 : 0) + (cell == CellKind::kWorkingMemory ? 3 : 0));
+  }
+  LSTMWorkspace(const Tensor& buffer, CellKind cell, int64_t N, int64_t H, bool proj)
+      : flat(buffer) {
+    int64_t off = 0;
+    auto block = [&](int64_t cols) {
+      Tensor t = flat.narrow(0, off, N * cols).view({N, cols});
+      off += N * cols;
+      return t;
+    };
+    gates = block(4 * H);
+    c = block(H);
+    if (proj) r = block(H);
+    if (cell == CellKind::kWorkingMemory) u = block(3 * H);
+  }
+};
+
+// The input projection x W_ih^T of the rows a step reads. With a workspace (training) it is one
+// GEMM over all rows, before the loop, into the workspace's gate block. Without (inference), it
+// is computed for a chunk of consecutive steps at a time into a small reused buffer: less memory,
+// and the projection is still in cache when its steps run.
+class InputProjection {
+ public:
+  InputProjection(const Steps& s, const Tensor& x, const Tensor& w_ih_t, Tensor full,
+                  int64_t width, const at::TensorOptions& opts)
+      : s_(s), x_(x), w_ih_t_(w_ih_t), width_(width) {
+    const int64_t G = w_ih_t.size(1);
+    if (full.defined()) {
+      buf_ = full;
+      if (s.N > 0) gemm(buf_.narrow(1, 0, G), x, w_ih_t);
+      lo_ = 0;
+      hi_ = s.N;
+    } else {
+      cap_ = std::max<int64_t>(kChunkRows, s.B);
+      buf_ = at::empty({std::min(cap_, s.N), width}, opts);
+    }
+  }
+  // Row r0 (of the input's row space) of the projection, for the k-th processed step.
+  Tensor rows_for(int64_t k) {
+    const int64_t t = s_.at(k);
+    if (s_.off[t] < lo_ || s_.off[t] + s_.n[t] > hi_) {
+      int64_t k1 = k + 1;
+      while (k1 < s_.T && span(k, k1 + 1).second - span(k, k1 + 1).first <= cap_) ++k1;
+      std::tie(lo_, hi_) = span(k, k1);
+      gemm(rows(buf_, 0, hi_ - lo_).narrow(1, 0, w_ih_t_.size(1)), rows(x_, lo_, hi_ - lo_),
+           w_ih_t_);
+    }
+    return rows(buf_, s_.off[t] - lo_, s_.n[t]);
+  }
+
+ private:
+  // The input rows owned by the processed steps [k0, k1): one contiguous range.
+  std::pair<int64_t, int64_t> span(int64_t k0, int64_t k1) const {
+    int64_t a = s_.at(k0), b = s_.at(k1 - 1);
+    if (a > b) std::swap(a, b);
+    return {s_.off[a], s_.off[b] + s_.n[b]};
+  }
+  static constexpr int64_t kChunkRows = 128;
+  const Steps& s_;
+  const Tensor& x_;
+  const Tensor& w_ih_t_;
+  int64_t width_;
+  Tensor buf_;
+  int64_t lo_ = 0, hi_ = 0, cap_ = 0;
+};
+
+
+}  // namespace driver
+}  // namespace fusedrnn

@@ -1,0 +1,492 @@
+// The LSTM-family recurrence (LSTM, peephole LSTM, working-memory LSTM): one layer, one
+// direction, forward and backward, for every dtype and device.
+//
+// The loops here are shared by the strategies (strategy.h); what differs is the step executor:
+// - GemmStep: per step the recurrent GEMM through ATen and ONE fused step kernel (two for the
+//   working-memory cell, whose o gate needs a GEMM of the new cell state). The input projection
+//   of every step is one GEMM before the loop (chunks of steps without a workspace).
+// - Tiles (fp32 CPU): the step's GEMMs, input projection included, and its kernel in one tiled
+//   pass over weights packed once per call.
+// All buffers are allocated once per call, before the loop; the weight gradients are GEMMs over
+// chunks of steps in the backward (StepChunks).
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "args.h"
+#include "buffers.h"
+#include "drivers.h"
+#include "strategy.h"
+
+namespace fusedrnn {
+namespace driver {
+namespace {
+
+// What one forward call holds for its loop.
+struct ForwardCall {
+  CellKind cell;
+  Steps s;
+  Dims d;
+  bool proj, wm, need_workspace;
+  Tensor w_ih, w_hh;
+  optional<Tensor> w_ch, w_hr;
+  Tensor x, output, out, hy, cy, bias, peep, hg, p_buf, r_scratch, u_scratch;
+  LSTMWorkspace ws;
+};
+
+// h_{t-1} for the GEMM of a fused forward step that writes h_t into `state` (width columns),
+// so that the GEMM must not read the state itself. The previous processed step's output rows
+// hold h_{t-1} of every row of this step when that step ran at least as many rows (every step
+// but the first of padded and forward-packed input), and this step does not write them; otherwise
+// (the first step; reverse-packed steps whose batch grows) a copy of the state in `copy`.
+const float* fused_h_prev(const Steps& s, int64_t k, const Tensor& out, const Tensor& state,
+                          const Tensor& copy, int64_t width) {
+  const int64_t n = s.n[s.at(k)];
+  if (k > 0 && s.n[s.at(k - 1)] >= n) return ptr<float>(out) + s.off[s.at(k - 1)] * width;
+  std::memcpy(ptr<float>(copy), ptr<float>(state), sizeof(float) * n * width);
+  return ptr<float>(copy);
+}
+
+// GemmStep forward: the input projection before the loop (or per chunk of steps), then per step
+// h_{t-1} W_hh^T into hg and the step kernel.
+template <typename scalar_t>
+class ForwardGemmStep {
+ public:
+  explicit ForwardGemmStep(const ForwardCall& c)
+      : c_(c), w_ih_t_(c.w_ih.t()), w_hh_t_(c.w_hh.t()),
+        xproj_(c.s, c.x, w_ih_t_, c.need_workspace ? c.ws.gates : Tensor(), 4 * c.d.H,
+               c.x.options()) {}
+  // The step's gate rows (its input projection), with hg = h_{t-1} W_hh^T beside them.
+  Tensor gates(int64_t k, int64_t n, int64_t) {
+    Tensor g = xproj_.rows_for(k);
+    gemm(rows(c_.hg, 0, n), rows(c_.hy, 0, n), w_hh_t_);
+    return g;
+  }
+  void step(int64_t, const Tensor&, LSTMForwardStep<scalar_t>& p) {
+    const auto dev = c_.x.device();
+    if (c_.wm) {
+      FUSEDRNN_LAUNCH(dev, lstm_forward_step, c_.cell, Phase::kIFG, p);
+      gemm(rows(c_.p_buf, 0, p.n), rows(c_.cy, 0, p.n), c_.w_ch->t());
+      FUSEDRNN_LAUNCH(dev, lstm_forward_step, c_.cell, Phase::kO, p);
+    } else {
+      FUSEDRNN_LAUNCH(dev, lstm_forward_step, c_.cell, Phase::kWhole, p);
+    }
+  }
+
+ private:
+  const ForwardCall& c_;
+  const Tensor w_ih_t_, w_hh_t_;
+  InputProjection xproj_;
+};
+
+// Tiles forward: each step is one pass that computes x_t W_ih^T + h_{t-1} W_hh^T tile by tile
+// from weights packed here, once per call, and runs the cell on each tile (no input projection
+// before the loop). The LSTM / peephole step writes h_t into the state its GEMM reads h_{t-1}
+// from, so that GEMM reads the previous step's output rows or a copy (fused_h_prev); the WM step
+// writes h_t in its second phase only, after the GEMMs, and with a projection the step writes
+// r_t, projected into the state after the GEMM.
+class ForwardTiles {
+ public:
+  ForwardTiles(const ForwardCall& c, const cpu::FusedStepKernels& k)
+      : c_(c), f_(k), x_rows_(c.x.contiguous()) {
+    w_ih_ = cpu::pack_weight(c.w_ih, 4, k);
+    w_hh_ = cpu::pack_weight(c.w_hh, 4, k);
+    if (c.wm) w_ch_ = cpu::pack_weight(*c.w_ch, 3, k);
+    if (!c.wm && !c.proj) h_prev_ = at::empty({c.s.B, c.d.Hout}, c.x.options());
+  }
+  // The step's gate rows: the workspace's (training) or a scratch buffer.
+  Tensor gates(int64_t, int64_t n, int64_t r0) {
+    return c_.need_workspace ? rows(c_.ws.gates, r0, n) : rows(c_.hg, 0, n);
+  }
+  void step(int64_t k, const Tensor&, LSTMForwardStep<float>& p) {
+    const int64_t H = c_.d.H, Hout = c_.d.Hout, r0 = c_.s.off[c_.s.at(k)];
+    p.hg = nullptr;  // the GEMM tile is the whole pre-activation, written into p.gates
+    const cpu::GemmSource x_src{ptr<float>(x_rows_) + r0 * c_.d.I, c_.d.I, &w_ih_};
+    if (c_.wm) {
+      f_.lstm_forward(c_.cell, Phase::kIFG, p, p.gates, 4 * H, x_src,
+                      {ptr<float>(c_.hy), Hout, &w_hh_});
+      f_.lstm_forward(c_.cell, Phase::kO, p, ptr<float>(c_.p_buf), 3 * H,
+                      {ptr<float>(c_.cy), H, &w_ch_});
+    } else {
+      const float* h_src = h_prev_.defined()
+                               ? fused_h_prev(c_.s, k, c_.out, c_.hy, h_prev_, Hout)
+                               : ptr<float>(c_.hy);
+      f_.lstm_forward(c_.cell, Phase::kWhole, p, p.gates, 4 * H, x_src, {h_src, Hout, &w_hh_});
+    }
+  }
+
+ private:
+  const ForwardCall& c_;
+  const cpu::FusedSteps f_;
+  const Tensor x_rows_;
+  cpu::PackedWeight w_ih_, w_hh_, w_ch_;
+  Tensor h_prev_;
+};
+
+template <typename scalar_t, typename Exec>
+void forward_loop(const ForwardCall& c, Exec& exec) {
+  const int64_t H = c.d.H, Hout = c.d.Hout;
+  const Steps& s = c.s;
+  for (int64_t k = 0; k < s.T; ++k) {
+    const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+    const Tensor gates = exec.gates(k, n, r0);
+    LSTMForwardStep<scalar_t> p;
+    p.n = n;
+    p.H = H;
+    p.gates = ptr<scalar_t>(gates);
+    p.ld_gates = 4 * H;
+    p.hg = ptr<scalar_t>(c.hg);
+    p.save_gates = c.need_workspace;
+    p.bias = opt_ptr<scalar_t>(c.bias);
+    p.peephole = opt_ptr<scalar_t>(c.peep);
+    p.c_state = ptr<scalar_t>(c.cy);
+    // without a workspace c_t is stored twice into the state, harmlessly
+    p.c_save = c.need_workspace ? ptr<scalar_t>(c.ws.c) + r0 * H : ptr<scalar_t>(c.cy);
+    p.ld_c_save = H;
+    const Tensor r_t = c.proj ? (c.need_workspace ? rows(c.ws.r, r0, n)
+                                                  : rows(c.r_scratch, 0, n))
+                              : Tensor();
+    if (c.proj) {
+      p.h_out = ptr<scalar_t>(r_t);
+      p.ld_h_out = H;
+    } else {
+      p.h_out = ptr<scalar_t>(c.out) + r0 * Hout;
+      p.ld_h_out = Hout;
+      p.h_state = ptr<scalar_t>(c.hy);
+    }
+    if (c.wm) {
+      p.p = ptr<scalar_t>(c.p_buf);
+      p.ld_p = 3 * H;
+      p.u = c.need_workspace ? ptr<scalar_t>(c.ws.u) + r0 * 3 * H : ptr<scalar_t>(c.u_scratch);
+      p.ld_u = 3 * H;
+    }
+    exec.step(k, gates, p);
+    if (c.proj) {
+      Tensor out_t = rows(c.out, r0, n);
+      gemm(out_t, r_t, c.w_hr->t());
+      rows(c.hy, 0, n).copy_(out_t);
+    }
+  }
+}
+
+// What one backward call holds for its loop.
+struct BackwardCall {
+  CellKind cell;
+  Steps s;
+  Dims d;
+  bool proj, wm, has_dy;
+  Tensor w_hh;
+  optional<Tensor> w_ch, w_hr;
+  Tensor out, dy, dh_state, dc_state, c0, peep, dr, dp;
+  LSTMWorkspace ws;
+  StepChunks sc;
+  Tensor dgates_buf[2], dh_buf[2], dp_buf[2];
+  Tensor dgates_rows(int64_t k, int64_t r, int64_t count) const {
+    return sc.rows_of(dgates_buf, k, r, count);
+  }
+};
+
+// GemmStep backward: per step the step kernel (the WM cell: its o phase, the GEMM that carries
+// dc back through weight_ch, its i/f/g phase), then dh_{t-1} = dgates W_hh.
+template <typename scalar_t>
+class BackwardGemmStep {
+ public:
+  explicit BackwardGemmStep(BackwardCall& c) : c_(c) {}
+  void dh_phase(int64_t, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
+    FUSEDRNN_LAUNCH(c_.out.device(), lstm_backward_step, c_.cell, phase, p);
+  }
+  // dc_t += dp_o(t) W_co + [dp_i, dp_f](next step) [W_ci; W_cf]; rows of dp whose next step did
+  // not run them are still zero.
+  void dc_phase(int64_t, LSTMBackwardStep<scalar_t>& p) {
+    gemm(rows(c_.dc_state, 0, p.n), rows(c_.dp, 0, p.n), *c_.w_ch, 1.0f);
+    FUSEDRNN_LAUNCH(c_.out.device(), lstm_backward_step, c_.cell, Phase::kIFG, p);
+  }
+  void finish_step(int64_t k, int64_t n, int64_t r0) {
+    gemm(rows(c_.dh_state, 0, n), c_.dgates_rows(k, r0, n), c_.w_hh);
+  }
+
+ private:
+  BackwardCall& c_;
+};
+
+// Tiles backward (fp32, without projection): the GEMM that carries dh back through weight_hh
+// runs tile by tile from weight_hh packed here, each tile followed by the previous step's kernel
+// on its rows and units; for the WM cell likewise the GEMM that carries dc back through
+// weight_ch, followed by the kIFG phase. That phase writes the dp_i, dp_f the next step's GEMM
+// reads while this step's GEMM still reads the previous ones: it writes them into a second dp
+// buffer (`dp_next`), and the two swap after each step.
+class BackwardTiles {
+ public:
+  BackwardTiles(BackwardCall& c, const cpu::FusedStepKernels& k) : c_(c), f_(k) {
+    w_hh_ = cpu::pack_plain(c.w_hh, k);
+    if (c.wm) {
+      w_ch_ = cpu::pack_plain(*c.w_ch, k);
+      dp_next_ = at::zeros({c.s.B, 3 * c.d.H}, c.dp.options());
+    }
+  }
+  // The phase that reads dh_t (kWhole; WM kO): dh_t = dgates(next processed step) W_hh tile by
+  // tile, each tile's step kernel after it; the first processed step's dh_t is already there.
+  void dh_phase(int64_t k, Phase phase, const LSTMBackwardStep<float>& p) {
+    const Steps& s = c_.s;
+    if (k + 1 < s.T) {
+      const int64_t t_next = s.at(k + 1);
+      f_.lstm_backward(
+          c_.cell, phase, p, ptr<float>(c_.dh_state), c_.d.Hout,
+          {ptr<float>(c_.dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * c_.d.H, &w_hh_},
+          s.n[t_next]);
+    } else {
+      cpu::lstm_backward_step(c_.cell, phase, p);
+    }
+  }
+  void dc_phase(int64_t k, LSTMBackwardStep<float>& p) {
+    const int64_t H = c_.d.H, n = p.n;
+    p.dp = ptr<float>(dp_next_);
+    f_.lstm_backward(c_.cell, Phase::kIFG, p, ptr<float>(c_.dc_state), H,
+                     {ptr<float>(c_.dp), 3 * H, &w_ch_}, n);
+    // Rows the next processed step does not run keep this step's dp_i, dp_f for good (the
+    // gradient of c0 adds them after the loop): both buffers must hold them.
+    const int64_t n_next = k > 0 ? c_.s.n[c_.s.at(k - 1)] : n;
+    if (n_next < n) {
+      rows(c_.dp, n_next, n - n_next).narrow(1, 0, 2 * H)
+          .copy_(rows(dp_next_, n_next, n - n_next).narrow(1, 0, 2 * H));
+    }
+    std::swap(c_.dp, dp_next_);
+  }
+  // dh_{t-1}'s W_hh part is computed in the next processed step's call; the last one's here.
+  void finish_step(int64_t k, int64_t n, int64_t r0) {
+    if (k == 0) gemm(rows(c_.dh_state, 0, n), c_.dgates_rows(k, r0, n), c_.w_hh);
+  }
+
+ private:
+  BackwardCall& c_;
+  const cpu::FusedSteps f_;
+  cpu::PackedWeight w_hh_, w_ch_;
+  Tensor dp_next_;
+};
+
+template <typename scalar_t, typename Exec, typename FinishChunk>
+void backward_loop(BackwardCall& c, Exec& exec, const Tensor& c_all,
+                   const FinishChunk& finish_chunk) {
+  const Steps& s = c.s;
+  const int64_t H = c.d.H, Hout = c.d.Hout;
+  for (int64_t k = s.T - 1; k >= 0; --k) {
+    const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+    LSTMBackwardStep<scalar_t> p;
+    p.n = n;
+    p.H = H;
+    p.gates = ptr<scalar_t>(c.ws.gates) + r0 * 4 * H;
+    p.ld_gates = 4 * H;
+    p.c = ptr<scalar_t>(c.ws.c) + r0 * H;
+    p.ld_c = H;
+    const auto [m_prev, prev_row0] = prev_rows(s, k);
+    p.c_prev = ptr<scalar_t>(c_all) + prev_row0 * H;
+    p.ld_c_prev = H;
+    p.c_init = ptr<scalar_t>(c.c0);
+    p.m_prev = m_prev;
+    p.peephole = opt_ptr<scalar_t>(c.peep);
+    if (c.proj) {
+      Tensor dh_t = c.sc.rows_of(c.dh_buf, k, r0, n);
+      if (c.has_dy) {
+        at::add_out(dh_t, rows(c.dh_state, 0, n), rows(c.dy, r0, n));
+      } else {
+        dh_t.copy_(rows(c.dh_state, 0, n));
+      }
+      gemm(rows(c.dr, 0, n), dh_t, *c.w_hr);
+      p.dh = ptr<scalar_t>(c.dr);
+      p.ld_dh = H;
+    } else {
+      p.dh = ptr<scalar_t>(c.dh_state);
+      p.ld_dh = Hout;
+      p.dy = c.has_dy ? ptr<scalar_t>(c.dy) + r0 * Hout : nullptr;
+      p.ld_dy = Hout;
+    }
+    p.dc_state = ptr<scalar_t>(c.dc_state);
+    p.dgates = ptr<scalar_t>(c.dgates_rows(k, r0, n));
+    p.ld_dgates = 4 * H;
+    if (c.wm) {
+      p.u = ptr<scalar_t>(c.ws.u) + r0 * 3 * H;
+      p.ld_u = 3 * H;
+      p.dp = ptr<scalar_t>(c.dp);
+      p.ld_dp = 3 * H;
+      p.dp_saved = ptr<scalar_t>(c.sc.rows_of(c.dp_buf, k, r0, n));
+      p.ld_dp_saved = 3 * H;
+      exec.dh_phase(k, Phase::kO, p);
+      exec.dc_phase(k, p);
+    } else {
+      exec.dh_phase(k, Phase::kWhole, p);
+    }
+    exec.finish_step(k, n, r0);
+    if (k == c.sc.of(k).k_lo) finish_chunk(c.sc.of(k));
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
+    CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+    const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_ch,
+    const optional<Tensor>& w_hr, const optional<Tensor>& hx, const optional<Tensor>& cx,
+    const optional<Tensor>& batch_sizes, bool reverse, bool need_workspace) {
+  const Steps s = make_steps(cell_name(cell), input, batch_sizes, reverse);
+  const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
+  auto guard = guard_for(input);
+  const int64_t H = d.H, Hout = d.Hout;
+  const bool proj = w_hr.has_value();
+  const bool wm = cell == CellKind::kWorkingMemory;
+  const auto opts = input.options();
+  // Training keeps every step's gates, c_t (and r_t, u_*) in the workspace; inference keeps
+  // only the current step's, in per-call scratch buffers. The output is allocated in its final
+  // shape (not returned as a view, so that callers may modify it in place); `out` is its
+  // (N, H_out) row view.
+  const Tensor output = at::empty(out_shape(input, Hout), opts);
+  ForwardCall c{
+      cell, s, d, proj, wm, need_workspace, w_ih, w_hh, w_ch, w_hr,
+      /*x=*/input.reshape({s.N, d.I}), output, /*out=*/output.view({s.N, Hout}),
+      /*hy=*/state_or_zeros(hx, input, s.B, Hout), /*cy=*/state_or_zeros(cx, input, s.B, H),
+      /*bias=*/b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor(),
+      /*peep=*/cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor(),
+      // GemmStep: h_{t-1} W_hh^T of the current step. Tiles: the step's gates without a
+      // workspace.
+      /*hg=*/at::empty({s.B, 4 * H}, opts),
+      /*p_buf=*/wm ? at::empty({s.B, 3 * H}, opts) : Tensor(),  // WM: c W_ch^T for [i | f | o]
+      /*r_scratch=*/!need_workspace && proj ? at::empty({s.B, H}, opts) : Tensor(),
+      /*u_scratch=*/!need_workspace && wm ? at::empty({s.B, 3 * H}, opts) : Tensor(),
+      LSTMWorkspace(
+          at::empty({need_workspace ? LSTMWorkspace::numel(cell, s.N, H, proj) : 0}, opts),
+          cell, need_workspace ? s.N : 0, H, proj)};
+  if (wm) gemm(c.p_buf.narrow(1, 0, 2 * H), c.cy, w_ch->narrow(0, 0, 2 * H).t());
+
+  const Plan plan = plan_call(input, s.T, s.N);
+  if (plan.strategy == Strategy::kFusedTiles) {
+    ForwardTiles exec(c, *plan.kernels);
+    forward_loop<float>(c, exec);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_forward", [&] {
+      ForwardGemmStep<scalar_t> exec(c);
+      forward_loop<scalar_t>(c, exec);
+    });
+  }
+  return {output, c.hy, c.cy, c.ws.flat};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
+                     const optional<Tensor>& grad_hy, const optional<Tensor>& grad_cy,
+                     const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                     const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
+                     const optional<Tensor>& hx, const optional<Tensor>& cx,
+                     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output,
+                     const Tensor& workspace, std::array<bool, 2> output_mask) {
+  const char* op = cell_name(cell);
+  const Steps s = make_steps(op, input, batch_sizes, reverse);
+  const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
+  auto guard = guard_for(input);
+  const int64_t H = d.H, Hout = d.Hout;
+  const bool proj = w_hr.has_value();
+  const bool wm = cell == CellKind::kWorkingMemory;
+  const auto opts = input.options();
+  const int64_t ws_numel = LSTMWorkspace::numel(cell, s.N, H, proj);
+  TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws_numel && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), op, "_backward: workspace must be the contiguous (", ws_numel, ",) tensor returned by the forward, got shape ", workspace.sizes());
+  TORCH_CHECK(output.numel() == s.N * Hout, op, "_backward: output must be the forward's output");
+  const bool has_dy = grad_output.has_value() && grad_output->defined();
+  if (has_dy) check_tensor(op, "grad_output", *grad_output, input, output.sizes());
+  check_opt(op, "grad_hy", grad_hy, input, {s.B, Hout});
+  check_opt(op, "grad_cy", grad_cy, input, {s.B, H});
+
+  const Tensor x = input.reshape({s.N, d.I});
+  const Tensor h0 = hx.has_value() ? hx->contiguous() : at::zeros({s.B, Hout}, opts);
+  const std::vector<PrevSegment> segs = prev_segments(s);
+  // The gradients of the gate pre-activations, dgates, are kept for a chunk of consecutive
+  // processed steps at a time (see StepChunks): when a chunk is done, its part of the input and
+  // weight gradients is computed (accumulated) from it while it is still in cache. Per chunk as
+  // dgates: the projection's gradient of h_t (all rows), the WM's gradients of the
+  // cell-connection pre-activations.
+  BackwardCall c{
+      cell, s, d, proj, wm, has_dy, w_hh, w_ch, w_hr,
+      /*out=*/output.reshape({s.N, Hout}),
+      /*dy=*/has_dy ? grad_output->reshape({s.N, Hout}).contiguous() : Tensor(),
+      /*dh_state=*/grad_or_zeros(grad_hy, input, s.B, Hout),
+      /*dc_state=*/grad_or_zeros(grad_cy, input, s.B, H),
+      /*c0=*/cx.has_value() ? cx->contiguous() : at::zeros({s.B, H}, opts),
+      /*peep=*/cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor(),
+      // projection: gradient of r_t (current step); WM: the cell-connection gradients in flight
+      /*dr=*/proj ? at::empty({s.B, H}, opts) : Tensor(),
+      /*dp=*/wm ? at::zeros({s.B, 3 * H}, opts) : Tensor(),
+      LSTMWorkspace(workspace, cell, s.N, H, proj),
+      StepChunks(s, input)};
+  for (int i = 0; i < 2; ++i) {
+    c.dgates_buf[i] = c.sc.buffer(4 * H, opts, i);
+    if (proj) c.dh_buf[i] = c.sc.buffer(Hout, opts, i);
+    if (wm) c.dp_buf[i] = c.sc.buffer(3 * H, opts, i);
+  }
+  const Tensor& c_all = c.ws.c;
+
+  // The gradients the chunks accumulate into.
+  auto none = [&] { return at::empty({0}, opts); };  // one tensor per absent gradient: no aliasing
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
+  Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b = none(), grad_w_ch = none(),
+         grad_w_hr = none();
+  if (output_mask[1]) {
+    grad_w_ih = at::zeros({4 * H, d.I}, opts);
+    grad_w_hh = at::zeros({4 * H, Hout}, opts);
+    if (b_ih.has_value()) grad_b = at::zeros({4 * H}, opts);
+    if (cell == CellKind::kPeephole) grad_w_ch = at::zeros({3, H}, opts);
+    if (cell == CellKind::kWorkingMemory) grad_w_ch = at::zeros({3 * H, H}, opts);
+    if (proj) grad_w_hr = at::zeros({Hout, H}, opts);
+  }
+  auto finish_chunk = [&](const StepChunks::Chunk& ch) {
+    const int64_t m = ch.hi - ch.lo;
+    const Tensor dg = rows(c.dgates_buf[ch.buf], 0, m);
+    if (output_mask[0]) gemm(rows(grad_input.view({s.N, d.I}), ch.lo, m), dg, w_ih);
+    if (!output_mask[1]) return;
+    gemm(grad_w_ih, dg.t(), rows(x, ch.lo, m), 1.0f);
+    const std::vector<PrevSegment> cs = clip_segments(segs, ch.lo, ch.hi);
+    gemm_prev(grad_w_hh, dg, cs, c.out, h0, 1.0f);
+    if (grad_b.numel()) grad_b += dg.sum(0);
+    if (cell == CellKind::kPeephole) {
+      grad_w_ch[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c.c0);
+      grad_w_ch[1] += colsum_prev(dg.narrow(1, H, H), cs, c_all, c.c0);
+      grad_w_ch[2] += (dg.narrow(1, 3 * H, H) * rows(c_all, ch.lo, m)).sum(0);
+    } else if (cell == CellKind::kWorkingMemory) {
+      const Tensor dp_c = rows(c.dp_buf[ch.buf], 0, m);
+      gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_c.narrow(1, 0, 2 * H), cs, c_all, c.c0, 1.0f);
+      gemm(grad_w_ch.narrow(0, 2 * H, H), dp_c.narrow(1, 2 * H, H).t(), rows(c_all, ch.lo, m),
+           1.0f);
+    }
+    if (proj) gemm(grad_w_hr, rows(c.dh_buf[ch.buf], 0, m).t(), rows(c.ws.r, ch.lo, m), 1.0f);
+  };
+
+  const Plan plan = plan_call(input, s.T, s.N, /*tiles_ok=*/!proj);
+  if (plan.strategy == Strategy::kFusedTiles) {
+    BackwardTiles exec(c, *plan.kernels);
+    backward_loop<float>(c, exec, c_all, finish_chunk);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_backward", [&] {
+      BackwardGemmStep<scalar_t> exec(c);
+      backward_loop<scalar_t>(c, exec, c_all, finish_chunk);
+    });
+  }
+
+  if (wm && s.B > 0) {
+    gemm(c.dc_state, c.dp.narrow(1, 0, 2 * H), w_ch->narrow(0, 0, 2 * H), 1.0f);
+  }
+  if (!output_mask[1]) {
+    return {grad_input, c.dh_state, c.dc_state, none(), none(), none(), none(), none(), none()};
+  }
+  Tensor grad_b_ih = none(), grad_b_hh = none();
+  if (b_ih.has_value()) {
+    grad_b_ih = grad_b;
+    grad_b_hh = grad_b.clone();
+  }
+  return {grad_input, c.dh_state, c.dc_state, grad_w_ih, grad_w_hh,
+          grad_b_ih,  grad_b_hh,  grad_w_ch,  grad_w_hr};
+}
+
+}  // namespace driver
+}  // namespace fusedrnn

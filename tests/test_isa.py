@@ -1,0 +1,124 @@
+"""The run-time choice of the CPU kernels' instruction set (csrc/cpu/isa.*): what build_info
+reports, FUSEDRNN_CPU_ISA forcing a lower ISA (and refusing one the CPU lacks at import), the
+oneDNN GEMM policy that follows it, and that the per-ISA translation units export no inline code
+that the linker could pick for portable callers."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+import fusedrnn
+from conftest import ISAS, isas_of_cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ops = torch.ops.fusedrnn
+
+
+def _child(code, **env):
+    """Runs `code` in a fresh interpreter with `env` added (the ISA is chosen once per process)."""
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_build_info_names_the_isa():
+    info = fusedrnn.build_info()
+    assert info["cpu_isa_best"] == isas_of_cpu()[-1], (
+        f"the library's best ISA {info['cpu_isa_best']} is not the best this CPU has "
+        f"({isas_of_cpu()}): a build without its AVX2 / AVX-512 kernels?")
+    forced = os.environ.get("FUSEDRNN_CPU_ISA")
+    assert info["cpu_isa"] == (forced or info["cpu_isa_best"])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_forces_an_isa(isa):
+    if isa not in isas_of_cpu():
+        pytest.skip(f"this CPU has no {isa}")
+    r = _child("import fusedrnn; i = fusedrnn.build_info(); "
+               "print(i['cpu_isa'], i['cpu_fused_steps'], i['cpu_onednn_gemm'])",
+               FUSEDRNN_CPU_ISA=isa)
+    assert r.returncode == 0, r.stderr
+    name, fused, onednn = r.stdout.split()
+    assert name == isa
+    assert fused == str(isa != "baseline")
+    # oneDNN's matmul only where ATen accepts it (AVX512BW/VL/DQ), i.e. under avx512
+    assert onednn == "False" or isa == "avx512"
+
+
+@pytest.mark.parametrize("value", ["sse9", "AVX2", "avx-512"])
+def test_env_unknown_isa_is_an_error_at_import(value):
+    r = _child("import fusedrnn", FUSEDRNN_CPU_ISA=value)
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "FUSEDRNN_CPU_ISA" in r.stderr
+    assert "baseline, avx2, avx512" in r.stderr
+
+
+@pytest.mark.skipif("avx512" in isas_of_cpu(), reason="needs a CPU without AVX-512 to ask for it")
+def test_env_isa_the_cpu_lacks_is_an_error_at_import():
+    r = _child("import fusedrnn", FUSEDRNN_CPU_ISA="avx512")
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "does not have" in r.stderr, r.stderr
+
+
+def test_set_isa_refuses_unknown_and_missing():
+    with pytest.raises(ValueError, match="must be one of"):
+        ops._set_cpu_isa("neon")
+    for isa in ISAS:
+        if isa not in isas_of_cpu():
+            with pytest.raises(ValueError, match="does not have"):
+                ops._set_cpu_isa(isa)
+    assert ops.cpu_isa() in isas_of_cpu()
+
+
+def test_onednn_gemm_follows_the_isa(cpu_isa):
+    """The weak oneDNN matmul is only ever called under avx512 (ATen refuses it on CPUs without
+    AVX512BW/VL/DQ); under every other ISA the GEMMs go through at::mm, and a layer large enough
+    for the oneDNN size threshold runs and matches the reference."""
+    if cpu_isa != "avx512":
+        assert ops.cpu_onednn_gemm() is False
+    torch.manual_seed(0)
+    lstm = fusedrnn.LSTM(64, 64)
+    ref = torch.nn.LSTM(64, 64)
+    ref.load_state_dict(lstm.state_dict())
+    x = torch.randn(16, 16, 64)  # the input projection is 256 x 256 x 64 = 2^22 MACs
+    got, want = lstm(x)[0], ref(x)[0]
+    assert (got - want).abs().max().item() < 1e-5  # fp32 (the suite's fp32 tolerance)
+
+
+def _compile_flags():
+    from torch.utils.cpp_extension import include_paths
+    import sysconfig
+    flags = ["-O2", "-std=c++17", "-fPIC", "-I" + os.path.join(ROOT, "csrc"),
+             "-I" + sysconfig.get_paths()["include"]]
+    return flags + ["-I" + p for p in include_paths()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None
+                    or shutil.which("c++") is None, reason="needs a Linux C++ toolchain (nm)")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_isa_units_export_only_their_own_namespace(isa):
+    """Every symbol a per-ISA translation unit defines with external linkage (functions, weak
+    inline and template instances) lives in fusedrnn::cpu::<isa>::, except the table getter,
+    which is compiled for the baseline: no code compiled for the ISA can be chosen by the linker
+    for a caller in portable code."""
+    src = os.path.join(ROOT, "csrc", "cpu", f"isa_{isa}.cpp")
+    with tempfile.TemporaryDirectory() as d:
+        obj = os.path.join(d, "isa.o")
+        r = subprocess.run(["c++", *_compile_flags(), "-c", src, "-o", obj],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        nm = subprocess.run(["nm", "-C", "--defined-only", obj], capture_output=True,
+                            text=True, check=True).stdout
+    # external linkage: upper-case types, and weak / unique / indirect ones (w, v, u, i)
+    exported = [parts[2] for parts in (line.split(" ", 2) for line in nm.splitlines())
+                if len(parts) == 3 and (parts[1].isupper() or parts[1] in "wvui")]
+    getter = f"fusedrnn::cpu::fused_kernels_{isa}()"
+    assert getter in exported, f"{getter} not defined by {src}"
+    foreign = [s for s in exported
+               if s != getter and not re.search(rf"\bfusedrnn::cpu::{isa}::", s)]
+    assert not foreign, f"{src} exports code outside its ISA namespace: {foreign[:10]}"

@@ -1,0 +1,1 @@
+"""ONNX export of the fused layers (placeholder, filled below)."""

@@ -1,5 +1,6 @@
 """fusedrnn.convert: swap torch.nn's recurrent modules for the fused ones, weights kept."""
 import copy
+import warnings
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -33,7 +34,9 @@ def _fused_copy(m: nn.Module) -> nn.Module:
     # every forward); any other hook is carried over as it is.
     for hook_id, hook in m._forward_pre_hooks.items():
         if isinstance(hook, WeightNorm):
-            nn.utils.weight_norm(new, hook.name, hook.dim)
+            with warnings.catch_warnings():  # its deprecation was shown when it was applied
+                warnings.simplefilter("ignore", FutureWarning)
+                nn.utils.weight_norm(new, hook.name, hook.dim)
         else:
             new._forward_pre_hooks[hook_id] = hook
             if hook_id in m._forward_pre_hooks_with_kwargs:

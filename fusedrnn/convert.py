@@ -26,7 +26,9 @@ def _fused_copy(m: nn.Module) -> nn.Module:
                       dropout=m.dropout, bidirectional=m.bidirectional, **factory)
         if base is nn.LSTM:
             kwargs["proj_size"] = m.proj_size
-        new = _SEQUENCE[base](m.input_size, m.hidden_size, **kwargs)
+        with warnings.catch_warnings():  # torch.nn warned of a one-layer dropout already
+            warnings.filterwarnings("ignore", "dropout option adds dropout", UserWarning)
+            new = _SEQUENCE[base](m.input_size, m.hidden_size, **kwargs)
     else:
         new = _CELLS[base](m.input_size, m.hidden_size, bias=m.bias, **factory)
     # Hooks: the old-style torch.nn.utils.weight_norm is re-applied with the same name and dim

@@ -662,6 +662,27 @@ def test_autocast_op_registration():
     assert_bf16_close(out[0], bf, exact, "autocast op")
 
 
+def test_autocast_under_torch_compile():
+    """Autocast inside a compiled function (fullgraph): the traced ops get the autocast casts,
+    the result equals eager autocast bit for bit (same bf16 kernels on the same bf16
+    arguments) and the float32 parameters get float32 gradients."""
+    torch._dynamo.reset()
+    m = fusedrnn.GRU(4, 3)
+    lin = nn.Linear(4, 4)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=BF16):
+            return m(lin(x))[0]
+
+    x = torch.randn(5, 2, 4)
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert eager.dtype == compiled.dtype == BF16
+    assert torch.equal(eager, compiled)
+    compiled.float().sum().backward()
+    assert m.weight_ih_l0.grad.dtype == F32 and m.weight_ih_l0.grad.abs().sum() > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not fusedrnn.build_info()["cuda"],
                     reason="needs a CUDA device and the CUDA build of the ops")
 @pytest.mark.parametrize("dtype", [torch.float16, BF16])

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import assert_bf16_close, assert_close, copy_params, flatten_result, make_pair
+from conftest import assert_bf16_close, assert_close, flatten_result, make_pair
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 I, H, T, B = 3, 4, 5, 2

@@ -74,10 +74,12 @@ def _batch(input: Tensor, hx: Optional[Tensor], batch_sizes: Optional[Tensor]):
 
 def _grad_like(t: Optional[Tensor], computed: bool, like: Tensor) -> Tensor:
     """Fake gradient of `t`: its shape when computed and `t` is given, else empty (0,) with the
-    dtype and device of `like` (the op's input), as the real op returns."""
+    dtype and device of `like` (the op's input), as the real op returns. The real kernels
+    return contiguous gradients whatever the strides of `t` (a batch_first input is a
+    transposed view), so the fake ones are contiguous too: inductor checks the strides."""
     if t is None or not computed:
         return like.new_empty(0)
-    return torch.empty_like(t)
+    return like.new_empty(t.shape)
 
 
 def _differentiable_grads(cell, tensors, batch_sizes, reverse, grad_outputs, needs):
@@ -135,8 +137,9 @@ def _register(cell: str) -> None:
 
     def setup_context(ctx, inputs, output):
         (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
-         batch_sizes, reverse, *_) = inputs
+         batch_sizes, reverse, *rest) = inputs
         out, _, _, workspace = output
+        ctx.recompute = bool(rest) and not rest[0]  # need_workspace=False: see backward
         ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                               weight_hr, hx, cx, batch_sizes, out, workspace)
         ctx.reverse = reverse
@@ -152,6 +155,12 @@ def _register(cell: str) -> None:
                        cx), batch_sizes, ctx.reverse, (grad_output, grad_hy, grad_cy),
                 ctx.needs_input_grad[:9])
             return (*g, None, None, None)
+        if ctx.recompute:
+            # The forward ran without a workspace although a gradient is asked for (e.g. a
+            # torch.jit.trace recorded under no_grad, replayed with grad): recompute it.
+            out, _, _, workspace = getattr(torch.ops.fusedrnn, f"{cell}_forward")(
+                input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
+                batch_sizes, ctx.reverse, True)
         mask = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:7])]
         (g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_ch, g_w_hr) = bwd_op(
             grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih, bias_hh,
@@ -193,8 +202,9 @@ def _register_gru() -> None:
                 *(_grad_like(w, output_mask[1], input) for w in weights))
 
     def setup_context(ctx, inputs, output):
-        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse, *_ = inputs
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse, *rest = inputs
         out, _, workspace = output
+        ctx.recompute = bool(rest) and not rest[0]  # need_workspace=False: see backward
         ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
                               workspace)
         ctx.reverse = reverse
@@ -211,6 +221,9 @@ def _register_gru() -> None:
                 batch_sizes, ctx.reverse, (grad_output, grad_hy, None),
                 (*n[:5], False, False, n[5], False))
             return (*g[:5], g[7], None, None, None)
+        if ctx.recompute:  # no workspace kept by the forward (see the LSTM family's backward)
+            out, _, workspace = torch.ops.fusedrnn.gru_forward(
+                input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, ctx.reverse, True)
         mask = [n[0], any(n[1:5])]
         g_input, g_hx, g_w_ih, g_w_hh, g_b_ih, g_b_hh = bwd_op(
             grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes,
@@ -223,33 +236,99 @@ def _register_gru() -> None:
                                     setup_context=setup_context)
 
 
+def _autocast_eligible(t, device_type: str) -> bool:
+    # torch.autocast's own rule: floating-point tensors on the autocast device, float64 excluded
+    return (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type)
+
+
+def _register_autocast(lib, opname: str) -> None:
+    """Autocast kernels of a forward op on CPU and CUDA: the floating-point tensor arguments
+    are cast to the autocast dtype of the device (CPU: bfloat16 by default, CUDA: float16 or
+    bfloat16), so that the op runs in that dtype as torch.nn's RNNs do under autocast; the
+    casts are differentiable, so the float32 parameters get float32 gradients."""
+    op = getattr(torch.ops.fusedrnn, opname).default
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def _py_impl(*args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = tuple(a.to(dtype) if _autocast_eligible(a, _device_type) else a
+                         for a in args)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*args)
+
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(_py_impl)  # the Python dispatcher (torch.compile's tracing)
+        lib.impl(opname, lambda _keyset, *args, _f=_py_impl: _f(*args), key_name,
+                 with_keyset=True)
+
+
+_LIB = None
 if HAS_C:
     for _cell in LSTM_FAMILY:
         _register(_cell)
     _register_gru()
+    _LIB = torch.library.Library("fusedrnn", "IMPL")
+    for _cell in LSTM_FAMILY + ("gru",):
+        _register_autocast(_LIB, f"{_cell}_forward")
+
+
+def _needs_reference(tensors) -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, jacfwd, ...) or when an argument is
+    a forward-mode AD dual tensor. The fused ops have a reverse-mode derivative only; these
+    run the differentiable reference equations instead (correct, not fused)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        from torch.autograd.forward_ad import unpack_dual
+        return any(t is not None and unpack_dual(t).tangent is not None for t in tensors)
+    return False
 
 
 def layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
           bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
           weight_ch: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
           hx: Optional[Tensor] = None, cx: Optional[Tensor] = None,
-          batch_sizes: Optional[Tensor] = None, reverse: bool = False
+          batch_sizes: Optional[Tensor] = None, reverse: bool = False, exposed: bool = True
           ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """One layer, one direction: (output, h_n, c_n), c_n None for the GRU (see reference.layer)."""
+    """One layer, one direction: (output, h_n, c_n), c_n None for the GRU (see reference.layer).
+
+    `exposed`: the output is handed to the caller as it is (not only to another layer): it is
+    then a copy of the tensor the backward saves, so that an in-place operation on it (relu_)
+    does not invalidate the backward, as with torch.nn."""
+    tensors = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx)
     if not HAS_C:
         _warn_fallback()
-        return reference.layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                               weight_hr, hx, cx, batch_sizes, reverse)
+        return reference.layer(cell, *tensors, batch_sizes, reverse)
+    if torch.onnx.is_in_onnx_export():
+        from . import _onnx
+        return _onnx.layer(cell, *tensors, batch_sizes, reverse)
+    if _needs_reference(tensors):
+        return reference.layer(cell, *tensors, batch_sizes, reverse)
     # The workspace (what backward reads) is only kept when a gradient can be asked for.
     need_workspace = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx))
+        t is not None and t.requires_grad for t in tensors)
+    copy_output = exposed and need_workspace
+    if torch.jit.is_tracing():
+        # A trace is one graph for every grad mode (torch.jit.trace checks it under no_grad):
+        # it keeps no workspace, so that a traced model runs in inference as lean as eagerly,
+        # and a backward through it recomputes the workspace (see setup_context); the output
+        # is always a copy, so that an in-place operation on it never breaks that backward.
+        need_workspace, copy_output = False, exposed
     if cell == "gru":
         out, hy, _ = torch.ops.fusedrnn.gru_forward(input, weight_ih, weight_hh, bias_ih,
                                                     bias_hh, hx, batch_sizes, reverse,
                                                     need_workspace)
-        return out, hy, None
-    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
-    out, hy, cy, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
-                        cx, batch_sizes, reverse, need_workspace)
+        cy = None
+    else:
+        op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+        out, hy, cy, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                            hx, cx, batch_sizes, reverse, need_workspace)
+    if copy_output:
+        out = out.clone()
     return out, hy, cy

@@ -31,7 +31,7 @@ def rnn_layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
 
 def _step(cell, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch):
     _, hy, cy = _ops.layer(cell, input.unsqueeze(0), weight_ih, weight_hh, bias_ih, bias_hh,
-                           weight_ch, None, hx, cx)
+                           weight_ch, None, hx, cx, exposed=False)
     return hy, cy
 
 

@@ -7,6 +7,7 @@ the Python here only routes tensors, with no work proportional to the sequence l
 """
 import math
 import numbers
+import warnings
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -28,15 +29,57 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be greater than zero, got {value}")
 
 
-class _RNNBase(nn.Module):
-    """Shared machinery of the sequence modules; `_cell` names the fused op family."""
+def _autocast_mixed_ok(a: Tensor, b: Tensor) -> bool:
+    """Under autocast, a lower-precision tensor may meet float32 parameters or states: the
+    fused ops' autocast kernels cast them all to the autocast dtype (see _ops)."""
+    dev = a.device.type
+    return (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+            and all(t.is_floating_point() and t.dtype != torch.float64 for t in (a, b)))
+
+
+def _fx_leaf(module: nn.Module, *args):
+    """Under torch.fx.symbolic_trace, record the module as one call_module node (a leaf, as
+    torch.fx does for torch.nn's RNNs) instead of tracing through the fused forward."""
+    tracer = next(a.tracer for a in args if isinstance(a, torch.fx.Proxy))
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+def _is_proxy(*args) -> bool:
+    return any(isinstance(a, torch.fx.Proxy) for a in args) or any(
+        isinstance(a, (tuple, list)) and any(isinstance(t, torch.fx.Proxy) for t in a)
+        for a in args)
+
+
+class _NotScriptable:
+    """torch.jit.script compiles a module's forward from its Python source; the fused modules'
+    forward (PackedSequence routing, custom-op calls with optional arguments) is not
+    TorchScript. Scripting raises a clear error instead of failing deep in the compiler."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fusedrnn.{type(self).__name__} does not support torch.jit.script. Use "
+            "torch.jit.trace, torch.compile or torch.export (or torch.onnx.export(..., "
+            "dynamo=True)) instead; to script a model, convert it back to torch.nn's module "
+            "(torch.nn.LSTM / GRU / LSTMCell / GRUCell load the same state_dict).")
+
+
+class _RNNBase(_NotScriptable, nn.RNNBase):
+    """Shared machinery of the sequence modules; `_cell` names the fused op family.
+
+    A subclass of torch.nn.RNNBase (isinstance checks and `model.apply(init_fn)` reach it)
+    whose torch.nn.RNNBase.__init__ is not run: parameters are created here (the extended
+    cells have more), and the cuDNN flat-weight cache of torch.nn.RNNBase is replaced by the
+    `_flat_weights` property, so its hooks (__setattr__, _apply, pickling, replication) are
+    torch.nn.Module's. Not a subclass of torch.nn.LSTM / GRU: torch.compile (dynamo) refuses
+    to trace those (it graph-breaks on every nn.LSTM / GRU instance).
+    """
 
     _cell = "lstm"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         _check_positive_int("num_layers", num_layers)
@@ -54,6 +97,11 @@ class _RNNBase(nn.Module):
                              f"{proj_size} and hidden_size={hidden_size}")
         if proj_size and self._cell == "gru":
             raise ValueError("proj_size argument is only supported for LSTM-family modules")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}",
+                          stacklevel=3 if self._cell == "gru" else 2)  # the caller's line
         self.mode = type(self).__name__
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -99,6 +147,33 @@ class _RNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op: the fused ops read the parameters where they are (kept for torch.nn parity)."""
 
+    # torch.nn.RNNBase keeps a cache of the weights for cuDNN; here there is none.
+    def _init_flat_weights(self) -> None:
+        pass
+
+    def _update_flat_weights(self) -> None:
+        pass
+
+    def _weights_have_changed(self) -> bool:
+        return False
+
+    def __setattr__(self, attr, value) -> None:
+        nn.Module.__setattr__(self, attr, value)
+
+    def _apply(self, fn, recurse=True):
+        return nn.Module._apply(self, fn, recurse)
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, state) -> None:
+        nn.Module.__setstate__(self, state)
+
+    def _replicate_for_data_parallel(self):
+        replica = nn.Module._replicate_for_data_parallel(self)
+        replica._flat_weights_names = replica._flat_weights_names[:]
+        return replica
+
     @property
     def _flat_weights(self) -> List[Tensor]:
         return [getattr(self, name) for name in self._flat_weights_names]
@@ -142,7 +217,8 @@ class _RNNBase(nn.Module):
             raise RuntimeError(f"{self.mode}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {input.shape[-1]}")
         w = self.weight_ih_l0
-        if not input.is_floating_point() or input.dtype != w.dtype:
+        if not input.is_floating_point() or (input.dtype != w.dtype
+                                             and not _autocast_mixed_ok(input, w)):
             raise ValueError(f"{self.mode}: input dtype {input.dtype} does not match the "
                              f"parameters' dtype {w.dtype}")
         if input.device != w.device:
@@ -155,7 +231,7 @@ class _RNNBase(nn.Module):
         if tuple(state.shape) != shape:
             raise RuntimeError(f"{self.mode}: expected {name} of size {list(shape)}, got "
                                f"{list(state.shape)}")
-        if state.dtype != input.dtype:
+        if state.dtype != input.dtype and not _autocast_mixed_ok(state, input):
             raise TypeError(f"{self.mode}: {name} dtype {state.dtype} does not match input "
                             f"dtype {input.dtype}")
         if state.device != input.device:
@@ -163,6 +239,8 @@ class _RNNBase(nn.Module):
                                f"{input.device}")
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
+        if _is_proxy(input, hx):  # torch.fx.symbolic_trace: a leaf module
+            return _fx_leaf(self, input, hx)
         is_lstm = self._cell != "gru"
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = batch_sizes = None
@@ -196,6 +274,9 @@ class _RNNBase(nn.Module):
             c0 = input.new_zeros(c_shape) if is_lstm else None
         else:
             if is_lstm:
+                if isinstance(hx, Tensor):  # torch.nn raises a RuntimeError here too
+                    raise RuntimeError(f"{self.mode}: hx must be a tuple (h_0, c_0) of "
+                                       f"Tensors, got a Tensor of shape {tuple(hx.shape)}")
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                     raise TypeError(f"{self.mode}: hx must be a tuple (h_0, c_0), got "
                                     f"{type(hx).__name__}")
@@ -225,7 +306,8 @@ class _RNNBase(nn.Module):
                 w_ih, w_hh, b_ih, b_hh, w_ch, w_hr = self._layer_weights(layer, direction)
                 out, hy, cy = _ops.layer(self._cell, layer_input, w_ih, w_hh, b_ih, b_hh, w_ch,
                                          w_hr, h0[k], c0[k] if c0 is not None else None,
-                                         batch_sizes, direction == 1)
+                                         batch_sizes, direction == 1,
+                                         exposed=D == 1 and layer == self.num_layers - 1)
                 outputs.append(out)
                 h_n.append(hy)
                 c_n.append(cy)
@@ -276,19 +358,26 @@ class GRU(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, **kwargs) -> None:
+        if "proj_size" in kwargs:  # torch.nn.GRU's error
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"GRU.__init__() got an unexpected keyword argument "
+                            f"{next(iter(kwargs))!r}")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
 
-class _CellBase(nn.Module):
-    """One step of a cell, as torch.nn.LSTMCell / GRUCell, run through the fused ops (T = 1)."""
+class _CellBase(_NotScriptable, nn.RNNCellBase):
+    """One step of a cell, as torch.nn.LSTMCell / GRUCell, run through the fused ops (T = 1).
+    A torch.nn.RNNCellBase (LSTMCell / GRUCell also subclass torch.nn's) whose
+    torch.nn.RNNCellBase.__init__ is not run: the parameters are created here."""
 
     _cell = "lstm"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         factory = {"device": device, "dtype": dtype}
@@ -324,6 +413,8 @@ class _CellBase(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx=None):
+        if _is_proxy(input, hx):  # torch.fx.symbolic_trace: a leaf module
+            return _fx_leaf(self, input, hx)
         name = type(self).__name__
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
@@ -331,7 +422,9 @@ class _CellBase(nn.Module):
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{name}: input has inconsistent input_size: got "
                                f"{input.shape[-1]} expected {self.input_size}")
-        if input.dtype != self.weight_ih.dtype or input.device != self.weight_ih.device:
+        if ((input.dtype != self.weight_ih.dtype
+             and not _autocast_mixed_ok(input, self.weight_ih))
+                or input.device != self.weight_ih.device):
             raise TypeError(f"{name}: input ({input.dtype}, {input.device}) must match the "
                             f"parameters ({self.weight_ih.dtype}, {self.weight_ih.device})")
         unbatched = input.dim() == 1
@@ -353,25 +446,27 @@ class _CellBase(nn.Module):
                 if tuple(t.shape) != (B, H):
                     raise RuntimeError(f"{name}: {sname} has shape {tuple(t.shape)}, expected "
                                        f"{(B, H)}")
-                if t.dtype != input.dtype or t.device != input.device:
+                if ((t.dtype != input.dtype and not _autocast_mixed_ok(t, input))
+                        or t.device != input.device):
                     raise TypeError(f"{name}: {sname} ({t.dtype}, {t.device}) must match input "
                                     f"({input.dtype}, {input.device})")
         _, hy, cy = _ops.layer(self._cell, input.unsqueeze(0), self.weight_ih, self.weight_hh,
-                               self.bias_ih, self.bias_hh, self.weight_ch, None, h0, c0)
+                               self.bias_ih, self.bias_hh, self.weight_ch, None, h0, c0,
+                               exposed=False)
         if unbatched:
             hy = hy.squeeze(0)
             cy = cy.squeeze(0) if cy is not None else None
         return (hy, cy) if is_lstm else hy
 
 
-class LSTMCell(_CellBase):
-    """Drop-in for torch.nn.LSTMCell."""
+class LSTMCell(_CellBase, nn.LSTMCell):
+    """Drop-in for torch.nn.LSTMCell (and an instance of it)."""
 
     _cell = "lstm"
 
 
-class GRUCell(_CellBase):
-    """Drop-in for torch.nn.GRUCell."""
+class GRUCell(_CellBase, nn.GRUCell):
+    """Drop-in for torch.nn.GRUCell (and an instance of it)."""
 
     _cell = "gru"
 

@@ -884,7 +884,9 @@ def test_forward_errors_state_types():
     errors naming the argument here."""
     f = fusedrnn.LSTM(I, H, dtype=F64)
     ok = torch.randn(T, B, I, dtype=F64)
-    with pytest.raises(TypeError, match="hx"):  # a Tensor where (h_0, c_0) is expected
+    # a Tensor where (h_0, c_0) is expected: a RuntimeError, the type torch.nn.LSTM raises for
+    # a (2, B, H) tensor (test_torch_features checks it against torch.nn)
+    with pytest.raises(RuntimeError, match="hx"):
         f(ok, torch.zeros(1, B, H, dtype=F64))
     with pytest.raises(TypeError, match="h_0"):  # state dtype differs from the input's
         f(ok, (torch.zeros(1, B, H), torch.zeros(1, B, H, dtype=F64)))
@@ -929,7 +931,9 @@ def test_constructor_errors(kw, name):
 
 
 def test_gru_has_no_proj_size():
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="proj_size"):  # torch.nn.GRU raises ValueError
+        nn.GRU(I, H, proj_size=2)
+    with pytest.raises(ValueError, match="proj_size"):
         fusedrnn.GRU(I, H, proj_size=2)
 
 

@@ -163,3 +163,37 @@ def test_compile_failure_is_skipped_per_cell(tmp_path, capsys):
         assert compiled["status"] == "skipped" and "no_such" in compiled["reason"]
         assert rec["impls"]["fused"]["status"] == "ok" and "compiled" not in rec["speedup"]
     assert "torch.compile path failed" in capsys.readouterr().out
+
+
+def test_failed_fused_row_fails_the_command(tmp_path, capsys, monkeypatch):
+    """A fused row that errors makes the command exit 1 (CI runs it), naming the row; rows
+    skipped on purpose (--no-compile) do not."""
+    calls = core.Workload.calls
+
+    def broken(self, impl, pass_):
+        if impl == "fused" and pass_ == "fwd+bwd":
+            raise RuntimeError("simulated kernel failure")
+        return calls(self, impl, pass_)
+
+    monkeypatch.setattr(core.Workload, "calls", broken)
+    out = tmp_path / "broken"
+    assert cli.main(TINY + ["--cells", "gru", "--no-memory", "--no-compile",
+                            "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "measurement(s) failed" in err and "simulated kernel failure" in err
+    doc = json.loads((out / "results.json").read_text())
+    statuses = {rec["pass"]: rec["impls"]["fused"]["status"] for rec in doc["results"]}
+    assert statuses == {"fwd": "ok", "fwd+bwd": "error"}
+
+
+def test_throughput_report(tiny_run):
+    """results.json holds the GEMM rate measured in the same run and each single-layer fused
+    row's matrix-product rate against it."""
+    report = json.loads((tiny_run / "results.json").read_text())["throughput"]
+    assert report["gemm"] and all(g["gflops"] > 0 for g in report["gemm"])
+    assert report["gemm_best_gflops"] == max(g["gflops"] for g in report["gemm"])
+    labels = {(r["label"], r["pass"]) for r in report["rows"]}
+    assert ("lstm", "fwd") in labels and ("gru", "fwd+bwd") in labels
+    for r in report["rows"]:
+        assert r["fused_gflops"] > 0 and r["of_gemm"] == r["fused_gflops"] / report[
+            "gemm_best_gflops"]

@@ -11,7 +11,7 @@ import torch
 
 import fusedrnn
 
-from . import core
+from . import core, throughput
 
 DESCRIPTION = """\
 Times the fused layers of fusedrnn against torch.nn.LSTM/GRU (cuDNN on a GPU, oneDNN on a CPU),
@@ -215,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if interrupted:
         print(f"interrupted: keeping the {len(results)} records measured so far", file=err)
 
+    report = throughput.measure(results, device, settings.dtype)
     doc = {
         "format": "fusedrnn-bench/1",
         "command": command_line(argv),
@@ -240,6 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "speedup": "median time of the baseline / median time of fused (> 1: fused faster)",
         },
         "results": results,
+        "throughput": report,
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -247,11 +249,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = core.format_table(results)
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(table + "\n")
+    print(f"{env['device_name']}, fusedrnn CPU kernels: {env['build_info'].get('cpu_isa')} "
+          f"(best here: {env['build_info'].get('cpu_isa_best')}), {threads} thread(s)"
+          if device.type == "cpu" else env["device_name"])
     print(table)
+    text = throughput.format_report(report)
+    if text:
+        print(text)
     try:
         from .plot import plot_results
         plot_results([doc], os.path.join(out_dir, "speedups.png"))
     except Exception as exc:  # the measurements are saved; a plotting problem only warns
         print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}", file=err)
     print(f"wall time {wall:.1f} s; results in {os.path.abspath(out_dir)}")
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    # A row that errors is a failure of what the benchmark measures (skips on purpose are not):
+    # the command fails, so that CI and scripts see it.
+    failed = [f"{rec['label']} {rec['shape_str']} {rec['pass']} {impl}: {e.get('reason')}"
+              for rec in results for impl, e in rec["impls"].items()
+              if e.get("status") == "error"]
+    if failed:
+        print(f"error: {len(failed)} measurement(s) failed:", file=err)
+        for line in failed:
+            print(f"  {line}", file=err)
+        return 1
+    return 0

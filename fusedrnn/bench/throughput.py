@@ -1,0 +1,102 @@
+"""The arithmetic rate of the fused rows against the GEMM rate of the same machine, measured in
+the same run: how close the fused path comes to what a GEMM of its step's shape achieves.
+
+FLOP counts are those of the layer's matrix products (2 per multiply-add), the dominant work:
+forward: the input projection and the recurrent products (LSTM family 4H gates, GRU 3H; the
+working-memory cell adds its cell-connection product c W_ch^T); forward+backward adds the
+gradients of both weights and of the state (and of the input when it requires grad; the WM cell
+adds the gradient of W_ch and of c through it). Elementwise work is not counted.
+"""
+import statistics
+import time
+from typing import List, Optional
+
+import torch
+
+GATES = {"lstm": 4, "peephole_lstm": 4, "wm_lstm": 4, "gru": 3}
+
+
+def layer_flops(rec: dict) -> Optional[float]:
+    """The matrix-product FLOPs of one benchmark record (single-layer, one direction rows only)."""
+    if rec.get("layers", 1) != 1 or rec.get("bidirectional"):
+        return None
+    s = rec["shape"]
+    T, B, I, H = s["T"], s["B"], s["I"], s["H"]
+    rows = T * B
+    G = GATES[rec["cell"]] * H
+    fwd = 2.0 * rows * G * (I + H)
+    wm = 2.0 * rows * 3 * H * H if rec["cell"] == "wm_lstm" else 0.0
+    if rec["pass"] == "fwd":
+        return fwd + wm
+    # dW_ih, dW_hh, dh_{t-1}; dx when the input requires grad; WM: dW_ch and dc
+    bwd = 2.0 * rows * G * (I + 2 * H) + (2.0 * rows * G * I if rec.get("input_grad") else 0.0)
+    return fwd + wm + bwd + 2 * wm
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, shapes: List[tuple],
+              repeats: int = 7) -> List[dict]:
+    """GFLOP/s of torch.mm (M, K) @ (K, N) at each shape: median of `repeats` timed calls after
+    one warm-up, on the threads torch uses now."""
+    out = []
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        c = torch.empty(m, n, device=device, dtype=dtype)
+        calls = max(1, int(2e8 // (2 * m * k * n)))  # ~0.2 GFLOP per timed sample
+        times = []
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                torch.mm(a, b, out=c)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append((time.perf_counter() - t0) / calls)
+        med = statistics.median(times)
+        out.append({"m": m, "k": k, "n": n, "median_s": med,
+                    "gflops": 2.0 * m * k * n / med / 1e9})
+    return out
+
+
+def measure(results: List[dict], device: torch.device, dtype: torch.dtype) -> dict:
+    """GEMM rates at the shapes of the measured single-layer rows (the step's recurrent product
+    B x H @ H x GH, and the input projection T*B x I @ I x GH), and each fused row's rate."""
+    shapes = []
+    for rec in results:
+        if layer_flops(rec) is None:
+            continue
+        s = rec["shape"]
+        G = GATES[rec["cell"]] * s["H"]
+        for shape in ((s["B"], s["H"], G), (s["T"] * s["B"], s["I"], G)):
+            if shape not in shapes:
+                shapes.append(shape)
+    gemms = gemm_rate(device, dtype, shapes) if shapes else []
+    best = max((g["gflops"] for g in gemms), default=None)
+    rows = []
+    for rec in results:
+        flops = layer_flops(rec)
+        fused = rec["impls"].get("fused", {})
+        if flops is None or fused.get("status") != "ok":
+            continue
+        rate = flops / (fused["median_ms"] / 1e3) / 1e9
+        rows.append({"label": rec["label"], "shape_str": rec["shape_str"], "pass": rec["pass"],
+                     "gflop": flops / 1e9, "fused_gflops": rate,
+                     "of_gemm": rate / best if best else None})
+    return {"method": "torch.mm GFLOP/s, median of 7 after a warm-up; fused: matrix-product "
+                      "FLOPs of the layer / fused median time", "gemm": gemms,
+            "gemm_best_gflops": best, "rows": rows}
+
+
+def format_report(report: dict) -> str:
+    if not report["rows"]:
+        return ""
+    lines = ["GEMM rate of this machine (torch.mm, same run): " + ", ".join(
+        f"{g['m']}x{g['k']} @ {g['k']}x{g['n']}: {g['gflops']:.1f} GFLOP/s"
+        for g in report["gemm"])]
+    for r in report["rows"]:
+        lines.append(f"  {r['label']:<14} {r['shape_str']:<15} {r['pass']:<8} fused "
+                     f"{r['fused_gflops']:6.1f} GFLOP/s = {100 * r['of_gemm']:3.0f}% of the best "
+                     f"GEMM rate ({r['gflop']:.2f} GFLOP)")
+    return "\n".join(lines)

@@ -84,8 +84,8 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
             assert_close(got_g[name], r, F32, f"{cell} B={B} H={H} grad {name}")
 
 
-# Rows per tile are 6 (4 gates) and 8 (3 gates) with AVX-512, 5 with AVX2: B covers whole tiles,
-# every remainder of both. Panels are 16 units of every gate (forward) or 64 units (backward) with
+# Rows per tile are 6 (4 gates) and 8 (3 gates) with AVX-512, 5 and 4 with AVX2: B covers whole
+# tiles, every remainder of each. Panels are 16 units of every gate (forward) or 64 units (backward) with
 # AVX-512, 8 and 32 with AVX2: H covers whole panels, a partial panel alone (5) and after whole
 # ones (33, 70).
 @pytest.mark.parametrize("H", [5, 16, 33, 70])

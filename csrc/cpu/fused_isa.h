@@ -46,7 +46,7 @@ struct PanelGemm {
 struct FusedStepKernels {
   const char* isa = nullptr;
   int64_t lanes = 0;         // floats per vector: the panel layout the kernels read
-  int64_t pass_vectors = 0;  // vectors per GEMM pass: ditto
+  int64_t pass3 = 0, pass4 = 0;  // vectors per GEMM pass of 3- and 4-vector panels: ditto
   void (*lstm_forward)(CellKind, Phase, const LSTMForwardStep<float>&, float* out, int64_t ldo,
                        const PanelGemm&, int64_t p0, int64_t p1) = nullptr;
   void (*lstm_backward)(CellKind, Phase, const LSTMBackwardStep<float>&, float* out,

@@ -80,7 +80,7 @@ PanelGemm panel_gemm(int64_t rows, const GemmSource* sources, int nsrc,
   g.unit_block = w0.unit_block;
   g.col_stride = w0.col_stride;
   g.pass_vectors = w0.pass_vectors;
-  TORCH_INTERNAL_ASSERT(w0.lanes == k.lanes && w0.pass_vectors == k.pass_vectors, "fused step: weight packed for other kernels than ", k.isa);
+  TORCH_INTERNAL_ASSERT(w0.lanes == k.lanes && w0.pass_vectors == (w0.NV == 3 ? k.pass3 : k.pass4), "fused step: weight packed for other kernels than ", k.isa);
   for (int q = 0; q < nsrc; ++q) {
     const PackedWeight& w = *sources[q].w;
     TORCH_INTERNAL_ASSERT(w.NV == w0.NV && w.H == w0.H && w.G == w0.G && w.lanes == w0.lanes && w.pass_vectors == w0.pass_vectors, "fused step: operands packed in different layouts");
@@ -112,7 +112,7 @@ PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels&
   const int64_t H = w.size(0) / G, K = w.size(1);
   // B = w^T: B[k][col] = w[col][k]
   const int64_t lanes = kernels.lanes;
-  return pack(K, H, G, G, lanes, kernels.pass_vectors, lanes, H, w.options(),
+  return pack(K, H, G, G, lanes, G == 3 ? kernels.pass3 : kernels.pass4, lanes, H, w.options(),
               [&](int64_t k, int64_t col) { return src[col * K + k]; });
 }
 
@@ -123,7 +123,7 @@ PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& kernels) {
   const float* src = bc.data_ptr<float>();
   const int64_t K = b.size(0), N = b.size(1);
   const int64_t lanes = kernels.lanes;
-  return pack(K, N, 1, 4, lanes, kernels.pass_vectors, 4 * lanes, lanes, b.options(),
+  return pack(K, N, 1, 4, lanes, kernels.pass4, 4 * lanes, lanes, b.options(),
               [&](int64_t k, int64_t col) { return src[k * N + col]; });
 }
 

@@ -96,35 +96,36 @@ inline void gemm_pass(const PanelSource* src, int nsrc, int64_t row0, float* out
 }
 
 // One output tile of MR rows x NV vectors (all the gates of the panel's units), in passes of at
-// most Vec::kPassVectors vectors: AVX2's 16 registers hold 5 rows x 2 vectors of accumulators,
-// so its 4-vector tiles take two passes over the (L1-resident) rows of the sources. Each pass
-// reads its own contiguous part of the panel.
-template <int NV, int MR, bool kAcc>
+// most kPass vectors: AVX2's 16 registers hold 5 rows x 2 vectors of accumulators, so its
+// 4-vector tiles take two passes over the (L1-resident) rows of the sources. Each pass reads its
+// own contiguous part of the panel.
+template <int NV, int kPass, int MR, bool kAcc>
 inline void gemm_tile(const PanelSource* src, int nsrc, int64_t row0, float* out, int64_t ldo,
                       int64_t col_stride, const int64_t* count, const Vec::Mask* mask) {
-  constexpr int kPass = NV < Vec::kPassVectors ? NV : Vec::kPassVectors;
-  gemm_pass<kPass, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
-  if constexpr (NV > kPass) {
+  constexpr int kNow = NV < kPass ? NV : kPass;
+  gemm_pass<kNow, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
+  if constexpr (NV > kNow) {
     PanelSource rest[2];
     for (int q = 0; q < nsrc; ++q) {
       rest[q] = src[q];
-      rest[q].panel += kPass * src[q].K * kL;
+      rest[q].panel += kNow * src[q].K * kL;
     }
-    gemm_tile<NV - kPass, MR, kAcc>(rest, nsrc, row0, out + kPass * col_stride, ldo,
-                                    col_stride, count + kPass, mask + kPass);
+    gemm_tile<NV - kNow, kPass, MR, kAcc>(rest, nsrc, row0, out + kNow * col_stride, ldo,
+                                          col_stride, count + kNow, mask + kNow);
   }
 }
 
 // A tile of `rows` < MR rows, by recursion on the tile height (each height is its own kernel).
-template <int NV, int MR, bool kAcc>
-inline void gemm_tail(int rows, const PanelSource* src, int nsrc, int64_t row0,
-                      float* out, int64_t ldo, int64_t col_stride, const int64_t* count,
+template <int NV, int kPass, int MR, bool kAcc>
+inline void gemm_tail(int rows, const PanelSource* src, int nsrc, int64_t row0, float* out,
+                      int64_t ldo, int64_t col_stride, const int64_t* count,
                       const Vec::Mask* mask) {
   if constexpr (MR > 0) {
     if (rows == MR) {
-      gemm_tile<NV, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
+      gemm_tile<NV, kPass, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
     } else {
-      gemm_tail<NV, MR - 1, kAcc>(rows, src, nsrc, row0, out, ldo, col_stride, count, mask);
+      gemm_tail<NV, kPass, MR - 1, kAcc>(rows, src, nsrc, row0, out, ldo, col_stride, count,
+                                         mask);
     }
   }
 }
@@ -135,8 +136,9 @@ template <int NV, bool kAcc, typename Epi, typename Tail>
 void gemm_panels(const PanelGemm& g, float* out, int64_t ldo, int64_t p0, int64_t p1,
                  const Epi& epi, const Tail& tail) {
   constexpr int MR = NV == 4 ? Vec::kRows4 : Vec::kRows3;
+  constexpr int kPass = NV == 4 ? Vec::kPass4 : Vec::kPass3;
   static_assert(NV == 3 || NV == 4, "panels hold 3 or 4 vectors");
-  if (g.nv != NV || g.lanes != kL || g.pass_vectors != Vec::kPassVectors || g.nsrc < 1 ||
+  if (g.nv != NV || g.lanes != kL || g.pass_vectors != kPass || g.nsrc < 1 ||
       g.nsrc > 2) {
     bad_dispatch("fused step: operands packed for another kernel");
   }
@@ -157,12 +159,12 @@ void gemm_panels(const PanelGemm& g, float* out, int64_t ldo, int64_t p0, int64_
     }
     int64_t r = 0;
     for (; r + MR <= n; r += MR) {
-      gemm_tile<NV, MR, kAcc>(src, g.nsrc, r, out + r * ldo + j0, ldo, g.col_stride, count,
-                              mask);
+      gemm_tile<NV, kPass, MR, kAcc>(src, g.nsrc, r, out + r * ldo + j0, ldo, g.col_stride,
+                                     count, mask);
       epi(r, static_cast<int64_t>(MR), j0, units);
     }
     if (r < n) {
-      gemm_tail<NV, MR - 1, kAcc>(static_cast<int>(n - r), src, g.nsrc, r,
+      gemm_tail<NV, kPass, MR - 1, kAcc>(static_cast<int>(n - r), src, g.nsrc, r,
                                   out + r * ldo + j0, ldo, g.col_stride, count, mask);
       epi(r, n - r, j0, units);
     }
@@ -319,8 +321,8 @@ void gru_backward(const GRUBackwardStep<float>& p, const PanelGemm& g, int64_t p
 }
 
 // Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
-constexpr FusedStepKernels kKernels{Vec::kName, kL, Vec::kPassVectors, &lstm_forward, &lstm_backward, &gru_forward,
-                                    &gru_backward};
+constexpr FusedStepKernels kKernels{Vec::kName,    kL,           Vec::kPass3,  Vec::kPass4,
+                                    &lstm_forward, &lstm_backward, &gru_forward, &gru_backward};
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu

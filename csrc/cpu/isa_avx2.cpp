@@ -13,11 +13,13 @@ namespace avx2 {
 struct Vec {
   static constexpr const char* kName = "avx2";
   static constexpr int kLanes = 8;
-  // Tiles of 5 rows, computed in passes of 2 vectors: 5 x 2 accumulators, 2 b vectors and a
-  // broadcast in the 16 registers (with 6 rows gcc spills an accumulator in the inner loop).
+  // 4-vector tiles: 5 rows in passes of 2 vectors (5 x 2 accumulators, 2 b vectors and a
+  // broadcast in the 16 registers; with 6 rows gcc spills an accumulator in the inner loop).
+  // 3-vector tiles: 4 rows in one pass (12 accumulators, 3 b vectors and a broadcast).
   static constexpr int kRows4 = 5;
-  static constexpr int kRows3 = 5;
-  static constexpr int kPassVectors = 2;
+  static constexpr int kRows3 = 4;
+  static constexpr int kPass4 = 2;
+  static constexpr int kPass3 = 3;
   using Reg = __m256;
   using Mask = __m256i;
   static Reg zero() { return _mm256_setzero_ps(); }

@@ -18,7 +18,8 @@ struct Vec {
   // pass.
   static constexpr int kRows4 = 6;
   static constexpr int kRows3 = 8;
-  static constexpr int kPassVectors = 4;
+  static constexpr int kPass4 = 4;
+  static constexpr int kPass3 = 3;
   using Reg = __m512;
   using Mask = __mmask16;
   static Reg zero() { return _mm512_setzero_ps(); }

@@ -117,8 +117,9 @@ def test_inputs_not_modified(cell, dtype):
 
 @pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=_dname)
 @pytest.mark.parametrize("cell", CELLS)
-def test_forward_vectorised_body_and_tail(cell, dtype):
-    """H = 37: the unit loop runs whole vectors (8/16 lanes) plus a remainder."""
+def test_forward_vectorised_body_and_tail(cell, dtype, cpu_isa):
+    """H = 37: the unit loop runs whole vectors (8/16 lanes) plus a remainder; the step kernels
+    of every ISA the CPU has (cpu/step_loops.h, compiled per ISA), every dtype."""
     proj = 3 if cell in LSTM_FAMILY else 0
     x, w, hx, cx, bs = _case(cell, proj, True, True, True, dtype, H_=37, scale=0.3)
     got = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, True)
@@ -153,8 +154,9 @@ def test_forward_multithreaded(cell):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("shape", [(1, 1, 3, 5), (1, 4, 2, 1), (5, 1, 3, 5), (3, 2, 1, 7)],
                          ids=lambda s: "T%dB%dI%dH%d" % s)
-def test_odd_shapes(cell, dtype, shape):
-    """Sequence length 1, batch 1, hidden 1, input 1, odd sizes; forward and gradients."""
+def test_odd_shapes(cell, dtype, shape, cpu_isa):
+    """Sequence length 1, batch 1, hidden 1, input 1, odd sizes; forward and gradients, under
+    every ISA the CPU has."""
     T_, B_, I_, H_ = shape
     proj = 0 if (cell == "gru" or H_ < 3) else H_ - 2
     x, w, hx, cx, bs = _case(cell, proj, False, True, True, dtype, T_=T_, B_=B_, I_=I_, H_=H_)
@@ -328,9 +330,10 @@ def test_gradients_fp64_vs_reference(cell, bias):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradients_bf16(cell, packed):
+def test_gradients_bf16(cell, packed, cpu_isa):
     """bf16 gradients of every input: error against fp64 reference autograd at most twice that
-    of the reference autograd run in bf16, plus the floor of assert_bf16_close."""
+    of the reference autograd run in bf16, plus the floor of assert_bf16_close; under every ISA
+    the CPU has."""
     proj = P if cell in LSTM_FAMILY else 0
     x, w, hx, cx, bs = _case(cell, proj, packed, True, True, BF16, scale=0.5)
     leaves = {"x": x, "hx": hx, "cx": cx, **w}

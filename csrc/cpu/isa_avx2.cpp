@@ -1,5 +1,6 @@
 // The fused CPU steps for AVX2 + FMA: 8 floats per vector, 16 vector registers.
 #include "fused_isa.h"
+#include "step_table.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FUSEDRNN_ISA_NAMESPACE avx2
@@ -42,11 +43,16 @@ struct Vec {
 }  // namespace fusedrnn
 
 #include "fused_tiles.h"
+#include "step_loops.h"
 #include "isa_end.h"
 
 const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() {
   return &avx2::kKernels;
 }
+const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx2() {
+  return &avx2::kStepKernels;
+}
 #else
 const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() { return nullptr; }
+const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx2() { return nullptr; }
 #endif

@@ -1,6 +1,7 @@
 // The fused CPU steps for AVX-512 (AVX512F; the library selects them only on CPUs that also have
 // AVX512BW, VL and DQ, see isa.cpp): 16 floats per vector, 32 vector registers.
 #include "fused_isa.h"
+#include "step_table.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FUSEDRNN_ISA_NAMESPACE avx512
@@ -41,11 +42,16 @@ struct Vec {
 }  // namespace fusedrnn
 
 #include "fused_tiles.h"
+#include "step_loops.h"
 #include "isa_end.h"
 
 const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx512() {
   return &avx512::kKernels;
 }
+const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx512() {
+  return &avx512::kStepKernels;
+}
 #else
 const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx512() { return nullptr; }
+const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx512() { return nullptr; }
 #endif

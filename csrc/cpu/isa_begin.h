@@ -1,12 +1,13 @@
 // Opens a per-ISA translation unit (isa_avx2.cpp, isa_avx512.cpp); isa_end.h closes it. The
 // unit defines FUSEDRNN_ISA_NAMESPACE and FUSEDRNN_ISA_TARGET (a target attribute string), then
-// includes this header, defines `Vec`, includes fused_tiles.h and isa_end.h.
+// includes this header, defines `Vec`, includes fused_tiles.h, step_loops.h and isa_end.h.
 //
 // Only the code between the two headers is compiled for the ISA, through the compiler's target
 // pragma, not through command-line flags: the unit compiles with the same flags as the rest of the
 // library, the headers of the standard library, c10 and ATen are included here first (their inline
-// code is compiled for the baseline, as everywhere else), and what follows lives in the ISA's own
-// namespace (cells/common.h). So nothing compiled for AVX2 or AVX-512 can be the linker's choice
+// code and templates, at::parallel_for and c10::BFloat16's conversions included, are compiled for
+// the baseline, as everywhere else: a template takes the target of its definition), and what
+// follows lives in the ISA's own namespace (cells/common.h). So nothing compiled for AVX2 or AVX-512 can be the linker's choice
 // for portable code, and nothing of it runs at load time (the kernel table is constant-
 // initialised).
 #ifndef FUSEDRNN_ISA_NAMESPACE
@@ -14,6 +15,9 @@
 #endif
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cmath>

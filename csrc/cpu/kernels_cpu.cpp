@@ -1,12 +1,14 @@
-// CPU launchers of the fused step kernels: parallel over the rows of the step, the units of a
-// row in one loop that the compiler vectorises (the cell math is branch-free, see cells/common.h).
+// The CPU launchers of the unfused step kernels (kernels.h): the portable instance of their loops
+// (step_loops.h), and the dispatch of every call to the table of the ISA in use (cpu/isa.h).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#include "../step_elements.h"
-
 #include <cstdlib>
+
+#include "isa.h"
+#include "step_loops.h"
 
 namespace fusedrnn {
 
@@ -16,76 +18,41 @@ void bad_dispatch(const char* what) {
 }
 
 namespace cpu {
+
+const StepKernels& step_kernels_portable() { return portable::kStepKernels; }
+
 namespace {
 
-// Rows per task: enough elements per task that scheduling costs little next to the math.
-int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
-
-// The unit loops below carry `#pragma GCC ivdep`: within a row, every array a step kernel writes
-// is a separate buffer (or the same element it read), so no iteration depends on another. Without
-// it gcc gives up vectorising after too many run-time alias checks.
-template <typename Fn>
-void for_each_row(int64_t n, int64_t H, const Fn& fn) {
-  at::parallel_for(0, n, grain_rows(H), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) fn(b);
-  });
-}
-
-template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
-void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
-  for_each_row(p.n, p.H, [&](int64_t b) {
-    const LSTMForwardStep<scalar_t> q = p;  // a local copy: stores cannot alias its pointers
-#pragma GCC ivdep
-    for (int64_t j = 0; j < q.H; ++j) lstm_forward_element<kCell, kPhase, kBias>(q, b, j);
-  });
-}
-
-template <CellKind kCell, Phase kPhase, typename scalar_t>
-void lstm_backward_rows(const LSTMBackwardStep<scalar_t>& p) {
-  for_each_row(p.n, p.H, [&](int64_t b) {
-    const LSTMBackwardStep<scalar_t> q = p;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < q.H; ++j) lstm_backward_element<kCell, kPhase>(q, b, j);
-  });
+const StepKernels& table() {
+  switch (current_isa()) {
+    case Isa::kAVX512: return *step_kernels_avx512();
+    case Isa::kAVX2: return *step_kernels_avx2();
+    case Isa::kBaseline: break;
+  }
+  return portable::kStepKernels;
 }
 
 }  // namespace
 
 template <typename scalar_t>
 void lstm_forward_step(CellKind cell, Phase phase, const LSTMForwardStep<scalar_t>& p) {
-  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
-    dispatch_bool(p.bias != nullptr, [&](auto bias) {
-      lstm_forward_rows<decltype(c)::value, decltype(ph)::value, decltype(bias)::value>(p);
-    });
-  });
+  table().of<scalar_t>().lstm_forward(cell, phase, p);
 }
 
 template <typename scalar_t>
 void lstm_backward_step(CellKind cell, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
-  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
-    lstm_backward_rows<decltype(c)::value, decltype(ph)::value>(p);
-  });
+  table().of<scalar_t>().lstm_backward(cell, phase, p);
 }
 
 template <typename scalar_t>
 void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
   TORCH_INTERNAL_ASSERT((p.bias_ih == nullptr) == (p.bias_hh == nullptr));
-  dispatch_bool(p.bias_ih != nullptr, [&](auto bias) {
-    for_each_row(p.n, p.H, [&](int64_t b) {
-      const GRUForwardStep<scalar_t> q = p;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < q.H; ++j) gru_forward_element<decltype(bias)::value>(q, b, j);
-    });
-  });
+  table().of<scalar_t>().gru_forward(p);
 }
 
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p) {
-  for_each_row(p.n, p.H, [&](int64_t b) {
-    const GRUBackwardStep<scalar_t> q = p;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < q.H; ++j) gru_backward_element(q, b, j);
-  });
+  table().of<scalar_t>().gru_backward(p);
 }
 
 #define FUSEDRNN_INSTANTIATE(T)                                                        \

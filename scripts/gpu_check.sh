@@ -63,6 +63,10 @@ for arg in "$@"; do
 done
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# a relative GPU_CHECK_PREBUILT is relative to where the script was started
+if [ -n "${GPU_CHECK_PREBUILT:-}" ] && [[ $GPU_CHECK_PREBUILT != /* ]]; then
+  GPU_CHECK_PREBUILT="$PWD/$GPU_CHECK_PREBUILT"
+fi
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
@@ -296,7 +300,7 @@ STAMP=$(timeout 60 "$PY" "$REPORT" stamp --repo "$REPO" --mode "$MODE" 2>> "$LOG
 
 # verify_ext: the extension imports with the fused ops of $DEV (build_info.json in the logs)
 verify_ext() {
-  timeout 120 "$PY" - "$DEV" "$LOGS/build_info.json" > "$LOGS/build_verify.log" 2>&1 <<'EOF'
+  timeout 60 "$PY" - "$DEV" "$LOGS/build_info.json" > "$LOGS/build_verify.log" 2>&1 <<'EOF'
 import json, sys
 import fusedrnn
 info = fusedrnn.build_info()
@@ -383,14 +387,17 @@ json.dump({"how": how, "note": note or None, "mode": mode, "stamp": stamp,
            "rc": int(rc)}, open(path, "w"), indent=1)
 EOF
 DETAIL="$BUILD_NOTE$BUILD_HOW${STD:+; $STD}${GENCODE:+; $GENCODE}${SO_OUT:+; returns $SO_OUT}"
+# the first compiler error, else the import check's last line
+WHY=$(grep -m1 -E 'error[: ]' "$LOGS/build.log" 2> /dev/null | cut -c1-240)
+[ -z "$WHY" ] && WHY=$(tail -n 1 "$LOGS/build_verify.log" 2> /dev/null | cut -c1-240)
 case $BUILD_RC in
   0) if [[ $BUILD_HOW == built* ]]; then ST=ok; else ST=reused; fi
      record build "$ST" "$BUILD_S" "$BUILD_LIMIT" 0 "$DETAIL" ;;
-  124|137) record build FAIL "$BUILD_S" "$BUILD_LIMIT" "$BUILD_RC" "timed out (build.log)" ;;
+  124|137) record build FAIL "$BUILD_S" "$BUILD_LIMIT" "$BUILD_RC" \
+             "timed out (build.log)${STD:+; $STD}" ;;
   200) record build FAIL 0 "$BUILD_LIMIT" 200 "no time left to build" ;;
   *) record build FAIL "$BUILD_S" "$BUILD_LIMIT" "$BUILD_RC" \
-       "rc $BUILD_RC (build.log, build_verify.log): $(tail -n 1 "$LOGS/build_verify.log" \
-2> /dev/null | cut -c1-200)" ;;
+       "rc $BUILD_RC${STD:+; $STD}: $WHY (build.log, build_verify.log)" ;;
 esac
 if ((BUILD_RC != 0)); then
   skip_rest "the build failed"
@@ -537,7 +544,7 @@ if ((LEFT >= COMPILE_MIN_S)); then
     COMPILED_SHAPE=(--fastrnns)
   fi
   bench_run compiled "$(cap bench_compiled 600)" 0 --device "$DEV" "${COMPILED_SHAPE[@]}" \
-    --dtype float32 --cells lstm,gru --no-memory "${COMPILE_ARGS[@]}"
+    --dtype float32 --cells lstm,gru --no-memory ${COMPILE_ARGS[@]+"${COMPILE_ARGS[@]}"}
 else
   record bench_compiled skipped 0 0 - "${LEFT}s left, less than GPU_CHECK_COMPILE_MIN_S=$COMPILE_MIN_S"
 fi

@@ -323,7 +323,7 @@ def format_text(doc: dict) -> str:
             line = (f"    {str(r['label'])[:18]:<18} {str(r['shape']):<14} {str(r['pass']):<7} "
                     f"fused {_fmt(r['fused_ms'], ' ms'):>10}")
             for b in baselines:
-                line += f"  x{names[b]} {_fmt(r['speedup'].get(b)):>5}"
+                line += f"  x {names[b]} {_fmt(r['speedup'].get(b)):>5}"
             bench_lines.append(line)
     if bench_lines:
         lines += ["", "benchmark (speed-up of fused = baseline median / fused median, > 1: "

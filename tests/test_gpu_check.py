@@ -12,9 +12,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -276,6 +278,55 @@ def test_dry_run_time_limits_and_prebuilt(tmp_path):
     assert "GPU_CHECK_COMPILE_MIN_S" in stages["bench_compiled"]["detail"]
     assert res.stdout.rstrip().endswith((out / "summary.txt").read_text().rstrip())
     assert "overall: FAIL" in res.stdout.rstrip().splitlines()[-1]
+
+
+HANG_INLINE = """\
+#!{python}
+import os, sys
+argv = sys.argv[1:]
+if argv and argv[0].endswith("gpu_check_inline.py") and "--tiny" not in argv:
+    os.execvp("sleep", ["sleep", "600"])
+os.execv({python!r}, [{python!r}] + argv)
+"""
+
+
+@nested
+def test_sigterm_to_the_check_still_publishes(tmp_path):
+    """SIGTERM to the script while a stage runs: that stage is stopped and marked interrupted,
+    the later ones are marked not run, and the summary is still written and printed last."""
+    _extension()
+    wrapper = tmp_path / "python"
+    wrapper.write_text(HANG_INLINE.format(python=sys.executable))
+    wrapper.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(wrapper), OMP_NUM_THREADS="1")
+    env.pop("GPU_CHECK_NESTED", None)
+    proc = subprocess.Popen(["bash", str(CHECK), "--dry-run"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # until the inline stage (which hangs) has started
+            summary = out / "summary.json"
+            if summary.exists() and any(st["stage"] == "build" and st["status"] != "not run"
+                                        for st in json.loads(summary.read_text())["stages"]):
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    doc = json.loads((out / "summary.json").read_text())
+    stages = {st["stage"]: st for st in doc["stages"]}
+    assert doc["stopped"] == "SIGTERM" and doc["final"] is True and doc["ok"] is False
+    assert stages["build"]["status"] == "reused"
+    assert stages["inline"]["status"] == "interrupted"
+    assert all(stages[n]["status"] == "not run" for n in report.STAGES[3:])
+    assert stdout.rstrip().endswith((out / "summary.txt").read_text().rstrip())
+    assert "overall: FAIL" in stdout.rstrip().splitlines()[-1]
+    assert len(_files(out)) <= MAX_FILES
 
 
 def test_report_reads_a_stopped_pytest_log(tmp_path):

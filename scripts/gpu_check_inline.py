@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -63,6 +63,10 @@ class Checker:
     def __init__(self):
         self.records: List[dict] = []
         self.failures: List[str] = []
+        # one entry per (case, dtype) attempted: {"case", "dtype", "status", "seconds", ...}
+        self.outcomes: List[dict] = []
+        # called after each case (writes --out as it goes, so a killed run keeps its results)
+        self.on_progress: Callable[[], None] = lambda: None
 
     def compare(self, label: str, got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor],
                 dtype: torch.dtype, lowp: Optional[Dict[str, torch.Tensor]] = None) -> None:
@@ -85,6 +89,24 @@ class Checker:
     def fail(self, msg: str) -> None:
         self.failures.append(msg)
 
+    def attempt(self, case: str, dtype: str, fn: Callable[[], None]) -> bool:
+        """Runs one case in one dtype; an exception is a failure of that case and dtype only,
+        recorded with the rest. Appends the outcome (ok / fail / error) to `outcomes`."""
+        n = len(self.failures)
+        t0 = time.time()
+        status, detail = "ok", None
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 (any error is a failed check, not a stop)
+            text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+            self.fail(f"{case} [{dtype}]: raised {text}")
+            status, detail = "error", text
+        if status == "ok" and len(self.failures) > n:
+            status, detail = "fail", "; ".join(self.failures[n:])[:500]
+        self.outcomes.append({"case": case, "dtype": dtype, "status": status,
+                              "seconds": round(time.time() - t0, 3), "detail": detail})
+        return status == "ok"
+
 
 def cases(tiny: bool) -> List[Case]:
     if tiny:
@@ -102,21 +124,41 @@ def cases(tiny: bool) -> List[Case]:
     return out
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def check_cells(chk: Checker, tiny: bool, device: str) -> None:
+    """Every case in every dtype, each on its own: a case or dtype that fails or raises is
+    recorded and the others still run."""
     dtypes = (torch.float32, torch.bfloat16) if tiny else \
         (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     for case in cases(tiny):
-        ref = run(reference.layer, case, "cpu", torch.float64)
+        ref: Dict[str, Dict[str, torch.Tensor]] = {}
+
+        def reference_run(case=case, ref=ref):
+            ref["fp64"] = run(reference.layer, case, "cpu", torch.float64)
+
+        if not chk.attempt(f"{case.name} cpu-reference", "float64", reference_run):
+            chk.on_progress()
+            continue  # nothing to compare this case with
         if not tiny:
-            chk.compare(f"{case.name} cpu-fused", run(functional.rnn_layer, case, "cpu",
-                                                      torch.float64), ref, torch.float64)
+            chk.attempt(f"{case.name} cpu-fused", "float64", lambda case=case: chk.compare(
+                f"{case.name} cpu-fused", run(functional.rnn_layer, case, "cpu", torch.float64),
+                ref["fp64"], torch.float64))
         for dtype in dtypes:
             if dtype in HALF_TYPES and not case.half:
                 continue
-            got = run(functional.rnn_layer, case, device, dtype)
-            lowp = run(reference.layer, case, device, dtype) if dtype in HALF_TYPES else None
-            chk.compare(f"{case.name} {device}", got, ref, dtype, lowp)
-        synchronize(device)
+
+            def one(case=case, dtype=dtype):
+                got = run(functional.rnn_layer, case, device, dtype)
+                lowp = (run(reference.layer, case, device, dtype) if dtype in HALF_TYPES
+                        else None)
+                synchronize(device)
+                chk.compare(f"{case.name} {device}", got, ref["fp64"], dtype, lowp)
+
+            chk.attempt(f"{case.name} {device}", _dtype_name(dtype), one)
+        chk.on_progress()
 
 
 def check_grid_stride(chk: Checker) -> None:
@@ -124,11 +166,15 @@ def check_grid_stride(chk: Checker) -> None:
     that each thread handles several elements. fp64 against the reference run on the GPU in
     fp64 (same tolerance; the CPU would take long at this size)."""
     for cell in ("lstm", "gru", "wm_lstm"):
-        case = Case(cell, "time_major", T=2, B=1100, I=8, H=2048, seed=1)
-        chk.compare(f"{case.name} B=1100 H=2048 cuda", run(functional.rnn_layer, case, "cuda",
-                                                           torch.float64),
-                    run(reference.layer, case, "cuda", torch.float64), torch.float64)
-        torch.cuda.synchronize()
+        def one(cell=cell):
+            case = Case(cell, "time_major", T=2, B=1100, I=8, H=2048, seed=1)
+            got = run(functional.rnn_layer, case, "cuda", torch.float64)
+            want = run(reference.layer, case, "cuda", torch.float64)
+            torch.cuda.synchronize()
+            chk.compare(f"{case.name} B=1100 H=2048 cuda", got, want, torch.float64)
+
+        chk.attempt(f"{cell}/time_major B=1100 H=2048 cuda", "float64", one)
+        chk.on_progress()
 
 
 def check_graph(chk: Checker) -> None:
@@ -199,59 +245,89 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _summary(chk: Checker, device: str, name: str, info: dict, tiny: bool,
+             complete: bool) -> dict:
+    by_dtype: Dict[str, Dict[str, int]] = {}
+    for o in chk.outcomes:
+        d = by_dtype.setdefault(o["dtype"], {"ok": 0, "fail": 0, "error": 0})
+        d[o["status"]] += 1
+    return {"device": name, "device_type": device, "torch": torch.__version__,
+            "build_info": info, "tiny": tiny, "complete": complete,
+            "checks": len(chk.records), "cases": len(chk.outcomes),
+            "cases_by_dtype": by_dtype, "failures": chk.failures, "outcomes": chk.outcomes,
+            "records": chk.records}
+
+
+def _write(path: Optional[str], doc: dict) -> None:
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small fp32/bf16 cases only")
-    parser.add_argument("--out", default=None, help="JSON file of every measured error")
+    parser.add_argument("--out", default=None,
+                        help="JSON file of every measured error and of each case's outcome "
+                        "per dtype; rewritten after every case (\"complete\": false until "
+                        "the end), so a run that is killed keeps what it checked")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a dry run of the cell checks on the CPU fused path")
     args = parser.parse_args()
     device = args.device
 
     if device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check_inline: torch.cuda.is_available() is False", file=sys.stderr)
+        print("gpu_check_inline: --device cuda, but torch.cuda.is_available() is False "
+              "(use --device cpu for the dry run)", file=sys.stderr)
         return 2
     info = fusedrnn.build_info()
     print("build_info:", info, flush=True)
     # fp32 GEMMs in full fp32 (TF32 would not meet the fp32 tolerance)
     torch.backends.cuda.matmul.allow_tf32 = False
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     chk = Checker()
+    chk.on_progress = lambda: _write(args.out, _summary(chk, device, name, info, args.tiny,
+                                                        False))
     if info["backend"] != "fused" or not info[device]:
         chk.fail(f"the fused {device} ops are not available: {info}")
     else:
         stages = [("cells", lambda: check_cells(chk, args.tiny, device))]
         if not args.tiny and device == "cuda":
             stages += [("grid_stride", lambda: check_grid_stride(chk)),
-                       ("cuda_graph", lambda: check_graph(chk))]
-        for name, fn in stages:
+                       ("cuda_graph", lambda: chk.attempt("lstm cuda graph replay", "float32",
+                                                          lambda: check_graph(chk)))]
+        for stage, fn in stages:
             t0 = time.time()
-            try:
+            try:  # the stages record each case on its own; this catches a bug of the loop
                 fn()
                 synchronize(device)
-            except Exception as exc:  # a raised error is a failed check, reported with the rest
-                chk.fail(f"{name}: raised {type(exc).__name__}: {exc}")
-            print(f"stage {name}: {time.time() - t0:.1f}s, {len(chk.failures)} failures so far",
-                  flush=True)
+            except Exception as exc:
+                chk.fail(f"{stage}: raised {type(exc).__name__}: {exc}")
+            print(f"stage {stage}: {time.time() - t0:.1f}s, {len(chk.outcomes)} cases, "
+                  f"{len(chk.failures)} failures so far", flush=True)
     try:
         synchronize(device)
     except Exception as exc:
         chk.fail(f"final torch.cuda.synchronize() raised {type(exc).__name__}: {exc}")
 
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    summary = {"device": name, "torch": torch.__version__,
-               "build_info": info, "tiny": args.tiny, "checks": len(chk.records),
-               "failures": chk.failures, "records": chk.records}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1, default=str)
+    summary = _summary(chk, device, name, info, args.tiny, True)
+    _write(args.out, summary)
     worst: Dict[str, float] = {}
     for r in chk.records:
         d = r.get("dtype", "float32")
-        worst[d] = max(worst.get(d, 0.0), r.get("max_abs_err", 0.0))
-    print(f"{len(chk.records)} tensor checks; worst max abs err per dtype: {worst}")
+        err = r.get("max_abs_err")
+        worst[d] = max(worst.get(d, 0.0), err if isinstance(err, float) else 0.0)
+    print(f"{len(chk.records)} tensor checks in {len(chk.outcomes)} cases x dtypes "
+          f"{summary['cases_by_dtype']}; worst max abs err per dtype: {worst}")
     for msg in chk.failures:
         print("FAIL:", msg)
-    assert not chk.failures, f"{len(chk.failures)} {device} correctness checks failed"
+    if chk.failures:
+        print(f"gpu_check_inline: {len(chk.failures)} {device} correctness checks failed",
+              file=sys.stderr)
+        return 1
     print(f"gpu_check_inline: all {len(chk.records)} checks passed ({name})")
     return 0
 

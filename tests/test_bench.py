@@ -1,6 +1,10 @@
 """The benchmark command: argument checking, a tiny end-to-end run and the plot command."""
+import io
 import json
 import os
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +201,161 @@ def test_throughput_report(tiny_run):
     for r in report["rows"]:
         assert r["fused_gflops"] > 0 and r["of_gemm"] == r["fused_gflops"] / report[
             "gemm_best_gflops"]
+
+
+# --- TF32, interruption, progress -----------------------------------------------------------
+
+
+def _flags():
+    b = torch.backends
+    return b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+
+
+def _set_flags(cudnn: bool, matmul: bool):
+    torch.backends.cudnn.allow_tf32 = cudnn
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+@pytest.fixture
+def keep_tf32():
+    old = _flags()
+    yield
+    _set_flags(*old)
+
+
+def _run_seeing_flags(monkeypatch, argv):
+    """Runs the tiny benchmark; returns (exit code, results.json, the TF32 flags every case
+    was measured under)."""
+    seen = []
+    run_case = core.run_case
+
+    def spy(case, settings, progress=None):
+        seen.append(_flags())
+        return run_case(case, settings, progress)
+
+    monkeypatch.setattr(core, "run_case", spy)
+    rc = cli.main(argv)
+    out = argv[argv.index("--out") + 1]
+    return rc, json.loads((Path(out) / "results.json").read_text()), seen
+
+
+@pytest.mark.parametrize("before, tf32", [((True, False), False), ((False, True), False),
+                                          ((False, False), True)],
+                         ids=["torch-defaults", "mixed", "tf32-flag"])
+def test_tf32_same_on_both_sides_recorded_and_restored(tmp_path, monkeypatch, keep_tf32,
+                                                       before, tf32):
+    """Whatever the flags were (torch's defaults: cuDNN on, cuBLAS off), every case runs with
+    both off, or both on with --tf32; results.json records it; the flags are restored."""
+    _set_flags(*before)
+    argv = TINY + ["--cells", "gru", "--no-memory", "--no-compile", "--out", str(tmp_path / "r")]
+    rc, doc, seen = _run_seeing_flags(monkeypatch, argv + (["--tf32"] if tf32 else []))
+    assert rc == 0
+    assert seen and all(flags == (tf32, tf32) for flags in seen), seen
+    st = doc["settings"]
+    assert st["tf32"] is tf32
+    assert st["tf32_flags"]["cudnn_allow_tf32"] is tf32
+    assert st["tf32_flags"]["cuda_matmul_allow_tf32"] is tf32
+    assert "cuDNN" in st["tf32_note"] and "cuBLAS" in st["tf32_note"]
+    assert _flags() == before
+
+
+def test_tf32_restored_after_an_error(keep_tf32):
+    _set_flags(True, False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with core.tf32(True):
+            assert _flags() == (True, True)
+            raise RuntimeError("inside")
+    assert _flags() == (True, False)
+    with pytest.raises(TypeError, match="tf32: expected a bool, got str 'yes'"):
+        with core.tf32("yes"):
+            pass
+    assert _flags() == (True, False)
+
+
+def test_parse_tf32_default_off():
+    assert cli.parse_args(["--device", "cpu"]).tf32 is False
+    assert cli.parse_args(["--device", "cpu", "--tf32"]).tf32 is True
+
+
+def test_results_rewritten_after_every_case(tmp_path, monkeypatch):
+    """results.json exists, incomplete, after each case, so that a run killed outright (no
+    handler runs on SIGKILL) keeps what it measured."""
+    out = tmp_path / "rows"
+    seen = []
+    run_case = core.run_case
+
+    def spy(case, settings, progress=None):
+        path = out / "results.json"
+        seen.append(json.loads(path.read_text()) if path.exists() else None)
+        return run_case(case, settings, progress)
+
+    monkeypatch.setattr(core, "run_case", spy)
+    assert cli.main(TINY + ["--cells", "lstm,gru", "--no-memory", "--no-compile",
+                            "--out", str(out)]) == 0
+    assert seen[0] is None and len(seen) == 4  # lstm, gru, lstm +dx, lstm 3-layer bidir
+    for k, doc in enumerate(seen[1:], start=1):
+        assert doc["complete"] is False and doc["interrupted"] is False
+        assert doc["cases_done"] == k and doc["cases_total"] == 4
+        assert len(doc["results"]) == 2 * k if k <= 2 else len(doc["results"]) == 4 + (k - 2)
+        assert doc["throughput"] is None
+    final = json.loads((out / "results.json").read_text())
+    assert final["complete"] is True and final["cases_done"] == 4 and final["throughput"]
+
+
+def test_sigterm_keeps_what_was_measured(tmp_path, monkeypatch):
+    """SIGTERM (what `timeout` sends) as the second case starts: the command exits 143 with
+    the first case's rows in results.json, marked interrupted, and the previous handler is
+    back."""
+    run_case = core.run_case
+    calls = []
+
+    def then_terminate(case, settings, progress=None):
+        calls.append(case.label)
+        if len(calls) == 2:  # in the middle of the run; the handler runs in this thread
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run_case(case, settings, progress)
+
+    monkeypatch.setattr(core, "run_case", then_terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "stopped"
+    rc = cli.main(TINY + ["--cells", "lstm,gru", "--no-memory", "--no-compile",
+                          "--out", str(out)])
+    assert rc == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert len(calls) == 2  # no case after the signal
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["interrupted"] is True and doc["complete"] is False
+    assert doc["interrupt_reason"] == "SIGTERM" and doc["cases_done"] == 1
+    assert [(r["label"], r["pass"]) for r in doc["results"]] == [("lstm", "fwd"),
+                                                                 ("lstm", "fwd+bwd")]
+    assert all(r["impls"]["fused"]["status"] == "ok" for r in doc["results"])
+    assert (out / "table.txt").read_text().startswith("cell")
+
+
+def test_progress_lines_without_tqdm_or_terminal(monkeypatch, capsys):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    bar = cli._progress(2, Tty())
+    assert isinstance(bar, cli._LineProgress)
+    log = io.StringIO()  # a log file: lines even where tqdm is installed
+    monkeypatch.delitem(sys.modules, "tqdm")
+    with cli._progress(2, log) as bar:
+        bar.set_description("lstm 3x2x4x5 fwd fused")
+        bar.update(1)
+        bar.set_description("lstm 3x2x4x5 fwd torch.nn")
+        bar.update(1)
+    assert log.getvalue().splitlines() == ["[1/2] lstm 3x2x4x5 fwd fused",
+                                           "[2/2] lstm 3x2x4x5 fwd torch.nn"]
+
+
+def test_plot_without_matplotlib_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit) as info:
+        plot.main([str(tiny_run / "results.json"), "--out", str(tmp_path / "x.png")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot plot without matplotlib" in err[0]
+    assert not (tmp_path / "x.png").exists()

@@ -1,8 +1,10 @@
 """Command line of ``python -m fusedrnn.bench``."""
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -21,7 +23,8 @@ forward+backward, plus the peak memory of a training step. Without shape options
 quick suite: all four cells at T,B,I,H = 100,64,256,256 on a CPU (100,64,512,512 on a GPU), a
 3-layer bidirectional LSTM row and, to compare it with, a single LSTM layer whose input requires
 grad ("lstm +dx": the stack's upper layers compute the input gradient, which the single-layer rows
-skip). Writes results.json, table.txt and speedups.png to --out."""
+skip). Writes results.json, table.txt and speedups.png to --out; results.json is rewritten after
+every case, so a run stopped by SIGTERM, SIGINT or a kill keeps what it measured."""
 
 EPILOG = """\
 examples:
@@ -29,6 +32,7 @@ examples:
   python -m fusedrnn.bench --cells lstm,gru --fastrnns   the fastrnns shape
   python -m fusedrnn.bench --shapes "50,16,128,128;200,64,512,512" --no-compile
   python -m fusedrnn.bench --grid --device cuda --dtype float16
+  python -m fusedrnn.bench --device cuda --fastrnns --tf32   TF32 on for cuDNN and cuBLAS
   python -m fusedrnn.bench.plot results.json [other.json]   re-render the plot"""
 
 
@@ -128,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "first layer of a model)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory measurement of the training step")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 in float32 matrix products on both sides, cuDNN "
+                   "(torch.backends.cudnn.allow_tf32) and cuBLAS "
+                   "(torch.backends.cuda.matmul.allow_tf32); default: both off, recorded in "
+                   "results.json (torch's own defaults, cuDNN on and cuBLAS off, would favour "
+                   "torch.nn)")
     return p
 
 
@@ -165,6 +175,75 @@ def command_line(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in ["python", "-m", "fusedrnn.bench", *argv])
 
 
+class _LineProgress:
+    """The progress display when tqdm is not installed: one line per measurement on stderr."""
+
+    def __init__(self, total: int, file):
+        self.total, self.done, self.file, self.desc = total, 0, file, ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        print(f"[{self.done}/{self.total}] {self.desc}", file=self.file, flush=True)
+
+
+def _progress(total: int, file):
+    """A tqdm bar on a terminal; one line per measurement in a log (a bar's carriage returns
+    make a log unreadable) and where tqdm (optional: pip install .[bench]) is missing."""
+    try:
+        if not file.isatty():
+            return _LineProgress(total, file)
+        from tqdm import tqdm
+    except (ImportError, AttributeError, ValueError):
+        return _LineProgress(total, file)
+    return tqdm(total=total, unit="run", file=file, dynamic_ncols=True, mininterval=0.5,
+                leave=False)
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM, so that a run stopped by `timeout` or a job
+    scheduler ends like one stopped with Ctrl-C: it keeps what it measured."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM raises _Stop for the duration of the block (main thread only; elsewhere, and
+    where the signal cannot be caught, the block runs with the handler unchanged)."""
+    def handler(signum, frame):
+        raise _Stop(signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _write_json(path: str, doc: dict) -> None:
+    """Writes through a temporary file and a rename, so that a reader (or a kill in the
+    middle) never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -186,7 +265,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif not info.get(device.type):
         print(f"warning: this fusedrnn build has no {device.type} kernels; the fused runs will "
               "fail", file=err)
+    with core.tf32(args.tf32), _stop_on_sigterm():
+        return _run(args, argv, device, threads, err)
 
+
+def _run(args: argparse.Namespace, argv: List[str], device: torch.device, threads: int,
+         err) -> int:
     settings = core.Settings(device=device, dtype=core.DTYPES[args.dtype], repeats=args.repeats,
                              warmup=core.WARMUP[device.type],
                              compile=not args.no_compile, compile_backend=args.compile_backend,
@@ -194,76 +278,103 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = core.build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
     env = core.environment(device, settings.dtype)
     out_dir = args.out or _default_out(device.type)
+    os.makedirs(out_dir, exist_ok=True)
+    results_path = os.path.join(out_dir, "results.json")
+    tf32_note = "TF32 on (--tf32)" if args.tf32 else "TF32 off"
     print(f"fusedrnn {env['fusedrnn']} ({env['backend']}) on {env['device_name']}, "
-          f"{args.dtype}, {threads} thread(s); {len(cases)} cases, "
+          f"{args.dtype}, {threads} thread(s), {tf32_note}; {len(cases)} cases, "
           f"{len(args.shape_list)} shape(s)", file=err)
 
-    from tqdm import tqdm
+    settings_doc = {
+        "device": device.type, "dtype": args.dtype, "threads": threads,
+        "cells": args.cells, "shape_preset": args.shape_preset,
+        "shapes": [list(s) for s in args.shape_list],
+        "repeats": settings.repeats, "slow_repeats": settings.slow_repeats,
+        "warmup": settings.warmup, "warmup_slow": 1,
+        "timer": ("torch.cuda.Event elapsed_time, synchronised after each run"
+                  if device.type == "cuda" else "time.perf_counter around each run"),
+        "statistic": "median",
+        "compile": settings.compile, "compile_mode": core.COMPILE_MODE,
+        "compile_note": core.COMPILE_NOTE,
+        "compile_backend": settings.compile_backend,
+        "input_grad": settings.input_grad, "memory": settings.memory,
+        "memory_method": core.MEMORY_METHOD[device.type] if settings.memory else None,
+        "tf32": args.tf32,
+        # read back after setting: what both sides ran with
+        "tf32_flags": core.tf32_state(),
+        "tf32_note": core.TF32_NOTE,
+        "speedup": "median time of the baseline / median time of fused (> 1: fused faster)",
+    }
     started = time.perf_counter()
+
+    def document(results: List[dict], complete: bool, stopped: Optional[str],
+                 report: Optional[dict]) -> dict:
+        return {
+            "format": "fusedrnn-bench/1",
+            "command": command_line(argv),
+            "argv": argv,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_s": time.perf_counter() - started,
+            # complete: every case measured; interrupted: stopped by a signal (the reason
+            # says which); neither: still running (the file as rewritten after each case)
+            "complete": complete,
+            "interrupted": stopped is not None,
+            "interrupt_reason": stopped,
+            "cases_total": len(cases),
+            "cases_done": len({(r["label"], r["shape_str"]) for r in results}),
+            "env": env,
+            "settings": settings_doc,
+            "results": results,
+            "throughput": report,
+        }
+
     results: List[dict] = []
-    interrupted = False
+    stopped: Optional[str] = None
+    exit_code = 0
     try:
-        with tqdm(total=core.count_tasks(cases, settings), unit="run", file=err,
-                  dynamic_ncols=True, mininterval=0.5, leave=False) as bar:
+        with _progress(core.count_tasks(cases, settings), err) as bar:
             for case in cases:
                 results.extend(core.run_case(case, settings, bar))
-    except KeyboardInterrupt:
-        interrupted = True
+                _write_json(results_path, document(results, False, None, None))
+    except KeyboardInterrupt as exc:
+        stopped = str(exc) if isinstance(exc, _Stop) else "SIGINT"
+        exit_code = 128 + getattr(exc, "signum", signal.SIGINT)
     wall = time.perf_counter() - started
-    if not err.isatty():  # end the progress bar's last line in a log
-        print(file=err)
-    if interrupted:
-        print(f"interrupted: keeping the {len(results)} records measured so far", file=err)
-
-    report = throughput.measure(results, device, settings.dtype)
-    doc = {
-        "format": "fusedrnn-bench/1",
-        "command": command_line(argv),
-        "argv": argv,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_s": wall,
-        "interrupted": interrupted,
-        "env": env,
-        "settings": {
-            "device": device.type, "dtype": args.dtype, "threads": threads,
-            "cells": args.cells, "shape_preset": args.shape_preset,
-            "shapes": [list(s) for s in args.shape_list],
-            "repeats": settings.repeats, "slow_repeats": settings.slow_repeats,
-            "warmup": settings.warmup, "warmup_slow": 1,
-            "timer": ("torch.cuda.Event elapsed_time, synchronised after each run"
-                      if device.type == "cuda" else "time.perf_counter around each run"),
-            "statistic": "median",
-            "compile": settings.compile, "compile_mode": core.COMPILE_MODE,
-            "compile_note": core.COMPILE_NOTE,
-            "compile_backend": settings.compile_backend,
-            "input_grad": settings.input_grad, "memory": settings.memory,
-            "memory_method": core.MEMORY_METHOD[device.type] if settings.memory else None,
-            "speedup": "median time of the baseline / median time of fused (> 1: fused faster)",
-        },
-        "results": results,
-        "throughput": report,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-    table = core.format_table(results)
+    report = None
+    if stopped:
+        print(f"interrupted ({stopped}): keeping the {len(results)} records measured so far; "
+              "no GEMM-rate report", file=err)
+    else:
+        try:
+            report = throughput.measure(results, device, settings.dtype)
+        except KeyboardInterrupt as exc:
+            stopped = str(exc) if isinstance(exc, _Stop) else "SIGINT"
+            exit_code = 128 + getattr(exc, "signum", signal.SIGINT)
+            print(f"interrupted ({stopped}) while measuring the GEMM rate: results kept, no "
+                  "GEMM-rate report", file=err)
+    doc = document(results, stopped is None, stopped, report)
+    doc["wall_s"] = wall
+    _write_json(results_path, doc)
+    table = core.format_table(results) if results else "(no results)"
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(table + "\n")
     print(f"{env['device_name']}, fusedrnn CPU kernels: {env['build_info'].get('cpu_isa')} "
           f"(best here: {env['build_info'].get('cpu_isa_best')}), {threads} thread(s)"
-          if device.type == "cpu" else env["device_name"])
+          if device.type == "cpu" else f"{env['device_name']}, {tf32_note}")
     print(table)
-    text = throughput.format_report(report)
+    text = throughput.format_report(report) if report else ""
     if text:
         print(text)
-    try:
-        from .plot import plot_results
-        plot_results([doc], os.path.join(out_dir, "speedups.png"))
-    except Exception as exc:  # the measurements are saved; a plotting problem only warns
-        print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}", file=err)
+    if results:
+        try:
+            from .plot import plot_results
+            plot_results([doc], os.path.join(out_dir, "speedups.png"))
+        except Exception as exc:  # the measurements are saved; a plotting problem only warns
+            print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}",
+                  file=err)
     print(f"wall time {wall:.1f} s; results in {os.path.abspath(out_dir)}")
-    if interrupted:
-        return 130
+    if stopped:
+        return exit_code
     # A row that errors is a failure of what the benchmark measures (skips on purpose are not):
     # the command fails, so that CI and scripts see it.
     failed = [f"{rec['label']} {rec['shape_str']} {rec['pass']} {impl}: {e.get('reason')}"

@@ -245,6 +245,46 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
+# --- TF32 ------------------------------------------------------------------------------------
+
+TF32_NOTE = ("TF32 in float32 matrix products, the same on both sides: cuDNN "
+             "(torch.backends.cudnn.allow_tf32: torch.nn.LSTM/GRU) and cuBLAS "
+             "(torch.backends.cuda.matmul.allow_tf32: fused's GEMMs, the eager and compiled "
+             "loops); off unless --tf32. torch's own defaults differ (cuDNN on, cuBLAS off), "
+             "which would let torch.nn run TF32 against fused in full fp32")
+
+
+def tf32_state() -> Dict[str, object]:
+    """The TF32 switches in effect: the two legacy flags and, where this torch has them, the
+    fp32_precision settings they map to."""
+    b = torch.backends
+    state: Dict[str, object] = {"cudnn_allow_tf32": bool(b.cudnn.allow_tf32),
+                                "cuda_matmul_allow_tf32": bool(b.cuda.matmul.allow_tf32)}
+    for key, getter in (("cudnn_rnn_fp32_precision", lambda: b.cudnn.rnn.fp32_precision),
+                        ("cuda_matmul_fp32_precision", lambda: b.cuda.matmul.fp32_precision)):
+        try:
+            state[key] = getter()
+        except (AttributeError, RuntimeError):  # an older torch without fp32_precision
+            pass
+    return state
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """Sets cuDNN's and cuBLAS's TF32 flags both to `enabled` for the block, then restores them."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"tf32: expected a bool, got {type(enabled).__name__} {enabled!r}")
+    b = torch.backends
+    old_cudnn, old_matmul = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+    b.cudnn.allow_tf32 = enabled
+    b.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        b.cudnn.allow_tf32 = old_cudnn
+        b.cuda.matmul.allow_tf32 = old_matmul
+
+
 # --- the implementations ---------------------------------------------------------------------
 
 class Workload:

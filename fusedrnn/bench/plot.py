@@ -155,7 +155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
     names = [_name(f) for f in args.files] if len(docs) == 2 else None
-    plot_results(docs, out, names)
+    try:
+        plot_results(docs, out, names)
+    except ImportError as exc:  # matplotlib is optional (pip install .[bench])
+        p.exit(1, f"{p.prog}: error: cannot plot without matplotlib ({exc}); the result files "
+               "hold every number\n")
     print(out)
     return 0
 

@@ -1,6 +1,7 @@
 // The fused pointwise step kernels, as plain structs of sizes, pointers and row strides, with
-// one launcher per kernel and device. The recurrence loop (rnn.cpp) fills a struct per step and
-// calls the CPU or the CUDA launcher; both run the per-element math of csrc/cells/*.h.
+// one launcher per kernel and device. The recurrence loops (driver/lstm.cpp, gru.cpp) fill a
+// struct per step and call the CPU or the CUDA launcher; both run the per-element math of
+// csrc/cells/*.h.
 //
 // Conventions: every pointer points at row 0 of the rows this step processes; `n` rows are
 // processed; `H` is the hidden size; `ld_*` is the row stride (in elements) of that array.

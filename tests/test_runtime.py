@@ -301,8 +301,8 @@ def test_large_sequence_cpu():
     Sizes past 2**31 elements (where a 32-bit index would overflow) do not fit quickly on a
     2-core 24 GB machine; instead the code is 64-bit by construction: the step structs of
     csrc/kernels.h carry every size, row count and row stride as int64_t, the element loops of
-    csrc/step_elements.h and csrc/cpu/kernels_cpu.cpp index with int64_t (b * ld + j), and
-    rnn.cpp computes row offsets (r0 * 4H into the workspace, r0 * H_out into the output) in
+    csrc/step_elements.h and csrc/cpu/step_loops.h index with int64_t (b * ld + j), and
+    the drivers (csrc/driver/) compute row offsets (r0 * 4H into the workspace, r0 * H_out into the output) in
     int64_t. This test checks the rows at the highest offsets: the last batch column over the
     whole sequence, against the fp64 reference (the batch columns of a layer are independent),
     and every column of the first steps (the recurrence is causal: the first k output steps

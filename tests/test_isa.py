@@ -99,7 +99,8 @@ def _compile_flags():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None
-                    or shutil.which("c++") is None, reason="needs a Linux C++ toolchain (nm)")
+                    or shutil.which("objdump") is None or shutil.which("c++") is None,
+                    reason="needs a Linux C++ toolchain (c++, nm, objdump)")
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_isa_units_export_only_their_own_namespace(isa):
     """Every symbol a per-ISA translation unit defines with external linkage (functions, weak
@@ -116,6 +117,8 @@ def test_isa_units_export_only_their_own_namespace(isa):
         assert r.returncode == 0, r.stderr[-3000:]
         nm = subprocess.run(["nm", "-C", "--defined-only", obj], capture_output=True,
                             text=True, check=True).stdout
+        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", obj],
+                             capture_output=True, text=True, check=True).stdout
     # external linkage: upper-case types, and weak / unique / indirect ones (w, v, u, i)
     exported = [parts[2] for parts in (line.split(" ", 2) for line in nm.splitlines())
                 if len(parts) == 3 and (parts[1].isupper() or parts[1] in "wvui")]
@@ -127,3 +130,20 @@ def test_isa_units_export_only_their_own_namespace(isa):
                if s not in getters and s != "DW.ref.__gxx_personality_v0"
                and not re.search(rf"\bfusedrnn::cpu::{isa}::", s)]
     assert not foreign, f"{src} exports code outside its ISA namespace: {foreign[:10]}"
+    # What runs on every CPU: the getters and the unit's static initialiser (from the headers it
+    # includes) must contain no VEX / EVEX instruction (their mnemonics start with v).
+    portable = {}
+    current = None
+    for line in asm.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            name = head.group(1)
+            current = name if (name in getters or name.startswith("_GLOBAL__sub_I")) else None
+            if current:
+                portable[current] = []
+        elif current and "\t" in line:
+            portable[current].append(line.split("\t")[1].split()[0])
+    assert set(portable) >= getters, f"getters not found in the disassembly: {sorted(portable)}"
+    for name, mnemonics in portable.items():
+        vex = [m for m in mnemonics if m.startswith("v")]
+        assert not vex, f"{name} in {src} runs on every CPU but has {vex[:5]}"

@@ -1,6 +1,6 @@
 """Plain PyTorch implementations of the four cells and of one recurrent layer.
 
-These are the equations of SPEC section 1 written once, step by step, with autograd doing the
+These are the equations of design.md §1 written once, step by step, with autograd doing the
 backward. They are the oracle of the tests, the "eager loop" baseline of the benchmarks and the
 fallback when the compiled extension cannot be loaded. One layer call has the meaning of the
 fused ops: time-major (T, B, I) input, or packed (sum(batch_sizes), I) input with per-step batch

@@ -4,7 +4,7 @@
 For every cell, dtype (fp64, fp32, bf16, fp16) and layout (time-major with initial states,
 packed with reverse direction, plus projection / no-bias variants), runs one layer forward and
 backward on the GPU and asserts its outputs and every gradient against the fp64 reference
-(`fusedrnn.reference`, on the CPU) with the tolerances of SPEC section 4:
+(`fusedrnn.reference`, on the CPU) with the tolerances of design.md §4:
 
   fp64       |err| <= 1e-10 + 1e-10 |ref|
   fp32       |err| <= 1e-5 |ref| + 1e-5   (relative; the absolute term covers elements near zero,

@@ -12,8 +12,8 @@ from torch import nn
 
 from layer_cases import CELLS, max_err  # noqa: F401 (shared with the CUDA tests)
 
-# SPEC §5: on these 2-core machines OpenMP's spin-wait makes two-thread small GEMMs ~30x slower
-# than one thread. The suite runs single-threaded to stay fast; the multi-threaded code path
+# design.md §5: on these 2-core machines OpenMP's spin-wait makes two-thread small GEMMs ~30x
+# slower than one thread. The suite runs single-threaded to stay fast; the multi-threaded code path
 # (parallel_for over the rows of a step) has its own test that raises the thread count.
 torch.set_num_threads(1)
 
@@ -22,13 +22,13 @@ GATES = {"lstm": 4, "peephole_lstm": 4, "wm_lstm": 4, "gru": 3}
 DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 
 # Absolute/relative tolerances of a fused result (outputs, states, gradients) against the fp64
-# reference (SPEC §4).
+# reference (design.md §4).
 TOL = {
-    # SPEC §4 says 1e-10. Fused and reference evaluate the same expressions in a different
+    # design.md §4 says 1e-10. Fused and reference evaluate the same expressions in a different
     # summation order (one big GEMM vs per-step matmuls, fused bias add); each differs by a few
     # ulps (~1e-16) and a handful of steps of recurrence amplify that by at most O(10).
     torch.float64: dict(atol=1e-10, rtol=1e-10),
-    # SPEC §4 says 1e-5 relative. The atol of 1e-5 covers elements whose true value is near 0,
+    # design.md §4 says 1e-5 relative. The atol of 1e-5 covers elements whose true value is near 0,
     # where a relative bound is meaningless: every quantity here is O(1) (gates are bounded by
     # sigmoid/tanh, inputs and weights are O(1), gradients are sums of a few dozen O(1) terms),
     # so an fp32 rounding error (eps 1.2e-7) carried through ~10-term dot products and a few
@@ -36,8 +36,8 @@ TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
 }
 
-# bf16 (SPEC §4): the error of the fused result against the fp64 reference may be at most twice
-# the error of the reference itself computed in bf16. The bf16 reference can happen to be
+# bf16 (design.md §4): the error of the fused result against the fp64 reference may be at most
+# twice the error of the reference itself computed in bf16. The bf16 reference can happen to be
 # (nearly) exact on a small tensor, so an absolute floor of BF16_FLOOR * max|ref| is added:
 # 1e-2 is ~2.5 ulps of bf16 (eps = 2**-8 = 3.9e-3) relative to the largest value, i.e. the
 # rounding of a single bf16 store, the least error any bf16 result can be expected to have.
@@ -204,7 +204,7 @@ def assert_close(actual, expected, dtype, msg=""):
 
 
 def assert_bf16_close(fused, ref_bf16, ref64, msg=""):
-    """SPEC §4 for bf16: err(fused) <= 2 * err(bf16 reference) + floor (see BF16_FLOOR)."""
+    """design.md §4 for bf16: err(fused) <= 2 * err(bf16 reference) + floor (see BF16_FLOOR)."""
     assert fused.shape == ref64.shape, f"{msg}: shape {fused.shape} vs {ref64.shape}"
     assert fused.dtype == torch.bfloat16, f"{msg}: dtype {fused.dtype}"
     err_fused = max_err(fused, ref64)

@@ -1,5 +1,5 @@
 """One layer call of a fused op against the fp64 reference: its inputs, how to run it, and the
-SPEC section 4 tolerance rule. Shared by tests/test_cuda.py and scripts/gpu_check_inline.py (the
+tolerance rule of design.md §4. Shared by tests/test_cuda.py and scripts/gpu_check_inline.py (the
 GPU check), so that both check the same thing the same way."""
 import math
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -102,7 +102,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def within_tolerance(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
                      lowp: Optional[torch.Tensor] = None) -> Tuple[bool, str]:
-    """SPEC section 4 for one tensor (fp64 CPU values of a result computed in dtype):
+    """design.md §4 for one tensor (fp64 CPU values of a result computed in dtype):
       fp64       |err| <= 1e-10 + 1e-10 |ref|
       fp32       |err| <= 1e-5 + 1e-5 |ref|  (relative; the absolute term covers elements
                                                near zero, where a relative bound means nothing)

@@ -487,7 +487,7 @@ def test_nan_inf_propagate_like_torch(mode):
     """NaN, +-inf and huge finite values in the input and NaN in one row of the initial state of
     a two-layer bidirectional module: the NaN positions of the output, the final states, the
     input gradient and every weight gradient are torch.nn's, and the other values agree to the
-    fp64 tolerance (SPEC §4: 1e-10)."""
+    fp64 tolerance (design.md §4: 1e-10)."""
     kw = dict(num_layers=2, bidirectional=True)
     if mode == "lstm_proj":
         kw["proj_size"] = P

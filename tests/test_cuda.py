@@ -1,6 +1,6 @@
 """The fused ops on CUDA tensors: outputs and gradients against the fp64 reference on the CPU
-(SPEC section 4 tolerances), torch.nn parity of the modules, fp64 gradcheck, opcheck, CUDA graph
-capture, torch.compile(fullgraph=True), stream and synchronisation behaviour (SPEC section 3).
+(design.md §4 tolerances), torch.nn parity of the modules, fp64 gradcheck, opcheck, CUDA graph
+capture, torch.compile(fullgraph=True), stream and synchronisation behaviour (design.md §3).
 Every test needs a CUDA GPU and is skipped, with that reason, without one."""
 import copy
 
@@ -39,7 +39,7 @@ def test_extension_has_cuda_kernels():
 # one layer through fusedrnn.functional against fusedrnn.reference
 
 def assert_matches(got, ref, dtype, lowp=None):
-    """SPEC section 4 tolerances against the fp64 reference (layer_cases.within_tolerance)."""
+    """design.md §4 tolerances against the fp64 reference (layer_cases.within_tolerance)."""
     assert set(got) == set(ref)
     for k, r in ref.items():
         ok, bound = within_tolerance(got[k], r, dtype, None if lowp is None else lowp[k])
@@ -245,7 +245,7 @@ def test_compile_fullgraph_cuda(cls, backend):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_no_host_sync(cell):
-    """Forward and backward launch work only: no device-to-host synchronisation (SPEC 3)."""
+    """Forward and backward launch work only: no device-to-host synchronisation (design.md §3)."""
     args = op_args(cell, "packed_reverse")
     torch.cuda.synchronize()
     old = torch.cuda.get_sync_debug_mode()

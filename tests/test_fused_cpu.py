@@ -41,8 +41,8 @@ def _leaves(x, w, hx, cx, dtype):
 def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=False):
     """Forward outputs and the gradients of every input, fp32 fused against the fp64 reference
     on the same (fp32-rounded) values. long_sums: the weight gradients are sums over so many rows
-    (over a thousand) that fp32 rounding alone can exceed the SPEC's 1e-5; they are then held to
-    the larger of that and twice the error of the reference loop run in fp32."""
+    (over a thousand) that fp32 rounding alone can exceed the 1e-5 of design.md §4; they are then
+    held to the larger of that and twice the error of the reference loop run in fp32."""
     # padded: enough steps for the fused path at every B (cpu/fused_step.h: at least 4 steps
     # and 32 rows; shorter calls run the unfused path)
     T = len(batch_sizes) if batch_sizes is not None else max(6, -(-32 // B))

@@ -24,7 +24,7 @@ F32 = torch.float32
 FUSED_OF = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "peephole_lstm": fusedrnn.PeepholeLSTM,
             "wm_lstm": fusedrnn.WorkingMemoryLSTM}
 
-# Tolerances of the fused module against the fp64 reference (SPEC §4), absolute and relative.
+# Tolerances of the fused module against the fp64 reference (design.md §4), absolute and relative.
 TOLS = {
     # fp64: the fused path and the reference evaluate the same expressions in another summation
     # order (one GEMM over all steps, the bias folded in); each result differs by a few ulps

@@ -384,8 +384,8 @@ def _load_script():
 
 
 def test_inline_checker_rejects_wrong_results():
-    """The script's Checker fails a result that is off by more than the SPEC tolerance: fp32
-    off by 1e-4 in one element, a bf16 result with 3x the error of the bf16 reference,
+    """The script's Checker fails a result that is off by more than the tolerance of design.md
+    §4: fp32 off by 1e-4 in one element, a bf16 result with 3x the error of the bf16 reference,
     a missing output, a NaN; and passes the exact result."""
     mod = _load_script()
     case = mod.Case("lstm", "time_major", T=3, B=3, I=4, H=5)

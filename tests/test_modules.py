@@ -1,6 +1,6 @@
 """Module-level tests: fusedrnn.LSTM / GRU / PeepholeLSTM / WorkingMemoryLSTM, the cells and
 convert(), against torch.nn and a module-level reference built from fusedrnn.reference
-(SPEC §2, §3, §4)."""
+(the README's API; design.md §3, §4)."""
 import copy
 import math
 import os
@@ -236,7 +236,7 @@ def _kwargs(mode, L, bi, bf, bias, proj):
 @pytest.mark.parametrize("case", MODULE_CASES, ids=_case_id)
 def test_module_matches_torch(case):
     """Outputs, final states and gradients (input, initial state, every parameter) equal
-    torch.nn's at SPEC §4 tolerances."""
+    torch.nn's at design.md §4 tolerances."""
     mode, L, bi, bf, bias, proj, kind, state, dtype = case
     tcls, fcls = TORCH_OF[mode]
     ref, fused = make_pair(tcls, fcls, I, H, dtype=dtype, **_kwargs(mode, L, bi, bf, bias, proj))
@@ -360,7 +360,7 @@ def test_extended_lstm_differs_from_lstm(cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm", "wm_lstm"])
 def test_module_bf16(cell):
-    """bf16 module (packed, bidirectional, two layers): outputs within SPEC §4's bf16 rule
+    """bf16 module (packed, bidirectional, two layers): outputs within design.md §4's bf16 rule
     against the module-level reference run in fp64 and in bf16."""
     from conftest import assert_bf16_close
     kw = dict(proj_size=2) if cell != "gru" else {}
@@ -499,7 +499,7 @@ def test_extended_parameter_names(cell, kw):
                                  fusedrnn.WorkingMemoryLSTM, fusedrnn.LSTMCell, fusedrnn.GRUCell,
                                  fusedrnn.PeepholeLSTMCell, fusedrnn.WorkingMemoryLSTMCell])
 def test_default_init(cls):
-    """Every parameter, weight_ch included, uniform in +-1/sqrt(H) (SPEC §1)."""
+    """Every parameter, weight_ch included, uniform in +-1/sqrt(H) (design.md §1)."""
     Hh = 16
     kw = dict(num_layers=2, bidirectional=True) if "Cell" not in cls.__name__ else {}
     m = cls(I, Hh, **kw)

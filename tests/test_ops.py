@@ -1,5 +1,5 @@
 """Op-level tests: torch.ops.fusedrnn.* and fusedrnn.functional.rnn_layer against
-fusedrnn.reference.layer (SPEC §1, §3, §4)."""
+fusedrnn.reference.layer (design.md §1, §3, §4)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -313,7 +313,7 @@ def test_gradcheck_fp64(cell, packed, reverse, proj):
 
 @pytest.mark.parametrize("cell,packed,reverse,proj", _grad_cases(), ids=lambda v: str(v))
 def test_gradients_fp32_vs_fp64_reference(cell, packed, reverse, proj):
-    """fp32 fused gradients of every input against fp64 reference autograd (SPEC §4 fp32)."""
+    """fp32 fused gradients of every input against fp64 reference autograd (design.md §4 fp32)."""
     x, w, hx, cx, bs = _case(cell, proj, packed, True, True, F32, scale=0.5)
     _check_forward_and_grads(cell, x, w, hx, cx, bs, reverse, F32)
 

@@ -598,7 +598,7 @@ def _ref64(tmod, *inputs):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_autocast_cpu_bf16_matches_torch(cell):
     """Linear -> GRU / LSTM under CPU autocast (bf16): the dtype of torch.nn's outputs, values
-    within the bf16 rule (SPEC §4): err(fused) <= 2 err(torch.nn under autocast) + 1e-2 max
+    within the bf16 rule (design.md §4): err(fused) <= 2 err(torch.nn under autocast) + 1e-2 max
     (both computed in bf16 against torch.nn in fp64 on the same rounded input), and float32
     parameter gradients close to torch.nn's at the same rule."""
     t, f = make_pair(TORCH_SEQ[cell], SEQ[cell], I, H, dtype=F32, num_layers=2)

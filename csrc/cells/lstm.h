@@ -1,4 +1,4 @@
-// LSTM cell, exactly torch.nn.LSTM (gate order i, f, g, o). SPEC section 1.
+// LSTM cell, exactly torch.nn.LSTM (gate order i, f, g, o). design.md §1.
 //
 // Pointwise part of one step for one (row, unit). The caller provides the pre-activations
 //   a_* = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh   (one element of each gate block)

@@ -1,4 +1,4 @@
-// Peephole LSTM (Gers & Schmidhuber 2000), diagonal peepholes w_ci, w_cf, w_co (SPEC section 1):
+// Peephole LSTM (Gers & Schmidhuber 2000), diagonal peepholes w_ci, w_cf, w_co (design.md §1):
 //   i = sigma(a_i + w_ci c_{t-1})   f = sigma(a_f + w_cf c_{t-1})   g = tanh(a_g)
 //   c_t = f c_{t-1} + i g           o = sigma(a_o + w_co c_t)       h_t = o tanh(c_t)
 // The output gate sees the NEW cell state. Saved for backward: i, f, g, o, c_t (as LSTM).
@@ -24,7 +24,7 @@ struct PeepholeLSTMCell {
     h = o * math::tanh(c);
   }
 
-  // The o gate's peephole adds da_o * w_co to dc_t before dc_t is used (SPEC section 1).
+  // The o gate's peephole adds da_o * w_co to dc_t before dc_t is used (design.md §1).
   FUSEDRNN_HD static void backward(acc_t i, acc_t f, acc_t g, acc_t o, acc_t c, acc_t c_prev,
                                    acc_t w_ci, acc_t w_cf, acc_t w_co, acc_t dh, acc_t dc,
                                    acc_t& da_i, acc_t& da_f, acc_t& da_g, acc_t& da_o,

@@ -1,4 +1,4 @@
-// Working-memory LSTM, "LSTM-WM" (Landi et al., Neural Networks 2021), SPEC section 1:
+// Working-memory LSTM, "LSTM-WM" (Landi et al., Neural Networks 2021), design.md §1:
 //   u_i = tanh(c_{t-1} W_ci^T)   u_f = tanh(c_{t-1} W_cf^T)
 //   i = sigma(a_i + u_i)   f = sigma(a_f + u_f)   g = tanh(a_g)   c_t = f c_{t-1} + i g
 //   u_o = tanh(c_t W_co^T)       o = sigma(a_o + u_o)             h_t = o tanh(c_t)

@@ -2,7 +2,7 @@
 
 Run ``python -m fusedrnn.bench --help`` for the options and
 ``python -m fusedrnn.bench.plot results.json [other.json]`` to re-render a plot. The protocol is
-the one of SPEC section 5; ``bench/README.md`` explains the output.
+the one of design.md §5; ``bench/README.md`` explains the output.
 """
 from .core import (CELLS, FASTRNNS_SHAPE, IMPL_LABELS, IMPLS, PASSES, Case, environment,
                    grid_shapes, quick_shape, run_suite)

@@ -72,7 +72,7 @@ def quick_shape(device_type: str) -> Shape:
 
 
 def grid_shapes() -> List[Shape]:
-    """SPEC section 5: T in {50, 200}, B in {1, 16, 64, 256}, H in {128, ..., 1024}, I = H."""
+    """design.md §5: T in {50, 200}, B in {1, 16, 64, 256}, H in {128, ..., 1024}, I = H."""
     return [(T, B, H, H) for T in (50, 200) for B in (1, 16, 64, 256)
             for H in (128, 256, 512, 1024)]
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-GATES = {"lstm": 4, "peephole_lstm": 4, "wm_lstm": 4, "gru": 3}
+from ..modules import _GATES as GATES  # gate blocks per cell
 
 
 def layer_flops(rec: dict) -> Optional[float]:

@@ -11,6 +11,9 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+
+#include "cells/traits.h"
 
 namespace fusedrnn {
 
@@ -18,8 +21,6 @@ namespace fusedrnn {
 // portable code (cpu/kernels_cpu.cpp): this header is also compiled into the per-ISA translation
 // units, which must not instantiate ATen's inline error helpers.
 [[noreturn]] void bad_dispatch(const char* what);
-
-enum class CellKind : int { kLSTM = 0, kPeephole = 1, kWorkingMemory = 2, kGRU = 3 };
 
 // LSTM and peephole LSTM forward step; working-memory LSTM uses the same struct in two phases.
 template <typename scalar_t>
@@ -115,25 +116,35 @@ using CellTag = std::integral_constant<CellKind, kCell>;
 template <Phase kPhase>
 using PhaseTag = std::integral_constant<Phase, kPhase>;
 
-// The LSTM-family (cell, phase) pairs that have a step kernel: LSTM and peephole run whole
-// steps, the working-memory cell two phases.
+// The LSTM-family (cell, phase) pairs that have a step kernel, from cells/traits.h: a
+// one-phase cell runs whole steps (kWhole), a two-phase one (working memory) kIFG or kO.
+template <typename Fn, int... kIndex>
+void dispatch_lstm_family_impl(CellKind cell, Phase phase, Fn&& fn,
+                               std::integer_sequence<int, kIndex...>) {
+  bool found = false;
+  auto one = [&](auto tag) {
+    constexpr CellKind kCell = decltype(tag)::value;
+    if constexpr (traits(kCell).has_cell_state) {
+      if (found || cell != kCell) return;
+      found = true;
+      if constexpr (traits(kCell).two_phase) {
+        if (phase == Phase::kIFG) {
+          fn(tag, PhaseTag<Phase::kIFG>{});
+        } else {
+          fn(tag, PhaseTag<Phase::kO>{});
+        }
+      } else {
+        fn(tag, PhaseTag<Phase::kWhole>{});
+      }
+    }
+  };
+  (one(CellTag<static_cast<CellKind>(kIndex)>{}), ...);
+  if (!found) bad_dispatch("dispatch_lstm_family: not an LSTM-family cell");
+}
+
 template <typename Fn>
 void dispatch_lstm_family(CellKind cell, Phase phase, Fn&& fn) {
-  switch (cell) {
-    case CellKind::kLSTM: fn(CellTag<CellKind::kLSTM>{}, PhaseTag<Phase::kWhole>{}); return;
-    case CellKind::kPeephole:
-      fn(CellTag<CellKind::kPeephole>{}, PhaseTag<Phase::kWhole>{});
-      return;
-    case CellKind::kWorkingMemory:
-      if (phase == Phase::kIFG) {
-        fn(CellTag<CellKind::kWorkingMemory>{}, PhaseTag<Phase::kIFG>{});
-      } else {
-        fn(CellTag<CellKind::kWorkingMemory>{}, PhaseTag<Phase::kO>{});
-      }
-      return;
-    default: break;
-  }
-  bad_dispatch("dispatch_lstm_family: not an LSTM-family cell");
+  dispatch_lstm_family_impl(cell, phase, fn, std::make_integer_sequence<int, kNumCells>{});
 }
 
 template <typename Fn>

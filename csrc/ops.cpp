@@ -12,6 +12,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "cells/traits.h"
 #include "cpu/fused_step.h"
 #include "cpu/isa.h"
 #include "driver/gemm.h"
@@ -27,8 +31,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fusedrnn, m) {
   // LSTM family: lstm, peephole_lstm (weight_ch (3, H)), wm_lstm (weight_ch (3H, H)).
   // weight_hr (P, H) is the optional projection (proj_size P); then hx is (B, P).
-  for (const char* name : {"lstm", "peephole_lstm", "wm_lstm"}) {
-    const std::string op(name);
+  for (const fusedrnn::CellTraits& cell : fusedrnn::kCellTraits) {
+    if (!cell.has_cell_state) continue;
+    const std::string op(cell.name);
     m.def((op +
            "_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
            "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, "
@@ -56,6 +61,19 @@ TORCH_LIBRARY(fusedrnn, m) {
       "Tensor grad_hx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh)");
+  // The facts of cells/traits.h of the cell named `cell`: [gates, weight_ch kind (0 none, 1
+  // (3, H), 2 (3H, H)), has_cell_state, two_phase, workspace_cols, proj_cols], for the tests
+  // that check fusedrnn/cells.py against them.
+  m.def("_cell_traits(str cell) -> int[]", [](const std::string& name) {
+    for (const fusedrnn::CellTraits& c : fusedrnn::kCellTraits) {
+      if (name == c.name) {
+        return std::vector<int64_t>{c.gates, static_cast<int64_t>(c.weight_ch),
+                                    c.has_cell_state, c.two_phase, c.workspace_cols,
+                                    c.proj_cols};
+      }
+    }
+    TORCH_CHECK(false, "_cell_traits: no cell named '", name, "'");
+  });
   // How CPU calls run (fusedrnn.build_info()): whether fp32 calls run the fused GEMM + cell
   // steps (cpu/fused_step.h), the instruction set of the vectorised kernels in use and the best
   // one available (cpu/isa.h), and whether large fp32 / bf16 GEMMs go through oneDNN.

@@ -17,6 +17,12 @@ FUSEDRNN_ISA_BEGIN
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
+static_assert(LSTMCell<float>::kGates == traits(CellKind::kLSTM).gates &&
+                  PeepholeLSTMCell<float>::kGates == traits(CellKind::kPeephole).gates &&
+                  WorkingMemoryLSTMCell<float>::kGates == traits(CellKind::kWorkingMemory).gates &&
+                  GRUCell<float>::kGates == traits(CellKind::kGRU).gates,
+              "the cells' gate counts must be those of cells/traits.h");
+
 template <typename scalar_t>
 FUSEDRNN_HD acc_type<scalar_t> ld(const scalar_t* p, int64_t i) {
   return static_cast<acc_type<scalar_t>>(p[i]);

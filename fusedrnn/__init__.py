@@ -2,8 +2,8 @@
 drop-in for torch.nn.LSTM / torch.nn.GRU."""
 import torch
 
-from . import _ops, functional, reference
-from ._ops import backend
+from . import _ops, cells, functional, reference
+from ._layer import backend
 from .convert import convert
 from .modules import (GRU, LSTM, GRUCell, LSTMCell, PeepholeLSTM, PeepholeLSTMCell,
                       WorkingMemoryLSTM, WorkingMemoryLSTMCell)
@@ -11,13 +11,13 @@ from .modules import (GRU, LSTM, GRUCell, LSTMCell, PeepholeLSTM, PeepholeLSTMCe
 __version__ = "0.1.0"
 
 __all__ = ["LSTM", "GRU", "PeepholeLSTM", "WorkingMemoryLSTM", "LSTMCell", "GRUCell",
-           "PeepholeLSTMCell", "WorkingMemoryLSTMCell", "functional", "reference", "convert",
+           "PeepholeLSTMCell", "WorkingMemoryLSTMCell", "cells", "functional", "reference", "convert",
            "backend", "build_info"]
 
 
 def build_info() -> dict:
     """What this installation runs: the backend and which devices the compiled ops support."""
-    info = {"version": __version__, "torch": torch.__version__, "backend": _ops.backend(),
+    info = {"version": __version__, "torch": torch.__version__, "backend": backend(),
             "load_error": _ops.LOAD_ERROR, "cpu": False, "cuda": False,
             "cpu_fused_steps": False, "cpu_isa": None, "cpu_isa_best": None,
             "cpu_onednn_gemm": False}

@@ -1,6 +1,6 @@
 """What one fused layer becomes under torch.onnx.export(..., dynamo=True).
 
-`_ops.layer` calls `layer` here while torch.onnx exports (torch.onnx.is_in_onnx_export()):
+`_layer.run` calls `layer` here while torch.onnx exports (torch.onnx.is_in_onnx_export()):
 the LSTM (without projection), the peephole LSTM and the GRU become ONNX's own LSTM / GRU
 operators (torch.onnx.ops.symbolic_multi_out records them in the exported graph), with the
 weights rearranged into ONNX's layout; the working-memory LSTM and the LSTM with a projection,
@@ -13,6 +13,11 @@ import torch
 from torch import Tensor
 
 from . import reference
+
+
+# The cells ONNX's LSTM / GRU operators express (without a projection); every other cell is
+# exported as its reference equations.
+_ONNX_NATIVE = ("lstm", "peephole_lstm", "gru")
 
 
 def _reorder(t: Optional[Tensor], order) -> Optional[Tensor]:
@@ -31,18 +36,15 @@ def _onnx_bias(b_ih, b_hh, order, like: Tensor, rows: int) -> Optional[Tensor]:
     return torch.cat([b_ih, b_hh]).unsqueeze(0)  # (1, 2*G*H): [Wb, Rb]
 
 
-def layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-          bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_ch: Optional[Tensor],
-          weight_hr: Optional[Tensor], hx: Optional[Tensor], cx: Optional[Tensor],
-          batch_sizes: Optional[Tensor], reverse: bool
-          ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def layer(cell: str, a: reference.LayerArgs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx, batch_sizes,
+     reverse) = a
     if batch_sizes is not None:
         raise NotImplementedError(
             "fusedrnn: torch.onnx.export of a PackedSequence input is not supported; export "
             "the model with a padded (T, B, I) / (B, T, I) tensor input instead")
-    if cell == "wm_lstm" or weight_hr is not None:
-        return reference.layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                               weight_hr, hx, cx, None, reverse)
+    if cell not in _ONNX_NATIVE or weight_hr is not None:
+        return reference.layer_of(cell, a)
     T, B = input.shape[0], input.shape[1]
     direction = "reverse" if reverse else "forward"
     dtype = input.dtype

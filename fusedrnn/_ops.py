@@ -1,16 +1,14 @@
-"""Loading of the compiled operators, their fake (meta) implementations and their autograd.
-
-`layer()` is the single entry of the modules and of `fusedrnn.functional`: it runs one layer in
-one direction through the fused ops when `fusedrnn._C` is loaded, or through
-`fusedrnn.reference` otherwise (after one warning naming why the extension is missing).
+"""The Python side of the compiled operators, the mirror of csrc/ops.cpp: loading
+`fusedrnn._C` (which registers torch.ops.fusedrnn.*), the ops' fake (meta) kernels, their
+autograd and autocast kernels, and `forward`, the call of a cell's forward op. Which calls take
+the ops and which the reference is decided in fusedrnn._layer.
 """
-import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cells, reference
 
 LOAD_ERROR: Optional[str] = None
 try:
@@ -23,32 +21,14 @@ if HAS_C:
     # The CPU kernels' instruction set is chosen now, so that a FUSEDRNN_CPU_ISA this CPU lacks
     # (or a misspelt one) is a ValueError at import, not a fallback or a crash later.
     torch.ops.fusedrnn.cpu_isa()
-_warned = False
-
-LSTM_FAMILY = ("lstm", "peephole_lstm", "wm_lstm")
+LSTM_FAMILY = cells.LSTM_FAMILY
 
 
-def _warn_fallback() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            "fusedrnn: the compiled extension fusedrnn._C could not be loaded "
-            f"({LOAD_ERROR}); using the pure-PyTorch reference implementation, which is slower. "
-            "Reinstall with `pip install --no-build-isolation .` against the installed torch.",
-            RuntimeWarning, stacklevel=3)
-
-
-def backend() -> str:
-    """'fused' when the compiled operators are in use, 'reference' otherwise."""
-    return "fused" if HAS_C else "reference"
-
-
-def _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell):
-    H = weight_ih.shape[0] // 4
+def _lstm_dims(weight_ih, weight_hr, cell):
+    """(H, H_out, workspace values per input row) of an LSTM-family op call."""
+    H = weight_ih.shape[0] // cells.CELLS[cell].gates
     H_out = weight_hr.shape[0] if weight_hr is not None else H
-    cols = 5 * H + (H if weight_hr is not None else 0) + (3 * H if cell == "wm_lstm" else 0)
-    return H, H_out, cols
+    return H, H_out, cells.CELLS[cell].workspace_row(H, weight_hr is not None)
 
 
 def _check_fake_devices(op: str, input: Tensor, batch_sizes: Optional[Tensor], **tensors):
@@ -112,7 +92,7 @@ def _register(cell: str) -> None:
         _check_fake_devices(f"{cell}_forward", input, batch_sizes, weight_ih=weight_ih,
                             weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                             weight_ch=weight_ch, weight_hr=weight_hr, hx=hx, cx=cx)
-        H, H_out, cols = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
+        H, H_out, cols = _lstm_dims(weight_ih, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
         N = input.numel() // input.shape[-1] if input.shape[-1] != 0 else (
             input.shape[0] * (input.shape[1] if input.dim() == 3 else 1))
@@ -129,7 +109,7 @@ def _register(cell: str) -> None:
                             weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                             weight_ch=weight_ch, weight_hr=weight_hr, hx=hx, cx=cx,
                             output=output, workspace=workspace)
-        H, H_out, _ = _lstm_dims(input, weight_ih, weight_ch, weight_hr, cell)
+        H, H_out, _ = _lstm_dims(weight_ih, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr]
         return (_grad_like(input, output_mask[0], input), input.new_empty(B, H_out),
@@ -182,11 +162,12 @@ def _register_gru() -> None:
                       need_workspace=True):
         _check_fake_devices("gru_forward", input, batch_sizes, weight_ih=weight_ih,
                             weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, hx=hx)
-        H = weight_ih.shape[0] // 3
+        H = weight_ih.shape[0] // cells.CELLS["gru"].gates
         B = _batch(input, hx, batch_sizes)
         N = input.shape[0] * (input.shape[1] if input.dim() == 3 else 1)
         return (input.new_empty(*input.shape[:-1], H), input.new_empty(B, H),
-                input.new_empty(N if need_workspace else 0, 4 * H))
+                input.new_empty(N if need_workspace else 0,
+                                cells.CELLS["gru"].workspace_row(H, False)))
 
     @torch.library.register_fake("fusedrnn::gru_backward")
     def _fake_backward(grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx,
@@ -195,7 +176,7 @@ def _register_gru() -> None:
                             grad_hy=grad_hy, weight_ih=weight_ih, weight_hh=weight_hh,
                             bias_ih=bias_ih, bias_hh=bias_hh, hx=hx, output=output,
                             workspace=workspace)
-        H = weight_ih.shape[0] // 3
+        H = weight_ih.shape[0] // cells.CELLS["gru"].gates
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh]
         return (_grad_like(input, output_mask[0], input), input.new_empty(B, H),
@@ -276,59 +257,13 @@ if HAS_C:
         _register_autocast(_LIB, f"{_cell}_forward")
 
 
-def _needs_reference(tensors) -> bool:
-    """True inside a torch.func transform (grad, vmap, jvp, jacfwd, ...) or when an argument is
-    a forward-mode AD dual tensor. The fused ops have a reverse-mode derivative only; these
-    run the differentiable reference equations instead (correct, not fused)."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if torch.autograd.forward_ad._current_level >= 0:
-        from torch.autograd.forward_ad import unpack_dual
-        return any(t is not None and unpack_dual(t).tangent is not None for t in tensors)
-    return False
-
-
-def layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-          bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
-          weight_ch: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
-          hx: Optional[Tensor] = None, cx: Optional[Tensor] = None,
-          batch_sizes: Optional[Tensor] = None, reverse: bool = False, exposed: bool = True
-          ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """One layer, one direction: (output, h_n, c_n), c_n None for the GRU (see reference.layer).
-
-    `exposed`: the output is handed to the caller as it is (not only to another layer): it is
-    then a copy of the tensor the backward saves, so that an in-place operation on it (relu_)
-    does not invalidate the backward, as with torch.nn."""
-    tensors = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx)
-    if not HAS_C:
-        _warn_fallback()
-        return reference.layer(cell, *tensors, batch_sizes, reverse)
-    if torch.onnx.is_in_onnx_export():
-        from . import _onnx
-        return _onnx.layer(cell, *tensors, batch_sizes, reverse)
-    if _needs_reference(tensors):
-        return reference.layer(cell, *tensors, batch_sizes, reverse)
-    # The workspace (what backward reads) is only kept when a gradient can be asked for.
-    need_workspace = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
-    copy_output = exposed and need_workspace
-    if torch.jit.is_tracing():
-        # A trace is one graph for every grad mode (torch.jit.trace checks it under no_grad):
-        # it keeps no workspace, so that a traced model runs in inference as lean as eagerly,
-        # and a backward through it recomputes the workspace (see setup_context); the output
-        # is always a copy, so that an in-place operation on it never breaks that backward.
-        need_workspace, copy_output = False, exposed
+def forward(cell: str, a: reference.LayerArgs, need_workspace: bool
+            ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(output, h_n, c_n) of the forward op of `cell` (c_n None for the GRU)."""
     if cell == "gru":
-        out, hy, _ = torch.ops.fusedrnn.gru_forward(input, weight_ih, weight_hh, bias_ih,
-                                                    bias_hh, hx, batch_sizes, reverse,
-                                                    need_workspace)
-        cy = None
-    else:
-        op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
-        out, hy, cy, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                            hx, cx, batch_sizes, reverse, need_workspace)
-    if copy_output:
-        out = out.clone()
+        out, hy, _ = torch.ops.fusedrnn.gru_forward(
+            a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx, a.batch_sizes,
+            a.reverse, need_workspace)
+        return out, hy, None
+    out, hy, cy, _ = getattr(torch.ops.fusedrnn, f"{cell}_forward")(*a, need_workspace)
     return out, hy, cy

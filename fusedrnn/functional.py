@@ -8,30 +8,29 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from . import _ops
+from . import _layer
+from .reference import LayerArgs, layer_signature
 
 __all__ = ["rnn_layer", "lstm_cell", "gru_cell", "peephole_lstm_cell", "wm_lstm_cell"]
 
 
-def rnn_layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-              bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
-              weight_ch: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
-              hx: Optional[Tensor] = None, cx: Optional[Tensor] = None,
-              batch_sizes: Optional[Tensor] = None, reverse: bool = False
-              ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """One recurrent layer over a whole sequence.
+def rnn_layer(cell: str, *args, **kwargs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One recurrent layer over a whole sequence, arguments as fusedrnn.reference.LayerArgs.
 
-    cell: "lstm", "gru", "peephole_lstm" or "wm_lstm". input: (T, B, I) time-major, or packed
-    (sum(batch_sizes), I) with batch_sizes (T,) int64 on the CPU, non-increasing. Returns
-    (output (T, B, H_out) or (sum(batch_sizes), H_out), h_n (B, H_out), c_n (B, H) or None).
+    cell: "lstm", "gru", "peephole_lstm" or "wm_lstm" (fusedrnn.cells). input: (T, B, I)
+    time-major, or packed (sum(batch_sizes), I) with batch_sizes (T,) int64 on the CPU,
+    non-increasing. Returns (output (T, B, H_out) or (sum(batch_sizes), H_out), h_n (B, H_out),
+    c_n (B, H) or None).
     """
-    return _ops.layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                      hx, cx, batch_sizes, reverse)
+    return _layer.run(cell, LayerArgs(*args, **kwargs))
+
+
+rnn_layer.__signature__ = layer_signature()
 
 
 def _step(cell, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch):
-    _, hy, cy = _ops.layer(cell, input.unsqueeze(0), weight_ih, weight_hh, bias_ih, bias_hh,
-                           weight_ch, None, hx, cx, exposed=False)
+    _, hy, cy = _layer.run(cell, LayerArgs(input.unsqueeze(0), weight_ih, weight_hh, bias_ih,
+                                           bias_hh, weight_ch, None, hx, cx), exposed=False)
     return hy, cy
 
 

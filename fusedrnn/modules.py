@@ -2,7 +2,7 @@
 
 Parameter names, shapes, registration order, initialisation, arguments and return values are
 torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules unchanged. Every
-layer and direction runs as one call of a fused whole-sequence op (see fusedrnn._ops.layer);
+layer and direction runs as one call of a fused whole-sequence op (see fusedrnn._layer.run);
 the Python here only routes tensors, with no work proportional to the sequence length.
 """
 import math
@@ -14,13 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _ops
+from . import _layer, cells
+from .reference import LayerArgs
 
 __all__ = ["LSTM", "GRU", "PeepholeLSTM", "WorkingMemoryLSTM", "LSTMCell", "GRUCell",
            "PeepholeLSTMCell", "WorkingMemoryLSTMCell"]
-
-_GATES = {"lstm": 4, "peephole_lstm": 4, "wm_lstm": 4, "gru": 3}
-
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -95,7 +93,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         if proj_size >= hidden_size:
             raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size="
                              f"{proj_size} and hidden_size={hidden_size}")
-        if proj_size and self._cell == "gru":
+        if proj_size and not cells.CELLS[self._cell].has_cell_state:
             raise ValueError("proj_size argument is only supported for LSTM-family modules")
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
@@ -113,7 +111,8 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         self.proj_size = proj_size
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
-        G = _GATES[self._cell]
+        spec = cells.CELLS[self._cell]
+        G = spec.gates
         real_hidden = proj_size if proj_size > 0 else hidden_size
         self._flat_weights_names: List[str] = []
         self._all_weights: List[List[str]] = []
@@ -128,10 +127,8 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                                ("bias_hh" + sfx, (G * hidden_size,))]
                 if proj_size > 0:
                     params.append(("weight_hr" + sfx, (proj_size, hidden_size)))
-                if self._cell == "peephole_lstm":
-                    params.append(("weight_ch" + sfx, (3, hidden_size)))
-                elif self._cell == "wm_lstm":
-                    params.append(("weight_ch" + sfx, (3 * hidden_size, hidden_size)))
+                if spec.weight_ch is not None:
+                    params.append(("weight_ch" + sfx, spec.weight_ch_shape(hidden_size)))
                 for name, shape in params:
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                 self._flat_weights_names.extend(name for name, _ in params)
@@ -241,7 +238,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         if _is_proxy(input, hx):  # torch.fx.symbolic_trace: a leaf module
             return _fx_leaf(self, input, hx)
-        is_lstm = self._cell != "gru"
+        is_lstm = cells.CELLS[self._cell].has_cell_state
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = batch_sizes = None
         unbatched = False
@@ -304,10 +301,11 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
             for direction in range(D):
                 k = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_ch, w_hr = self._layer_weights(layer, direction)
-                out, hy, cy = _ops.layer(self._cell, layer_input, w_ih, w_hh, b_ih, b_hh, w_ch,
-                                         w_hr, h0[k], c0[k] if c0 is not None else None,
-                                         batch_sizes, direction == 1,
-                                         exposed=D == 1 and layer == self.num_layers - 1)
+                out, hy, cy = _layer.run(
+                    self._cell, LayerArgs(layer_input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, h0[k],
+                                          c0[k] if c0 is not None else None, batch_sizes,
+                                          direction == 1),
+                    exposed=D == 1 and layer == self.num_layers - 1)
                 outputs.append(out)
                 h_n.append(hy)
                 c_n.append(cy)
@@ -381,7 +379,8 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         factory = {"device": device, "dtype": dtype}
-        G = _GATES[self._cell]
+        spec = cells.CELLS[self._cell]
+        G = spec.gates
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -393,10 +392,9 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
-        if self._cell == "peephole_lstm":
-            self.weight_ch = nn.Parameter(torch.empty(3, hidden_size, **factory))
-        elif self._cell == "wm_lstm":
-            self.weight_ch = nn.Parameter(torch.empty(3 * hidden_size, hidden_size, **factory))
+        if spec.weight_ch is not None:
+            self.weight_ch = nn.Parameter(torch.empty(spec.weight_ch_shape(hidden_size),
+                                                      **factory))
         else:
             self.register_parameter("weight_ch", None)
         self.reset_parameters()
@@ -431,7 +429,7 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         if unbatched:
             input = input.unsqueeze(0)
         B, H = input.shape[0], self.hidden_size
-        is_lstm = self._cell != "gru"
+        is_lstm = cells.CELLS[self._cell].has_cell_state
         if hx is None:
             h0 = input.new_zeros(B, H)
             c0 = input.new_zeros(B, H) if is_lstm else None
@@ -450,9 +448,10 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
                         or t.device != input.device):
                     raise TypeError(f"{name}: {sname} ({t.dtype}, {t.device}) must match input "
                                     f"({input.dtype}, {input.device})")
-        _, hy, cy = _ops.layer(self._cell, input.unsqueeze(0), self.weight_ih, self.weight_hh,
-                               self.bias_ih, self.bias_hh, self.weight_ch, None, h0, c0,
-                               exposed=False)
+        _, hy, cy = _layer.run(self._cell,
+                               LayerArgs(input.unsqueeze(0), self.weight_ih, self.weight_hh,
+                                         self.bias_ih, self.bias_hh, self.weight_ch, None, h0,
+                                         c0), exposed=False)
         if unbatched:
             hy = hy.squeeze(0)
             cy = cy.squeeze(0) if cy is not None else None

@@ -6,12 +6,54 @@ fallback when the compiled extension cannot be loaded. One layer call has the me
 fused ops: time-major (T, B, I) input, or packed (sum(batch_sizes), I) input with per-step batch
 sizes, optional initial states, optional reverse direction.
 """
-from typing import Optional, Tuple
+import inspect
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-CELLS = ("lstm", "gru", "peephole_lstm", "wm_lstm")
+from . import cells as _cells
+
+CELLS = tuple(_cells.CELLS)
+
+
+class LayerArgs(NamedTuple):
+    """The arguments of one layer call, in the order of every layer function of the package
+    (`reference.layer`, `functional.rnn_layer`, the ops' `<cell>_forward` schemas): written
+    here once. input (T, B, I) time-major, or packed (sum(batch_sizes), I) with batch_sizes
+    (T,) int64 on the CPU, non-increasing; weights as torch.nn's (weight_ch: see
+    fusedrnn.cells; weight_hr (proj_size, H) the LSTM family's projection); hx (B, H_out),
+    cx (B, H) the initial states (zeros when None); reverse runs the steps last to first."""
+    input: Tensor
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Optional[Tensor] = None
+    bias_hh: Optional[Tensor] = None
+    weight_ch: Optional[Tensor] = None
+    weight_hr: Optional[Tensor] = None
+    hx: Optional[Tensor] = None
+    cx: Optional[Tensor] = None
+    batch_sizes: Optional[Tensor] = None
+    reverse: bool = False
+
+    @property
+    def tensors(self) -> Tuple[Optional[Tensor], ...]:
+        """(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx)."""
+        return self[:9]
+
+
+def layer_signature(*extra: inspect.Parameter) -> inspect.Signature:
+    """`(cell, <LayerArgs' fields>, *extra)`: the signature a layer function shows to help()
+    and inspect, for functions that take `cell, *args, **kwargs` and bind them to LayerArgs."""
+    params = [inspect.Parameter("cell", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=str)]
+    for name in LayerArgs._fields:
+        default = LayerArgs._field_defaults.get(name, inspect.Parameter.empty)
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        default=default,
+                                        annotation=LayerArgs.__annotations__[name]))
+    return inspect.Signature(params + list(extra),
+                             return_annotation=Tuple[Tensor, Tensor, Optional[Tensor]])
 
 
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
@@ -80,39 +122,36 @@ def _steps(input: Tensor, batch_sizes: Optional[Tensor]):
     return out, (sizes[0] if sizes else 0)
 
 
-def layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-          bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
-          weight_ch: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
-          hx: Optional[Tensor] = None, cx: Optional[Tensor] = None,
-          batch_sizes: Optional[Tensor] = None, reverse: bool = False
-          ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """One layer, one direction. Returns (output, h_n, c_n); c_n is None for the GRU."""
-    if cell not in CELLS:
-        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
-    gates = 3 if cell == "gru" else 4
-    H = weight_ih.shape[0] // gates
-    H_out = weight_hr.shape[0] if weight_hr is not None else H
+def layer(cell: str, *args, **kwargs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer, one direction, arguments as LayerArgs. Returns (output, h_n, c_n); c_n is
+    None for the GRU."""
+    return layer_of(cell, LayerArgs(*args, **kwargs))
+
+
+layer.__signature__ = layer_signature()
+
+
+def layer_of(cell: str, a: LayerArgs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """`layer` over arguments already bound."""
+    spec = _cells.get(cell)
+    input, batch_sizes = a.input, a.batch_sizes
+    H = a.weight_ih.shape[0] // spec.gates
+    H_out = a.weight_hr.shape[0] if a.weight_hr is not None else H
     steps, B = _steps(input, batch_sizes)
     x2 = input.reshape(-1, input.shape[-1])
-    h = hx if hx is not None else input.new_zeros(B, H_out)
+    h = a.hx if a.hx is not None else input.new_zeros(B, H_out)
     c = None
-    if cell != "gru":
-        c = cx if cx is not None else input.new_zeros(B, H)
+    if spec.has_cell_state:
+        c = a.cx if a.cx is not None else input.new_zeros(B, H)
+    weights = (a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh)
     outs = [None] * len(steps)
-    for t, r0, n in (reversed(steps) if reverse else steps):
+    for t, r0, n in (reversed(steps) if a.reverse else steps):
         x = x2[r0:r0 + n]
         if cell == "gru":
-            h_new = gru_cell(x, h[:n], weight_ih, weight_hh, bias_ih, bias_hh)
+            h_new = gru_cell(x, h[:n], *weights)
         else:
-            if cell == "lstm":
-                h_new, c_new = lstm_cell(x, h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh,
-                                         weight_hr)
-            elif cell == "peephole_lstm":
-                h_new, c_new = peephole_lstm_cell(x, h[:n], c[:n], weight_ih, weight_hh, bias_ih,
-                                                  bias_hh, weight_ch, weight_hr)
-            else:
-                h_new, c_new = wm_lstm_cell(x, h[:n], c[:n], weight_ih, weight_hh, bias_ih,
-                                            bias_hh, weight_ch, weight_hr)
+            extra = (a.weight_hr,) if cell == "lstm" else (a.weight_ch, a.weight_hr)
+            h_new, c_new = spec.reference_step(x, h[:n], c[:n], *weights, *extra)
             c = torch.cat([c_new, c[n:]]) if n < c.shape[0] else c_new
         h = torch.cat([h_new, h[n:]]) if n < h.shape[0] else h_new
         outs[t] = h_new

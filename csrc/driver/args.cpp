@@ -10,15 +10,7 @@ bool is_float_type(at::ScalarType s) {
 
 }  // namespace
 
-const char* cell_name(CellKind cell) {
-  switch (cell) {
-    case CellKind::kLSTM: return "lstm";
-    case CellKind::kPeephole: return "peephole_lstm";
-    case CellKind::kWorkingMemory: return "wm_lstm";
-    case CellKind::kGRU: return "gru";
-  }
-  return "?";
-}
+const char* cell_name(CellKind cell) { return traits(cell).name; }
 
 void check_tensor(const char* op, const char* name, const Tensor& t, const Tensor& input,
                   at::IntArrayRef shape) {
@@ -37,7 +29,8 @@ Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Te
                 const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
                 const optional<Tensor>& hx, const optional<Tensor>& cx, const Steps& s) {
   const char* op = cell_name(cell);
-  const int64_t G = cell == CellKind::kGRU ? 3 : 4;
+  const CellTraits& tr = traits(cell);
+  const int64_t G = tr.gates;
   TORCH_CHECK(is_float_type(input.scalar_type()), op, ": input must be float32, float64, bfloat16 or float16, got ", input.scalar_type());
   TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(), op, ": input must be a CPU or CUDA tensor, got ", input.device());
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % G == 0 && w_ih.size(0) > 0, op, ": weight_ih must be 2-D (", G, "*hidden_size, input_size), got shape ", w_ih.sizes());
@@ -50,19 +43,18 @@ Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Te
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op, ": bias_ih and bias_hh must be given together");
   check_opt(op, "bias_ih", b_ih, input, {G * d.H});
   check_opt(op, "bias_hh", b_hh, input, {G * d.H});
-  switch (cell) {
-    case CellKind::kLSTM:
-      TORCH_CHECK(!w_ch.has_value(), op, ": weight_ch must be None for the plain LSTM");
+  switch (tr.weight_ch) {
+    case WeightCh::kNone:
+      TORCH_CHECK(!w_ch.has_value(), op, ": weight_ch must be None for this cell");
       break;
-    case CellKind::kPeephole:
+    case WeightCh::kDiagonal:
       TORCH_CHECK(w_ch.has_value(), op, ": weight_ch (3, hidden_size) is required");
-      check_tensor(op, "weight_ch", *w_ch, input, {3, d.H});
+      check_tensor(op, "weight_ch", *w_ch, input, {weight_ch_rows(cell, d.H), d.H});
       break;
-    case CellKind::kWorkingMemory:
+    case WeightCh::kFull:
       TORCH_CHECK(w_ch.has_value(), op, ": weight_ch (3*hidden_size, hidden_size) is required");
-      check_tensor(op, "weight_ch", *w_ch, input, {3 * d.H, d.H});
+      check_tensor(op, "weight_ch", *w_ch, input, {weight_ch_rows(cell, d.H), d.H});
       break;
-    case CellKind::kGRU: break;
   }
   if (w_hr.has_value()) {
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(0) < d.H, op, ": weight_hr must be 2-D (proj_size, hidden_size) with 0 < proj_size < hidden_size, got shape ", w_hr->sizes());

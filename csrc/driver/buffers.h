@@ -53,7 +53,7 @@ inline std::vector<int64_t> out_shape(const Tensor& input, int64_t features) {
 struct LSTMWorkspace {
   Tensor flat, gates, c, r, u;
   static int64_t numel(CellKind cell, int64_t N, int64_t H, bool proj) {
-    return N * H * (5 + (proj ? 1 : 0) + (cell == CellKind::kWorkingMemory ? 3 : 0));
+    return N * workspace_row(cell, H, proj);  // cells/traits.h
   }
   LSTMWorkspace(const Tensor& buffer, CellKind cell, int64_t N, int64_t H, bool proj)
       : flat(buffer) {
@@ -67,6 +67,8 @@ struct LSTMWorkspace {
     c = block(H);
     if (proj) r = block(H);
     if (cell == CellKind::kWorkingMemory) u = block(3 * H);
+    TORCH_INTERNAL_ASSERT(off == numel(cell, N, H, proj), "LSTMWorkspace: the blocks (", off,
+                          " values) do not fill the workspace of cells/traits.h");
   }
 };
 

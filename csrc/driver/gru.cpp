@@ -186,7 +186,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
   // The workspace keeps every step's r, z, n and h_n (training); inference keeps none.
   const ForwardCall c{s, d, need_workspace, w_ih, w_hh,
                       /*x=*/input.reshape({s.N, d.I}),
-                      /*ws=*/at::empty({need_workspace ? s.N : 0, 4 * H}, opts),
+                      /*ws=*/at::empty({need_workspace ? s.N : 0,
+                                        workspace_row(cell, H, /*proj=*/false)}, opts),
                       /*out=*/output.view({s.N, H}),
                       /*hy=*/state_or_zeros(hx, input, s.B, H),
                       /*hg=*/at::empty({s.B, 3 * H}, opts),
@@ -219,7 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   auto guard = guard_for(input);
   const int64_t H = d.H;
   const auto opts = input.options();
-  TORCH_CHECK(workspace.dim() == 2 && workspace.size(0) == s.N && workspace.size(1) == 4 * H && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), "gru_backward: workspace must be the contiguous (", s.N, ", ", 4 * H, ") tensor returned by the forward, got shape ", workspace.sizes());
+  const int64_t ws_cols = workspace_row(cell, H, /*proj=*/false);
+  TORCH_CHECK(workspace.dim() == 2 && workspace.size(0) == s.N && workspace.size(1) == ws_cols && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), "gru_backward: workspace must be the contiguous (", s.N, ", ", ws_cols, ") tensor returned by the forward, got shape ", workspace.sizes());
   TORCH_CHECK(output.numel() == s.N * H, "gru_backward: output must be the forward's output");
   const bool has_dy = grad_output.has_value() && grad_output->defined();
   if (has_dy) check_tensor("gru_backward", "grad_output", *grad_output, input, output.sizes());

@@ -436,8 +436,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     grad_w_ih = at::zeros({4 * H, d.I}, opts);
     grad_w_hh = at::zeros({4 * H, Hout}, opts);
     if (b_ih.has_value()) grad_b = at::zeros({4 * H}, opts);
-    if (cell == CellKind::kPeephole) grad_w_ch = at::zeros({3, H}, opts);
-    if (cell == CellKind::kWorkingMemory) grad_w_ch = at::zeros({3 * H, H}, opts);
+    if (w_ch.has_value()) grad_w_ch = at::zeros({weight_ch_rows(cell, H), H}, opts);
     if (proj) grad_w_hr = at::zeros({Hout, H}, opts);
   }
   auto finish_chunk = [&](const StepChunks::Chunk& ch) {

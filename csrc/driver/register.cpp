@@ -1,6 +1,9 @@
 // The drivers as the CPU and CUDA kernels of the operators declared in ops.cpp.
 #include <torch/library.h>
 
+#include <string>
+#include <utility>
+
 #include "drivers.h"
 
 namespace fusedrnn {
@@ -31,15 +34,30 @@ lstm_backward_op(const optional<Tensor>& grad_output, const optional<Tensor>& gr
                               output_mask);
 }
 
+std::string op_name(CellKind cell, const char* suffix) {
+  return std::string(traits(cell).name) + suffix;
+}
+
+// Every cell of cells/traits.h: the LSTM family's ops through the LSTM-family driver, the
+// GRU's through its own.
+template <int... kIndex>
+void register_cells(torch::Library& m, std::integer_sequence<int, kIndex...>) {
+  auto one = [&](auto tag) {
+    constexpr CellKind kCell = decltype(tag)::value;
+    if constexpr (traits(kCell).has_cell_state) {
+      m.impl(op_name(kCell, "_forward").c_str(), &lstm_forward_op<kCell>);
+      m.impl(op_name(kCell, "_backward").c_str(), &lstm_backward_op<kCell>);
+    } else {
+      static_assert(kCell == CellKind::kGRU, "a cell without a cell state is the GRU");
+      m.impl(op_name(kCell, "_forward").c_str(), &gru_forward);
+      m.impl(op_name(kCell, "_backward").c_str(), &gru_backward);
+    }
+  };
+  (one(CellTag<static_cast<CellKind>(kIndex)>{}), ...);
+}
+
 void register_impls(torch::Library& m) {
-  m.impl("lstm_forward", &lstm_forward_op<CellKind::kLSTM>);
-  m.impl("peephole_lstm_forward", &lstm_forward_op<CellKind::kPeephole>);
-  m.impl("wm_lstm_forward", &lstm_forward_op<CellKind::kWorkingMemory>);
-  m.impl("lstm_backward", &lstm_backward_op<CellKind::kLSTM>);
-  m.impl("peephole_lstm_backward", &lstm_backward_op<CellKind::kPeephole>);
-  m.impl("wm_lstm_backward", &lstm_backward_op<CellKind::kWorkingMemory>);
-  m.impl("gru_forward", &gru_forward);
-  m.impl("gru_backward", &gru_backward);
+  register_cells(m, std::make_integer_sequence<int, kNumCells>{});
 }
 
 }  // namespace

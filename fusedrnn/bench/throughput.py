@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from ..modules import _GATES as GATES  # gate blocks per cell
+from ..cells import CELLS as _CELLS
 
 
 def layer_flops(rec: dict) -> Optional[float]:
@@ -23,7 +23,7 @@ def layer_flops(rec: dict) -> Optional[float]:
     s = rec["shape"]
     T, B, I, H = s["T"], s["B"], s["I"], s["H"]
     rows = T * B
-    G = GATES[rec["cell"]] * H
+    G = _CELLS[rec["cell"]].gates * H
     fwd = 2.0 * rows * G * (I + H)
     wm = 2.0 * rows * 3 * H * H if rec["cell"] == "wm_lstm" else 0.0
     if rec["pass"] == "fwd":
@@ -70,7 +70,7 @@ def measure(results: List[dict], device: torch.device, dtype: torch.dtype) -> di
         if layer_flops(rec) is None:
             continue
         s = rec["shape"]
-        G = GATES[rec["cell"]] * s["H"]
+        G = _CELLS[rec["cell"]].gates * s["H"]
         for shape in ((s["B"], s["H"], G), (s["T"] * s["B"], s["I"], G)):
             if shape not in shapes:
                 shapes.append(shape)

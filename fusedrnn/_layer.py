@@ -1,0 +1,82 @@
+"""Where a layer call runs: the one place that chooses between the fused ops and the reference.
+
+`run` is the single entry of the modules and of `fusedrnn.functional`. It runs one layer in
+one direction through the fused ops (`fusedrnn._ops`) when the compiled extension is loaded,
+and through the differentiable reference equations (`fusedrnn.reference`) where the fused ops
+cannot serve the call: no compiled extension (after one warning naming why), inside a
+torch.func transform or with forward-mode AD dual tensors (the ops have a reverse-mode
+derivative only), and while torch.onnx exports (`fusedrnn._onnx`).
+"""
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ops, reference
+from .reference import LayerArgs
+
+_warned = False
+
+
+def backend() -> str:
+    """'fused' when the compiled operators are in use, 'reference' otherwise."""
+    return "fused" if _ops.HAS_C else "reference"
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "fusedrnn: the compiled extension fusedrnn._C could not be loaded "
+            f"({_ops.LOAD_ERROR}); using the pure-PyTorch reference implementation, which is "
+            "slower. Reinstall with `pip install --no-build-isolation .` against the installed "
+            "torch.", RuntimeWarning, stacklevel=3)
+
+
+def _needs_reference(tensors) -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, jacfwd, ...) or when an argument is
+    a forward-mode AD dual tensor. The fused ops have a reverse-mode derivative only; these
+    run the differentiable reference equations instead (correct, not fused)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        from torch.autograd.forward_ad import unpack_dual
+        return any(t is not None and unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
+def run(cell: str, a: LayerArgs, exposed: bool = True
+        ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer, one direction: (output, h_n, c_n), c_n None for the GRU.
+
+    `exposed`: the output is handed to the caller as it is (not only to another layer): it is
+    then a copy of the tensor the backward saves, so that an in-place operation on it (relu_)
+    does not invalidate the backward, as with torch.nn."""
+    if not _ops.HAS_C:
+        _warn_fallback()
+        return reference.layer_of(cell, a)
+    if torch.onnx.is_in_onnx_export():
+        from . import _onnx
+        return _onnx.layer(cell, a)
+    tensors = a.tensors
+    if _needs_reference(tensors):
+        return reference.layer_of(cell, a)
+    # The workspace (what backward reads) is only kept when a gradient can be asked for.
+    need_workspace = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    copy_output = exposed and need_workspace
+    if torch.jit.is_tracing():
+        # A trace is one graph for every grad mode (torch.jit.trace checks it under no_grad):
+        # it keeps no workspace, so that a traced model runs in inference as lean as eagerly,
+        # and a backward through it recomputes the workspace (see _ops' setup_context); the
+        # output is always a copy, so that an in-place operation on it never breaks that
+        # backward.
+        need_workspace, copy_output = False, exposed
+    out, hy, cy = _ops.forward(cell, a, need_workspace)
+    if copy_output:
+        out = out.clone()
+    return out, hy, cy

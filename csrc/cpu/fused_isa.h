@@ -36,6 +36,22 @@ struct PanelGemm {
   int64_t panels() const { return (units + unit_block - 1) / unit_block; }
 };
 
+// A GEMM of m <= kSmallGemmRows rows against a row-major weight W (n x k, row stride ldw), as
+// cpu/small_gemm.h computes it: nt: out (m x n) = [out +] a (m x k) W^T; nn: out (m x k) =
+// [out +] a (m x n) W. Row strides lda, ldo; unit column strides everywhere.
+constexpr int64_t kSmallGemmRows = 4;
+
+struct SmallGemm {
+  int64_t m = 0, n = 0, k = 0;
+  const float* a = nullptr;
+  int64_t lda = 0;
+  const float* w = nullptr;
+  int64_t ldw = 0;
+  float* out = nullptr;
+  int64_t ldo = 0;
+  bool accumulate = false;
+};
+
 // The fused steps of one instruction set. Each entry runs panels [p0, p1) of its step's GEMM
 // (the caller splits the panels between threads) and the step kernel on every output tile.
 // lstm_forward: out (ld ldo) = the GEMM, then the (cell, phase) forward kernel.
@@ -55,6 +71,10 @@ struct FusedStepKernels {
                       int64_t p1) = nullptr;
   void (*gru_backward)(const GRUBackwardStep<float>&, const PanelGemm&, int64_t p0,
                        int64_t p1) = nullptr;
+  // The small GEMMs: gemm_nt computes output columns [c0, c1) (the weight rows), gemm_nn
+  // output columns [c0, c1) (the weight's columns); the caller splits them between threads.
+  void (*gemm_nt)(const SmallGemm&, int64_t c0, int64_t c1) = nullptr;
+  void (*gemm_nn)(const SmallGemm&, int64_t c0, int64_t c1) = nullptr;
 };
 
 // The tables compiled into this library; nullptr where the build has no such kernels (not

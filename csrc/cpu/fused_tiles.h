@@ -320,9 +320,20 @@ void gru_backward(const GRUBackwardStep<float>& p, const PanelGemm& g, int64_t p
           });
 }
 
+}  // namespace FUSEDRNN_ISA_NAMESPACE
+}  // namespace cpu
+}  // namespace fusedrnn
+
+#include "small_gemm.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace FUSEDRNN_ISA_NAMESPACE {
+
 // Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
-constexpr FusedStepKernels kKernels{Vec::kName,    kL,           Vec::kPass3,  Vec::kPass4,
-                                    &lstm_forward, &lstm_backward, &gru_forward, &gru_backward};
+constexpr FusedStepKernels kKernels{
+    Vec::kName,    kL,           Vec::kPass3,    Vec::kPass4,    &lstm_forward,
+    &lstm_backward, &gru_forward, &gru_backward, &small_gemm_nt, &small_gemm_nn};
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu

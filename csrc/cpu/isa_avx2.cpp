@@ -13,6 +13,7 @@ namespace avx2 {
 
 struct Vec {
   static constexpr const char* kName = "avx2";
+  static constexpr int kRegisters = 16;
   static constexpr int kLanes = 8;
   // 4-vector tiles: 5 rows in passes of 2 vectors (5 x 2 accumulators, 2 b vectors and a
   // broadcast in the 16 registers; with 6 rows gcc spills an accumulator in the inner loop).
@@ -29,6 +30,12 @@ struct Vec {
   static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+  static float sum(Reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
   // lanes [0, count) of a vector, 0 <= count <= 8: lane l is set when l < count
   static Mask first_lanes(int64_t count) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),

@@ -14,6 +14,7 @@ namespace avx512 {
 
 struct Vec {
   static constexpr const char* kName = "avx512";
+  static constexpr int kRegisters = 32;
   static constexpr int kLanes = 16;
   // Tile heights: rows x vectors accumulators of the 32 registers (24 for both shapes), in one
   // pass.
@@ -29,6 +30,16 @@ struct Vec {
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+  // The sum of the lanes, in-register: swap halves, quarters, pairs, lanes. The zero-masked
+  // forms, because gcc 12 warns on the undefined operands of the unmasked shuffles,
+  // _mm512_reduce_add_ps and the 512 -> 256 casts.
+  static float sum(Reg v) {
+    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, 0xB1));
+    v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xFFFF, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xFFFF, v, 0xB1));
+    return _mm512_cvtss_f32(v);
+  }
   // lanes [0, count) of a vector, 0 <= count <= 16
   static Mask first_lanes(int64_t count) {
     return static_cast<Mask>((count >= 16 ? 0xFFFFu : (1u << count) - 1u));

@@ -1,8 +1,12 @@
 #include "gemm.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
+#include "../cpu/fused_isa.h"
 #include "../cpu/isa.h"
 
 // ATen's oneDNN matmul (result = beta * result + alpha * mat1 @ mat2). It is exported by
@@ -35,6 +39,50 @@ bool use_onednn_gemm(const Tensor& out, int64_t k) {
          onednn_gemm_enabled();
 }
 
+// fp32 CPU GEMMs of at most kSmallGemmRows rows against a row-major weight (b = W^T or b = W)
+// go to the ISA's small GEMMs (cpu/small_gemm.h): they stream the weight once, at up to twice
+// the rate of at::mm's M = 1..4 calls (docs/cpu_kernels.md), with no call overhead to speak of.
+// Work per thread: at least this many multiply-adds.
+constexpr int64_t kSmallGemmGrainMacs = int64_t{1} << 15;
+
+bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (!(out.device().is_cpu() && out.scalar_type() == at::kFloat && m <= cpu::kSmallGemmRows &&
+        a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+        (a.stride(1) == 1 || k == 1) && (out.stride(1) == 1 || n == 1))) {
+    return false;
+  }
+  const bool nt = b.stride(0) == 1 && b.stride(1) >= k;  // b = W^T, W (n x k) row-major
+  const bool nn = !nt && b.stride(1) == 1 && b.stride(0) >= n;  // b = W (k x n)
+  if (!nt && !nn) return false;
+  const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
+  if (kernels == nullptr) return false;
+  cpu::SmallGemm g;
+  g.m = m;
+  g.a = a.const_data_ptr<float>();
+  g.lda = a.stride(0);
+  g.out = out.data_ptr<float>();
+  g.ldo = out.stride(0);
+  g.accumulate = beta != 0.0f;
+  g.w = b.const_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kSmallGemmGrainMacs / std::max<int64_t>(1, m * k));
+  if (nt) {
+    g.n = n;  // out (m x n) = a W^T
+    g.k = k;
+    g.ldw = b.stride(1);
+    at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) { kernels->gemm_nt(g, j0, j1); });
+  } else {
+    g.n = k;  // out (m x n) = a (m x k) W, W = b (k x n): the nn kernel's n is the sum's length
+    g.k = n;
+    g.ldw = b.stride(0);
+    const int64_t lanes = kernels->lanes, blocks = (n + lanes - 1) / lanes;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / lanes), [&](int64_t b0, int64_t b1) {
+      kernels->gemm_nn(g, b0 * lanes, std::min(b1 * lanes, n));
+    });
+  }
+  return true;
+}
+
 }  // namespace
 
 bool onednn_gemm_enabled() {
@@ -52,6 +100,7 @@ void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta) {
     if (beta == 0.0f) out.zero_();
     return;
   }
+  if (small_gemm(out, a, b, beta)) return;
   if (use_onednn_gemm(out, a.size(1))) {
     at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
   } else if (beta == 0.0f) {

@@ -12,9 +12,10 @@ from torch import nn
 
 from layer_cases import CELLS, max_err  # noqa: F401 (shared with the CUDA tests)
 
-# design.md §5: on these 2-core machines OpenMP's spin-wait makes two-thread small GEMMs ~30x
-# slower than one thread. The suite runs single-threaded to stay fast; the multi-threaded code path
-# (parallel_for over the rows of a step) has its own test that raises the thread count.
+# bench/README.md (protocol, threads): on these 2-core machines OpenMP's spin-wait makes two-thread
+# small GEMMs ~30x slower than one thread. The suite runs single-threaded to stay fast; the
+# multi-threaded code path (parallel_for over the rows of a step) has its own test that raises the
+# thread count.
 torch.set_num_threads(1)
 
 LSTM_FAMILY = ("lstm", "peephole_lstm", "wm_lstm")

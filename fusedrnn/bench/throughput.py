@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from ..modules import _GATES as GATES  # gate blocks per cell
+from .cases import GATES
 
 
 def layer_flops(rec: dict) -> Optional[float]:

@@ -12,8 +12,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fusedrnn
 from fusedrnn import functional, reference
 
-from layer_cases import (CELLS, HALF_TYPES, make_layer_args, max_err, run_layer,
-                         within_tolerance)
+from fusedrnn.testing import (CELLS, HALF_TYPES, layer_results, make_layer_args, max_err,
+                              within_tolerance)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,7 +39,7 @@ def test_extension_has_cuda_kernels():
 # one layer through fusedrnn.functional against fusedrnn.reference
 
 def assert_matches(got, ref, dtype, lowp=None):
-    """design.md §4 tolerances against the fp64 reference (layer_cases.within_tolerance)."""
+    """design.md §4 tolerances against the fp64 reference (fusedrnn.testing.within_tolerance)."""
     assert set(got) == set(ref)
     for k, r in ref.items():
         ok, bound = within_tolerance(got[k], r, dtype, None if lowp is None else lowp[k])
@@ -47,11 +47,11 @@ def assert_matches(got, ref, dtype, lowp=None):
 
 
 def check_layer(cell, dtype, args, noncontiguous=False):
-    ref = run_layer(reference.layer, cell, args, "cpu", torch.float64)
-    got = run_layer(functional.rnn_layer, cell, args, "cuda", dtype, noncontiguous)
+    ref = layer_results(reference.layer, cell, args, "cpu", torch.float64)
+    got = layer_results(functional.rnn_layer, cell, args, "cuda", dtype, noncontiguous)
     lowp = None
     if dtype in HALF_TYPES:
-        lowp = run_layer(reference.layer, cell, args, "cuda", dtype)
+        lowp = layer_results(reference.layer, cell, args, "cuda", dtype)
     assert_matches(got, ref, dtype, lowp)
 
 
@@ -89,8 +89,8 @@ def test_layer_cuda_large_step(cell):
     """n*H = 1100*2048 elements per step: more than the kernels' capped grid has threads, so
     the grid-stride loop runs several iterations. fp64 against the reference on the GPU."""
     args = make_layer_args(cell, "time_major", T=2, B=1100, I=8, H=2048, seed=1)
-    got = run_layer(functional.rnn_layer, cell, args, "cuda", torch.float64)
-    ref = run_layer(reference.layer, cell, args, "cuda", torch.float64)
+    got = layer_results(functional.rnn_layer, cell, args, "cuda", torch.float64)
+    ref = layer_results(reference.layer, cell, args, "cuda", torch.float64)
     assert_matches(got, ref, torch.float64)
 
 

@@ -4,16 +4,9 @@
 For every cell, dtype (fp64, fp32, bf16, fp16) and layout (time-major with initial states,
 packed with reverse direction, plus projection / no-bias variants), runs one layer forward and
 backward on the GPU and asserts its outputs and every gradient against the fp64 reference
-(`fusedrnn.reference`, on the CPU) with the tolerances of design.md §4:
-
-  fp64       |err| <= 1e-10 + 1e-10 |ref|
-  fp32       |err| <= 1e-5 |ref| + 1e-5   (relative; the absolute term covers elements near zero,
-                                           where a relative bound means nothing)
-  fp16/bf16  max|err| <= 2 * max|err of the reference run in that dtype on the GPU|
-                        + ~2.5 ulps of the dtype * max|ref|   (a floor: a low-precision
-                        reference can happen to be nearly exact on a few elements, and one
-                        rounding of a stored result is the least error any such result has)
-
+(`fusedrnn.reference`, on the CPU) with the tolerance rule of design.md §4, the one the CUDA
+tests use (`fusedrnn.testing.within_tolerance`; for fp16/bf16 the reference run in that dtype
+is the one on the GPU);
 plus: the CPU fp64 fused path against the same reference, a step larger than the kernels' grid
 cap (grid-stride loop), a CUDA graph capture and replay of forward+backward of one LSTM layer
 (replay equals eager on new data), and torch.cuda.synchronize() raising nothing.
@@ -36,15 +29,14 @@ import torch
 
 import fusedrnn
 from fusedrnn import functional, reference
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from layer_cases import (CELLS, HALF_TYPES, make_layer_args, max_err,  # noqa: E402
-                         run_layer, within_tolerance)
+from fusedrnn.testing import (CELLS, HALF_TYPES, layer_results, make_layer_args, max_err,
+                              within_tolerance)
 
 
 class Case:
-    """One layer call (tests/layer_cases.py) with its name, and whether to check the half
-    types on it: their rule compares two max errors, which on a single element is a coin toss."""
+    """One layer call (fusedrnn.testing.make_layer_args) with its name, and whether to check the
+    half types on it: their rule compares two max errors, which on a single element is a coin
+    toss."""
 
     def __init__(self, cell: str, layout: str, proj: int = 0, bias: bool = True,
                  half: bool = True, **sizes):
@@ -56,7 +48,7 @@ class Case:
 
 def run(fn, case: Case, device: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """Outputs and gradients of every leaf, as fp64 CPU tensors."""
-    return run_layer(fn, case.cell, case.args, device, dtype)
+    return layer_results(fn, case.cell, case.args, device, dtype)
 
 
 class Checker:

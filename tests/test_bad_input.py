@@ -23,8 +23,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import (CELLS, assert_close, compare_modules, flatten_result, layer_args,
-                      make_pair, make_weights)
+from fusedrnn.testing import (CELLS, assert_close, compare_modules, flatten_result, layer_args,
+                              make_pair, make_weights)
 
 F64 = torch.float64
 F32 = torch.float32

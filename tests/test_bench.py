@@ -1,4 +1,6 @@
-"""The benchmark command: argument checking, a tiny end-to-end run and the plot command."""
+"""The benchmark command: argument checking, a tiny end-to-end run and the plot command; the
+package's import graph."""
+import ast
 import io
 import json
 import os
@@ -9,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedrnn.bench import cli, core, plot
+import fusedrnn.bench
+from fusedrnn.bench import cli, env, impls, measure, plot
+from fusedrnn.bench.cases import CELLS, QUICK_SHAPE_CPU, build_cases, slow_repeats
 
 TINY = ["--device", "cpu", "--shapes", "3,2,4,5", "--repeats", "2"]
 
@@ -30,6 +34,45 @@ def _error(capsys, argv, main=cli.main):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
+
+
+def _bench_imports() -> dict:
+    """{module: the modules of fusedrnn.bench it imports}, read from the sources with ast,
+    imports inside functions included."""
+    pkg = Path(fusedrnn.bench.__file__).parent
+    graph = {}
+    for path in sorted(pkg.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from . / from .x
+                deps.update([node.module.split(".")[0]] if node.module
+                            else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "fusedrnn.bench"):
+                parts = node.module.split(".")
+                deps.update([parts[2]] if len(parts) > 2 else [a.name for a in node.names])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[2] for a in node.names
+                            if a.name.startswith("fusedrnn.bench."))
+        graph[path.stem] = deps
+    return graph
+
+
+def test_import_graph_is_the_documented_one_without_cycles():
+    """The package docstring lists the modules in an order in which each imports only modules
+    above it; the code has exactly those imports, so there is no cycle."""
+    documented, order = {}, []
+    for line in fusedrnn.bench.__doc__.splitlines():
+        if "->" in line and line.startswith("    "):
+            name, _, deps = line.partition("->")
+            order.append(name.strip())
+            documented[name.strip()] = {d.strip() for d in deps.split(",") if d.strip()}
+    graph = _bench_imports()
+    assert set(order) == set(graph), "the docstring lists every module, once"
+    assert len(order) == len(set(order))
+    assert graph == documented
+    for k, name in enumerate(order):
+        assert graph[name] <= set(order[:k]), f"{name} imports a module listed below it"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -56,16 +99,16 @@ def test_cuda_unavailable(capsys):
 
 def test_parse_presets():
     args = cli.parse_args(["--device", "cpu"])
-    assert args.shape_list == [core.QUICK_SHAPE_CPU] and args.cells == list(core.CELLS)
+    assert args.shape_list == [QUICK_SHAPE_CPU] and args.cells == list(CELLS)
     assert cli.parse_args(["--fastrnns"]).shape_list == [(100, 64, 512, 512)]
     grid = cli.parse_args(["--grid"]).shape_list
     assert len(grid) == 32 and (200, 256, 1024, 1024) in grid
     args = cli.parse_args(["--shapes", "3,2,4,5; 6,7,8,9", "--cells", "gru,lstm,gru"])
     assert args.shape_list == [(3, 2, 4, 5), (6, 7, 8, 9)] and args.cells == ["gru", "lstm"]
-    cases = core.build_cases(["lstm", "wm_lstm"], [(3, 2, 4, 5)])
+    cases = build_cases(["lstm", "wm_lstm"], [(3, 2, 4, 5)])
     assert [c.label for c in cases] == ["lstm", "wm_lstm", "lstm +dx", "lstm 3-layer bidir"]
     assert "torch" not in cases[1].impls and cases[2].passes == ("fwd+bwd",)
-    assert core.slow_repeats(10) == 3 and core.slow_repeats(2) == 2
+    assert slow_repeats(10) == 3 and slow_repeats(2) == 2
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +138,7 @@ def test_tiny_run_writes_json_table_and_png(tiny_run):
     assert doc["settings"]["compile_mode"] == "compiled step loop"
     results = doc["results"]
     labels = {(r["label"], r["pass"]) for r in results}
-    for cell in core.CELLS:
+    for cell in CELLS:
         assert (cell, "fwd") in labels and (cell, "fwd+bwd") in labels
     assert ("lstm 3-layer bidir", "fwd+bwd") in labels
     assert ("lstm +dx", "fwd+bwd") in labels
@@ -172,14 +215,14 @@ def test_compile_failure_is_skipped_per_cell(tmp_path, capsys):
 def test_failed_fused_row_fails_the_command(tmp_path, capsys, monkeypatch):
     """A fused row that errors makes the command exit 1 (CI runs it), naming the row; rows
     skipped on purpose (--no-compile) do not."""
-    calls = core.Workload.calls
+    calls = impls.Workload.calls
 
     def broken(self, impl, pass_):
         if impl == "fused" and pass_ == "fwd+bwd":
             raise RuntimeError("simulated kernel failure")
         return calls(self, impl, pass_)
 
-    monkeypatch.setattr(core.Workload, "calls", broken)
+    monkeypatch.setattr(impls.Workload, "calls", broken)
     out = tmp_path / "broken"
     assert cli.main(TINY + ["--cells", "gru", "--no-memory", "--no-compile",
                             "--out", str(out)]) == 1
@@ -227,13 +270,13 @@ def _run_seeing_flags(monkeypatch, argv):
     """Runs the tiny benchmark; returns (exit code, results.json, the TF32 flags every case
     was measured under)."""
     seen = []
-    run_case = core.run_case
+    run_case = measure.run_case
 
     def spy(case, settings, progress=None):
         seen.append(_flags())
         return run_case(case, settings, progress)
 
-    monkeypatch.setattr(core, "run_case", spy)
+    monkeypatch.setattr(measure, "run_case", spy)
     rc = cli.main(argv)
     out = argv[argv.index("--out") + 1]
     return rc, json.loads((Path(out) / "results.json").read_text()), seen
@@ -262,12 +305,12 @@ def test_tf32_same_on_both_sides_recorded_and_restored(tmp_path, monkeypatch, ke
 def test_tf32_restored_after_an_error(keep_tf32):
     _set_flags(True, False)
     with pytest.raises(RuntimeError, match="inside"):
-        with core.tf32(True):
+        with env.tf32(True):
             assert _flags() == (True, True)
             raise RuntimeError("inside")
     assert _flags() == (True, False)
     with pytest.raises(TypeError, match="tf32: expected a bool, got str 'yes'"):
-        with core.tf32("yes"):
+        with env.tf32("yes"):
             pass
     assert _flags() == (True, False)
 
@@ -282,14 +325,14 @@ def test_results_rewritten_after_every_case(tmp_path, monkeypatch):
     handler runs on SIGKILL) keeps what it measured."""
     out = tmp_path / "rows"
     seen = []
-    run_case = core.run_case
+    run_case = measure.run_case
 
     def spy(case, settings, progress=None):
         path = out / "results.json"
         seen.append(json.loads(path.read_text()) if path.exists() else None)
         return run_case(case, settings, progress)
 
-    monkeypatch.setattr(core, "run_case", spy)
+    monkeypatch.setattr(measure, "run_case", spy)
     assert cli.main(TINY + ["--cells", "lstm,gru", "--no-memory", "--no-compile",
                             "--out", str(out)]) == 0
     assert seen[0] is None and len(seen) == 4  # lstm, gru, lstm +dx, lstm 3-layer bidir
@@ -306,7 +349,7 @@ def test_sigterm_keeps_what_was_measured(tmp_path, monkeypatch):
     """SIGTERM (what `timeout` sends) as the second case starts: the command exits 143 with
     the first case's rows in results.json, marked interrupted, and the previous handler is
     back."""
-    run_case = core.run_case
+    run_case = measure.run_case
     calls = []
 
     def then_terminate(case, settings, progress=None):
@@ -315,7 +358,7 @@ def test_sigterm_keeps_what_was_measured(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return run_case(case, settings, progress)
 
-    monkeypatch.setattr(core, "run_case", then_terminate)
+    monkeypatch.setattr(measure, "run_case", then_terminate)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "stopped"
     rc = cli.main(TINY + ["--cells", "lstm,gru", "--no-memory", "--no-compile",

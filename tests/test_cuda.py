@@ -12,8 +12,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fusedrnn
 from fusedrnn import functional, reference
 
-from layer_cases import (CELLS, HALF_TYPES, make_layer_args, max_err, run_layer,
-                         within_tolerance)
+from fusedrnn.testing import (CELLS, HALF_TYPES, layer_results, make_layer_args, max_err,
+                              run_layer, within_tolerance)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,7 +39,7 @@ def test_extension_has_cuda_kernels():
 # one layer through fusedrnn.functional against fusedrnn.reference
 
 def assert_matches(got, ref, dtype, lowp=None):
-    """design.md §4 tolerances against the fp64 reference (layer_cases.within_tolerance)."""
+    """design.md §4 tolerances against the fp64 reference (fusedrnn.testing.within_tolerance)."""
     assert set(got) == set(ref)
     for k, r in ref.items():
         ok, bound = within_tolerance(got[k], r, dtype, None if lowp is None else lowp[k])
@@ -47,11 +47,11 @@ def assert_matches(got, ref, dtype, lowp=None):
 
 
 def check_layer(cell, dtype, args, noncontiguous=False):
-    ref = run_layer(reference.layer, cell, args, "cpu", torch.float64)
-    got = run_layer(functional.rnn_layer, cell, args, "cuda", dtype, noncontiguous)
+    ref = layer_results(reference.layer, cell, args, "cpu", torch.float64)
+    got = layer_results(functional.rnn_layer, cell, args, "cuda", dtype, noncontiguous)
     lowp = None
     if dtype in HALF_TYPES:
-        lowp = run_layer(reference.layer, cell, args, "cuda", dtype)
+        lowp = layer_results(reference.layer, cell, args, "cuda", dtype)
     assert_matches(got, ref, dtype, lowp)
 
 
@@ -89,8 +89,8 @@ def test_layer_cuda_large_step(cell):
     """n*H = 1100*2048 elements per step: more than the kernels' capped grid has threads, so
     the grid-stride loop runs several iterations. fp64 against the reference on the GPU."""
     args = make_layer_args(cell, "time_major", T=2, B=1100, I=8, H=2048, seed=1)
-    got = run_layer(functional.rnn_layer, cell, args, "cuda", torch.float64)
-    ref = run_layer(reference.layer, cell, args, "cuda", torch.float64)
+    got = layer_results(functional.rnn_layer, cell, args, "cuda", torch.float64)
+    ref = layer_results(reference.layer, cell, args, "cuda", torch.float64)
     assert_matches(got, ref, torch.float64)
 
 
@@ -160,23 +160,21 @@ def test_gradcheck_cuda_fp64(cell, layout):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def op_args(cell, layout, dtype=torch.float32):
+def cuda_leaves(cell, layout, dtype=torch.float32):
+    """A small layer case on the GPU: its leaves (by argument name), batch_sizes, reverse."""
     leaves, batch_sizes, reverse, _ = make_layer_args(cell, layout, T=4, B=3, I=5, H=6)
-    t = {k: v.to("cuda", dtype).requires_grad_() for k, v in leaves.items()}
+    return ({k: v.to("cuda", dtype).requires_grad_() for k, v in leaves.items()}, batch_sizes,
+            reverse)
+
+
+def op_args(cell, layout, dtype=torch.float32):
+    """The positional arguments of the forward op on a small case (see cuda_leaves)."""
+    t, batch_sizes, reverse = cuda_leaves(cell, layout, dtype)
     if cell == "gru":
         return (t["input"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
                 t["hx"], batch_sizes, reverse)
     return (t["input"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
             t.get("weight_ch"), None, t["hx"], t["cx"], batch_sizes, reverse)
-
-
-def call_layer(cell, args):
-    """fusedrnn.functional.rnn_layer on the arguments of the op (see op_args)."""
-    if cell == "gru":
-        x, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse = args
-        return functional.rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, hx=hx,
-                                    batch_sizes=batch_sizes, reverse=reverse)
-    return functional.rnn_layer(cell, *args)
 
 
 @pytest.mark.parametrize("layout", ["time_major", "packed_reverse"])
@@ -190,14 +188,15 @@ def test_opcheck_cuda(cell, layout):
 def test_cuda_graph_capture_replay(cell):
     """Forward+backward of one layer captured in a CUDA graph: a replay on new data equals the
     eager computation on that data."""
-    args = op_args(cell, "time_major")
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    T, B = args[0].shape[:2]
-    H_out = args[2].shape[1]
+    t, batch_sizes, reverse = cuda_leaves(cell, "time_major")
+    leaves = list(t.values())
+    T, B = t["input"].shape[:2]
+    H_out = t["weight_hh"].shape[1]
     gy = torch.randn(T, B, H_out, device="cuda")
 
     def step():
-        out = call_layer(cell, args)[0]
+        out = run_layer(functional.rnn_layer, cell, t["input"], t, t["hx"], t.get("cx"),
+                        batch_sizes, reverse)[0]
         return [out, *torch.autograd.grad([out], leaves, [gy])]
 
     side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires

@@ -14,8 +14,8 @@ import torch
 import fusedrnn
 from fusedrnn import functional, reference
 
-from conftest import (CELLS, LSTM_FAMILY, assert_close, cast_weights, make_input,
-                      make_states, make_weights, max_err, run_layer)
+from fusedrnn.testing import (CELLS, LSTM_FAMILY, assert_close, cast_weights, make_input,
+                              make_states, make_weights, max_err, run_layer)
 
 F32, F64 = torch.float32, torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

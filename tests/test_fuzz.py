@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
 
-from conftest import backward_random_functional, flatten_result, input_state_param_grads
+from fusedrnn.testing import backward_random_functional, flatten_result, input_state_param_grads
 from test_modules import RefRNN
 
 F64 = torch.float64

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from layer_cases import CELLS, make_layer_args, run_layer, within_tolerance
 from fusedrnn import functional, reference
+from fusedrnn.testing import CELLS, layer_results, make_layer_args, within_tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check_inline.py"
@@ -421,8 +421,8 @@ def test_layer_case_runs_fused_cpu_within_tolerance():
     """The shared case builder and runner: the fused CPU op on a projection case in fp32 meets
     the fp32 rule against the fp64 reference (a check of the helpers the CUDA tests use)."""
     args = make_layer_args("wm_lstm", "packed_reverse", proj=4)
-    got = run_layer(functional.rnn_layer, "wm_lstm", args, "cpu", torch.float32)
-    ref = run_layer(reference.layer, "wm_lstm", args, "cpu", torch.float64)
+    got = layer_results(functional.rnn_layer, "wm_lstm", args, "cpu", torch.float32)
+    ref = layer_results(reference.layer, "wm_lstm", args, "cpu", torch.float64)
     assert set(got) == set(ref) and "grad_weight_hr" in got and "grad_weight_ch" in got
     for k in ref:
         ok, bound = within_tolerance(got[k], ref[k], torch.float32)

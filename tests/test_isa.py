@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fusedrnn
-from conftest import ISAS, isas_of_cpu
+from fusedrnn.testing import ISAS, isas_of_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ops = torch.ops.fusedrnn

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import assert_close, compare_modules, flatten_result, make_pair
+from fusedrnn.testing import assert_close, compare_modules, flatten_result, make_pair
 
 F64 = torch.float64
 F32 = torch.float32
@@ -362,7 +362,6 @@ def test_extended_lstm_differs_from_lstm(cell):
 def test_module_bf16(cell):
     """bf16 module (packed, bidirectional, two layers): outputs within design.md §4's bf16 rule
     against the module-level reference run in fp64 and in bf16."""
-    from conftest import assert_bf16_close
     kw = dict(proj_size=2) if cell != "gru" else {}
     fused = FUSED_OF[cell](I, H, num_layers=2, bidirectional=True, dtype=torch.bfloat16, **kw)
     ref_bf16 = RefRNN(cell, fused)
@@ -375,7 +374,7 @@ def test_module_bf16(cell):
         lowp = flatten_result(ref_bf16(inp))
         exp = flatten_result(ref64(inp64))
     for name, g, lp, e in zip(("output", "h_n", "c_n"), got, lowp, exp):
-        assert_bf16_close(g, lp, e, name)
+        assert_close(g, e, torch.bfloat16, name, lp)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm", "wm_lstm"])

@@ -7,9 +7,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedrnn
 from fusedrnn import functional, reference
 
-from conftest import (CELLS, DTYPES, LSTM_FAMILY, WEIGHT_NAMES, assert_bf16_close, assert_close,
-                      cast, cast_weights, layer_args, make_input, make_states, make_weights,
-                      run_layer)
+from fusedrnn.testing import (CELLS, DTYPES, LSTM_FAMILY, WEIGHT_NAMES, assert_close, cast,
+                              cast_weights, layer_args, make_input, make_states, make_weights,
+                              run_layer)
 
 F64 = torch.float64
 F32 = torch.float32
@@ -53,10 +53,7 @@ def _check_results(cell, got, ref64, dtype, ref_lowp=None):
         if r is None:
             continue
         assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
-        if dtype == BF16:
-            assert_bf16_close(g, rl, r, name)
-        else:
-            assert_close(g, r, dtype, name)
+        assert_close(g, r, dtype, name, rl)
 
 
 def test_backend_is_fused():
@@ -332,8 +329,8 @@ def test_gradients_fp64_vs_reference(cell, bias):
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradients_bf16(cell, packed, cpu_isa):
     """bf16 gradients of every input: error against fp64 reference autograd at most twice that
-    of the reference autograd run in bf16, plus the floor of assert_bf16_close; under every ISA
-    the CPU has."""
+    of the reference autograd run in bf16, plus the bf16 floor of the tolerance rule; under every
+    ISA the CPU has."""
     proj = P if cell in LSTM_FAMILY else 0
     x, w, hx, cx, bs = _case(cell, proj, packed, True, True, BF16, scale=0.5)
     leaves = {"x": x, "hx": hx, "cx": cx, **w}
@@ -349,7 +346,7 @@ def test_gradients_bf16(cell, packed, cpu_isa):
             for o in out if o is not None).backward()
         grads[name] = {k: v.grad for k, v in lv.items() if v is not None}
     for k in grads["ref64"]:
-        assert_bf16_close(grads["fused"][k], grads["ref_bf16"][k], grads["ref64"][k], f"grad {k}")
+        assert_close(grads["fused"][k], grads["ref64"][k], BF16, f"grad {k}", grads["ref_bf16"][k])
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=_dname)

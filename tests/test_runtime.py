@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import CELLS, backward_random_functional, flatten_result
+from fusedrnn.testing import CELLS, backward_random_functional, flatten_result
 
 F64 = torch.float64
 F32 = torch.float32

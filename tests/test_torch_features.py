@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import assert_bf16_close, assert_close, flatten_result, make_pair
+from fusedrnn.testing import assert_close, flatten_result, make_pair, make_weights
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 I, H, T, B = 3, 4, 5, 2
@@ -143,7 +143,6 @@ def _real_and_fake(op, args):
 def test_fake_impls_match_real_strides(cell):
     """The fake (meta) forward and backward give the shapes and strides of the real kernels,
     with a batch_first-like (transposed, non-contiguous) input: inductor asserts them."""
-    from conftest import make_weights
     w = make_weights(cell, I, H, dtype=F64)
     x = torch.randn(B, T, I, dtype=F64).transpose(0, 1)  # (T, B, I) view, strides (I, T*I, 1)
     hx = torch.randn(B, H, dtype=F64)
@@ -617,7 +616,7 @@ def test_autocast_cpu_bf16_matches_torch(cell):
     exact = _ref64(t, y)
     for a, b, e in zip(res["fused"][1], res["torch"][1], exact):
         assert a.dtype == b.dtype == BF16
-        assert_bf16_close(a, b, e, "autocast output")
+        assert_close(a, e, BF16, "autocast output", b)
     for g_f, g_t in zip(res["fused"][2], res["torch"][2]):
         assert g_f.dtype == g_t.dtype == F32
         # Both gradients come from bf16 forward values (~3 significant digits, eps 2**-8) and
@@ -641,7 +640,7 @@ def test_autocast_cpu_issue_example_and_fp32_input():
             tc, fc = make_pair(TORCH_CELL[cell], CELLS[cell], 4, 3, dtype=F32)
             ct, cf = _tensors(tc(x[0].bfloat16())), _tensors(fc(x[0].bfloat16()))
             assert [c.dtype for c in cf] == [c.dtype for c in ct] == [BF16] * len(ct)
-    assert_bf16_close(out_f, out_t, _ref64(t, x)[0], "LSTM fp32 input under autocast")
+    assert_close(out_f, _ref64(t, x)[0], BF16, "LSTM fp32 input under autocast", out_t)
 
 
 def test_autocast_op_registration():
@@ -659,7 +658,7 @@ def test_autocast_op_registration():
                             m.bias_hh_l0.double(), m.weight_ch_l0.double())[0]
     bf = reference.layer("peephole_lstm", x.bfloat16(), *(p.detach().bfloat16() for p in (
         m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0, m.weight_ch_l0)))[0]
-    assert_bf16_close(out[0], bf, exact, "autocast op")
+    assert_close(out[0], exact, BF16, "autocast op", bf)
 
 
 def test_autocast_under_torch_compile():

@@ -1,11 +1,43 @@
 """Benchmarks of the fused layers against torch.nn, the eager PyTorch loop and torch.compile.
 
 Run ``python -m fusedrnn.bench --help`` for the options and
-``python -m fusedrnn.bench.plot results.json [other.json]`` to re-render a plot. The protocol is
-the one of design.md §5; ``bench/README.md`` explains the output.
+``python -m fusedrnn.bench.plot results.json [other.json]`` to re-render a plot.
+``bench/README.md`` is the benchmark's document: what each group of rows measures, the protocol,
+how to reproduce the results in ``bench/results/``, and the output.
+
+The modules, one job each:
+
+- ``cases``: what is measured: the cells and the bench's per-cell facts (gate counts, modules,
+  step functions), the implementations and passes, the shapes, the cases of a run, its settings.
+- ``env``: the environment record of a run and the TF32 switches.
+- ``argparser``: the one-line-error argument parser of the two commands.
+- ``impls``: the implementations of one case (fused, torch.nn, eager loop, compiled step loop)
+  and their timed calls.
+- ``measure``: timing, the peak memory of a training step, the records of a case.
+- ``report``: the printed table (``table.txt``).
+- ``throughput``: the GEMM rate of the machine and each fused row's rate against it.
+- ``plot``: the speed-up plot (``speedups.png``) and ``python -m fusedrnn.bench.plot``.
+- ``cli``: ``python -m fusedrnn.bench``: arguments, the run, ``results.json``.
+
+Import graph: each module imports only modules listed above it, so there is no cycle
+(tests/test_bench.py checks the code against these lines; ``__init__`` imports ``cli`` inside
+``main`` only):
+
+    argparser  ->
+    cases      ->
+    env        ->
+    impls      -> cases
+    measure    -> cases, impls
+    report     -> cases
+    throughput -> cases
+    plot       -> argparser, cases
+    cli        -> argparser, cases, env, impls, measure, plot, report, throughput
+    __main__   -> cli
+    __init__   -> cases, env, measure, cli
 """
-from .core import (CELLS, FASTRNNS_SHAPE, IMPL_LABELS, IMPLS, PASSES, Case, environment,
-                   grid_shapes, quick_shape, run_suite)
+from .cases import CELLS, FASTRNNS_SHAPE, IMPL_LABELS, IMPLS, PASSES, Case, grid_shapes, quick_shape
+from .env import environment
+from .measure import run_suite
 
 __all__ = ["CELLS", "FASTRNNS_SHAPE", "IMPL_LABELS", "IMPLS", "PASSES", "Case", "environment",
            "grid_shapes", "quick_shape", "run_suite", "main"]

@@ -13,7 +13,14 @@ import torch
 
 import fusedrnn
 
-from . import core, throughput
+from . import measure, plot, throughput
+from .argparser import Parser
+from .cases import (CELLS, DTYPES, FASTRNNS_SHAPE, WARMUP, Settings, Shape, build_cases,
+                    count_tasks, grid_shapes, quick_shape)
+from .env import TF32_NOTE, environment, tf32, tf32_state
+from .impls import COMPILE_MODE, COMPILE_NOTE
+from .measure import MEMORY_METHOD
+from .report import format_table
 
 DESCRIPTION = """\
 Times the fused layers of fusedrnn against torch.nn.LSTM/GRU (cuDNN on a GPU, oneDNN on a CPU),
@@ -36,13 +43,6 @@ examples:
   python -m fusedrnn.bench.plot results.json [other.json]   re-render the plot"""
 
 
-class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: "<prog>: error: <message> (see --help)"."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _positive(name: str):
     def parse(text: str) -> int:
         try:
@@ -63,18 +63,18 @@ def parse_cells(text: str) -> List[str]:
         raise argparse.ArgumentTypeError("expected a comma-separated list of cells, got "
                                          f"{text!r}")
     if names == ["all"]:
-        return list(core.CELLS)
+        return list(CELLS)
     out = []
     for name in names:
-        if name not in core.CELLS:
+        if name not in CELLS:
             raise argparse.ArgumentTypeError(f"unknown cell {name!r} (choose from "
-                                             f"{', '.join(core.CELLS)})")
+                                             f"{', '.join(CELLS)})")
         if name not in out:
             out.append(name)
     return out
 
 
-def parse_shapes(text: str) -> List[core.Shape]:
+def parse_shapes(text: str) -> List[Shape]:
     """'T,B,I,H[;T,B,I,H...]': four positive integers per shape."""
     shapes = []
     parts = [p.strip() for p in text.split(";")]
@@ -101,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run: cuda when available with auto (default: auto)")
-    p.add_argument("--dtype", choices=list(core.DTYPES), default="float32",
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="parameter and input dtype (default: float32; float16 is GPU only)")
-    p.add_argument("--cells", type=parse_cells, default=list(core.CELLS), metavar="LIST",
-                   help="comma-separated cells out of " + ",".join(core.CELLS)
+    p.add_argument("--cells", type=parse_cells, default=list(CELLS), metavar="LIST",
+                   help="comma-separated cells out of " + ",".join(CELLS)
                    + " or 'all' (default: all)")
     shapes = p.add_mutually_exclusive_group()
     shapes.add_argument("--shapes", type=parse_shapes, metavar="T,B,I,H[;T,B,I,H...]",
@@ -152,13 +152,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--dtype float16 is not supported on the CPU (fusedrnn's CPU kernels run "
                      "float32, float64 and bfloat16)")
     if args.grid:
-        args.shape_list, args.shape_preset = core.grid_shapes(), "grid"
+        args.shape_list, args.shape_preset = grid_shapes(), "grid"
     elif args.fastrnns:
-        args.shape_list, args.shape_preset = [core.FASTRNNS_SHAPE], "fastrnns"
+        args.shape_list, args.shape_preset = [FASTRNNS_SHAPE], "fastrnns"
     elif args.shapes:
         args.shape_list, args.shape_preset = args.shapes, "shapes"
     else:
-        args.shape_list, args.shape_preset = [core.quick_shape(args.device)], "quick"
+        args.shape_list, args.shape_preset = [quick_shape(args.device)], "quick"
     return args
 
 
@@ -265,18 +265,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif not info.get(device.type):
         print(f"warning: this fusedrnn build has no {device.type} kernels; the fused runs will "
               "fail", file=err)
-    with core.tf32(args.tf32), _stop_on_sigterm():
+    with tf32(args.tf32), _stop_on_sigterm():
         return _run(args, argv, device, threads, err)
 
 
 def _run(args: argparse.Namespace, argv: List[str], device: torch.device, threads: int,
          err) -> int:
-    settings = core.Settings(device=device, dtype=core.DTYPES[args.dtype], repeats=args.repeats,
-                             warmup=core.WARMUP[device.type],
-                             compile=not args.no_compile, compile_backend=args.compile_backend,
-                             memory=not args.no_memory, input_grad=args.input_grad)
-    cases = core.build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
-    env = core.environment(device, settings.dtype)
+    settings = Settings(device=device, dtype=DTYPES[args.dtype], repeats=args.repeats,
+                        warmup=WARMUP[device.type],
+                        compile=not args.no_compile, compile_backend=args.compile_backend,
+                        memory=not args.no_memory, input_grad=args.input_grad)
+    cases = build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
+    env = environment(device, settings.dtype)
     out_dir = args.out or _default_out(device.type)
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.json")
@@ -294,15 +294,15 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
         "timer": ("torch.cuda.Event elapsed_time, synchronised after each run"
                   if device.type == "cuda" else "time.perf_counter around each run"),
         "statistic": "median",
-        "compile": settings.compile, "compile_mode": core.COMPILE_MODE,
-        "compile_note": core.COMPILE_NOTE,
+        "compile": settings.compile, "compile_mode": COMPILE_MODE,
+        "compile_note": COMPILE_NOTE,
         "compile_backend": settings.compile_backend,
         "input_grad": settings.input_grad, "memory": settings.memory,
-        "memory_method": core.MEMORY_METHOD[device.type] if settings.memory else None,
+        "memory_method": MEMORY_METHOD[device.type] if settings.memory else None,
         "tf32": args.tf32,
         # read back after setting: what both sides ran with
-        "tf32_flags": core.tf32_state(),
-        "tf32_note": core.TF32_NOTE,
+        "tf32_flags": tf32_state(),
+        "tf32_note": TF32_NOTE,
         "speedup": "median time of the baseline / median time of fused (> 1: fused faster)",
     }
     started = time.perf_counter()
@@ -332,9 +332,9 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
     stopped: Optional[str] = None
     exit_code = 0
     try:
-        with _progress(core.count_tasks(cases, settings), err) as bar:
+        with _progress(count_tasks(cases, settings), err) as bar:
             for case in cases:
-                results.extend(core.run_case(case, settings, bar))
+                results.extend(measure.run_case(case, settings, bar))
                 _write_json(results_path, document(results, False, None, None))
     except KeyboardInterrupt as exc:
         stopped = str(exc) if isinstance(exc, _Stop) else "SIGINT"
@@ -355,7 +355,7 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
     doc = document(results, stopped is None, stopped, report)
     doc["wall_s"] = wall
     _write_json(results_path, doc)
-    table = core.format_table(results) if results else "(no results)"
+    table = format_table(results) if results else "(no results)"
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(table + "\n")
     print(f"{env['device_name']}, fusedrnn CPU kernels: {env['build_info'].get('cpu_isa')} "
@@ -367,8 +367,7 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
         print(text)
     if results:
         try:
-            from .plot import plot_results
-            plot_results([doc], os.path.join(out_dir, "speedups.png"))
+            plot.plot_results([doc], os.path.join(out_dir, "speedups.png"))
         except Exception as exc:  # the measurements are saved; a plotting problem only warns
             print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}",
                   file=err)

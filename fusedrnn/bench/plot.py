@@ -12,10 +12,10 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-BASELINES = ("torch", "eager", "compiled")
-LABELS = {"torch": "torch.nn", "eager": "eager loop", "compiled": "compiled step loop"}
+from .argparser import Parser
+from .cases import BASELINES, IMPL_LABELS, PASSES
+
 COLORS = {"torch": "#4c72b0", "eager": "#dd8452", "compiled": "#55a868"}
-PASSES = ("fwd", "fwd+bwd")
 
 
 def load(path: str) -> dict:
@@ -56,7 +56,7 @@ def _draw_panel(ax, recs: List[dict], baselines: Sequence[str], one_shape: bool)
         if xs:
             # bars grow from parity (1x): up when fused is faster, down when it is slower
             bars = ax.bar(xs, [y - 1.0 for y in ys], bottom=1.0, width=width,
-                          color=COLORS.get(b), label=LABELS.get(b, b))
+                          color=COLORS.get(b), label=IMPL_LABELS.get(b, b))
             if n <= 12:
                 for bar, v in zip(bars, ys):
                     up = v >= 1.0
@@ -126,7 +126,6 @@ def _name(path: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import Parser
     p = Parser(prog="python -m fusedrnn.bench.plot",
                                 description="Re-render the speed-up plot from one or two "
                                 "results.json files (two: side by side, e.g. CPU vs GPU or "

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from ..cells import CELLS as _CELLS
+from .cases import GATES, WEIGHT_CH_GEMM
 
 
 def layer_flops(rec: dict) -> Optional[float]:
@@ -23,9 +23,9 @@ def layer_flops(rec: dict) -> Optional[float]:
     s = rec["shape"]
     T, B, I, H = s["T"], s["B"], s["I"], s["H"]
     rows = T * B
-    G = _CELLS[rec["cell"]].gates * H
+    G = GATES[rec["cell"]] * H
     fwd = 2.0 * rows * G * (I + H)
-    wm = 2.0 * rows * 3 * H * H if rec["cell"] == "wm_lstm" else 0.0
+    wm = 2.0 * rows * 3 * H * H if WEIGHT_CH_GEMM[rec["cell"]] else 0.0
     if rec["pass"] == "fwd":
         return fwd + wm
     # dW_ih, dW_hh, dh_{t-1}; dx when the input requires grad; WM: dW_ch and dc
@@ -70,7 +70,7 @@ def measure(results: List[dict], device: torch.device, dtype: torch.dtype) -> di
         if layer_flops(rec) is None:
             continue
         s = rec["shape"]
-        G = _CELLS[rec["cell"]].gates * s["H"]
+        G = GATES[rec["cell"]] * s["H"]
         for shape in ((s["B"], s["H"], G), (s["T"] * s["B"], s["I"], G)):
             if shape not in shapes:
                 shapes.append(shape)

@@ -402,3 +402,64 @@ def test_plot_without_matplotlib_is_one_line(tiny_run, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot plot without matplotlib" in err[0]
     assert not (tmp_path / "x.png").exists()
+
+
+# --- the serving group ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_serving(monkeypatch):
+    """The serving group at toy sizes, so that the whole command runs in seconds."""
+    from fusedrnn.bench import serving
+    monkeypatch.setattr(serving, "STEPS", 4)
+    monkeypatch.setattr(serving, "CELL_SIZE", 16)
+    monkeypatch.setattr(serving, "LAYER_CASES", (("lstm", 6, 1, 16), ("gru", 6, 2, 8)))
+    return serving
+
+
+def test_serving_grid_writes_every_row_and_the_plot(tmp_path, capsys, small_serving):
+    out = tmp_path / "serving"
+    assert cli.main(["--serving-grid", "--repeats", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "serving.json").read_text())
+    rows = doc["rows"]
+    cells_ = [r for r in rows if r["group"] == "cells"]
+    assert {(r["cell"], r["batch"], r["pass"]) for r in cells_} == {
+        (c, b, p) for c in CELLS for b in small_serving.GRID_BATCHES for p in ("fwd", "fwd+bwd")}
+    assert [r["case"] for r in rows if r["group"] == "layers"] == [
+        "lstm layer T=6 B=1 H=16", "gru layer T=6 B=2 H=8"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["fused_ms"])
+        assert r["bound_us_per_step"] > 0 and r["weight_bytes_per_step"] > 0
+    # the peephole and WM cells are timed against the eager reference step, LSTM / GRU torch.nn
+    assert {r["baseline"] for r in cells_ if r["cell"] in ("lstm", "gru")} == {"torch.nn"}
+    assert {r["baseline"] for r in cells_ if r["cell"] not in ("lstm", "gru")} == {"eager step"}
+    assert (out / "serving.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "bound us/step" in printed and "thread(s), float32" in printed
+
+
+def test_serving_row_that_fails_fails_the_command(tmp_path, capsys, monkeypatch, small_serving):
+    loop = small_serving._cell_loop
+
+    def broken(step, x, state, has_c, training):
+        if training:
+            def fail():
+                raise RuntimeError("simulated backward failure")
+            return fail
+        return loop(step, x, state, has_c, training)
+
+    monkeypatch.setattr(small_serving, "_cell_loop", broken)
+    out = tmp_path / "broken"
+    assert cli.main(["--serving", "--repeats", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "measurement(s) failed" in err and "simulated backward failure" in err
+    rows = json.loads((out / "serving.json").read_text())["rows"]
+    assert {r["status"] for r in rows if r["pass"] == "fwd+bwd"} == {"error"}
+    assert {r["status"] for r in rows if r["pass"] != "fwd+bwd"} == {"ok"}
+
+
+def test_serving_refuses_other_devices_and_dtypes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--serving", "--dtype", "bfloat16"])
+    assert "the serving group runs on the CPU in float32" in capsys.readouterr().err

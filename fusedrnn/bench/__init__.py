@@ -17,6 +17,8 @@ The modules, one job each:
 - ``report``: the printed table (``table.txt``).
 - ``throughput``: the GEMM rate of the machine and each fused row's rate against it.
 - ``plot``: the speed-up plot (``speedups.png``) and ``python -m fusedrnn.bench.plot``.
+- ``serving``: the serving group (``--serving``): cells in a Python loop and small-batch layer
+  inference, with each row's weight-streaming bound, and its plot (``serving.png``).
 - ``cli``: ``python -m fusedrnn.bench``: arguments, the run, ``results.json``.
 
 Import graph: each module imports only modules listed above it, so there is no cycle
@@ -31,7 +33,8 @@ Import graph: each module imports only modules listed above it, so there is no c
     report     -> cases
     throughput -> cases
     plot       -> argparser, cases
-    cli        -> argparser, cases, env, impls, measure, plot, report, throughput
+    serving    ->
+    cli        -> argparser, cases, env, impls, measure, plot, report, serving, throughput
     __main__   -> cli
     __init__   -> cases, env, measure, cli
 """

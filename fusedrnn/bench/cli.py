@@ -13,7 +13,7 @@ import torch
 
 import fusedrnn
 
-from . import measure, plot, throughput
+from . import measure, plot, serving, throughput
 from .argparser import Parser
 from .cases import (CELLS, DTYPES, FASTRNNS_SHAPE, WARMUP, Settings, Shape, build_cases,
                     count_tasks, grid_shapes, quick_shape)
@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "H in {128,256,512,1024}, I = H (32 shapes; long)")
     shapes.add_argument("--fastrnns", action="store_true",
                         help="the PyTorch fastrnns shape T,B,I,H = 100,64,512,512")
+    shapes.add_argument("--serving", action="store_true",
+                        help="instead of the layer suite, the serving group (CPU, float32): "
+                        "each cell in a 100-step Python loop at batch 1 and 32, and LSTM / GRU "
+                        "inference at T=200 with batch 1 and 8, with each row's "
+                        "weight-streaming bound (bench/README.md)")
+    shapes.add_argument("--serving-grid", action="store_true",
+                        help="the serving group with the cells at batch 1..64 and serving.png, "
+                        "the fused / baseline ratio against the batch size")
     p.add_argument("--threads", type=_positive("threads"), default=None, metavar="N",
                    help="torch.set_num_threads(N) (default: 1 on a CPU, which the result "
                    "records; with N > 1 set OMP_WAIT_POLICY=PASSIVE in the environment)")
@@ -151,6 +159,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.device == "cpu" and args.dtype == "float16":
         parser.error("--dtype float16 is not supported on the CPU (fusedrnn's CPU kernels run "
                      "float32, float64 and bfloat16)")
+    if (args.serving or args.serving_grid) and (args.device != "cpu"
+                                                 or args.dtype != "float32"):
+        parser.error("--serving / --serving-grid: the serving group runs on the CPU in float32 "
+                     f"(got --device {args.device} --dtype {args.dtype})")
     if args.grid:
         args.shape_list, args.shape_preset = grid_shapes(), "grid"
     elif args.fastrnns:
@@ -266,7 +278,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"warning: this fusedrnn build has no {device.type} kernels; the fused runs will "
               "fail", file=err)
     with tf32(args.tf32), _stop_on_sigterm():
+        if args.serving or args.serving_grid:
+            return _run_serving(args, argv, device, threads, err)
         return _run(args, argv, device, threads, err)
+
+
+def _run_serving(args: argparse.Namespace, argv: List[str], device: torch.device,
+                 threads: int, err) -> int:
+    env = environment(device, torch.float32)
+    out_dir = args.out or _default_out(device.type)
+    os.makedirs(out_dir, exist_ok=True)
+    header = (f"{env['device_name']}, fusedrnn CPU kernels: "
+              f"{env['build_info'].get('cpu_isa')}, {threads} thread(s), float32")
+    print(f"serving group: {header}", file=err)
+    started = time.perf_counter()
+    rows = serving.run(args.repeats, grid=args.serving_grid)
+    doc = {"format": "fusedrnn-bench-serving/1", "command": command_line(argv), "argv": argv,
+           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "wall_s": time.perf_counter() - started, "env": env,
+           "settings": {"threads": threads, "repeats": args.repeats, "statistic": "median",
+                        "steps_per_cell_loop": serving.STEPS, "grid": args.serving_grid,
+                        "timer": "time.perf_counter around each run"},
+           "rows": rows}
+    _write_json(os.path.join(out_dir, "serving.json"), doc)
+    table = serving.format_table(rows)
+    with open(os.path.join(out_dir, "serving.txt"), "w") as f:
+        f.write(header + "\n" + table + "\n")
+    print(header)
+    print(table)
+    if args.serving_grid:
+        try:
+            serving.plot(rows, os.path.join(out_dir, "serving.png"), header)
+        except Exception as exc:  # the measurements are saved; a plotting problem only warns
+            print(f"warning: could not draw serving.png: {type(exc).__name__}: {exc}",
+                  file=err)
+    print(f"wall time {time.perf_counter() - started:.1f} s; results in "
+          f"{os.path.abspath(out_dir)}")
+    failed = [f"{r['case']} {r['pass']}: {r['reason']}" for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"error: {len(failed)} measurement(s) failed:", file=err)
+        for line in failed:
+            print(f"  {line}", file=err)
+        return 1
+    return 0
 
 
 def _run(args: argparse.Namespace, argv: List[str], device: torch.device, threads: int,

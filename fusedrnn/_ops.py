@@ -152,6 +152,8 @@ def _register(cell: str) -> None:
                 None, None, None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    _EAGER[cell] = _eager_function(cell, getattr(torch.ops.fusedrnn, f"{cell}_forward"),
+                                   setup_context, backward)
 
 
 def _register_gru() -> None:
@@ -215,6 +217,27 @@ def _register_gru() -> None:
 
     torch.library.register_autograd("fusedrnn::gru_forward", backward,
                                     setup_context=setup_context)
+    _EAGER["gru"] = _eager_function("gru", torch.ops.fusedrnn.gru_forward, setup_context,
+                                    backward)
+
+
+# The eager path of a forward op with autograd (see forward below): a torch.autograd.Function
+# over the same setup_context and backward as the op's registered autograd, whose forward calls
+# the op below the Autograd key. The registered autograd is a Python kernel of the dispatcher;
+# entering it costs ~40 us per call (torch.library's redispatch), as much as a whole cell step's
+# arithmetic at hidden size 256 (scripts/profile_cell_call.py).
+_EAGER = {}
+
+
+def _eager_function(cell: str, op, setup_context, backward) -> type:
+    def fn_forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op.default(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(f"_{cell}_forward_function", (torch.autograd.Function,),
+                {"forward": staticmethod(fn_forward), "backward": staticmethod(backward)})
 
 
 def _autocast_eligible(t, device_type: str) -> bool:
@@ -257,13 +280,39 @@ if HAS_C:
         _register_autocast(_LIB, f"{_cell}_forward")
 
 
+def _plain(t) -> bool:
+    return t is None or type(t) in (Tensor, torch.nn.Parameter)
+
+
+def _eager_ok(a: reference.LayerArgs) -> bool:
+    """Whether a call may bypass the dispatcher's Autograd kernel: eager mode on plain tensors.
+    Under torch.compile / export, torch.jit.trace, autocast (its kernels run above autograd and
+    cast the arguments the op then saves), torch function modes and tensor subclasses (FakeTensor,
+    DTensor, ...) the op is called as registered."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.is_autocast_enabled(a.input.device.type)
+            and not torch._C._is_torch_function_mode_enabled()
+            and all(_plain(t) for t in a.tensors))
+
+
 def forward(cell: str, a: reference.LayerArgs, need_workspace: bool
             ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(output, h_n, c_n) of the forward op of `cell` (c_n None for the GRU)."""
+    """(output, h_n, c_n) of the forward op of `cell` (c_n None for the GRU).
+
+    `need_workspace` is True exactly when a gradient can be asked for (fusedrnn._layer.run). In
+    eager mode the op then runs through _EAGER's autograd.Function, and without a workspace below
+    the Autograd key (no graph to record); elsewhere through the dispatcher as registered."""
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    args = ((a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx, a.batch_sizes,
+             a.reverse, need_workspace) if cell == "gru" else (*a, need_workspace))
+    if _eager_ok(a):
+        if need_workspace:
+            result = _EAGER[cell].apply(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                result = op.default(*args)
+    else:
+        result = op(*args)
     if cell == "gru":
-        out, hy, _ = torch.ops.fusedrnn.gru_forward(
-            a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx, a.batch_sizes,
-            a.reverse, need_workspace)
-        return out, hy, None
-    out, hy, cy, _ = getattr(torch.ops.fusedrnn, f"{cell}_forward")(*a, need_workspace)
-    return out, hy, cy
+        return result[0], result[1], None
+    return result[0], result[1], result[2]

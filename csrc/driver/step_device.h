@@ -1,7 +1,7 @@
 // The per-step work of the GEMM + step kernel loops on raw pointers: a row-major GEMM, a copy
 // and an elementwise add, and the stream the step kernels are launched on. A StepDevice is made
 // once per layer call, for the dtype and device of its input, before the step loop; per step
-// the loops then do pointer arithmetic and call it, building no tensor (design.md §3.1).
+// the loops then do pointer arithmetic and call it, building no tensor (design.md §3.1, §3.4).
 //
 // - CPU: the GEMM wraps the pointers in tensors of the same sizes and strides as the row views
 //   the loops used before (at::for_blob, no copy) and calls gemm() (gemm.cpp: oneDNN or at::mm),

@@ -179,6 +179,12 @@ template <typename scalar_t>
 void gru_forward_step(const GRUForwardStep<scalar_t>& p, void* stream);
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p, void* stream);
+// The elementwise work of a step on raw pointers (driver/step_device.h): out[i] = a[i] + b[i]
+// for i < count, and a device-to-device copy of `bytes` bytes, both on `stream`.
+template <typename scalar_t>
+void add_elements(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t count,
+                  void* stream);
+void copy_bytes(void* dst, const void* src, int64_t bytes, void* stream);
 }  // namespace cuda
 
 }  // namespace fusedrnn

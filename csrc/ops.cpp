@@ -19,6 +19,7 @@
 #include "cpu/fused_step.h"
 #include "cpu/isa.h"
 #include "driver/gemm.h"
+#include "driver/step_device.h"
 
 extern "C" {
 // `import fusedrnn._C` loads this library, whose static initialisers register the operators.
@@ -87,4 +88,13 @@ TORCH_LIBRARY(fusedrnn, m) {
   // each ISA the machine has). Not thread-safe against concurrent layer calls: for tests.
   m.def("_set_cpu_isa(str isa) -> str",
         [](const std::string& isa) { return fusedrnn::cpu::set_isa(isa); });
+  // The raw GEMM of the step loops (driver/step_device.h), for the tests: c = beta * c +
+  // op(a) op(b) on the buffers of c, a and b read as row-major matrices with the given leading
+  // dimensions; on CUDA tensors the cuBLAS call the loops make. And how the step GEMMs of
+  // calls on tensors like `like` run: "cpu", "cublas", or "aten: <reason>".
+  m.def(
+      "_raw_gemm(Tensor(a!) c, Tensor a, Tensor b, int m, int n, int k, int lda, int ldb, "
+      "int ldc, bool trans_a, bool trans_b, float beta) -> ()",
+      &fusedrnn::driver::raw_gemm_op);
+  m.def("_gemm_backend(Tensor like) -> str", &fusedrnn::driver::gemm_backend);
 }

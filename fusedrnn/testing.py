@@ -10,6 +10,7 @@ installed, so a module of fusedrnn is what both import without putting ``tests/`
 on torch alone and is not imported by ``import fusedrnn`` (like ``torch.testing``).
 ``tests/conftest.py`` keeps the fixtures and hooks and imports what it needs from here.
 """
+import itertools
 import math
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -376,3 +377,73 @@ def isas_of_cpu() -> list:
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= f:
             out.append("avx512")
     return out
+
+
+# --- the raw GEMM of the step loops (tests/test_step_gemm.py, tests/test_cuda.py) ----------
+
+F64 = torch.float64
+# (m, n, k): single rows, columns and inner sizes, odd sizes, and k = 0 (C = beta * C)
+RAW_GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 12, 9), (2, 33, 1), (5, 1, 16), (4, 6, 0)]
+# The loops' own calls (driver/lstm.cpp, gru.cpp) as (trans_a, trans_b, beta), A the rows of a
+# state or gradient buffer (row stride its width), B a weight: transposed in the forward, as
+# stored in the backward, beta 1 where the step accumulates into the state's gradient.
+DRIVER_CALLS = {
+    "forward hg = h W_hh^T (LSTM family, GRU)": (False, True, 0.0),
+    "forward p = c W_ch^T (WM)": (False, True, 0.0),
+    "forward h = r W_hr^T (projection)": (False, True, 0.0),
+    "backward dh = dgates W_hh (LSTM family)": (False, False, 0.0),
+    "backward dr = dh W_hr (projection)": (False, False, 0.0),
+    "backward dc += dp W_ch (WM)": (False, False, 1.0),
+    "backward dh += dhg W_hh (GRU)": (False, False, 1.0),
+}
+RAW_GEMM_TOLERANCE = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    # one rounding of an fp32 accumulation (two where ATen rounds op(A) op(B) before adding C)
+    torch.bfloat16: dict(rtol=2 ** -6, atol=2 ** -6),
+    torch.float16: dict(rtol=2 ** -9, atol=2 ** -9),
+}
+
+
+def raw_gemm_cases():
+    """Every combination of shape, transposes, beta and padding of the leading dimensions."""
+    for (m, n, k), ta, tb, beta, pad in itertools.product(
+            RAW_GEMM_SHAPES, (False, True), (False, True), (0.0, 1.0), (0, 3)):
+        yield m, n, k, ta, tb, beta, pad
+
+
+def check_raw_gemm(device, dtype, case, gen):
+    """One _raw_gemm call on `device` against fp64 on the CPU: the m x n result, and the
+    elements between the rows (leading dimension past the row) left exactly as they were."""
+    m, n, k, ta, tb, beta, pad = case
+    # at least the stored row length, and 1 (cuBLAS's rule), plus `pad`
+    lda = max(m if ta else k, 1) + pad
+    ldb = max(k if tb else n, 1) + pad
+    ldc = max(n, 1) + pad
+    a_rows, a_cols = (k, m) if ta else (m, k)
+    b_rows, b_cols = (n, k) if tb else (k, n)
+
+    def buffer(rows, ld):  # rows * ld elements, rounded to dtype; at least one
+        return torch.randn(max(rows * ld, 1), generator=gen, dtype=F64).to(dtype).to(F64)
+
+    def matrix(buf, rows, cols, ld):
+        return buf[:rows * ld].view(rows, ld)[:, :cols] if rows * ld else buf[:0].view(rows, cols)
+
+    a, b, c = buffer(a_rows, lda), buffer(b_rows, ldb), buffer(m, ldc)
+    A, B = matrix(a, a_rows, a_cols, lda), matrix(b, b_rows, b_cols, ldb)
+    op_a, op_b = (A.t() if ta else A), (B.t() if tb else B)
+    expected = c.clone()
+    matrix(expected, m, n, ldc).copy_(op_a @ op_b + (matrix(c, m, n, ldc) if beta else 0))
+    got = c.to(dtype).to(device)
+    if beta == 0.0 and dtype.is_floating_point:
+        # with beta 0, C is not read: NaN there must not reach the result
+        matrix(got, m, n, ldc).fill_(float("nan"))
+    torch.ops.fusedrnn._raw_gemm(got, a.to(dtype).to(device), b.to(dtype).to(device), m, n, k, lda, ldb, ldc,
+                  ta, tb, beta)
+    got = got.cpu().to(F64)
+    inside = torch.zeros(max(m * ldc, 1), dtype=torch.bool)
+    matrix(inside, m, n, ldc).fill_(True)
+    msg = f"{dtype} m={m} n={n} k={k} trans_a={ta} trans_b={tb} beta={beta} pad={pad}"
+    assert torch.equal(got[~inside], c[~inside]), f"{msg}: wrote outside the matrix"
+    torch.testing.assert_close(got[inside], expected[inside], **RAW_GEMM_TOLERANCE[dtype],
+                               msg=msg)

@@ -1,8 +1,12 @@
 """The fused ops on CUDA tensors: outputs and gradients against the fp64 reference on the CPU
 (design.md §4 tolerances), torch.nn parity of the modules, fp64 gradcheck, opcheck, CUDA graph
-capture, torch.compile(fullgraph=True), stream and synchronisation behaviour (design.md §3).
-Every test needs a CUDA GPU and is skipped, with that reason, without one."""
+capture, torch.compile(fullgraph=True), stream and synchronisation behaviour (design.md §3), and
+the steps' raw GEMM through cuBLAS (csrc/driver/cublas.cpp: every layout, ATen's precision
+settings). Every test needs a CUDA GPU and is skipped, with that reason, without one."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,8 +16,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fusedrnn
 from fusedrnn import functional, reference
 
-from fusedrnn.testing import (CELLS, HALF_TYPES, layer_results, make_layer_args, max_err,
-                              run_layer, within_tolerance)
+from fusedrnn.testing import (CELLS, HALF_TYPES, check_raw_gemm, layer_results,
+                              make_layer_args, max_err, raw_gemm_cases, run_layer,
+                              within_tolerance)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -282,3 +287,128 @@ def test_device_mismatch_is_reported():
     args[1] = args[1].detach().cpu()
     with pytest.raises(RuntimeError, match="weight_ih"):
         torch.ops.fusedrnn.lstm_forward(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps' raw GEMM through cuBLAS (csrc/driver/step_device.h, cublas.cpp)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ops = torch.ops.fusedrnn
+
+
+def _name(d):
+    return str(d).replace("torch.", "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_step_gemms_run_on_cublas(dtype):
+    """The per-step GEMMs of a CUDA call are cublasGemmEx calls (cuBLAS found in torch's
+    libraries), not ATen's."""
+    assert ops._gemm_backend(torch.zeros(1, device="cuda", dtype=dtype)) == "cublas"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_raw_gemm_cuda_every_layout(dtype):
+    """The row-major to column-major mapping of the cuBLAS call, in every transpose / beta /
+    leading-dimension layout (tests/test_step_gemm.py): results against fp64, C unread with
+    beta 0, nothing written between the rows."""
+    gen = torch.Generator().manual_seed(0)
+    for case in raw_gemm_cases():
+        check_raw_gemm("cuda", dtype, case, gen)
+
+
+def test_raw_gemm_tf32_as_torch_matmul():
+    """fp32 GEMMs use TF32 exactly when torch.matmul does (allow_tf32): a long inner
+    dimension shows TF32's error (~1e-3 relative) against fp32's."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = 16, 24, 2048
+    a64 = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    ref = a64 @ b64
+    a, b = a64.float().cuda(), b64.float().cuda()
+    errors = {}
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        c = torch.empty(m * n, device="cuda")
+        ops._raw_gemm(c, a.reshape(-1), b.reshape(-1), m, n, k, k, n, n, False, False, 0.0)
+        errors[tf32] = (max_err(c.view(m, n).cpu(), ref), max_err((a @ b).cpu(), ref))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    (ours_fp32, torch_fp32), (ours_tf32, torch_tf32) = errors[False], errors[True]
+    assert ours_fp32 < 1e-3 and torch_fp32 < 1e-3, errors
+    # TF32 where torch.matmul uses it (a GPU without TF32 leaves both at the fp32 error)
+    assert (ours_tf32 > 10 * ours_fp32) == (torch_tf32 > 10 * torch_fp32), errors
+
+
+@pytest.fixture
+def reduction_settings():
+    """torch's cuBLAS reduction settings, restored after the test; skipped where this torch
+    has no split-K option (before 2.10)."""
+    get_bf16 = getattr(torch._C, "_get_cublas_allow_bf16_reduced_precision_reduction", None)
+    get_fp16 = getattr(torch._C, "_get_cublas_allow_fp16_reduced_precision_reduction", None)
+    if get_bf16 is None or not isinstance(get_bf16(), tuple):
+        pytest.skip("this torch has no split-K reduction option")
+    accumulation = getattr(torch._C, "_get_cublas_allow_fp16_accumulation", None)
+    saved = (get_bf16(), get_fp16(), accumulation() if accumulation else None)
+    yield
+    torch._C._set_cublas_allow_bf16_reduced_precision_reduction(*saved[0])
+    torch._C._set_cublas_allow_fp16_reduced_precision_reduction(*saved[1])
+    if accumulation:
+        torch._C._set_cublas_allow_fp16_accumulation(saved[2])
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=_name)
+def test_half_gemms_follow_the_reduction_settings(reduction_settings, dtype):
+    """bf16 / fp16: cuBLAS with reduced-precision reductions allowed or not; the settings only
+    ATen's own GEMM implements (split-K disallowed, fp16 accumulation) route the steps' GEMMs
+    through ATen. The results stay within tolerance either way."""
+    like = torch.zeros(1, device="cuda", dtype=dtype)
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    setter = getattr(torch._C, f"_set_cublas_allow_{name}_reduced_precision_reduction")
+    args = make_layer_args("lstm", "packed_reverse")
+    for allow, split_k in ((True, True), (False, True)):
+        setter(allow, split_k)
+        assert ops._gemm_backend(like) == "cublas"
+        check_layer("lstm", dtype, args)
+    setter(False, False)
+    assert ops._gemm_backend(like).startswith("aten: ")
+    setter(True, True)
+    if dtype == torch.float16 and hasattr(torch._C, "_set_cublas_allow_fp16_accumulation"):
+        torch._C._set_cublas_allow_fp16_accumulation(True)
+        assert ops._gemm_backend(like) == "aten: allow_fp16_accumulation"
+
+
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", 5), ("wm_lstm", 5)])
+def test_layer_cuda_inference_matches_training(cell, proj):
+    """need_workspace=False: the input projection is one GEMM into a scratch buffer of all rows
+    (not the workspace); outputs and states as the training forward's."""
+    args = op_args(cell, "packed_reverse")
+    if proj:
+        leaves, batch_sizes, reverse, _ = make_layer_args(cell, "packed_reverse", T=4, B=3, I=5,
+                                                          H=6, proj=proj)
+        t = {k: v.to("cuda", torch.float32) for k, v in leaves.items()}
+        args = (t["input"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
+                t.get("weight_ch"), t["weight_hr"], t["hx"], t["cx"], batch_sizes, reverse)
+    op = getattr(ops, f"{cell}_forward")
+    with torch.no_grad():
+        train = op(*args, True)
+        infer = op(*args, False)
+    assert infer[-1].numel() == 0
+    for a, b in zip(train[:-1], infer[:-1]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_env_sends_step_gemms_through_aten():
+    """FUSEDRNN_CUDA_GEMM=aten (read once per process, hence a child process): the steps'
+    GEMMs through ATen, with the same results."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import torch, fusedrnn, test_cuda as t\n"
+        "assert torch.ops.fusedrnn._gemm_backend(torch.zeros(1, device='cuda')) == "
+        "'aten: FUSEDRNN_CUDA_GEMM=aten'\n"
+        "torch.backends.cuda.matmul.allow_tf32 = False\n"
+        "for cell in t.CELLS:\n"
+        "    t.check_layer(cell, torch.float32, t.make_layer_args(cell, 'packed_reverse'))\n"
+        "print('ok')\n")
+    env = dict(os.environ, FUSEDRNN_CUDA_GEMM="aten")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

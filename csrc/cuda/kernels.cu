@@ -80,6 +80,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    add_kernel(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t count) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < count;
+       idx += stride) {
+    out[idx] = a[idx] + b[idx];  // c10::Half / BFloat16: in float, rounded once
+  }
+}
+
 // Launches `kernel` over the n*H elements of step `p` on `stream`; an empty step launches
 // nothing (a zero-block grid is a launch error).
 template <typename Params>
@@ -125,7 +135,23 @@ void gru_backward_step(const GRUBackwardStep<scalar_t>& p, void* stream) {
   launch(gru_backward_kernel<scalar_t>, p, stream);
 }
 
+template <typename scalar_t>
+void add_elements(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t count,
+                  void* stream) {
+  if (count <= 0) return;
+  add_kernel<scalar_t>
+      <<<num_blocks(count), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(out, a, b, count);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void copy_bytes(void* dst, const void* src, int64_t bytes, void* stream) {
+  if (bytes <= 0) return;
+  C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
+                                 static_cast<cudaStream_t>(stream)));
+}
+
 #define FUSEDRNN_INSTANTIATE(T)                                                             \
+  template void add_elements<T>(T*, const T*, const T*, int64_t, void*);                    \
   template void lstm_forward_step<T>(CellKind, Phase, const LSTMForwardStep<T>&, void*);    \
   template void lstm_backward_step<T>(CellKind, Phase, const LSTMBackwardStep<T>&, void*);  \
   template void gru_forward_step<T>(const GRUForwardStep<T>&, void*);                       \

@@ -39,6 +39,15 @@ const scalar_t* opt_ptr(const Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
+template <typename scalar_t>
+scalar_t* maybe_ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+inline c10::optional<Tensor> contiguous_opt(const c10::optional<Tensor>& t) {
+  return t.has_value() ? c10::optional<Tensor>(t->contiguous()) : c10::nullopt;
+}
+
 // input's shape with the last dimension replaced by `features`
 inline std::vector<int64_t> out_shape(const Tensor& input, int64_t features) {
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
@@ -72,16 +81,20 @@ struct LSTMWorkspace {
   }
 };
 
-// The input projection x W_ih^T of the rows a step reads. With a workspace (training) it is one
-// GEMM over all rows, before the loop, into the workspace's gate block. Without (inference), it
-// is computed for a chunk of consecutive steps at a time into a small reused buffer: less memory,
-// and the projection is still in cache when its steps run.
+// The input projection x W_ih^T of the rows a step reads (`width` columns a row, the first
+// w_ih_t.size(1) of them written). With a workspace (training) it is one GEMM over all rows,
+// before the loop, into the workspace's gate block; on CUDA it is that one GEMM always (into a
+// buffer of all rows without a workspace): one large GEMM, and no GEMM of ATen's between the
+// steps. Without a workspace on the CPU, it is computed for a chunk of consecutive steps at a
+// time into a small reused buffer: less memory, and the projection is still in cache when its
+// steps run.
 class InputProjection {
  public:
   InputProjection(const Steps& s, const Tensor& x, const Tensor& w_ih_t, Tensor full,
                   int64_t width, const at::TensorOptions& opts)
       : s_(s), x_(x), w_ih_t_(w_ih_t), width_(width) {
     const int64_t G = w_ih_t.size(1);
+    if (!full.defined() && x.is_cuda()) full = at::empty({s.N, width}, opts);
     if (full.defined()) {
       buf_ = full;
       if (s.N > 0) gemm(buf_.narrow(1, 0, G), x, w_ih_t);
@@ -91,9 +104,11 @@ class InputProjection {
       cap_ = std::max<int64_t>(kChunkRows, s.B);
       buf_ = at::empty({std::min(cap_, s.N), width}, opts);
     }
+    base_ = buf_.data_ptr();
   }
-  // Row r0 (of the input's row space) of the projection, for the k-th processed step.
-  Tensor rows_for(int64_t k) {
+  // The projection's rows of the k-th processed step (row stride `width`).
+  template <typename scalar_t>
+  scalar_t* rows_for(int64_t k) {
     const int64_t t = s_.at(k);
     if (s_.off[t] < lo_ || s_.off[t] + s_.n[t] > hi_) {
       int64_t k1 = k + 1;
@@ -102,7 +117,7 @@ class InputProjection {
       gemm(rows(buf_, 0, hi_ - lo_).narrow(1, 0, w_ih_t_.size(1)), rows(x_, lo_, hi_ - lo_),
            w_ih_t_);
     }
-    return rows(buf_, s_.off[t] - lo_, s_.n[t]);
+    return static_cast<scalar_t*>(base_) + (s_.off[t] - lo_) * width_;
   }
 
  private:
@@ -118,9 +133,9 @@ class InputProjection {
   const Tensor& w_ih_t_;
   int64_t width_;
   Tensor buf_;
+  void* base_ = nullptr;
   int64_t lo_ = 0, hi_ = 0, cap_ = 0;
 };
-
 
 }  // namespace driver
 }  // namespace fusedrnn

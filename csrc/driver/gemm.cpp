@@ -47,7 +47,7 @@ constexpr int64_t kSmallGemmGrainMacs = int64_t{1} << 15;
 
 bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (!(out.device().is_cpu() && out.scalar_type() == at::kFloat && m <= cpu::kSmallGemmRows &&
+  if (!(out.device().is_cpu() && out.scalar_type() == at::kFloat &&
         a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
         (a.stride(1) == 1 || k == 1) && (out.stride(1) == 1 || n == 1))) {
     return false;
@@ -55,26 +55,36 @@ bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const bool nt = b.stride(0) == 1 && b.stride(1) >= k;  // b = W^T, W (n x k) row-major
   const bool nn = !nt && b.stride(1) == 1 && b.stride(0) >= n;  // b = W (k x n)
   if (!nt && !nn) return false;
+  return small_gemm_f32(m, n, k, a.const_data_ptr<float>(), a.stride(0),
+                        b.const_data_ptr<float>(), nt ? b.stride(1) : b.stride(0), nt,
+                        out.data_ptr<float>(), out.stride(0), beta);
+}
+
+}  // namespace
+
+bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* w, int64_t ldw, bool w_transposed, float* out, int64_t ldo,
+                    float beta) {
+  if (m < 1 || m > cpu::kSmallGemmRows) return false;
   const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
   if (kernels == nullptr) return false;
   cpu::SmallGemm g;
   g.m = m;
-  g.a = a.const_data_ptr<float>();
-  g.lda = a.stride(0);
-  g.out = out.data_ptr<float>();
-  g.ldo = out.stride(0);
+  g.a = a;
+  g.lda = lda;
+  g.out = out;
+  g.ldo = ldo;
   g.accumulate = beta != 0.0f;
-  g.w = b.const_data_ptr<float>();
+  g.w = w;
+  g.ldw = ldw;
   const int64_t grain = std::max<int64_t>(1, kSmallGemmGrainMacs / std::max<int64_t>(1, m * k));
-  if (nt) {
-    g.n = n;  // out (m x n) = a W^T
+  if (w_transposed) {
+    g.n = n;  // out (m x n) = a W^T, W (n x k)
     g.k = k;
-    g.ldw = b.stride(1);
     at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) { kernels->gemm_nt(g, j0, j1); });
   } else {
-    g.n = k;  // out (m x n) = a (m x k) W, W = b (k x n): the nn kernel's n is the sum's length
+    g.n = k;  // out (m x n) = a (m x k) W, W (k x n): the nn kernel's n is the sum's length
     g.k = n;
-    g.ldw = b.stride(0);
     const int64_t lanes = kernels->lanes, blocks = (n + lanes - 1) / lanes;
     at::parallel_for(0, blocks, std::max<int64_t>(1, grain / lanes), [&](int64_t b0, int64_t b1) {
       kernels->gemm_nn(g, b0 * lanes, std::min(b1 * lanes, n));
@@ -82,8 +92,6 @@ bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   }
   return true;
 }
-
-}  // namespace
 
 bool onednn_gemm_enabled() {
   static const bool available = [] {

@@ -25,6 +25,14 @@ void gemm_prev(Tensor out, const Tensor& grad, const std::vector<PrevSegment>& s
 Tensor colsum_prev(const Tensor& grad, const std::vector<PrevSegment>& segs, const Tensor& seq,
                    const Tensor& init);
 
+// out (m x n, row stride ldo) = [out +] a (m x k) op(W) in fp32 on the CPU with the ISA's small
+// GEMMs (cpu/small_gemm.h), W row-major with row stride ldw: W (n x k) used transposed when
+// w_transposed, else W (k x n). False (nothing done) where they do not apply: more than
+// kSmallGemmRows rows, or the baseline ISA. beta is 0 or 1.
+bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* w, int64_t ldw, bool w_transposed, float* out, int64_t ldo,
+                    float beta);
+
 // Whether gemm() takes oneDNN's matmul for CPU GEMMs of this dtype (large ones only): see
 // gemm.cpp. Exposed for build_info and the tests.
 bool onednn_gemm_enabled();

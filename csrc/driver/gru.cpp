@@ -1,5 +1,6 @@
 // The GRU recurrence: one layer, one direction, forward and backward, for every dtype and
-// device, with the step executors of strategy.h (as lstm.cpp).
+// device, with the step executors of strategy.h (as lstm.cpp: the GemmStep executors run their
+// GEMMs and kernels through the call's StepDevice on pointers computed once per call).
 #include <ATen/ATen.h>
 
 #include <array>
@@ -23,19 +24,26 @@ struct ForwardCall {
   Tensor w_ih, w_hh, x, ws, out, hy, hg, bias_ih, bias_hh;
 };
 
-// GemmStep forward: hg = h_{t-1} W_hh^T, then the step kernel.
+// GemmStep forward: hg = h_{t-1} W_hh^T (the state's n rows times W_hh (3H x H) transposed),
+// then the step kernel.
 template <typename scalar_t>
 class ForwardGemmStep {
  public:
-  explicit ForwardGemmStep(const ForwardCall& c) : c_(c), w_hh_t_(c.w_hh.t()) {}
+  ForwardGemmStep(const ForwardCall& c, const StepDevice& dev)
+      : c_(c), dev_(dev), w_hh_(ptr<scalar_t>(c.w_hh)), hy_(ptr<scalar_t>(c.hy)),
+        hg_(ptr<scalar_t>(c.hg)) {}
   void step(int64_t, GRUForwardStep<scalar_t>& p) {
-    gemm(rows(c_.hg, 0, p.n), rows(c_.hy, 0, p.n), w_hh_t_);
-    FUSEDRNN_LAUNCH(c_.x.device(), gru_forward_step, p);
+    const int64_t H = c_.d.H;
+    dev_.gemm(p.n, 3 * H, H, hy_, H, false, w_hh_, H, true, hg_, 3 * H, 0.0f);
+    FUSEDRNN_LAUNCH(dev_, gru_forward_step, p);
   }
 
  private:
   const ForwardCall& c_;
-  const Tensor w_hh_t_;
+  const StepDevice& dev_;
+  const scalar_t* const w_hh_;
+  const scalar_t* const hy_;
+  scalar_t* const hg_;
 };
 
 // Tiles forward (fp32 CPU), as in the LSTM forward: the step writes h_t into the state, so the
@@ -69,20 +77,23 @@ template <typename scalar_t, typename Exec>
 void forward_loop(const ForwardCall& c, InputProjection& xproj, Exec& exec) {
   const Steps& s = c.s;
   const int64_t H = c.d.H;
+  // What every step shares, once per call; per step only the rows' pointers are computed.
+  GRUForwardStep<scalar_t> base;
+  base.H = H;
+  base.ld_gates = 4 * H;
+  base.hg = ptr<scalar_t>(c.hg);
+  base.ld_hg = 3 * H;
+  base.bias_ih = opt_ptr<scalar_t>(c.bias_ih);
+  base.bias_hh = opt_ptr<scalar_t>(c.bias_hh);
+  base.h_state = ptr<scalar_t>(c.hy);
+  base.ld_h_out = H;
+  scalar_t* const out = ptr<scalar_t>(c.out);
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-    GRUForwardStep<scalar_t> p;
+    GRUForwardStep<scalar_t> p = base;
     p.n = n;
-    p.H = H;
-    p.gates = ptr<scalar_t>(xproj.rows_for(k));
-    p.ld_gates = 4 * H;
-    p.hg = ptr<scalar_t>(c.hg);
-    p.ld_hg = 3 * H;
-    p.bias_ih = opt_ptr<scalar_t>(c.bias_ih);
-    p.bias_hh = opt_ptr<scalar_t>(c.bias_hh);
-    p.h_state = ptr<scalar_t>(c.hy);
-    p.h_out = ptr<scalar_t>(c.out) + r0 * H;
-    p.ld_h_out = H;
+    p.gates = xproj.rows_for<scalar_t>(k);
+    p.h_out = out + r0 * H;
     exec.step(k, p);
   }
 }
@@ -95,18 +106,24 @@ struct BackwardCall {
   Tensor dx_buf[2], dhg_buf[2];
 };
 
-// GemmStep backward: the step kernel, then dh_{t-1} += dhg W_hh.
+// GemmStep backward: the step kernel, then dh_{t-1} += dhg W_hh (dhg (n x 3H) times W_hh
+// (3H x H)).
 template <typename scalar_t>
 class BackwardGemmStep {
  public:
-  explicit BackwardGemmStep(const BackwardCall& c) : c_(c) {}
-  void step(int64_t k, const GRUBackwardStep<scalar_t>& p, int64_t r0) {
-    FUSEDRNN_LAUNCH(c_.out.device(), gru_backward_step, p);
-    gemm(rows(c_.dh_state, 0, p.n), c_.sc.rows_of(c_.dhg_buf, k, r0, p.n), c_.w_hh, 1.0f);
+  BackwardGemmStep(const BackwardCall& c, const StepDevice& dev)
+      : c_(c), dev_(dev), w_hh_(ptr<scalar_t>(c.w_hh)), dh_state_(ptr<scalar_t>(c.dh_state)) {}
+  void step(int64_t, const GRUBackwardStep<scalar_t>& p, int64_t) {
+    const int64_t H = c_.d.H;
+    FUSEDRNN_LAUNCH(dev_, gru_backward_step, p);
+    dev_.gemm(p.n, H, 3 * H, p.dhg, 3 * H, false, w_hh_, H, false, dh_state_, H, 1.0f);
   }
 
  private:
   const BackwardCall& c_;
+  const StepDevice& dev_;
+  const scalar_t* const w_hh_;
+  scalar_t* const dh_state_;
 };
 
 // Tiles backward (fp32 CPU): dh_t += dhg(next processed step) W_hh, tile by tile, each tile's
@@ -143,26 +160,34 @@ void backward_loop(const BackwardCall& c, const Tensor& workspace, Exec& exec,
                    const FinishChunk& finish_chunk) {
   const Steps& s = c.s;
   const int64_t H = c.d.H;
-  const scalar_t* ws_p = s.N > 0 ? workspace.const_data_ptr<scalar_t>() : nullptr;
+  // What every step shares, once per call; per step only the rows' pointers are computed.
+  GRUBackwardStep<scalar_t> base;
+  base.H = H;
+  base.ld_gates = 4 * H;
+  base.ld_h_prev = H;
+  base.h_init = ptr<scalar_t>(c.h0);
+  base.ld_dy = H;
+  base.dh_state = ptr<scalar_t>(c.dh_state);
+  base.ld_dx = 3 * H;
+  base.ld_dhg = 3 * H;
+  const scalar_t* const ws_p = s.N > 0 ? workspace.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* const h_prev = ptr<scalar_t>(c.out);
+  const scalar_t* const dy = maybe_ptr<scalar_t>(c.dy);
+  scalar_t* const dx_bufs[2] = {maybe_ptr<scalar_t>(c.dx_buf[0]),
+                                maybe_ptr<scalar_t>(c.dx_buf[1])};
+  scalar_t* const dhg_bufs[2] = {maybe_ptr<scalar_t>(c.dhg_buf[0]),
+                                 maybe_ptr<scalar_t>(c.dhg_buf[1])};
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-    GRUBackwardStep<scalar_t> p;
+    GRUBackwardStep<scalar_t> p = base;
     p.n = n;
-    p.H = H;
     p.gates = ws_p + r0 * 4 * H;
-    p.ld_gates = 4 * H;
     const auto [m_prev, prev_row0] = prev_rows(s, k);
-    p.h_prev = ptr<scalar_t>(c.out) + prev_row0 * H;
-    p.ld_h_prev = H;
-    p.h_init = ptr<scalar_t>(c.h0);
+    p.h_prev = h_prev + prev_row0 * H;
     p.m_prev = m_prev;
-    p.dy = c.dy.defined() ? ptr<scalar_t>(c.dy) + r0 * H : nullptr;
-    p.ld_dy = H;
-    p.dh_state = ptr<scalar_t>(c.dh_state);
-    p.dx = ptr<scalar_t>(c.sc.rows_of(c.dx_buf, k, r0, n));
-    p.ld_dx = 3 * H;
-    p.dhg = ptr<scalar_t>(c.sc.rows_of(c.dhg_buf, k, r0, n));
-    p.ld_dhg = 3 * H;
+    p.dy = dy ? dy + r0 * H : nullptr;
+    p.dx = c.sc.row_ptr(dx_bufs, 3 * H, k, r0);
+    p.dhg = c.sc.row_ptr(dhg_bufs, 3 * H, k, r0);
     exec.step(k, p, r0);
     if (k == c.sc.of(k).k_lo) finish_chunk(c.sc.of(k));
   }
@@ -180,11 +205,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
   const Steps s = make_steps("gru", input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
   auto guard = guard_for(input);
+  const StepDevice dev(input);  // the per-step GEMMs and launches (step_device.h)
   const int64_t H = d.H;
   const auto opts = input.options();
   const Tensor output = at::empty(out_shape(input, H), opts);
   // The workspace keeps every step's r, z, n and h_n (training); inference keeps none.
-  const ForwardCall c{s, d, need_workspace, w_ih, w_hh,
+  // w_hh contiguous: the steps read it through a raw pointer
+  const ForwardCall c{s, d, need_workspace, w_ih, w_hh.contiguous(),
                       /*x=*/input.reshape({s.N, d.I}),
                       /*ws=*/at::empty({need_workspace ? s.N : 0,
                                         workspace_row(cell, H, /*proj=*/false)}, opts),
@@ -201,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
     forward_loop<float>(c, xproj, exec);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_forward", [&] {
-      ForwardGemmStep<scalar_t> exec(c);
+      ForwardGemmStep<scalar_t> exec(c, dev);
       forward_loop<scalar_t>(c, xproj, exec);
     });
   }
@@ -218,6 +245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const Steps s = make_steps("gru_backward", input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
   auto guard = guard_for(input);
+  const StepDevice dev(input);  // the per-step GEMMs and launches (step_device.h)
   const int64_t H = d.H;
   const auto opts = input.options();
   const int64_t ws_cols = workspace_row(cell, H, /*proj=*/false);
@@ -230,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const std::vector<PrevSegment> segs = prev_segments(s);
   // dx and dhg (the gradients of the x-side and h-side pre-activations) chunk by chunk, as
   // dgates in the LSTM-family backward.
-  BackwardCall c{s, d, w_hh,
+  BackwardCall c{s, d, w_hh.contiguous(),
                  /*out=*/output.reshape({s.N, H}),
                  /*dy=*/has_dy ? grad_output->reshape({s.N, H}).contiguous() : Tensor(),
                  /*dh_state=*/grad_or_zeros(grad_hy, input, s.B, H),
@@ -244,8 +272,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
   Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
   if (output_mask[1]) {
-    grad_w_ih = at::zeros({3 * H, d.I}, opts);
-    grad_w_hh = at::zeros({3 * H, H}, opts);
+    // written by the first chunk's GEMMs (beta 0): no zero fill (see lstm.cpp)
+    auto weight_grad = [&](at::IntArrayRef shape) {
+      return c.sc.chunks.empty() ? at::zeros(shape, opts) : at::empty(shape, opts);
+    };
+    grad_w_ih = weight_grad({3 * H, d.I});
+    grad_w_hh = weight_grad({3 * H, H});
     if (b_ih.has_value()) {
       grad_b_ih = at::zeros({3 * H}, opts);
       grad_b_hh = at::zeros({3 * H}, opts);
@@ -256,8 +288,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     const Tensor dx = rows(c.dx_buf[ch.buf], 0, m), dhg = rows(c.dhg_buf[ch.buf], 0, m);
     if (output_mask[0]) gemm(rows(grad_input.view({s.N, d.I}), ch.lo, m), dx, w_ih);
     if (!output_mask[1]) return;
-    gemm(grad_w_ih, dx.t(), rows(x, ch.lo, m), 1.0f);
-    gemm_prev(grad_w_hh, dhg, clip_segments(segs, ch.lo, ch.hi), c.out, c.h0, 1.0f);
+    const float beta = &ch == &c.sc.chunks.front() ? 0.0f : 1.0f;
+    gemm(grad_w_ih, dx.t(), rows(x, ch.lo, m), beta);
+    gemm_prev(grad_w_hh, dhg, clip_segments(segs, ch.lo, ch.hi), c.out, c.h0, beta);
     if (grad_b_ih.numel()) {
       grad_b_ih += dx.sum(0);
       grad_b_hh += dhg.sum(0);
@@ -269,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     backward_loop<float>(c, workspace, exec, finish_chunk);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_backward", [&] {
-      BackwardGemmStep<scalar_t> exec(c);
+      BackwardGemmStep<scalar_t> exec(c, dev);
       backward_loop<scalar_t>(c, workspace, exec, finish_chunk);
     });
   }

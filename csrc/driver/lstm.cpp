@@ -2,9 +2,11 @@
 // direction, forward and backward, for every dtype and device.
 //
 // The loops here are shared by the strategies (strategy.h); what differs is the step executor:
-// - GemmStep: per step the recurrent GEMM through ATen and ONE fused step kernel (two for the
-//   working-memory cell, whose o gate needs a GEMM of the new cell state). The input projection
-//   of every step is one GEMM before the loop (chunks of steps without a workspace).
+// - GemmStep: per step the recurrent GEMM and ONE fused step kernel (two for the working-memory
+//   cell, whose o gate needs a GEMM of the new cell state), through the call's StepDevice
+//   (step_device.h) on pointers and row strides computed once per call: no tensor is built per
+//   step. The input projection of every step is one GEMM before the loop (on the CPU without a
+//   workspace: chunks of steps).
 // - Tiles (fp32 CPU): the step's GEMMs, input projection included, and its kernel in one tiled
 //   pass over weights packed once per call.
 // All buffers are allocated once per call, before the loop; the weight gradients are GEMMs over
@@ -57,31 +59,45 @@ const float* fused_h_prev(const Steps& s, int64_t k, const Tensor& out, const Te
 template <typename scalar_t>
 class ForwardGemmStep {
  public:
-  explicit ForwardGemmStep(const ForwardCall& c)
-      : c_(c), w_ih_t_(c.w_ih.t()), w_hh_t_(c.w_hh.t()),
+  ForwardGemmStep(const ForwardCall& c, const StepDevice& dev)
+      : c_(c), dev_(dev), w_ih_t_(c.w_ih.t()),
         xproj_(c.s, c.x, w_ih_t_, c.need_workspace ? c.ws.gates : Tensor(), 4 * c.d.H,
-               c.x.options()) {}
-  // The step's gate rows (its input projection), with hg = h_{t-1} W_hh^T beside them.
-  Tensor gates(int64_t k, int64_t n, int64_t) {
-    Tensor g = xproj_.rows_for(k);
-    gemm(rows(c_.hg, 0, n), rows(c_.hy, 0, n), w_hh_t_);
+               c.x.options()),
+        w_hh_(ptr<scalar_t>(c.w_hh)), w_ch_(c.wm ? ptr<scalar_t>(*c.w_ch) : nullptr),
+        hy_(ptr<scalar_t>(c.hy)), cy_(ptr<scalar_t>(c.cy)), hg_(ptr<scalar_t>(c.hg)),
+        p_buf_(maybe_ptr<scalar_t>(c.p_buf)) {}
+  // The step's gate rows (its input projection), with hg = h_{t-1} W_hh^T beside them: the
+  // state's n rows (n x Hout) times W_hh (4H x Hout) transposed.
+  scalar_t* gates(int64_t k, int64_t n, int64_t) {
+    scalar_t* g = xproj_.template rows_for<scalar_t>(k);
+    const int64_t H = c_.d.H, Hout = c_.d.Hout;
+    dev_.gemm(n, 4 * H, Hout, hy_, Hout, false, w_hh_, Hout, true, hg_, 4 * H, 0.0f);
     return g;
   }
-  void step(int64_t, const Tensor&, LSTMForwardStep<scalar_t>& p) {
-    const auto dev = c_.x.device();
+  void step(int64_t, LSTMForwardStep<scalar_t>& p) {
     if (c_.wm) {
-      FUSEDRNN_LAUNCH(dev, lstm_forward_step, c_.cell, Phase::kIFG, p);
-      gemm(rows(c_.p_buf, 0, p.n), rows(c_.cy, 0, p.n), c_.w_ch->t());
-      FUSEDRNN_LAUNCH(dev, lstm_forward_step, c_.cell, Phase::kO, p);
+      const int64_t H = c_.d.H;
+      FUSEDRNN_LAUNCH(dev_, lstm_forward_step, c_.cell, Phase::kIFG, p);
+      // p = c_t W_ch^T for [i | f | o]: the new cell state (n x H) times W_ch (3H x H)
+      // transposed
+      dev_.gemm(p.n, 3 * H, H, cy_, H, false, w_ch_, H, true, p_buf_, 3 * H, 0.0f);
+      FUSEDRNN_LAUNCH(dev_, lstm_forward_step, c_.cell, Phase::kO, p);
     } else {
-      FUSEDRNN_LAUNCH(dev, lstm_forward_step, c_.cell, Phase::kWhole, p);
+      FUSEDRNN_LAUNCH(dev_, lstm_forward_step, c_.cell, Phase::kWhole, p);
     }
   }
 
  private:
   const ForwardCall& c_;
-  const Tensor w_ih_t_, w_hh_t_;
+  const StepDevice& dev_;
+  const Tensor w_ih_t_;
   InputProjection xproj_;
+  const scalar_t* const w_hh_;
+  const scalar_t* const w_ch_;
+  const scalar_t* const hy_;
+  const scalar_t* const cy_;
+  scalar_t* const hg_;
+  scalar_t* const p_buf_;
 };
 
 // Tiles forward: each step is one pass that computes x_t W_ih^T + h_{t-1} W_hh^T tile by tile
@@ -100,10 +116,10 @@ class ForwardTiles {
     if (!c.wm && !c.proj) h_prev_ = at::empty({c.s.B, c.d.Hout}, c.x.options());
   }
   // The step's gate rows: the workspace's (training) or a scratch buffer.
-  Tensor gates(int64_t, int64_t n, int64_t r0) {
-    return c_.need_workspace ? rows(c_.ws.gates, r0, n) : rows(c_.hg, 0, n);
+  float* gates(int64_t, int64_t, int64_t r0) {
+    return c_.need_workspace ? ptr<float>(c_.ws.gates) + r0 * 4 * c_.d.H : ptr<float>(c_.hg);
   }
-  void step(int64_t k, const Tensor&, LSTMForwardStep<float>& p) {
+  void step(int64_t k, LSTMForwardStep<float>& p) {
     const int64_t H = c_.d.H, Hout = c_.d.Hout, r0 = c_.s.off[c_.s.at(k)];
     p.hg = nullptr;  // the GEMM tile is the whole pre-activation, written into p.gates
     const cpu::GemmSource x_src{ptr<float>(x_rows_) + r0 * c_.d.I, c_.d.I, &w_ih_};
@@ -129,47 +145,52 @@ class ForwardTiles {
 };
 
 template <typename scalar_t, typename Exec>
-void forward_loop(const ForwardCall& c, Exec& exec) {
+void forward_loop(const ForwardCall& c, const StepDevice& dev, Exec& exec) {
   const int64_t H = c.d.H, Hout = c.d.Hout;
   const Steps& s = c.s;
+  // What every step shares, once per call; per step only the rows' pointers are computed.
+  LSTMForwardStep<scalar_t> base;
+  base.H = H;
+  base.ld_gates = 4 * H;
+  base.hg = ptr<scalar_t>(c.hg);
+  base.save_gates = c.need_workspace;
+  base.bias = opt_ptr<scalar_t>(c.bias);
+  base.peephole = opt_ptr<scalar_t>(c.peep);
+  base.c_state = ptr<scalar_t>(c.cy);
+  base.ld_c_save = H;
+  base.ld_h_out = c.proj ? H : Hout;
+  if (!c.proj) base.h_state = ptr<scalar_t>(c.hy);
+  if (c.wm) {
+    base.p = ptr<scalar_t>(c.p_buf);
+    base.ld_p = 3 * H;
+    base.ld_u = 3 * H;
+  }
+  scalar_t* const out = ptr<scalar_t>(c.out);
+  scalar_t* const hy = ptr<scalar_t>(c.hy);
+  // Training: the step's rows of the workspace blocks; inference: scratch rows every step reuses
+  // (row step 0).
+  const bool ws = c.need_workspace;
+  scalar_t* const c_save = ws ? ptr<scalar_t>(c.ws.c) : base.c_state;
+  scalar_t* const r_rows = c.proj ? ptr<scalar_t>(ws ? c.ws.r : c.r_scratch) : nullptr;
+  scalar_t* const u_rows = c.wm ? ptr<scalar_t>(ws ? c.ws.u : c.u_scratch) : nullptr;
+  const int64_t row_step = ws ? 1 : 0;
+  const scalar_t* const w_hr = c.proj ? ptr<scalar_t>(*c.w_hr) : nullptr;
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-    const Tensor gates = exec.gates(k, n, r0);
-    LSTMForwardStep<scalar_t> p;
+    LSTMForwardStep<scalar_t> p = base;
     p.n = n;
-    p.H = H;
-    p.gates = ptr<scalar_t>(gates);
-    p.ld_gates = 4 * H;
-    p.hg = ptr<scalar_t>(c.hg);
-    p.save_gates = c.need_workspace;
-    p.bias = opt_ptr<scalar_t>(c.bias);
-    p.peephole = opt_ptr<scalar_t>(c.peep);
-    p.c_state = ptr<scalar_t>(c.cy);
+    p.gates = exec.gates(k, n, r0);
     // without a workspace c_t is stored twice into the state, harmlessly
-    p.c_save = c.need_workspace ? ptr<scalar_t>(c.ws.c) + r0 * H : ptr<scalar_t>(c.cy);
-    p.ld_c_save = H;
-    const Tensor r_t = c.proj ? (c.need_workspace ? rows(c.ws.r, r0, n)
-                                                  : rows(c.r_scratch, 0, n))
-                              : Tensor();
+    p.c_save = c_save + row_step * r0 * H;
+    p.h_out = c.proj ? r_rows + row_step * r0 * H : out + r0 * Hout;
+    if (c.wm) p.u = u_rows + row_step * r0 * 3 * H;
+    exec.step(k, p);
     if (c.proj) {
-      p.h_out = ptr<scalar_t>(r_t);
-      p.ld_h_out = H;
-    } else {
-      p.h_out = ptr<scalar_t>(c.out) + r0 * Hout;
-      p.ld_h_out = Hout;
-      p.h_state = ptr<scalar_t>(c.hy);
-    }
-    if (c.wm) {
-      p.p = ptr<scalar_t>(c.p_buf);
-      p.ld_p = 3 * H;
-      p.u = c.need_workspace ? ptr<scalar_t>(c.ws.u) + r0 * 3 * H : ptr<scalar_t>(c.u_scratch);
-      p.ld_u = 3 * H;
-    }
-    exec.step(k, gates, p);
-    if (c.proj) {
-      Tensor out_t = rows(c.out, r0, n);
-      gemm(out_t, r_t, c.w_hr->t());
-      rows(c.hy, 0, n).copy_(out_t);
+      // h_t = r_t W_hr^T: r_t (n x H) times W_hr (Hout x H) transposed, into the output rows,
+      // then into the state the next step's GEMM reads
+      scalar_t* const out_t = out + r0 * Hout;
+      dev.gemm(n, Hout, H, p.h_out, H, false, w_hr, H, true, out_t, Hout, 0.0f);
+      dev.copy(hy, out_t, n * Hout);
     }
   }
 }
@@ -196,22 +217,37 @@ struct BackwardCall {
 template <typename scalar_t>
 class BackwardGemmStep {
  public:
-  explicit BackwardGemmStep(BackwardCall& c) : c_(c) {}
+  BackwardGemmStep(BackwardCall& c, const StepDevice& dev)
+      : c_(c), dev_(dev), w_hh_(ptr<scalar_t>(c.w_hh)),
+        w_ch_(c.wm ? ptr<scalar_t>(*c.w_ch) : nullptr), dh_state_(ptr<scalar_t>(c.dh_state)),
+        dc_state_(ptr<scalar_t>(c.dc_state)), dp_(maybe_ptr<scalar_t>(c.dp)) {}
+  // WM: the gradients of the cell-connection pre-activations in flight (one buffer here).
+  scalar_t* dp() const { return dp_; }
   void dh_phase(int64_t, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
-    FUSEDRNN_LAUNCH(c_.out.device(), lstm_backward_step, c_.cell, phase, p);
+    FUSEDRNN_LAUNCH(dev_, lstm_backward_step, c_.cell, phase, p);
   }
-  // dc_t += dp_o(t) W_co + [dp_i, dp_f](next step) [W_ci; W_cf]; rows of dp whose next step did
-  // not run them are still zero.
+  // dc_t += dp_o(t) W_co + [dp_i, dp_f](next step) [W_ci; W_cf]: dp (n x 3H) times W_ch
+  // (3H x H); rows of dp whose next step did not run them are still zero.
   void dc_phase(int64_t, LSTMBackwardStep<scalar_t>& p) {
-    gemm(rows(c_.dc_state, 0, p.n), rows(c_.dp, 0, p.n), *c_.w_ch, 1.0f);
-    FUSEDRNN_LAUNCH(c_.out.device(), lstm_backward_step, c_.cell, Phase::kIFG, p);
+    const int64_t H = c_.d.H;
+    dev_.gemm(p.n, H, 3 * H, dp_, 3 * H, false, w_ch_, H, false, dc_state_, H, 1.0f);
+    FUSEDRNN_LAUNCH(dev_, lstm_backward_step, c_.cell, Phase::kIFG, p);
   }
-  void finish_step(int64_t k, int64_t n, int64_t r0) {
-    gemm(rows(c_.dh_state, 0, n), c_.dgates_rows(k, r0, n), c_.w_hh);
+  // dh_{t-1} = dgates (n x 4H) times W_hh (4H x Hout)
+  void finish_step(int64_t, const LSTMBackwardStep<scalar_t>& p) {
+    const int64_t H = c_.d.H, Hout = c_.d.Hout;
+    dev_.gemm(p.n, Hout, 4 * H, p.dgates, 4 * H, false, w_hh_, Hout, false, dh_state_, Hout,
+              0.0f);
   }
 
  private:
   BackwardCall& c_;
+  const StepDevice& dev_;
+  const scalar_t* const w_hh_;
+  const scalar_t* const w_ch_;
+  scalar_t* const dh_state_;
+  scalar_t* const dc_state_;
+  scalar_t* const dp_;
 };
 
 // Tiles backward (fp32, without projection): the GEMM that carries dh back through weight_hh
@@ -257,9 +293,12 @@ class BackwardTiles {
     }
     std::swap(c_.dp, dp_next_);
   }
+  float* dp() const { return ptr<float>(c_.dp); }  // swapped after every step (dc_phase)
   // dh_{t-1}'s W_hh part is computed in the next processed step's call; the last one's here.
-  void finish_step(int64_t k, int64_t n, int64_t r0) {
-    if (k == 0) gemm(rows(c_.dh_state, 0, n), c_.dgates_rows(k, r0, n), c_.w_hh);
+  void finish_step(int64_t k, const LSTMBackwardStep<float>& p) {
+    if (k == 0) {
+      gemm(rows(c_.dh_state, 0, p.n), c_.dgates_rows(k, c_.s.off[c_.s.at(k)], p.n), c_.w_hh);
+    }
   }
 
  private:
@@ -270,57 +309,75 @@ class BackwardTiles {
 };
 
 template <typename scalar_t, typename Exec, typename FinishChunk>
-void backward_loop(BackwardCall& c, Exec& exec, const Tensor& c_all,
+void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Tensor& c_all,
                    const FinishChunk& finish_chunk) {
   const Steps& s = c.s;
   const int64_t H = c.d.H, Hout = c.d.Hout;
+  // What every step shares, once per call; per step only the rows' pointers are computed.
+  LSTMBackwardStep<scalar_t> base;
+  base.H = H;
+  base.ld_gates = 4 * H;
+  base.ld_c = H;
+  base.ld_c_prev = H;
+  base.c_init = ptr<scalar_t>(c.c0);
+  base.peephole = opt_ptr<scalar_t>(c.peep);
+  base.dh = c.proj ? ptr<scalar_t>(c.dr) : ptr<scalar_t>(c.dh_state);  // read by the kernel
+  base.ld_dh = c.proj ? H : Hout;
+  base.ld_dy = Hout;
+  base.dc_state = ptr<scalar_t>(c.dc_state);
+  base.ld_dgates = 4 * H;
+  if (c.wm) {
+    base.ld_u = 3 * H;
+    base.ld_dp = 3 * H;
+    base.ld_dp_saved = 3 * H;
+  }
+  const scalar_t* const gates = ptr<scalar_t>(c.ws.gates);
+  const scalar_t* const c_saved = ptr<scalar_t>(c.ws.c);
+  const scalar_t* const c_prev = ptr<scalar_t>(c_all);
+  const scalar_t* const u = c.wm ? ptr<scalar_t>(c.ws.u) : nullptr;
+  const scalar_t* const dy = c.has_dy ? ptr<scalar_t>(c.dy) : nullptr;
+  scalar_t* const dh_state = ptr<scalar_t>(c.dh_state);
+  scalar_t* const dr = maybe_ptr<scalar_t>(c.dr);
+  const scalar_t* const w_hr = c.proj ? ptr<scalar_t>(*c.w_hr) : nullptr;
+  scalar_t* const dgates_bufs[2] = {maybe_ptr<scalar_t>(c.dgates_buf[0]),
+                                    maybe_ptr<scalar_t>(c.dgates_buf[1])};
+  scalar_t* const dh_bufs[2] = {maybe_ptr<scalar_t>(c.dh_buf[0]),
+                                maybe_ptr<scalar_t>(c.dh_buf[1])};
+  scalar_t* const dp_bufs[2] = {maybe_ptr<scalar_t>(c.dp_buf[0]),
+                                maybe_ptr<scalar_t>(c.dp_buf[1])};
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-    LSTMBackwardStep<scalar_t> p;
+    LSTMBackwardStep<scalar_t> p = base;
     p.n = n;
-    p.H = H;
-    p.gates = ptr<scalar_t>(c.ws.gates) + r0 * 4 * H;
-    p.ld_gates = 4 * H;
-    p.c = ptr<scalar_t>(c.ws.c) + r0 * H;
-    p.ld_c = H;
+    p.gates = gates + r0 * 4 * H;
+    p.c = c_saved + r0 * H;
     const auto [m_prev, prev_row0] = prev_rows(s, k);
-    p.c_prev = ptr<scalar_t>(c_all) + prev_row0 * H;
-    p.ld_c_prev = H;
-    p.c_init = ptr<scalar_t>(c.c0);
+    p.c_prev = c_prev + prev_row0 * H;
     p.m_prev = m_prev;
-    p.peephole = opt_ptr<scalar_t>(c.peep);
     if (c.proj) {
-      Tensor dh_t = c.sc.rows_of(c.dh_buf, k, r0, n);
+      // dh_t = dh_state + dy_t (kept per chunk for the gradient of W_hr), then
+      // dr = dh_t (n x Hout) times W_hr (Hout x H)
+      scalar_t* const dh_t = c.sc.row_ptr(dh_bufs, Hout, k, r0);
       if (c.has_dy) {
-        at::add_out(dh_t, rows(c.dh_state, 0, n), rows(c.dy, r0, n));
+        dev.add(dh_t, dh_state, dy + r0 * Hout, n * Hout);
       } else {
-        dh_t.copy_(rows(c.dh_state, 0, n));
+        dev.copy(dh_t, dh_state, n * Hout);
       }
-      gemm(rows(c.dr, 0, n), dh_t, *c.w_hr);
-      p.dh = ptr<scalar_t>(c.dr);
-      p.ld_dh = H;
+      dev.gemm(n, H, Hout, dh_t, Hout, false, w_hr, H, false, dr, H, 0.0f);
     } else {
-      p.dh = ptr<scalar_t>(c.dh_state);
-      p.ld_dh = Hout;
-      p.dy = c.has_dy ? ptr<scalar_t>(c.dy) + r0 * Hout : nullptr;
-      p.ld_dy = Hout;
+      p.dy = c.has_dy ? dy + r0 * Hout : nullptr;
     }
-    p.dc_state = ptr<scalar_t>(c.dc_state);
-    p.dgates = ptr<scalar_t>(c.dgates_rows(k, r0, n));
-    p.ld_dgates = 4 * H;
+    p.dgates = c.sc.row_ptr(dgates_bufs, 4 * H, k, r0);
     if (c.wm) {
-      p.u = ptr<scalar_t>(c.ws.u) + r0 * 3 * H;
-      p.ld_u = 3 * H;
-      p.dp = ptr<scalar_t>(c.dp);
-      p.ld_dp = 3 * H;
-      p.dp_saved = ptr<scalar_t>(c.sc.rows_of(c.dp_buf, k, r0, n));
-      p.ld_dp_saved = 3 * H;
+      p.u = u + r0 * 3 * H;
+      p.dp = exec.dp();
+      p.dp_saved = c.sc.row_ptr(dp_bufs, 3 * H, k, r0);
       exec.dh_phase(k, Phase::kO, p);
       exec.dc_phase(k, p);
     } else {
       exec.dh_phase(k, Phase::kWhole, p);
     }
-    exec.finish_step(k, n, r0);
+    exec.finish_step(k, p);
     if (k == c.sc.of(k).k_lo) finish_chunk(c.sc.of(k));
   }
 }
@@ -335,6 +392,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   const Steps s = make_steps(cell_name(cell), input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
   auto guard = guard_for(input);
+  const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;
   const bool proj = w_hr.has_value();
   const bool wm = cell == CellKind::kWorkingMemory;
@@ -345,7 +403,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   // (N, H_out) row view.
   const Tensor output = at::empty(out_shape(input, Hout), opts);
   ForwardCall c{
-      cell, s, d, proj, wm, need_workspace, w_ih, w_hh, w_ch, w_hr,
+      // the weights the steps read through raw pointers, contiguous
+      cell, s, d, proj, wm, need_workspace, w_ih, w_hh.contiguous(), contiguous_opt(w_ch),
+      contiguous_opt(w_hr),
       /*x=*/input.reshape({s.N, d.I}), output, /*out=*/output.view({s.N, Hout}),
       /*hy=*/state_or_zeros(hx, input, s.B, Hout), /*cy=*/state_or_zeros(cx, input, s.B, H),
       /*bias=*/b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor(),
@@ -364,11 +424,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   const Plan plan = plan_call(input, s.T, s.N);
   if (plan.strategy == Strategy::kFusedTiles) {
     ForwardTiles exec(c, *plan.kernels);
-    forward_loop<float>(c, exec);
+    forward_loop<float>(c, dev, exec);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_forward", [&] {
-      ForwardGemmStep<scalar_t> exec(c);
-      forward_loop<scalar_t>(c, exec);
+      ForwardGemmStep<scalar_t> exec(c, dev);
+      forward_loop<scalar_t>(c, dev, exec);
     });
   }
   return {output, c.hy, c.cy, c.ws.flat};
@@ -387,6 +447,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
   auto guard = guard_for(input);
+  const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;
   const bool proj = w_hr.has_value();
   const bool wm = cell == CellKind::kWorkingMemory;
@@ -408,7 +469,8 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   // dgates: the projection's gradient of h_t (all rows), the WM's gradients of the
   // cell-connection pre-activations.
   BackwardCall c{
-      cell, s, d, proj, wm, has_dy, w_hh, w_ch, w_hr,
+      // the weights the steps read through raw pointers, contiguous
+      cell, s, d, proj, wm, has_dy, w_hh.contiguous(), contiguous_opt(w_ch), contiguous_opt(w_hr),
       /*out=*/output.reshape({s.N, Hout}),
       /*dy=*/has_dy ? grad_output->reshape({s.N, Hout}).contiguous() : Tensor(),
       /*dh_state=*/grad_or_zeros(grad_hy, input, s.B, Hout),
@@ -432,21 +494,29 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
   Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b = none(), grad_w_ch = none(),
          grad_w_hr = none();
+  // The matrices are written by the first chunk's GEMMs (beta 0) and accumulated by the
+  // others': no zero fill, which for a cell's single step is as much memory traffic as the
+  // GEMM itself. Zeros where no chunk runs.
+  auto weight_grad = [&](at::IntArrayRef shape) {
+    return c.sc.chunks.empty() ? at::zeros(shape, opts) : at::empty(shape, opts);
+  };
   if (output_mask[1]) {
-    grad_w_ih = at::zeros({4 * H, d.I}, opts);
-    grad_w_hh = at::zeros({4 * H, Hout}, opts);
+    grad_w_ih = weight_grad({4 * H, d.I});
+    grad_w_hh = weight_grad({4 * H, Hout});
     if (b_ih.has_value()) grad_b = at::zeros({4 * H}, opts);
-    if (w_ch.has_value()) grad_w_ch = at::zeros({weight_ch_rows(cell, H), H}, opts);
-    if (proj) grad_w_hr = at::zeros({Hout, H}, opts);
+    if (cell == CellKind::kPeephole) grad_w_ch = at::zeros({weight_ch_rows(cell, H), H}, opts);
+    if (cell == CellKind::kWorkingMemory) grad_w_ch = weight_grad({weight_ch_rows(cell, H), H});
+    if (proj) grad_w_hr = weight_grad({Hout, H});
   }
   auto finish_chunk = [&](const StepChunks::Chunk& ch) {
     const int64_t m = ch.hi - ch.lo;
     const Tensor dg = rows(c.dgates_buf[ch.buf], 0, m);
     if (output_mask[0]) gemm(rows(grad_input.view({s.N, d.I}), ch.lo, m), dg, w_ih);
     if (!output_mask[1]) return;
-    gemm(grad_w_ih, dg.t(), rows(x, ch.lo, m), 1.0f);
+    const float beta = &ch == &c.sc.chunks.front() ? 0.0f : 1.0f;
+    gemm(grad_w_ih, dg.t(), rows(x, ch.lo, m), beta);
     const std::vector<PrevSegment> cs = clip_segments(segs, ch.lo, ch.hi);
-    gemm_prev(grad_w_hh, dg, cs, c.out, h0, 1.0f);
+    gemm_prev(grad_w_hh, dg, cs, c.out, h0, beta);
     if (grad_b.numel()) grad_b += dg.sum(0);
     if (cell == CellKind::kPeephole) {
       grad_w_ch[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c.c0);
@@ -454,21 +524,21 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       grad_w_ch[2] += (dg.narrow(1, 3 * H, H) * rows(c_all, ch.lo, m)).sum(0);
     } else if (cell == CellKind::kWorkingMemory) {
       const Tensor dp_c = rows(c.dp_buf[ch.buf], 0, m);
-      gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_c.narrow(1, 0, 2 * H), cs, c_all, c.c0, 1.0f);
+      gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_c.narrow(1, 0, 2 * H), cs, c_all, c.c0, beta);
       gemm(grad_w_ch.narrow(0, 2 * H, H), dp_c.narrow(1, 2 * H, H).t(), rows(c_all, ch.lo, m),
-           1.0f);
+           beta);
     }
-    if (proj) gemm(grad_w_hr, rows(c.dh_buf[ch.buf], 0, m).t(), rows(c.ws.r, ch.lo, m), 1.0f);
+    if (proj) gemm(grad_w_hr, rows(c.dh_buf[ch.buf], 0, m).t(), rows(c.ws.r, ch.lo, m), beta);
   };
 
   const Plan plan = plan_call(input, s.T, s.N, /*tiles_ok=*/!proj);
   if (plan.strategy == Strategy::kFusedTiles) {
     BackwardTiles exec(c, *plan.kernels);
-    backward_loop<float>(c, exec, c_all, finish_chunk);
+    backward_loop<float>(c, dev, exec, c_all, finish_chunk);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_backward", [&] {
-      BackwardGemmStep<scalar_t> exec(c);
-      backward_loop<scalar_t>(c, exec, c_all, finish_chunk);
+      BackwardGemmStep<scalar_t> exec(c, dev);
+      backward_loop<scalar_t>(c, dev, exec, c_all, finish_chunk);
     });
   }
 

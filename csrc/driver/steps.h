@@ -102,6 +102,12 @@ struct StepChunks {
     const Chunk& c = of(k);
     return bufs[c.buf].narrow(0, r - c.lo, count);
   }
+  // The same row as a pointer, from the buffers' data pointers (`width` elements a row).
+  template <typename T>
+  T* row_ptr(T* const (&bases)[2], int64_t width, int64_t k, int64_t r) const {
+    const Chunk& c = of(k);
+    return bases[c.buf] + (r - c.lo) * width;
+  }
 };
 
 }  // namespace driver

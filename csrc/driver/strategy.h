@@ -1,8 +1,11 @@
 // How a layer call runs, decided once per call before the dtype dispatch: the driver (lstm.cpp,
 // gru.cpp) runs the same step loop with one of two step executors,
-// - kGemmStep: the step's recurrent GEMM through ATen (MKL / oneDNN on the CPU, cuBLAS on CUDA)
-//   and then ONE fused step kernel (CPU loop or CUDA kernel, launch() below); every dtype and
-//   device;
+// - kGemmStep: per step the recurrent GEMM and then ONE fused step kernel, both through the
+//   call's StepDevice (step_device.h) on raw pointers and row strides computed once per call:
+//   on the CPU the GEMM through ATen (MKL / oneDNN, gemm.cpp) and the CPU loop of the kernel; on
+//   CUDA cublasGemmEx on ATen's cuBLAS handle and the CUDA kernel, both on the current stream,
+//   so that a step costs the host a few microseconds (cublas.cpp; compiled, not verified on a
+//   GPU yet). Every dtype and device;
 // - kFusedTiles: the step's GEMM and its step kernel in one tiled pass (cpu/fused_step.h), with
 //   the kernels of the ISA in use (cpu/isa.h); fp32 on the CPU, calls long enough to repay
 //   packing the weights.
@@ -14,13 +17,11 @@
 
 #include <memory>
 
+#include <c10/core/DeviceGuard.h>
+
 #include "../cpu/fused_step.h"
 #include "../kernels.h"
-
-#ifdef FUSEDRNN_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
+#include "step_device.h"
 
 namespace fusedrnn {
 namespace driver {
@@ -47,22 +48,3 @@ inline std::unique_ptr<c10::DeviceGuard> guard_for(const at::Tensor& t) {
 
 }  // namespace driver
 }  // namespace fusedrnn
-
-// The step kernel `fn` of kernels.h on the device of `dev`: the CPU loop, or the CUDA kernel on
-// the current stream.
-#ifdef FUSEDRNN_WITH_CUDA
-#define FUSEDRNN_LAUNCH(dev, fn, ...)                                           \
-  do {                                                                          \
-    if ((dev).is_cuda()) {                                                      \
-      ::fusedrnn::cuda::fn(__VA_ARGS__, at::cuda::getCurrentCUDAStream().stream()); \
-    } else {                                                                    \
-      ::fusedrnn::cpu::fn(__VA_ARGS__);                                         \
-    }                                                                           \
-  } while (0)
-#else
-#define FUSEDRNN_LAUNCH(dev, fn, ...)                                          \
-  do {                                                                         \
-    TORCH_CHECK(!(dev).is_cuda(), "fusedrnn was built without CUDA support");  \
-    ::fusedrnn::cpu::fn(__VA_ARGS__);                                          \
-  } while (0)
-#endif

@@ -14,8 +14,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import CELLS, LSTM_FAMILY
-from test_fused_cpu import _check
+from test_fused_cpu import CELLS, LSTM_FAMILY, _check
 
 ops = torch.ops.fusedrnn
 F64 = torch.float64

@@ -421,7 +421,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
           cell, need_workspace ? s.N : 0, H, proj)};
   if (wm) gemm(c.p_buf.narrow(1, 0, 2 * H), c.cy, w_ch->narrow(0, 0, 2 * H).t());
 
-  const Plan plan = plan_call(input, s.T, s.N);
+  const Plan plan = plan_call(input, s);
   if (plan.strategy == Strategy::kFusedTiles) {
     ForwardTiles exec(c, *plan.kernels);
     forward_loop<float>(c, dev, exec);
@@ -531,7 +531,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     if (proj) gemm(grad_w_hr, rows(c.dh_buf[ch.buf], 0, m).t(), rows(c.ws.r, ch.lo, m), beta);
   };
 
-  const Plan plan = plan_call(input, s.T, s.N, /*tiles_ok=*/!proj);
+  const Plan plan = plan_call(input, s, /*tiles_ok=*/!proj);
   if (plan.strategy == Strategy::kFusedTiles) {
     BackwardTiles exec(c, *plan.kernels);
     backward_loop<float>(c, dev, exec, c_all, finish_chunk);

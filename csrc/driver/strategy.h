@@ -19,9 +19,11 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include "../cpu/fused_isa.h"
 #include "../cpu/fused_step.h"
 #include "../kernels.h"
 #include "step_device.h"
+#include "steps.h"
 
 namespace fusedrnn {
 namespace driver {
@@ -33,11 +35,17 @@ struct Plan {
   const cpu::FusedStepKernels* kernels = nullptr;  // kFusedTiles: the ISA's kernels
 };
 
-// The plan of a call on `input` of `steps` steps and `rows` rows in all; `tiles_ok` false where
-// the driver has no tiled path for the call (the LSTM backward with a projection).
-inline Plan plan_call(const at::Tensor& input, int64_t steps, int64_t rows, bool tiles_ok = true) {
+// The plan of a call on `input` of `s.T` steps, `s.N` rows in all and at most `s.B` per step;
+// `tiles_ok` false where the driver has no tiled path for the call (the LSTM backward with a
+// projection). Steps of at most kSmallGemmRows rows stay GemmStep: their recurrent GEMM streams
+// the weight once either way (the small GEMMs, cpu/small_gemm.h), and GemmStep's input
+// projection is one GEMM per chunk of steps, where the tiles would stream W_ih on every step
+// too.
+inline Plan plan_call(const at::Tensor& input, const Steps& s, bool tiles_ok = true) {
   Plan plan;
-  if (tiles_ok) plan.kernels = cpu::fused_kernels_for(input, steps, rows);
+  if (tiles_ok && s.B > cpu::kSmallGemmRows) {
+    plan.kernels = cpu::fused_kernels_for(input, s.T, s.N);
+  }
   if (plan.kernels) plan.strategy = Strategy::kFusedTiles;
   return plan;
 }

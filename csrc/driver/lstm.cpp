@@ -395,7 +395,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;
   const bool proj = w_hr.has_value();
-  const bool wm = cell == CellKind::kWorkingMemory;
+  // the operands of the cell (cells/traits.h): a full weight_ch in a two-phase step (working
+  // memory), or diagonal peepholes
+  const bool wm = traits(cell).two_phase;
+  const bool peepholes = traits(cell).weight_ch == WeightCh::kDiagonal;
   const auto opts = input.options();
   // Training keeps every step's gates, c_t (and r_t, u_*) in the workspace; inference keeps
   // only the current step's, in per-call scratch buffers. The output is allocated in its final
@@ -409,7 +412,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       /*x=*/input.reshape({s.N, d.I}), output, /*out=*/output.view({s.N, Hout}),
       /*hy=*/state_or_zeros(hx, input, s.B, Hout), /*cy=*/state_or_zeros(cx, input, s.B, H),
       /*bias=*/b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor(),
-      /*peep=*/cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor(),
+      /*peep=*/peepholes ? w_ch->contiguous() : Tensor(),
       // GemmStep: h_{t-1} W_hh^T of the current step. Tiles: the step's gates without a
       // workspace.
       /*hg=*/at::empty({s.B, 4 * H}, opts),
@@ -450,7 +453,10 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;
   const bool proj = w_hr.has_value();
-  const bool wm = cell == CellKind::kWorkingMemory;
+  // the operands of the cell (cells/traits.h): a full weight_ch in a two-phase step (working
+  // memory), or diagonal peepholes
+  const bool wm = traits(cell).two_phase;
+  const bool peepholes = traits(cell).weight_ch == WeightCh::kDiagonal;
   const auto opts = input.options();
   const int64_t ws_numel = LSTMWorkspace::numel(cell, s.N, H, proj);
   TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws_numel && workspace.is_contiguous() && workspace.scalar_type() == input.scalar_type(), op, "_backward: workspace must be the contiguous (", ws_numel, ",) tensor returned by the forward, got shape ", workspace.sizes());
@@ -476,7 +482,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       /*dh_state=*/grad_or_zeros(grad_hy, input, s.B, Hout),
       /*dc_state=*/grad_or_zeros(grad_cy, input, s.B, H),
       /*c0=*/cx.has_value() ? cx->contiguous() : at::zeros({s.B, H}, opts),
-      /*peep=*/cell == CellKind::kPeephole ? w_ch->contiguous() : Tensor(),
+      /*peep=*/peepholes ? w_ch->contiguous() : Tensor(),
       // projection: gradient of r_t (current step); WM: the cell-connection gradients in flight
       /*dr=*/proj ? at::empty({s.B, H}, opts) : Tensor(),
       /*dp=*/wm ? at::zeros({s.B, 3 * H}, opts) : Tensor(),
@@ -504,8 +510,8 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     grad_w_ih = weight_grad({4 * H, d.I});
     grad_w_hh = weight_grad({4 * H, Hout});
     if (b_ih.has_value()) grad_b = at::zeros({4 * H}, opts);
-    if (cell == CellKind::kPeephole) grad_w_ch = at::zeros({weight_ch_rows(cell, H), H}, opts);
-    if (cell == CellKind::kWorkingMemory) grad_w_ch = weight_grad({weight_ch_rows(cell, H), H});
+    if (peepholes) grad_w_ch = at::zeros({weight_ch_rows(cell, H), H}, opts);
+    if (wm) grad_w_ch = weight_grad({weight_ch_rows(cell, H), H});
     if (proj) grad_w_hr = weight_grad({Hout, H});
   }
   auto finish_chunk = [&](const StepChunks::Chunk& ch) {
@@ -518,11 +524,11 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     const std::vector<PrevSegment> cs = clip_segments(segs, ch.lo, ch.hi);
     gemm_prev(grad_w_hh, dg, cs, c.out, h0, beta);
     if (grad_b.numel()) grad_b += dg.sum(0);
-    if (cell == CellKind::kPeephole) {
+    if (peepholes) {
       grad_w_ch[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c.c0);
       grad_w_ch[1] += colsum_prev(dg.narrow(1, H, H), cs, c_all, c.c0);
       grad_w_ch[2] += (dg.narrow(1, 3 * H, H) * rows(c_all, ch.lo, m)).sum(0);
-    } else if (cell == CellKind::kWorkingMemory) {
+    } else if (wm) {
       const Tensor dp_c = rows(c.dp_buf[ch.buf], 0, m);
       gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_c.narrow(1, 0, 2 * H), cs, c_all, c.c0, beta);
       gemm(grad_w_ch.narrow(0, 2 * H, H), dp_c.narrow(1, 2 * H, H).t(), rows(c_all, ch.lo, m),

@@ -314,7 +314,13 @@ def _run_serving(args: argparse.Namespace, argv: List[str], device: torch.device
                   file=err)
     print(f"wall time {time.perf_counter() - started:.1f} s; results in "
           f"{os.path.abspath(out_dir)}")
-    failed = [f"{r['case']} {r['pass']}: {r['reason']}" for r in rows if r["status"] != "ok"]
+    return _exit_status([f"{r['case']} {r['pass']}: {r['reason']}" for r in rows
+                         if r["status"] != "ok"], err)
+
+
+def _exit_status(failed: List[str], err) -> int:
+    """1 after naming every failed measurement, 0 when there is none: a row that errors is a
+    failure of what the benchmark measures (skips on purpose are not), so that CI sees it."""
     if failed:
         print(f"error: {len(failed)} measurement(s) failed:", file=err)
         for line in failed:
@@ -430,12 +436,7 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
         return exit_code
     # A row that errors is a failure of what the benchmark measures (skips on purpose are not):
     # the command fails, so that CI and scripts see it.
-    failed = [f"{rec['label']} {rec['shape_str']} {rec['pass']} {impl}: {e.get('reason')}"
-              for rec in results for impl, e in rec["impls"].items()
-              if e.get("status") == "error"]
-    if failed:
-        print(f"error: {len(failed)} measurement(s) failed:", file=err)
-        for line in failed:
-            print(f"  {line}", file=err)
-        return 1
-    return 0
+    return _exit_status([f"{rec['label']} {rec['shape_str']} {rec['pass']} {impl}: "
+                         f"{e.get('reason')}" for rec in results
+                         for impl, e in rec["impls"].items() if e.get("status") == "error"],
+                        err)

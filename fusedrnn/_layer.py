@@ -39,8 +39,6 @@ def _needs_reference(tensors) -> bool:
     """True inside a torch.func transform (grad, vmap, jvp, jacfwd, ...) or when an argument is
     a forward-mode AD dual tensor. The fused ops have a reverse-mode derivative only; these
     run the differentiable reference equations instead (correct, not fused)."""
-    if torch.compiler.is_compiling():
-        return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     if torch.autograd.forward_ad._current_level >= 0:
@@ -59,24 +57,28 @@ def run(cell: str, a: LayerArgs, exposed: bool = True
     if not _ops.HAS_C:
         _warn_fallback()
         return reference.layer_of(cell, a)
-    if torch.onnx.is_in_onnx_export():
+    tracing = torch.jit.is_tracing()
+    # An ONNX export runs under torch.jit.trace (the TorchScript exporter) or torch.export
+    # (dynamo=True, where torch.compiler.is_compiling() holds): eager calls skip the check.
+    staged = tracing or torch.compiler.is_compiling()
+    if staged and torch.onnx.is_in_onnx_export():
         from . import _onnx
         return _onnx.layer(cell, a)
     tensors = a.tensors
-    if _needs_reference(tensors):
+    if not staged and _needs_reference(tensors):
         return reference.layer_of(cell, a)
     # The workspace (what backward reads) is only kept when a gradient can be asked for.
     need_workspace = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     copy_output = exposed and need_workspace
-    if torch.jit.is_tracing():
+    if tracing:
         # A trace is one graph for every grad mode (torch.jit.trace checks it under no_grad):
         # it keeps no workspace, so that a traced model runs in inference as lean as eagerly,
         # and a backward through it recomputes the workspace (see _ops' setup_context); the
         # output is always a copy, so that an in-place operation on it never breaks that
         # backward.
         need_workspace, copy_output = False, exposed
-    out, hy, cy = _ops.forward(cell, a, need_workspace)
+    out, hy, cy = _ops.forward(cell, a, need_workspace, eager=not staged)
     if copy_output:
         out = out.clone()
     return out, hy, cy

@@ -280,32 +280,32 @@ if HAS_C:
         _register_autocast(_LIB, f"{_cell}_forward")
 
 
-def _plain(t) -> bool:
-    return t is None or type(t) in (Tensor, torch.nn.Parameter)
+_PLAIN = (type(None), Tensor, torch.nn.Parameter)
 
 
 def _eager_ok(a: reference.LayerArgs) -> bool:
-    """Whether a call may bypass the dispatcher's Autograd kernel: eager mode on plain tensors.
-    Under torch.compile / export, torch.jit.trace, autocast (its kernels run above autograd and
-    cast the arguments the op then saves), torch function modes and tensor subclasses (FakeTensor,
-    DTensor, ...) the op is called as registered."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    """Whether an eager call (not under torch.compile / export or torch.jit.trace: the caller
+    knows) may bypass the dispatcher's Autograd kernel: plain tensors, no autocast (its kernels
+    run above autograd and cast the arguments the op then saves), no torch function mode. Tensor
+    subclasses (FakeTensor, DTensor, ...) call the op as registered."""
+    return (not torch._C._is_torch_function_mode_enabled()
             and not torch.is_autocast_enabled(a.input.device.type)
-            and not torch._C._is_torch_function_mode_enabled()
-            and all(_plain(t) for t in a.tensors))
+            and all(type(t) in _PLAIN for t in a.tensors))
 
 
-def forward(cell: str, a: reference.LayerArgs, need_workspace: bool
+def forward(cell: str, a: reference.LayerArgs, need_workspace: bool, eager: bool = False
             ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(output, h_n, c_n) of the forward op of `cell` (c_n None for the GRU).
 
-    `need_workspace` is True exactly when a gradient can be asked for (fusedrnn._layer.run). In
-    eager mode the op then runs through _EAGER's autograd.Function, and without a workspace below
-    the Autograd key (no graph to record); elsewhere through the dispatcher as registered."""
+    `need_workspace` is True exactly when a gradient can be asked for (fusedrnn._layer.run).
+    `eager`: the call is not staged (torch.compile / export, torch.jit.trace); then, where
+    _eager_ok allows, the op runs through _EAGER's autograd.Function, and without a workspace
+    below the Autograd key (no graph to record); elsewhere through the dispatcher as
+    registered."""
     op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
     args = ((a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx, a.batch_sizes,
              a.reverse, need_workspace) if cell == "gru" else (*a, need_workspace))
-    if _eager_ok(a):
+    if eager and _eager_ok(a):
         if need_workspace:
             result = _EAGER[cell].apply(*args)
         else:

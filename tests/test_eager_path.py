@@ -31,12 +31,12 @@ def _args(cell):
                      w["weight_ch"], None, h, c)
 
 
-def _grads(cell, a, mode=None):
+def _grads(cell, a, eager, mode=None):
     if mode is None:
-        out, hy, cy = _ops.forward(cell, a, True)
+        out, hy, cy = _ops.forward(cell, a, True, eager=eager)
     else:
         with mode:
-            out, hy, cy = _ops.forward(cell, a, True)
+            out, hy, cy = _ops.forward(cell, a, True, eager=eager)
     loss = out.sin().sum() + hy.sum() + (cy.cos().sum() if cy is not None else 0)
     leaves = [t for t in a.tensors if t is not None]
     return out.grad_fn, [out, hy] + list(torch.autograd.grad(loss, leaves))
@@ -45,28 +45,29 @@ def _grads(cell, a, mode=None):
 @pytest.mark.parametrize("cell", list(cells.CELLS))
 def test_eager_function_equals_the_registered_autograd(cell):
     a = _args(cell)
-    fn_eager, eager = _grads(cell, a)
-    fn_reg, registered = _grads(cell, a, _AnyMode())
-    assert type(fn_eager).__name__ == f"_{cell}_forward_functionBackward"
-    assert "_forward_function" not in type(fn_reg).__name__  # the op's registered autograd
-    for e, r in zip(eager, registered):
-        assert torch.equal(e, r)  # the same kernels on the same inputs: bitwise equal
+    fn_eager, eager = _grads(cell, a, True)
+    for fn_reg, registered in (_grads(cell, a, False),  # a staged call (compile, trace)
+                               _grads(cell, a, True, _AnyMode())):  # eager, under a mode
+        assert type(fn_eager).__name__ == f"_{cell}_forward_functionBackward"
+        assert "_forward_function" not in type(fn_reg).__name__  # the op's registered autograd
+        for e, r in zip(eager, registered):
+            assert torch.equal(e, r)  # the same kernels on the same inputs: bitwise equal
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_eager_function_double_backward(cell):
     """create_graph=True runs the same differentiable backward as the registered autograd."""
     a = _args(cell)
-    torch.autograd.gradcheck(lambda *t: _ops.forward(cell, LayerArgs(*t), True)[1],
-                             a.tensors, atol=1e-7)  # fp64 finite differences
-    torch.autograd.gradgradcheck(lambda *t: _ops.forward(cell, LayerArgs(*t), True)[1],
-                                 a.tensors, atol=1e-7)  # as above
+    def f(*t):
+        return _ops.forward(cell, LayerArgs(*t), True, eager=True)[1]
+    torch.autograd.gradcheck(f, a.tensors, atol=1e-7)  # fp64 finite differences
+    torch.autograd.gradgradcheck(f, a.tensors, atol=1e-7)  # as above
 
 
 def test_no_gradient_means_no_graph():
     a = _args("lstm")
     with torch.no_grad():
-        out, hy, cy = _ops.forward("lstm", a, False)
+        out, hy, cy = _ops.forward("lstm", a, False, eager=True)
     assert out.grad_fn is None and not out.requires_grad and not hy.requires_grad
 
 

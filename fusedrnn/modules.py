@@ -411,21 +411,26 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx=None):
-        if _is_proxy(input, hx):  # torch.fx.symbolic_trace: a leaf module
-            return _fx_leaf(self, input, hx)
-        name = type(self).__name__
-        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-            got = f"{input.dim()}-D" if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {got}")
+        # One call per step of a user's loop: every attribute is read once (a device or a
+        # parameter lookup costs as much as a line of arithmetic here).
+        if not isinstance(input, Tensor) or (hx is not None and not isinstance(hx, Tensor)
+                                             and _is_proxy(hx)):
+            if _is_proxy(input, hx):  # torch.fx.symbolic_trace: a leaf module
+                return _fx_leaf(self, input, hx)
+        dim = input.dim() if isinstance(input, Tensor) else None
+        if dim not in (1, 2):
+            got = f"{dim}-D" if dim is not None else type(input).__name__
+            raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {got}")
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"{name}: input has inconsistent input_size: got "
+            raise RuntimeError(f"{type(self).__name__}: input has inconsistent input_size: got "
                                f"{input.shape[-1]} expected {self.input_size}")
-        if ((input.dtype != self.weight_ih.dtype
-             and not _autocast_mixed_ok(input, self.weight_ih))
-                or input.device != self.weight_ih.device):
-            raise TypeError(f"{name}: input ({input.dtype}, {input.device}) must match the "
-                            f"parameters ({self.weight_ih.dtype}, {self.weight_ih.device})")
-        unbatched = input.dim() == 1
+        w_ih = self.weight_ih
+        dtype, device = input.dtype, input.device
+        if ((dtype != w_ih.dtype and not _autocast_mixed_ok(input, w_ih))
+                or device != w_ih.device):
+            raise TypeError(f"{type(self).__name__}: input ({dtype}, {device}) must match the "
+                            f"parameters ({w_ih.dtype}, {w_ih.device})")
+        unbatched = dim == 1
         if unbatched:
             input = input.unsqueeze(0)
         B, H = input.shape[0], self.hidden_size
@@ -441,17 +446,17 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
             for sname, t in (("hx", h0), ("cx", c0)):
                 if t is None:
                     continue
-                if tuple(t.shape) != (B, H):
-                    raise RuntimeError(f"{name}: {sname} has shape {tuple(t.shape)}, expected "
-                                       f"{(B, H)}")
-                if ((t.dtype != input.dtype and not _autocast_mixed_ok(t, input))
-                        or t.device != input.device):
-                    raise TypeError(f"{name}: {sname} ({t.dtype}, {t.device}) must match input "
-                                    f"({input.dtype}, {input.device})")
+                if t.shape != (B, H):
+                    raise RuntimeError(f"{type(self).__name__}: {sname} has shape "
+                                       f"{tuple(t.shape)}, expected {(B, H)}")
+                if ((t.dtype != dtype and not _autocast_mixed_ok(t, input))
+                        or t.device != device):
+                    raise TypeError(f"{type(self).__name__}: {sname} ({t.dtype}, {t.device}) "
+                                    f"must match input ({dtype}, {device})")
         _, hy, cy = _layer.run(self._cell,
-                               LayerArgs(input.unsqueeze(0), self.weight_ih, self.weight_hh,
-                                         self.bias_ih, self.bias_hh, self.weight_ch, None, h0,
-                                         c0), exposed=False)
+                               LayerArgs(input.unsqueeze(0), w_ih, self.weight_hh, self.bias_ih,
+                                         self.bias_hh, self.weight_ch, None, h0, c0),
+                               exposed=False)
         if unbatched:
             hy = hy.squeeze(0)
             cy = cy.squeeze(0) if cy is not None else None

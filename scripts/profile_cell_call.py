@@ -57,7 +57,7 @@ def rows_for(name, H, grad):
         ("torch.nn", lambda: ref(x, state)),
         ("module", lambda: mod(x, state)),
         ("_layer.run", lambda: _layer.run(name, args, exposed=False)),
-        ("_ops.forward", lambda: _ops.forward(name, args, need_ws)),
+        ("_ops.forward", lambda: _ops.forward(name, args, need_ws, eager=True)),
         ("op (registered)", lambda: op(*op_args)),
     ]
 

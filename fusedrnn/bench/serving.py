@@ -11,7 +11,9 @@ servers, where the work per step is small and per-call costs count.
 Every row also has the weight-streaming bound of its steps: the bytes of weights one step reads
 (a cell step: W_ih, W_hh and weight_ch; a layer step: W_hh, since the input projection is one
 GEMM for many steps) divided by this machine's read bandwidth, measured in the same run by
-summing a buffer of that size. With ``--serving-grid`` the cells run at batch 1 .. 64 and
+summing a buffer of that size; and its compute bound: the step's matrix-product FLOPs (three
+times the forward's with the backward) at the rate torch.mm reaches at the step's shape, also
+measured in the same run. A step cannot be faster than the larger of the two. With ``--serving-grid`` the cells run at batch 1 .. 64 and
 ``serving.png`` plots the fused / baseline ratio against the batch size.
 """
 import statistics
@@ -57,6 +59,31 @@ def read_bandwidth(nbytes: int, repeats: int = 50) -> float:
     return buf.numel() * 4 / best
 
 
+def gemm_rate(m: int, k: int, n: int, repeats: int = 30) -> float:
+    """FLOP/s of torch.mm at (m x k) @ (k x n), best of `repeats` after a warm-up: the rate
+    this machine multiplies a step's matrices at."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best
+
+
+def step_flops(name: str, B: int, I: int, H: int, training: bool) -> float:
+    """The matrix-product FLOPs of one step: x W_ih^T and h W_hh^T (and the working-memory
+    cell's c W_ch^T); with the backward three times that (the gradients of the inputs and of
+    the weights are products as large as the forward's)."""
+    spec = cells.CELLS[name]
+    f = 2.0 * B * (I + H) * spec.gates * H
+    if spec.weight_ch == "full":
+        f += 2.0 * B * H * 3 * H
+    return 3.0 * f if training else f
+
+
 def _step_fns(name: str, B: int, training: bool):
     """(fused step, baseline step, baseline label, initial state, weight bytes per step)."""
     spec = cells.CELLS[name]
@@ -100,10 +127,13 @@ def _cell_loop(step, x: torch.Tensor, state, has_c: bool, training: bool):
 
 
 def _record(group: str, case: str, pass_: str, base_label: str, steps: int, nbytes: int,
-            bandwidth: float, measure: Callable[[], Dict[str, float]]) -> dict:
+            bandwidth: float, flops: float, rate: float,
+            measure: Callable[[], Dict[str, float]]) -> dict:
     rec = {"group": group, "case": case, "pass": pass_, "baseline": base_label,
            "steps": steps, "weight_bytes_per_step": nbytes,
-           "bound_us_per_step": nbytes / bandwidth * 1e6}
+           "bound_us_per_step": nbytes / bandwidth * 1e6,
+           "flops_per_step": flops, "gemm_flops_per_s": rate,
+           "compute_us_per_step": flops / rate * 1e6}
     try:
         t = measure()
         rec.update(status="ok", fused_ms=t["fused"], baseline_ms=t["baseline"],
@@ -115,6 +145,7 @@ def _record(group: str, case: str, pass_: str, base_label: str, steps: int, nbyt
 
 
 def cell_rows(batches: Sequence[int], repeats: int, bandwidth_of: Callable[[int], float],
+              rate_of: Callable[[int, int, int], float],
               names: Sequence[str] = tuple(cells.CELLS)) -> List[dict]:
     rows = []
     for name in names:
@@ -130,13 +161,17 @@ def cell_rows(batches: Sequence[int], repeats: int, bandwidth_of: Callable[[int]
                                                 repeats),
                             "baseline": _median_ms(_cell_loop(base, x, state, has_c, training),
                                                    repeats)}
+                rate = rate_of(B, CELL_SIZE, cells.CELLS[name].gates * CELL_SIZE)
                 rows.append(_record("cells", f"{name} cell B={B} H={CELL_SIZE}", pass_, label,
-                                    STEPS, nbytes, bandwidth_of(nbytes), measure))
+                                    STEPS, nbytes, bandwidth_of(nbytes),
+                                    step_flops(name, B, CELL_SIZE, CELL_SIZE, training), rate,
+                                    measure))
                 rows[-1].update(cell=name, batch=B)
     return rows
 
 
-def layer_rows(repeats: int, bandwidth_of: Callable[[int], float]) -> List[dict]:
+def layer_rows(repeats: int, bandwidth_of: Callable[[int], float],
+               rate_of: Callable[[int, int, int], float]) -> List[dict]:
     rows = []
     for name, T, B, H in LAYER_CASES:
         fused = cells.CELLS[name].module_class(H, H)
@@ -149,37 +184,48 @@ def layer_rows(repeats: int, bandwidth_of: Callable[[int], float]) -> List[dict]
             with torch.no_grad():
                 return {"fused": _median_ms(lambda: fused(x), repeats),
                         "baseline": _median_ms(lambda: base(x), repeats)}
+        G = cells.CELLS[name].gates
         rows.append(_record("layers", f"{name} layer T={T} B={B} H={H}", "fwd (inference)",
-                            "torch.nn", T, nbytes, bandwidth_of(nbytes), measure))
+                            "torch.nn", T, nbytes, bandwidth_of(nbytes),
+                            step_flops(name, B, H, H, False), rate_of(B, H, G * H), measure))
         rows[-1].update(cell=name, batch=B)
     return rows
 
 
 def run(repeats: int, grid: bool = False) -> List[dict]:
-    """Every row of the group; the bandwidth measured once per weight size."""
+    """Every row of the group; the bandwidth measured once per weight size, the GEMM rate once
+    per step shape."""
     bandwidths: Dict[int, float] = {}
+    rates: Dict[tuple, float] = {}
 
     def bandwidth_of(nbytes: int) -> float:
         if nbytes not in bandwidths:
             bandwidths[nbytes] = read_bandwidth(nbytes)
         return bandwidths[nbytes]
 
-    rows = cell_rows(GRID_BATCHES if grid else CELL_BATCHES, repeats, bandwidth_of)
-    return rows + layer_rows(repeats, bandwidth_of)
+    def rate_of(m: int, k: int, n: int) -> float:
+        if (m, k, n) not in rates:
+            rates[(m, k, n)] = gemm_rate(m, k, n)
+        return rates[(m, k, n)]
+
+    rows = cell_rows(GRID_BATCHES if grid else CELL_BATCHES, repeats, bandwidth_of, rate_of)
+    return rows + layer_rows(repeats, bandwidth_of, rate_of)
 
 
 def format_table(rows: Sequence[dict]) -> str:
     head = ["case", "pass", "baseline", "baseline ms", "fused ms", "speed-up",
-            "fused us/step", "bound us/step"]
+            "fused us/step", "bound us/step", "compute us/step"]
     lines = [head]
     for r in rows:
         if r["status"] != "ok":
             lines.append([r["case"], r["pass"], r["baseline"], "error", r["reason"][:40], "",
-                          "", f"{r['bound_us_per_step']:.1f}"])
+                          "", f"{r['bound_us_per_step']:.1f}",
+                          f"{r['compute_us_per_step']:.1f}"])
             continue
         lines.append([r["case"], r["pass"], r["baseline"], f"{r['baseline_ms']:.2f}",
                       f"{r['fused_ms']:.2f}", f"{r['speedup']:.2f}x",
-                      f"{r['fused_us_per_step']:.1f}", f"{r['bound_us_per_step']:.1f}"])
+                      f"{r['fused_us_per_step']:.1f}", f"{r['bound_us_per_step']:.1f}",
+                      f"{r['compute_us_per_step']:.1f}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
                      for row in lines)

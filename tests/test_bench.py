@@ -431,8 +431,8 @@ def test_serving_grid_writes_every_row_and_the_plot(tmp_path, capsys, small_serv
         assert r["status"] == "ok", r
         assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["fused_ms"])
         assert r["bound_us_per_step"] > 0 and r["weight_bytes_per_step"] > 0
-        assert r["compute_us_per_step"] == pytest.approx(
-            r["flops_per_step"] / r["gemm_flops_per_s"] * 1e6)
+        assert r["mm_us_per_step"] == pytest.approx(
+            r["flops_per_step"] / r["mm_flops_per_s"] * 1e6)
     # the matrix-product FLOPs of a step: (I + H) x gates*H per row, three times with backward
     lstm1 = {r["pass"]: r for r in cells_ if r["cell"] == "lstm" and r["batch"] == 1}
     assert lstm1["fwd"]["flops_per_step"] == 2 * (16 + 16) * 4 * 16
@@ -442,7 +442,7 @@ def test_serving_grid_writes_every_row_and_the_plot(tmp_path, capsys, small_serv
     assert {r["baseline"] for r in cells_ if r["cell"] not in ("lstm", "gru")} == {"eager step"}
     assert (out / "serving.png").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "bound us/step" in printed and "compute us/step" in printed
+    assert "bound us/step" in printed and "torch.mm us/step" in printed
     assert "thread(s), float32" in printed
 
 

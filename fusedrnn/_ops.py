@@ -271,7 +271,9 @@ def _register_autocast(lib, opname: str) -> None:
 
 
 _LIB = None
+_FORWARD_OPS = {}  # cell name -> its forward op, looked up once
 if HAS_C:
+    _FORWARD_OPS = {name: getattr(torch.ops.fusedrnn, f"{name}_forward") for name in cells.CELLS}
     for _cell in LSTM_FAMILY:
         _register(_cell)
     _register_gru()
@@ -302,7 +304,7 @@ def forward(cell: str, a: reference.LayerArgs, need_workspace: bool, eager: bool
     _eager_ok allows, the op runs through _EAGER's autograd.Function, and without a workspace
     below the Autograd key (no graph to record); elsewhere through the dispatcher as
     registered."""
-    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    op = _FORWARD_OPS[cell]
     args = ((a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx, a.batch_sizes,
              a.reverse, need_workspace) if cell == "gru" else (*a, need_workspace))
     if eager and _eager_ok(a):

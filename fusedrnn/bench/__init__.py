@@ -33,7 +33,7 @@ Import graph: each module imports only modules listed above it, so there is no c
     report     -> cases
     throughput -> cases
     plot       -> argparser, cases
-    serving    ->
+    serving    -> throughput
     cli        -> argparser, cases, env, impls, measure, plot, report, serving, throughput
     __main__   -> cli
     __init__   -> cases, env, measure, cli

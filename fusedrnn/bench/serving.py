@@ -24,7 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from fusedrnn import cells, reference
+from fusedrnn import cells
+
+from . import throughput
 
 STEPS = 100
 CELL_SIZE = 256  # input and hidden size of the cell rows
@@ -58,20 +60,6 @@ def read_bandwidth(nbytes: int, repeats: int = 50) -> float:
         buf.sum()
         best = min(best, time.perf_counter() - t0)
     return buf.numel() * 4 / best
-
-
-def gemm_rate(m: int, k: int, n: int, repeats: int = 30) -> float:
-    """FLOP/s of torch.mm at (m x k) @ (k x n), best of `repeats` after a warm-up: the rate
-    torch multiplies a step's matrices at on this machine."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * m * k * n / best
 
 
 def step_flops(name: str, B: int, I: int, H: int, training: bool) -> float:
@@ -204,9 +192,10 @@ def run(repeats: int, grid: bool = False) -> List[dict]:
             bandwidths[nbytes] = read_bandwidth(nbytes)
         return bandwidths[nbytes]
 
-    def rate_of(m: int, k: int, n: int) -> float:
+    def rate_of(m: int, k: int, n: int) -> float:  # FLOP/s of torch.mm at the step's shape
         if (m, k, n) not in rates:
-            rates[(m, k, n)] = gemm_rate(m, k, n)
+            rate = throughput.gemm_rate(torch.device("cpu"), torch.float32, [(m, k, n)])[0]
+            rates[(m, k, n)] = rate["gflops"] * 1e9
         return rates[(m, k, n)]
 
     rows = cell_rows(GRID_BATCHES if grid else CELL_BATCHES, repeats, bandwidth_of, rate_of)

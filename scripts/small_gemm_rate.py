@@ -1,0 +1,52 @@
+"""The small GEMMs of 1-4 row steps (csrc/cpu/small_gemm.h) against torch.mm, at the shape of a
+step of H = 256 (m x 256 @ (1024 x 256)^T), one thread, fp32: median of 9 samples of 300 calls of
+the `_raw_gemm` test op (which takes the small GEMMs for m <= 4 under the avx2 / avx512 ISAs),
+of the same op under the baseline ISA (at::mm), and of torch.mm.
+
+    PYTHONPATH=. python scripts/small_gemm_rate.py
+"""
+import statistics
+import time
+
+import torch
+
+import fusedrnn  # noqa: F401 (registers torch.ops.fusedrnn)
+
+ops = torch.ops.fusedrnn
+
+
+def per_call_us(fn, calls=300, samples=9):
+    for _ in range(30):
+        fn()
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times) * 1e6
+
+
+def main():
+    torch.set_num_threads(1)
+    isa = ops.cpu_isa()
+    print(f"ISA {isa}, 1 thread, fp32, microseconds per call")
+    for m in (1, 2, 4):
+        w, a, c = torch.randn(1024, 256), torch.randn(m, 256), torch.empty(m, 1024)
+
+        def raw():  # C (m x 1024) = A (m x 256) W^T: trans_b, ldb 256
+            ops._raw_gemm(c.view(-1), a.view(-1), w.view(-1), m, 1024, 256, 256, 256, 1024,
+                          False, True, 0.0)
+        small = per_call_us(raw)
+        previous = ops._set_cpu_isa("baseline")
+        try:
+            aten = per_call_us(raw)
+        finally:
+            ops._set_cpu_isa(previous)
+        mm = per_call_us(lambda: torch.mm(a, w.t(), out=c))
+        print(f"m={m}: small GEMM {small:.1f}, the op through at::mm {aten:.1f}, "
+              f"torch.mm {mm:.1f}")
+
+
+if __name__ == "__main__":
+    main()

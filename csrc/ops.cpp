@@ -51,6 +51,25 @@ TORCH_LIBRARY(fusedrnn, m) {
            "Tensor grad_weight_hr)")
               .c_str());
   }
+  // The eager entries (driver/eager.cpp): the forward of a layer call with its autograd as a
+  // C++ node, for eager programs; `exposed` makes the output a copy of what backward saves.
+  for (const fusedrnn::CellTraits& cell : fusedrnn::kCellTraits) {
+    const std::string op(cell.name);
+    if (cell.has_cell_state) {
+      m.def(("_" + op +
+             "_eager(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+             "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, "
+             "Tensor? batch_sizes, bool reverse, bool exposed) -> (Tensor output, Tensor hy, "
+             "Tensor cy)")
+                .c_str());
+    } else {
+      m.def(("_" + op +
+             "_eager(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+             "Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, bool reverse, bool exposed) -> "
+             "(Tensor output, Tensor hy)")
+                .c_str());
+    }
+  }
   m.def(
       "gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
       "Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, bool reverse, "

@@ -65,8 +65,11 @@ def run(cell: str, a: LayerArgs, exposed: bool = True
         from . import _onnx
         return _onnx.layer(cell, a)
     tensors = a.tensors
-    if not staged and _needs_reference(tensors):
-        return reference.layer_of(cell, a)
+    if not staged:
+        if _needs_reference(tensors):
+            return reference.layer_of(cell, a)
+        if _ops.eager_ok(a):  # one op call; its autograd a C++ node
+            return _ops.eager_forward(cell, a, exposed)
     # The workspace (what backward reads) is only kept when a gradient can be asked for.
     need_workspace = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -78,7 +81,7 @@ def run(cell: str, a: LayerArgs, exposed: bool = True
         # output is always a copy, so that an in-place operation on it never breaks that
         # backward.
         need_workspace, copy_output = False, exposed
-    out, hy, cy = _ops.forward(cell, a, need_workspace, eager=not staged)
+    out, hy, cy = _ops.forward(cell, a, need_workspace)
     if copy_output:
         out = out.clone()
     return out, hy, cy

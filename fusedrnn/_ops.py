@@ -152,8 +152,6 @@ def _register(cell: str) -> None:
                 None, None, None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
-    _EAGER[cell] = _eager_function(cell, getattr(torch.ops.fusedrnn, f"{cell}_forward"),
-                                   setup_context, backward)
 
 
 def _register_gru() -> None:
@@ -217,27 +215,6 @@ def _register_gru() -> None:
 
     torch.library.register_autograd("fusedrnn::gru_forward", backward,
                                     setup_context=setup_context)
-    _EAGER["gru"] = _eager_function("gru", torch.ops.fusedrnn.gru_forward, setup_context,
-                                    backward)
-
-
-# The eager path of a forward op with autograd (see forward below): a torch.autograd.Function
-# over the same setup_context and backward as the op's registered autograd, whose forward calls
-# the op below the Autograd key. The registered autograd is a Python kernel of the dispatcher;
-# entering it costs ~40 us per call (torch.library's redispatch), as much as a whole cell step's
-# arithmetic at hidden size 256 (scripts/profile_cell_call.py).
-_EAGER = {}
-
-
-def _eager_function(cell: str, op, setup_context, backward) -> type:
-    def fn_forward(ctx, *inputs):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op.default(*inputs)
-        setup_context(ctx, inputs, output)
-        return output
-
-    return type(f"_{cell}_forward_function", (torch.autograd.Function,),
-                {"forward": staticmethod(fn_forward), "backward": staticmethod(backward)})
 
 
 def _autocast_eligible(t, device_type: str) -> bool:
@@ -272,8 +249,11 @@ def _register_autocast(lib, opname: str) -> None:
 
 _LIB = None
 _FORWARD_OPS = {}  # cell name -> its forward op, looked up once
+_EAGER_OPS = {}  # cell name -> its eager op (csrc/driver/eager.cpp)
 if HAS_C:
     _FORWARD_OPS = {name: getattr(torch.ops.fusedrnn, f"{name}_forward") for name in cells.CELLS}
+    _EAGER_OPS = {name: getattr(torch.ops.fusedrnn, f"_{name}_eager").default
+                  for name in cells.CELLS}
     for _cell in LSTM_FAMILY:
         _register(_cell)
     _register_gru()
@@ -285,14 +265,27 @@ if HAS_C:
 _PLAIN = (type(None), Tensor, torch.nn.Parameter)
 
 
-def _eager_ok(a: reference.LayerArgs) -> bool:
+def eager_ok(a: reference.LayerArgs) -> bool:
     """Whether an eager call (not under torch.compile / export or torch.jit.trace: the caller
-    knows) may bypass the dispatcher's Autograd kernel: plain tensors, no autocast (its kernels
-    run above autograd and cast the arguments the op then saves), no torch function mode. Tensor
-    subclasses (FakeTensor, DTensor, ...) call the op as registered."""
+    knows) may take the eager op, whose autograd is a C++ node (csrc/driver/eager.cpp) rather
+    than the forward op's registered (Python) autograd kernel: plain tensors, no autocast (its
+    kernels run above autograd and cast the arguments the op then saves), no torch function
+    mode. Tensor subclasses (FakeTensor, DTensor, ...) call the op as registered."""
     return (not torch._C._is_torch_function_mode_enabled()
-            and not torch.is_autocast_enabled(a.input.device.type)
+            and not torch._C._is_any_autocast_enabled()
             and all(type(t) in _PLAIN for t in a.tensors))
+
+
+def eager_forward(cell: str, a: reference.LayerArgs, exposed: bool
+                  ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(output, h_n, c_n) of an eager call (eager_ok) through the eager op of `cell`: one op
+    call; it records a C++ autograd node when a gradient can be asked for, and then, if
+    `exposed`, returns the output as a copy of what the backward saves (fusedrnn._layer.run)."""
+    if cell == "gru":
+        out, hy = _EAGER_OPS[cell](a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx,
+                                   a.batch_sizes, a.reverse, exposed)
+        return out, hy, None
+    return _EAGER_OPS[cell](*a, exposed)
 
 
 def forward(cell: str, a: reference.LayerArgs, need_workspace: bool, eager: bool = False
@@ -301,20 +294,14 @@ def forward(cell: str, a: reference.LayerArgs, need_workspace: bool, eager: bool
 
     `need_workspace` is True exactly when a gradient can be asked for (fusedrnn._layer.run).
     `eager`: the call is not staged (torch.compile / export, torch.jit.trace); then, where
-    _eager_ok allows, the op runs through _EAGER's autograd.Function, and without a workspace
-    below the Autograd key (no graph to record); elsewhere through the dispatcher as
-    registered."""
+    eager_ok allows, it runs through the eager op (which applies the same rule for the
+    workspace itself); elsewhere through the op as registered."""
+    if eager and eager_ok(a):
+        return eager_forward(cell, a, exposed=False)
     op = _FORWARD_OPS[cell]
     args = ((a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx, a.batch_sizes,
              a.reverse, need_workspace) if cell == "gru" else (*a, need_workspace))
-    if eager and _eager_ok(a):
-        if need_workspace:
-            result = _EAGER[cell].apply(*args)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                result = op.default(*args)
-    else:
-        result = op(*args)
+    result = op(*args)
     if cell == "gru":
         return result[0], result[1], None
     return result[0], result[1], result[2]

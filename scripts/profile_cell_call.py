@@ -8,9 +8,10 @@ median of repeated 2000-call loops.
 Rows (microseconds per call):
   torch.nn           torch.nn.LSTMCell / GRUCell (the reference point)
   module             fusedrnn.LSTMCell / GRUCell: argument checks, state handling, then
-  _layer.run         the routing (ONNX export, torch.func, workspace decision), then
-  _ops.forward       the op call of eager mode: in grad mode an autograd.Function whose
-                     forward calls the op below the Autograd key, else the op below it
+  _layer.run         the routing (ONNX export, torch.func, the eager check), then
+  eager op           the op call of eager mode, torch.ops.fusedrnn._<cell>_eager: in grad
+                     mode a C++ autograd node around the forward op called below the
+                     Autograd key (csrc/driver/eager.cpp), else the forward op below it
   op (registered)    torch.ops.fusedrnn.<cell>_forward through the dispatcher, whose Autograd
                      kernel is the Python one torch.library.register_autograd installs (what
                      torch.compile and export record; for comparison)
@@ -57,7 +58,7 @@ def rows_for(name, H, grad):
         ("torch.nn", lambda: ref(x, state)),
         ("module", lambda: mod(x, state)),
         ("_layer.run", lambda: _layer.run(name, args, exposed=False)),
-        ("_ops.forward", lambda: _ops.forward(name, args, need_ws, eager=True)),
+        ("eager op", lambda: _ops.eager_forward(name, args, exposed=False)),
         ("op (registered)", lambda: op(*op_args)),
     ]
 

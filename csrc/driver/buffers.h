@@ -3,8 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -17,10 +20,41 @@
 namespace fusedrnn {
 namespace driver {
 
+// A contiguous copy of t (its own memory: the steps write the state in place). A contiguous
+// CPU tensor is copied with memcpy: a cell call copies its states on every step, and clone()
+// costs a microsecond of dispatch each.
+inline Tensor fresh_copy(const Tensor& t) {
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    Tensor out = at::empty(t.sizes(), t.options());
+    if (t.numel() > 0) std::memcpy(out.data_ptr(), t.const_data_ptr(), t.nbytes());
+    return out;
+  }
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 inline Tensor state_or_zeros(const c10::optional<Tensor>& t, const Tensor& like, int64_t B,
                              int64_t H) {
-  if (t.has_value()) return t->clone(at::MemoryFormat::Contiguous);
+  if (t.has_value()) return fresh_copy(*t);
   return at::zeros({B, H}, like.options());
+}
+
+// b_ih + b_hh, contiguous, rounded once to the dtype as at::add does; on the CPU a loop (one
+// call per step of a cell: at::add's dispatch would cost as much as the loop's arithmetic).
+inline Tensor bias_sum(const Tensor& b_ih, const Tensor& b_hh) {
+  if (!(b_ih.device().is_cpu() && b_ih.is_contiguous() && b_hh.is_contiguous())) {
+    return at::add(b_ih, b_hh).contiguous();
+  }
+  Tensor out = at::empty(b_ih.sizes(), b_ih.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b_ih.scalar_type(), "bias_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* a = b_ih.const_data_ptr<scalar_t>();
+    const scalar_t* b = b_hh.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < out.numel(); ++i) {
+      o[i] = static_cast<scalar_t>(static_cast<acc_t>(a[i]) + static_cast<acc_t>(b[i]));
+    }
+  });
+  return out;
 }
 
 inline Tensor grad_or_zeros(const c10::optional<Tensor>& g, const Tensor& like, int64_t B,
@@ -64,6 +98,8 @@ struct LSTMWorkspace {
   static int64_t numel(CellKind cell, int64_t N, int64_t H, bool proj) {
     return N * workspace_row(cell, H, proj);  // cells/traits.h
   }
+  // No workspace (inference): the empty buffer the op returns, no blocks.
+  explicit LSTMWorkspace(const at::TensorOptions& opts) : flat(at::empty({0}, opts)) {}
   LSTMWorkspace(const Tensor& buffer, CellKind cell, int64_t N, int64_t H, bool proj)
       : flat(buffer) {
     int64_t off = 0;
@@ -97,7 +133,7 @@ class InputProjection {
     if (!full.defined() && x.is_cuda()) full = at::empty({s.N, width}, opts);
     if (full.defined()) {
       buf_ = full;
-      if (s.N > 0) gemm(buf_.narrow(1, 0, G), x, w_ih_t);
+      if (s.N > 0) project(buf_, 0, s.N);
       lo_ = 0;
       hi_ = s.N;
     } else {
@@ -114,13 +150,26 @@ class InputProjection {
       int64_t k1 = k + 1;
       while (k1 < s_.T && span(k, k1 + 1).second - span(k, k1 + 1).first <= cap_) ++k1;
       std::tie(lo_, hi_) = span(k, k1);
-      gemm(rows(buf_, 0, hi_ - lo_).narrow(1, 0, w_ih_t_.size(1)), rows(x_, lo_, hi_ - lo_),
-           w_ih_t_);
+      project(buf_, lo_, hi_ - lo_);
     }
     return static_cast<scalar_t*>(base_) + (s_.off[t] - lo_) * width_;
   }
 
  private:
+  // Rows [0, m) of dst (first G columns) = rows [lo, lo + m) of x times W_ih^T. A few fp32
+  // rows of contiguous operands (the steps of a cell call) go to the small GEMMs on the
+  // pointers, without the row views.
+  void project(const Tensor& dst, int64_t lo, int64_t m) {
+    const int64_t G = w_ih_t_.size(1), I = w_ih_t_.size(0);
+    if (x_.scalar_type() == at::kFloat && x_.device().is_cpu() && x_.is_contiguous() &&
+        dst.is_contiguous() && w_ih_t_.stride(0) == 1 && w_ih_t_.stride(1) == I && I > 0 &&
+        small_gemm_f32(m, G, I, x_.const_data_ptr<float>() + lo * I, I,
+                       w_ih_t_.const_data_ptr<float>(), I, /*w_transposed=*/true,
+                       dst.data_ptr<float>(), width_, 0.0f)) {
+      return;
+    }
+    gemm(rows(dst, 0, m).narrow(1, 0, G), rows(x_, lo, m), w_ih_t_);
+  }
   // The input rows owned by the processed steps [k0, k1): one contiguous range.
   std::pair<int64_t, int64_t> span(int64_t k0, int64_t k1) const {
     int64_t a = s_.at(k0), b = s_.at(k1 - 1);

@@ -411,7 +411,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       contiguous_opt(w_hr),
       /*x=*/input.reshape({s.N, d.I}), output, /*out=*/output.view({s.N, Hout}),
       /*hy=*/state_or_zeros(hx, input, s.B, Hout), /*cy=*/state_or_zeros(cx, input, s.B, H),
-      /*bias=*/b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : Tensor(),
+      /*bias=*/b_ih.has_value() ? bias_sum(*b_ih, *b_hh) : Tensor(),
       /*peep=*/peepholes ? w_ch->contiguous() : Tensor(),
       // GemmStep: h_{t-1} W_hh^T of the current step. Tiles: the step's gates without a
       // workspace.
@@ -419,9 +419,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       /*p_buf=*/wm ? at::empty({s.B, 3 * H}, opts) : Tensor(),  // WM: c W_ch^T for [i | f | o]
       /*r_scratch=*/!need_workspace && proj ? at::empty({s.B, H}, opts) : Tensor(),
       /*u_scratch=*/!need_workspace && wm ? at::empty({s.B, 3 * H}, opts) : Tensor(),
-      LSTMWorkspace(
-          at::empty({need_workspace ? LSTMWorkspace::numel(cell, s.N, H, proj) : 0}, opts),
-          cell, need_workspace ? s.N : 0, H, proj)};
+      need_workspace
+          ? LSTMWorkspace(at::empty({LSTMWorkspace::numel(cell, s.N, H, proj)}, opts), cell,
+                          s.N, H, proj)
+          : LSTMWorkspace(opts)};
   if (wm) gemm(c.p_buf.narrow(1, 0, 2 * H), c.cy, w_ch->narrow(0, 0, 2 * H).t());
 
   const Plan plan = plan_call(input, s);

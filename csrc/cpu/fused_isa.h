@@ -38,7 +38,8 @@ struct PanelGemm {
 
 // A GEMM of m <= kSmallGemmRows rows against a row-major weight W (n x k, row stride ldw), as
 // cpu/small_gemm.h computes it: nt: out (m x n) = [out +] a (m x k) W^T; nn: out (m x k) =
-// [out +] a (m x n) W. Row strides lda, ldo; unit column strides everywhere.
+// [out +] a (m x n) W; tn (a rank-m update): out (n x k) = [out +] a^T W, a (m x n), W
+// (m x k). Row strides lda, ldo; unit column strides everywhere.
 constexpr int64_t kSmallGemmRows = 4;
 
 struct SmallGemm {
@@ -75,6 +76,8 @@ struct FusedStepKernels {
   // output columns [c0, c1) (the weight's columns); the caller splits them between threads.
   void (*gemm_nt)(const SmallGemm&, int64_t c0, int64_t c1) = nullptr;
   void (*gemm_nn)(const SmallGemm&, int64_t c0, int64_t c1) = nullptr;
+  // gemm_tn computes output rows [r0, r1).
+  void (*gemm_tn)(const SmallGemm&, int64_t r0, int64_t r1) = nullptr;
 };
 
 // The tables compiled into this library; nullptr where the build has no such kernels (not

@@ -333,7 +333,8 @@ namespace FUSEDRNN_ISA_NAMESPACE {
 // Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
 constexpr FusedStepKernels kKernels{
     Vec::kName,    kL,           Vec::kPass3,    Vec::kPass4,    &lstm_forward,
-    &lstm_backward, &gru_forward, &gru_backward, &small_gemm_nt, &small_gemm_nn};
+    &lstm_backward, &gru_forward, &gru_backward, &small_gemm_nt, &small_gemm_nn,
+    &small_gemm_tn};
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu

@@ -10,6 +10,9 @@
 //   h W_hh^T, c W_ch^T, r W_hr^T). R weight rows at a time, m x R dot products in registers.
 // - gemm_nn: out (m x k) = [out +] a (m x n) W, W (n x k): the backward's dh = dgates W_hh and
 //   dx = dgates W_ih. R weight rows at a time, out's rows (in L1) updated once per R rows.
+// - gemm_tn: out (n x k) = [out +] a^T W, a (m x n), W (m x k): the weight gradients of a step
+//   of m rows, dW = dgates^T x (a rank-m update). Each output row written once, from m
+//   broadcast coefficients and the m rows of W (in L1): the work is writing out.
 #pragma once
 
 #ifndef FUSEDRNN_ISA_NAMESPACE
@@ -152,6 +155,33 @@ inline void nn_block(const SmallGemm& g, int64_t c0, int64_t c1) {
   }
 }
 
+// Output rows [i0, i1) of the tn product (rank M).
+template <int M>
+inline void tn_rows(const SmallGemm& g, int64_t i0, int64_t i1) {
+  const int64_t k = g.k, kv = k / kL * kL;
+  const Vec::Mask tail = Vec::first_lanes(k - kv);
+  for (int64_t i = i0; i < i1; ++i) {
+    Vec::Reg coef[M];
+#pragma GCC unroll 4
+    for (int b = 0; b < M; ++b) coef[b] = Vec::broadcast(g.a + b * g.lda + i);
+    float* o = g.out + i * g.ldo;
+    for (int64_t c = 0; c < kv; c += kL) {
+      Vec::Reg acc = g.accumulate ? Vec::load(o + c) : Vec::zero();
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) acc = Vec::fma(coef[b], Vec::load(g.w + b * g.ldw + c), acc);
+      Vec::store(o + c, acc);
+    }
+    if (kv < k) {
+      Vec::Reg acc = g.accumulate ? Vec::load_masked(o + kv, tail) : Vec::zero();
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        acc = Vec::fma(coef[b], Vec::load_masked(g.w + b * g.ldw + kv, tail), acc);
+      }
+      Vec::store_masked(o + kv, tail, acc);
+    }
+  }
+}
+
 // Registers: M x R accumulators (nt) or M x R broadcasts (nn), R weight vectors, a row vector.
 template <int M>
 constexpr int rows_per_pass() {
@@ -181,6 +211,11 @@ void by_rows(int64_t m, Fn&& fn) {
 }
 
 }  // namespace small
+
+// Output rows [i0, i1) of the tn product; every column.
+inline void small_gemm_tn(const SmallGemm& g, int64_t i0, int64_t i1) {
+  small::by_rows(g.m, [&](auto m) { small::tn_rows<decltype(m)::value>(g, i0, i1); });
+}
 
 // Output columns [j0, j1) (weight rows) of the nt product; every row of g.
 inline void small_gemm_nt(const SmallGemm& g, int64_t j0, int64_t j1) {

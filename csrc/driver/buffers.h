@@ -129,7 +129,6 @@ class InputProjection {
   InputProjection(const Steps& s, const Tensor& x, const Tensor& w_ih_t, Tensor full,
                   int64_t width, const at::TensorOptions& opts)
       : s_(s), x_(x), w_ih_t_(w_ih_t), width_(width) {
-    const int64_t G = w_ih_t.size(1);
     if (!full.defined() && x.is_cuda()) full = at::empty({s.N, width}, opts);
     if (full.defined()) {
       buf_ = full;

@@ -1,5 +1,6 @@
 """The small GEMMs of 1-4 row steps (csrc/cpu/small_gemm.h) against torch.mm, at the shape of a
-step of H = 256 (m x 256 @ (1024 x 256)^T), one thread, fp32: median of 9 samples of 300 calls of
+step of H = 256 (m x 256 @ (1024 x 256)^T, and the weight gradient (1024 x m) @ (m x 256)), one
+thread, fp32: median of 9 samples of 300 calls of
 the `_raw_gemm` test op (which takes the small GEMMs for m <= 4 under the avx2 / avx512 ISAs),
 of the same op under the baseline ISA (at::mm), and of torch.mm.
 
@@ -46,6 +47,23 @@ def main():
         mm = per_call_us(lambda: torch.mm(a, w.t(), out=c))
         print(f"m={m}: small GEMM {small:.1f}, the op through at::mm {aten:.1f}, "
               f"torch.mm {mm:.1f}")
+    # The weight gradient of a step of m rows: dW (1024 x 256) = dgates^T (1024 x m) x (m x 256),
+    # the rank-m update kernel (gemm_tn) against at::mm's K = m GEMM and torch.mm.
+    for m in (1, 2, 4):
+        g, x, dw = torch.randn(m, 1024), torch.randn(m, 256), torch.empty(1024, 256)
+
+        def raw_tn():  # C (1024 x 256) = A^T B, A stored m x 1024 (trans_a, lda 1024)
+            ops._raw_gemm(dw.view(-1), g.view(-1), x.view(-1), 1024, 256, m, 1024, 256, 256,
+                          True, False, 0.0)
+        small = per_call_us(raw_tn)
+        previous = ops._set_cpu_isa("baseline")
+        try:
+            aten = per_call_us(raw_tn)
+        finally:
+            ops._set_cpu_isa(previous)
+        mm = per_call_us(lambda: torch.mm(g.t(), x, out=dw))
+        print(f"weight gradient, m={m}: rank-m update {small:.1f}, the op through at::mm "
+              f"{aten:.1f}, torch.mm {mm:.1f}")
 
 
 if __name__ == "__main__":

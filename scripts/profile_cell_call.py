@@ -25,6 +25,7 @@ import torch
 
 import fusedrnn
 from fusedrnn import _layer, _ops
+from fusedrnn.bench.env import cpu_name
 from fusedrnn.reference import LayerArgs
 
 
@@ -79,14 +80,7 @@ def rows_for(name, H, grad):
 def main():
     torch.set_num_threads(1)
     info = fusedrnn.build_info()
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"{cpu}, fusedrnn CPU kernels {info['cpu_isa']}, torch {torch.__version__}, "
+    print(f"{cpu_name()}, fusedrnn CPU kernels {info['cpu_isa']}, torch {torch.__version__}, "
           "1 thread, fp32, B = 1, microseconds per call (median)")
     for name in ("lstm", "gru"):
         for H in (8, 256):

@@ -28,6 +28,18 @@ def per_call_us(fn, calls=300, samples=9):
     return statistics.median(times) * 1e6
 
 
+def rates(raw, mm):
+    """Microseconds per call of the `_raw_gemm` call `raw` under the ISA in use (the small
+    kernels), under the baseline ISA (at::mm), and of the torch.mm call `mm`."""
+    small = per_call_us(raw)
+    previous = ops._set_cpu_isa("baseline")
+    try:
+        aten = per_call_us(raw)
+    finally:
+        ops._set_cpu_isa(previous)
+    return small, aten, per_call_us(mm)
+
+
 def main():
     torch.set_num_threads(1)
     isa = ops.cpu_isa()
@@ -38,13 +50,7 @@ def main():
         def raw():  # C (m x 1024) = A (m x 256) W^T: trans_b, ldb 256
             ops._raw_gemm(c.view(-1), a.view(-1), w.view(-1), m, 1024, 256, 256, 256, 1024,
                           False, True, 0.0)
-        small = per_call_us(raw)
-        previous = ops._set_cpu_isa("baseline")
-        try:
-            aten = per_call_us(raw)
-        finally:
-            ops._set_cpu_isa(previous)
-        mm = per_call_us(lambda: torch.mm(a, w.t(), out=c))
+        small, aten, mm = rates(raw, lambda: torch.mm(a, w.t(), out=c))
         print(f"m={m}: small GEMM {small:.1f}, the op through at::mm {aten:.1f}, "
               f"torch.mm {mm:.1f}")
     # The weight gradient of a step of m rows: dW (1024 x 256) = dgates^T (1024 x m) x (m x 256),
@@ -55,13 +61,7 @@ def main():
         def raw_tn():  # C (1024 x 256) = A^T B, A stored m x 1024 (trans_a, lda 1024)
             ops._raw_gemm(dw.view(-1), g.view(-1), x.view(-1), 1024, 256, m, 1024, 256, 256,
                           True, False, 0.0)
-        small = per_call_us(raw_tn)
-        previous = ops._set_cpu_isa("baseline")
-        try:
-            aten = per_call_us(raw_tn)
-        finally:
-            ops._set_cpu_isa(previous)
-        mm = per_call_us(lambda: torch.mm(g.t(), x, out=dw))
+        small, aten, mm = rates(raw_tn, lambda: torch.mm(g.t(), x, out=dw))
         print(f"weight gradient, m={m}: rank-m update {small:.1f}, the op through at::mm "
               f"{aten:.1f}, torch.mm {mm:.1f}")
 

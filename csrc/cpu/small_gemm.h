@@ -37,6 +37,15 @@ constexpr int kL = Vec::kLanes;
 // spread between sessions of this shared machine: not a verified gain, no loss).
 constexpr int64_t kLineFloats = 64 / sizeof(float);
 
+// At the first vector of each line (`col` counted from the block's first column): the line at
+// column `at` of each of the R rows from `next` (nullptr: no next block).
+template <int R>
+inline void prefetch_next(const float* next, int64_t ldw, int64_t col, int64_t at) {
+  if (next == nullptr || (col & (kLineFloats - 1)) != 0) return;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * ldw + at, 0, 3);
+}
+
 // m (<= kSmallGemmRows) rows, R weight rows per iteration.
 template <int M, int R>
 inline void nt_block(const SmallGemm& g, int64_t j0, int64_t j1) {
@@ -54,10 +63,7 @@ inline void nt_block(const SmallGemm& g, int64_t j0, int64_t j1) {
     const float* next = j + 2 * R <= j1 ? w + R * g.ldw : nullptr;
     for (int64_t q = 0; q < kv; q += kL) {
       Vec::Reg wv[R];
-      if (next != nullptr && (q & (kLineFloats - 1)) == 0) {
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * g.ldw + q, 0, 3);
-      }
+      prefetch_next<R>(next, g.ldw, q, q);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) wv[r] = Vec::load(w + r * g.ldw + q);
 #pragma GCC unroll 4
@@ -116,10 +122,7 @@ inline void nn_block(const SmallGemm& g, int64_t c0, int64_t c1) {
     const float* next = j + 2 * R <= n ? w + R * g.ldw : nullptr;
     for (int64_t c = c0; c < cv; c += kL) {
       Vec::Reg wv[R];
-      if (next != nullptr && ((c - c0) & (kLineFloats - 1)) == 0) {
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * g.ldw + c, 0, 3);
-      }
+      prefetch_next<R>(next, g.ldw, c - c0, c);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) wv[r] = Vec::load(w + r * g.ldw + c);
 #pragma GCC unroll 4

@@ -59,7 +59,7 @@ inline Tensor bias_sum(const Tensor& b_ih, const Tensor& b_hh) {
 
 inline Tensor grad_or_zeros(const c10::optional<Tensor>& g, const Tensor& like, int64_t B,
                             int64_t H) {
-  if (g.has_value() && g->defined()) return g->clone(at::MemoryFormat::Contiguous);
+  if (g.has_value() && g->defined()) return fresh_copy(*g);
   return at::zeros({B, H}, like.options());
 }
 

@@ -47,7 +47,8 @@ constexpr int64_t kSmallGemmGrainMacs = int64_t{1} << 15;
 
 // A rank-k update of k <= kSmallGemmRows, out (m x n) = [out +] a b with a = g^T (g (k x m)
 // row-major) and b (k x n) row-major: the weight gradients of a step of a few rows
-// (dgates^T x), as one pass that writes out once (at::mm's K = 1 GEMM is ~3x slower).
+// (dgates^T x), as one pass that writes out once (faster than at::mm's K = 1..4 GEMM:
+// scripts/small_gemm_rate.py, docs/cpu_kernels.md).
 bool small_rank_update(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (!(k >= 1 && k <= cpu::kSmallGemmRows && (a.stride(0) == 1 || m == 1) &&

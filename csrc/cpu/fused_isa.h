@@ -78,6 +78,10 @@ struct FusedStepKernels {
   void (*gemm_nn)(const SmallGemm&, int64_t c0, int64_t c1) = nullptr;
   // gemm_tn computes output rows [r0, r1).
   void (*gemm_tn)(const SmallGemm&, int64_t r0, int64_t r1) = nullptr;
+  // The packing of gated weights (fused_step.cpp): dst[c * ldd + r] = src[r * lds + c] for
+  // rows r < `rows` (<= lanes) and columns c < `cols`, and 0 for the lanes r >= rows.
+  void (*transpose)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                    int64_t ldd) = nullptr;
 };
 
 // The tables compiled into this library; nullptr where the build has no such kernels (not

@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -34,11 +35,11 @@ namespace {
 // lane l, at pb * K * NV * lanes + first * K * lanes + k * width * lanes + (v - first) * lanes + l,
 // holds B[k][column] for the output column
 // (pb * unit_block + l) + v * col_stride of the gated layout, pb * unit_block + v * lanes + l of
-// the plain one; zero where that unit does not exist. `b(k, col)` reads the unpacked B.
-template <typename ReadB>
-PackedWeight pack(int64_t K, int64_t H, int64_t G, int64_t NV, int64_t lanes, int64_t pass,
-                  int64_t unit_block, int64_t col_stride, const at::TensorOptions& opts,
-                  const ReadB& b) {
+// the plain one; zero where that unit does not exist. `layout` sets the fields and allocates the
+// panels (every element is written by the packing loops); `vector_at` is where vector v of
+// panel pb starts (its row k at + k * row_stride(v)).
+PackedWeight layout(int64_t K, int64_t H, int64_t G, int64_t NV, int64_t lanes, int64_t pass,
+                    int64_t unit_block, int64_t col_stride, const at::TensorOptions& opts) {
   PackedWeight pw;
   pw.K = K;
   pw.H = H;
@@ -49,21 +50,20 @@ PackedWeight pack(int64_t K, int64_t H, int64_t G, int64_t NV, int64_t lanes, in
   pw.unit_block = unit_block;
   pw.col_stride = col_stride;
   const int64_t panels = (H + unit_block - 1) / unit_block;
-  pw.data = at::zeros({panels, K * NV * lanes}, opts);
-  float* dst = pw.data.data_ptr<float>();
-  for (int64_t pb = 0; pb < panels; ++pb) {
-    for (int64_t v = 0; v < NV; ++v) {
-      for (int64_t l = 0; l < lanes; ++l) {
-        const int64_t unit = pb * unit_block + (G == 1 ? v * lanes : 0) + l;
-        if (unit >= H || (G > 1 && l >= unit_block)) continue;
-        const int64_t col = G == 1 ? unit : v * col_stride + unit;
-        const int64_t first = v / pass * pass, width = std::min(pass, NV - first);
-        float* out = dst + pb * K * NV * lanes + first * K * lanes + (v - first) * lanes + l;
-        for (int64_t k = 0; k < K; ++k) out[k * width * lanes] = b(k, col);
-      }
-    }
-  }
+  pw.data = at::empty({panels, K * NV * lanes}, opts);
   return pw;
+}
+
+int64_t pass_first(const PackedWeight& pw, int64_t v) { return v / pw.pass_vectors * pw.pass_vectors; }
+
+int64_t row_stride(const PackedWeight& pw, int64_t v) {
+  return std::min(pw.pass_vectors, pw.NV - pass_first(pw, v)) * pw.lanes;
+}
+
+float* vector_at(PackedWeight& pw, int64_t pb, int64_t v) {
+  const int64_t first = pass_first(pw, v);
+  return pw.data.data_ptr<float>() + pb * pw.K * pw.NV * pw.lanes + first * pw.K * pw.lanes +
+         (v - first) * pw.lanes;
 }
 
 PanelGemm panel_gemm(int64_t rows, const GemmSource* sources, int nsrc,
@@ -110,10 +110,19 @@ PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels&
   const at::Tensor wc = w.contiguous();
   const float* src = wc.data_ptr<float>();
   const int64_t H = w.size(0) / G, K = w.size(1);
-  // B = w^T: B[k][col] = w[col][k]
   const int64_t lanes = kernels.lanes;
-  return pack(K, H, G, G, lanes, G == 3 ? kernels.pass3 : kernels.pass4, lanes, H, w.options(),
-              [&](int64_t k, int64_t col) { return src[col * K + k]; });
+  PackedWeight pw = layout(K, H, G, G, lanes, G == 3 ? kernels.pass3 : kernels.pass4, lanes, H,
+                           w.options());
+  // B = w^T: vector v of panel pb is, transposed, the `lanes` rows of w from unit pb * lanes of
+  // gate v on (fewer in the last panel; the kernel zeroes the missing lanes).
+  for (int64_t pb = 0; pb < pw.data.size(0); ++pb) {
+    const int64_t unit0 = pb * lanes, units = std::min(lanes, H - unit0);
+    for (int64_t v = 0; v < G; ++v) {
+      kernels.transpose(src + (v * H + unit0) * K, K, units, K, vector_at(pw, pb, v),
+                        row_stride(pw, v));
+    }
+  }
+  return pw;
 }
 
 PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& kernels) {
@@ -123,8 +132,21 @@ PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& kernels) {
   const float* src = bc.data_ptr<float>();
   const int64_t K = b.size(0), N = b.size(1);
   const int64_t lanes = kernels.lanes;
-  return pack(K, N, 1, 4, lanes, kernels.pass4, 4 * lanes, lanes, b.options(),
-              [&](int64_t k, int64_t col) { return src[k * N + col]; });
+  PackedWeight pw = layout(K, N, 1, 4, lanes, kernels.pass4, 4 * lanes, lanes, b.options());
+  // vector v of panel pb: columns [col0, col0 + lanes) of every row of B, zero past column N
+  for (int64_t pb = 0; pb < pw.data.size(0); ++pb) {
+    for (int64_t v = 0; v < 4; ++v) {
+      const int64_t col0 = pb * 4 * lanes + v * lanes;
+      const int64_t n = std::max<int64_t>(0, std::min(lanes, N - col0));
+      float* dst = vector_at(pw, pb, v);
+      const int64_t ld = row_stride(pw, v);
+      for (int64_t k = 0; k < K; ++k) {
+        std::copy(src + k * N + col0, src + k * N + col0 + n, dst + k * ld);
+        std::fill(dst + k * ld + n, dst + k * ld + lanes, 0.0f);
+      }
+    }
+  }
+  return pw;
 }
 
 void FusedSteps::lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<float>& p,

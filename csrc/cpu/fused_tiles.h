@@ -330,11 +330,30 @@ namespace fusedrnn {
 namespace cpu {
 namespace FUSEDRNN_ISA_NAMESPACE {
 
+// The transposing copy that packs the gated weights (FusedStepKernels::transpose): blocks of
+// kL columns of the kL source rows through the registers (Vec::transpose), the last columns
+// one by one.
+void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                    int64_t ldd) {
+  int64_t c = 0;
+  for (; c + kL <= cols; c += kL) {
+    typename Vec::Reg r[kL];
+#pragma GCC unroll 16
+    for (int i = 0; i < kL; ++i) r[i] = i < rows ? Vec::load(src + i * lds + c) : Vec::zero();
+    Vec::transpose(r);
+#pragma GCC unroll 16
+    for (int i = 0; i < kL; ++i) Vec::store(dst + (c + i) * ldd, r[i]);
+  }
+  for (; c < cols; ++c) {
+    for (int64_t i = 0; i < kL; ++i) dst[c * ldd + i] = i < rows ? src[i * lds + c] : 0.0f;
+  }
+}
+
 // Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
 constexpr FusedStepKernels kKernels{
     Vec::kName,    kL,           Vec::kPass3,    Vec::kPass4,    &lstm_forward,
     &lstm_backward, &gru_forward, &gru_backward, &small_gemm_nt, &small_gemm_nn,
-    &small_gemm_tn};
+    &small_gemm_tn, &transpose_rows};
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu

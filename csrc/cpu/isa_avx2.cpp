@@ -43,6 +43,25 @@ struct Vec {
   }
   static Reg load_masked(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
   static void store_masked(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
+  // r[i] lane j <- r[j] lane i (an 8 x 8 block): interleave pairs of rows, then 2 x 2 blocks
+  // within the 128-bit halves, then the halves of rows 0-3 and 4-7.
+  static void transpose(Reg (&r)[8]) {
+    Reg t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1 | a5 ...
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+      r[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+  }
 };
 
 }  // namespace avx2

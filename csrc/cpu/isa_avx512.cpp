@@ -46,6 +46,34 @@ struct Vec {
   }
   static Reg load_masked(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static void store_masked(float* p, Mask m, Reg v) { _mm512_mask_storeu_ps(p, m, v); }
+  // r[i] lane j <- r[j] lane i (a 16 x 16 block): interleave pairs of rows, then 2 x 2 blocks
+  // within the 128-bit lanes, then the 128-bit lanes across rows 0-7 and 8-15 (zero-masked
+  // forms: see sum()).
+  static void transpose(Reg (&r)[16]) {
+    constexpr Mask all = 0xFFFF;
+    Reg t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_maskz_unpacklo_ps(all, r[i], r[i + 1]);      // a0 b0 a1 b1 per lane
+      t[i + 1] = _mm512_maskz_unpackhi_ps(all, r[i], r[i + 1]);  // a2 b2 a3 b3
+    }
+    for (int i = 0; i < 16; i += 4) {
+      u[i] = _mm512_maskz_shuffle_ps(all, t[i], t[i + 2], 0x44);      // a0 b0 c0 d0
+      u[i + 1] = _mm512_maskz_shuffle_ps(all, t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1
+      u[i + 2] = _mm512_maskz_shuffle_ps(all, t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm512_maskz_shuffle_ps(all, t[i + 1], t[i + 3], 0xEE);
+    }
+    // u[4q + c], c < 4: rows 4q..4q+3 of columns c, c + 4, c + 8, c + 12 (one per 128-bit lane)
+    for (int c = 0; c < 4; ++c) {
+      const Reg lo02 = _mm512_maskz_shuffle_f32x4(all, u[c], u[4 + c], 0x88);   // cols c, c+8
+      const Reg lo13 = _mm512_maskz_shuffle_f32x4(all, u[c], u[4 + c], 0xDD);   // c+4, c+12
+      const Reg hi02 = _mm512_maskz_shuffle_f32x4(all, u[8 + c], u[12 + c], 0x88);
+      const Reg hi13 = _mm512_maskz_shuffle_f32x4(all, u[8 + c], u[12 + c], 0xDD);
+      r[c] = _mm512_maskz_shuffle_f32x4(all, lo02, hi02, 0x88);
+      r[c + 8] = _mm512_maskz_shuffle_f32x4(all, lo02, hi02, 0xDD);
+      r[c + 4] = _mm512_maskz_shuffle_f32x4(all, lo13, hi13, 0x88);
+      r[c + 12] = _mm512_maskz_shuffle_f32x4(all, lo13, hi13, 0xDD);
+    }
+  }
 };
 
 }  // namespace avx512

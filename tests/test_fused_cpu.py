@@ -38,14 +38,15 @@ def _leaves(x, w, hx, cx, dtype):
     return c(x), {k: c(v) for k, v in w.items()}, c(hx), c(cx)
 
 
-def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=False):
+def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=False, T=None):
     """Forward outputs and the gradients of every input, fp32 fused against the fp64 reference
     on the same (fp32-rounded) values. long_sums: the weight gradients are sums over so many rows
     (over a thousand) that fp32 rounding alone can exceed the 1e-5 of design.md §4; they are then
     held to the larger of that and twice the error of the reference loop run in fp32."""
     # padded: enough steps for the fused path at every B (cpu/fused_step.h: at least 4 steps
     # and 32 rows; shorter calls run the unfused path)
-    T = len(batch_sizes) if batch_sizes is not None else max(6, -(-32 // B))
+    if T is None:
+        T = len(batch_sizes) if batch_sizes is not None else max(6, -(-32 // B))
     bs = torch.tensor(batch_sizes, dtype=torch.int64) if batch_sizes is not None else None
     w64 = make_weights(cell, I, H, proj, True, scale=0.5)
     x64 = make_input(T, B, I, batch_sizes)
@@ -93,6 +94,15 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
 @pytest.mark.parametrize("cell", CELLS)
 def test_tile_shapes(cell, B, H):
     _check(cell, B, H, I=9, proj=0, batch_sizes=None, reverse=False, with_state=True)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+@pytest.mark.parametrize("B", [32, 37])
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in LSTM_FAMILY] + [("lstm", 3)])
+def test_wide_short_forwards(cell, proj, B, T):
+    """Fewer than 4 steps of at least 32 rows: the LSTM-family forward runs the tiles (a cell
+    call at batch 32 included), the backward the GEMM steps (cpu/fused_step.h)."""
+    _check(cell, B, 21, I=9, proj=proj, batch_sizes=None, reverse=False, with_state=True, T=T)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])

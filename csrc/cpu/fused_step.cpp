@@ -5,8 +5,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "isa.h"
 
@@ -21,12 +23,56 @@ bool fused_steps_available() {
   return enabled && fused_kernels() != nullptr;
 }
 
-const FusedStepKernels* fused_kernels_for(const at::Tensor& t, int64_t steps, int64_t rows) {
-  if (!(t.device().is_cpu() && t.scalar_type() == at::kFloat && steps >= kFusedMinSteps &&
+const FusedStepKernels* fused_kernels_for(const at::Tensor& t, int64_t steps, int64_t rows,
+                                          int64_t step_rows, bool wide_short_calls) {
+  const bool long_enough = steps >= kFusedMinSteps ||
+                           (wide_short_calls && steps >= 1 && step_rows >= kFusedOneStepRows);
+  if (!(t.device().is_cpu() && t.scalar_type() == at::kFloat && long_enough &&
         rows >= kFusedMinRows && fused_steps_available())) {
     return nullptr;
   }
   return fused_kernels();
+}
+
+namespace {
+
+// The buffers this thread keeps for its next calls' panels (PanelBuffer).
+std::vector<at::Tensor>& kept_panel_buffers() {
+  thread_local std::vector<at::Tensor> kept = [] {
+    std::vector<at::Tensor> v;
+    v.reserve(kKeptPanelBuffers);  // give_back's push_back never allocates
+    return v;
+  }();
+  return kept;
+}
+
+}  // namespace
+
+PanelBuffer::PanelBuffer(int64_t numel, const at::TensorOptions& opts) {
+  TORCH_INTERNAL_ASSERT(opts.device().is_cpu() && opts.dtype() == at::kFloat,
+                        "PanelBuffer: float CPU panels only");
+  std::vector<at::Tensor>& kept = kept_panel_buffers();
+  size_t best = kept.size();  // the smallest kept buffer that fits
+  for (size_t i = 0; i < kept.size(); ++i) {
+    if (kept[i].numel() >= numel && (best == kept.size() || kept[i].numel() < kept[best].numel())) {
+      best = i;
+    }
+  }
+  if (best < kept.size()) {
+    base_ = std::move(kept[best]);
+    kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(best));
+  } else {
+    base_ = at::empty({numel}, opts);
+  }
+}
+
+void PanelBuffer::give_back() noexcept {
+  if (!base_.defined()) return;
+  std::vector<at::Tensor>& kept = kept_panel_buffers();
+  if (base_.numel() <= kKeptPanelFloats && kept.size() < kKeptPanelBuffers) {
+    kept.push_back(std::move(base_));
+  }
+  base_ = at::Tensor();
 }
 
 namespace {
@@ -49,8 +95,8 @@ PackedWeight layout(int64_t K, int64_t H, int64_t G, int64_t NV, int64_t lanes, 
   pw.pass_vectors = pass;
   pw.unit_block = unit_block;
   pw.col_stride = col_stride;
-  const int64_t panels = (H + unit_block - 1) / unit_block;
-  pw.data = at::empty({panels, K * NV * lanes}, opts);
+  pw.panels = (H + unit_block - 1) / unit_block;
+  pw.data = PanelBuffer(pw.panels * K * NV * lanes, opts);
   return pw;
 }
 
@@ -62,7 +108,7 @@ int64_t row_stride(const PackedWeight& pw, int64_t v) {
 
 float* vector_at(PackedWeight& pw, int64_t pb, int64_t v) {
   const int64_t first = pass_first(pw, v);
-  return pw.data.data_ptr<float>() + pb * pw.K * pw.NV * pw.lanes + first * pw.K * pw.lanes +
+  return pw.data.data() + pb * pw.K * pw.NV * pw.lanes + first * pw.K * pw.lanes +
          (v - first) * pw.lanes;
 }
 
@@ -84,7 +130,7 @@ PanelGemm panel_gemm(int64_t rows, const GemmSource* sources, int nsrc,
   for (int q = 0; q < nsrc; ++q) {
     const PackedWeight& w = *sources[q].w;
     TORCH_INTERNAL_ASSERT(w.NV == w0.NV && w.H == w0.H && w.G == w0.G && w.lanes == w0.lanes && w.pass_vectors == w0.pass_vectors, "fused step: operands packed in different layouts");
-    g.src[q] = {sources[q].a, sources[q].lda, w.data.data_ptr<float>(), w.K};
+    g.src[q] = {sources[q].a, sources[q].lda, w.data.data(), w.K};
   }
   return g;
 }
@@ -115,7 +161,7 @@ PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels&
                            w.options());
   // B = w^T: vector v of panel pb is, transposed, the `lanes` rows of w from unit pb * lanes of
   // gate v on (fewer in the last panel; the kernel zeroes the missing lanes).
-  for (int64_t pb = 0; pb < pw.data.size(0); ++pb) {
+  for (int64_t pb = 0; pb < pw.panels; ++pb) {
     const int64_t unit0 = pb * lanes, units = std::min(lanes, H - unit0);
     for (int64_t v = 0; v < G; ++v) {
       kernels.transpose(src + (v * H + unit0) * K, K, units, K, vector_at(pw, pb, v),
@@ -134,7 +180,7 @@ PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& kernels) {
   const int64_t lanes = kernels.lanes;
   PackedWeight pw = layout(K, N, 1, 4, lanes, kernels.pass4, 4 * lanes, lanes, b.options());
   // vector v of panel pb: columns [col0, col0 + lanes) of every row of B, zero past column N
-  for (int64_t pb = 0; pb < pw.data.size(0); ++pb) {
+  for (int64_t pb = 0; pb < pw.panels; ++pb) {
     for (int64_t v = 0; v < 4; ++v) {
       const int64_t col0 = pb * 4 * lanes + v * lanes;
       const int64_t n = std::max<int64_t>(0, std::min(lanes, N - col0));

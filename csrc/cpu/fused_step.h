@@ -20,8 +20,41 @@ namespace cpu {
 //   weight_hh and weight_ch are laid out. A panel is `lanes` units of every gate (vector v =
 //   gate v, output columns v * H + j), so that one tile holds all the gates of its units.
 // - plain (pack_plain): B (K, N) as it is; a panel is 4 * lanes consecutive output columns.
+// The memory of a call's packed panels: a buffer kept by the calling thread from its earlier
+// calls when one fits, else a new one; given back to the thread when the call is done. Every
+// element is written by the packing before the kernels read it, so nothing carries over from
+// the call before. Fresh memory costs more than the packing where the allocator has returned
+// it to the system between calls (first-touch page faults: an H = 256 LSTM's two 1 MB panels
+// took ~1 ms instead of ~0.1 ms in a loop of one-step calls). A thread keeps at most
+// kKeptPanelBuffers buffers of at most kKeptPanelFloats floats (12 MB in all).
+constexpr int64_t kKeptPanelFloats = int64_t{1} << 20;
+constexpr size_t kKeptPanelBuffers = 3;
+
+class PanelBuffer {
+ public:
+  PanelBuffer() = default;
+  PanelBuffer(int64_t numel, const at::TensorOptions& opts);
+  PanelBuffer(PanelBuffer&& other) noexcept = default;
+  PanelBuffer& operator=(PanelBuffer&& other) noexcept {
+    if (this != &other) {
+      give_back();
+      base_ = std::move(other.base_);
+    }
+    return *this;
+  }
+  PanelBuffer(const PanelBuffer&) = delete;
+  PanelBuffer& operator=(const PanelBuffer&) = delete;
+  ~PanelBuffer() { give_back(); }
+  float* data() const { return base_.data_ptr<float>(); }
+
+ private:
+  void give_back() noexcept;
+  at::Tensor base_;
+};
+
 struct PackedWeight {
-  at::Tensor data;  // (panels, K * NV * lanes) float
+  PanelBuffer data;  // panels x (K * NV * lanes) floats
+  int64_t panels = 0;
   int64_t K = 0;
   int64_t H = 0;           // units: output columns per gate (gated), all columns (plain)
   int64_t G = 0;           // gates; 1 for plain
@@ -36,17 +69,24 @@ struct PackedWeight {
 // FUSEDRNN_CPU_FUSED is not "0".
 bool fused_steps_available();
 
-// The fused kernels for a layer call on `t` of `steps` steps and `rows` rows in all, or nullptr:
-// available, CPU, float32, and long enough to repay packing the weights (a copy of every
-// weight per call). Packing transposes through the registers (FusedStepKernels::transpose):
-// an H = 256 LSTM's W_ih and W_hh (2 MB) in 70-200 us on one Zen 4 core (the element-by-element
-// loop before it took 440-900 us), about a fifth of a 32-row step; the fused steps save ~15% of
-// a step. Hence at least kFusedMinSteps steps and kFusedMinRows rows; shorter calls (cells: one
-// step) run a GEMM per step on the plain weights, where the tiles measured no faster with the
-// packing (B = 32, H = 256 cells, one step per call: within the run-to-run spread).
+// The fused kernels for a layer call on `t` of `steps` steps, `rows` rows in all and at most
+// `step_rows` a step, or nullptr: available, CPU, float32, and long enough to repay packing the
+// weights (a copy of every weight per call). Packing transposes through the registers
+// (FusedStepKernels::transpose): an H = 256 LSTM's W_ih and W_hh (2 MB) in 70-200 us on one
+// Zen 4 core (the element-by-element loop before it took 440-900 us), about a fifth of a
+// 32-row step; the fused steps save ~15% of a step. Hence at least kFusedMinSteps steps and
+// kFusedMinRows rows; and, where `wide_short_calls`, calls of fewer steps with at least
+// kFusedOneStepRows rows a step: there the tiles' GEMM (one pass over the packed panels, no
+// call into oneDNN) repays the packing within one step for the LSTM-family forward
+// (`scripts/short_calls.py` with and without FUSEDRNN_CPU_FUSED=0: a 10-step LSTMCell loop at
+// B = 32, H = 256, one thread, 1.16-1.22x torch.nn against 1.07x; the GRU forward and the
+// backwards measured no faster or slower, and keep the steps). Other calls run a GEMM per step
+// on the plain weights.
 constexpr int64_t kFusedMinSteps = 4;
 constexpr int64_t kFusedMinRows = 32;
-const FusedStepKernels* fused_kernels_for(const at::Tensor& t, int64_t steps, int64_t rows);
+constexpr int64_t kFusedOneStepRows = 32;
+const FusedStepKernels* fused_kernels_for(const at::Tensor& t, int64_t steps, int64_t rows,
+                                          int64_t step_rows, bool wide_short_calls);
 
 // Packs B = w^T for w (G * H, K), G in {3, 4}, for the kernels k.
 PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels& k);

@@ -222,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor
                       b_hh.has_value() ? b_hh->contiguous() : Tensor()};
   const Tensor w_ih_t = w_ih.t();
   InputProjection xproj(s, c.x, w_ih_t, need_workspace ? c.ws : Tensor(), 4 * H, opts);
-  const Plan plan = plan_call(input, s);
+  const Plan plan = plan_call(input, s, TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     ForwardTiles exec(c, *plan.kernels);
     forward_loop<float>(c, xproj, exec);
@@ -296,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       grad_b_hh += dhg.sum(0);
     }
   };
-  const Plan plan = plan_call(input, s);
+  const Plan plan = plan_call(input, s, TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     BackwardTiles exec(c, *plan.kernels);
     backward_loop<float>(c, workspace, exec, finish_chunk);

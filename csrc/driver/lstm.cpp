@@ -425,7 +425,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
           : LSTMWorkspace(opts)};
   if (wm) gemm(c.p_buf.narrow(1, 0, 2 * H), c.cy, w_ch->narrow(0, 0, 2 * H).t());
 
-  const Plan plan = plan_call(input, s);
+  const Plan plan = plan_call(input, s, TilesFor::kAlsoWideShortCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     ForwardTiles exec(c, *plan.kernels);
     forward_loop<float>(c, dev, exec);
@@ -538,7 +538,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     if (proj) gemm(grad_w_hr, rows(c.dh_buf[ch.buf], 0, m).t(), rows(c.ws.r, ch.lo, m), beta);
   };
 
-  const Plan plan = plan_call(input, s, /*tiles_ok=*/!proj);
+  const Plan plan = plan_call(input, s, proj ? TilesFor::kNone : TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     BackwardTiles exec(c, *plan.kernels);
     backward_loop<float>(c, dev, exec, c_all, finish_chunk);

@@ -35,16 +35,21 @@ struct Plan {
   const cpu::FusedStepKernels* kernels = nullptr;  // kFusedTiles: the ISA's kernels
 };
 
-// The plan of a call on `input` of `s.T` steps, `s.N` rows in all and at most `s.B` per step;
-// `tiles_ok` false where the driver has no tiled path for the call (the LSTM backward with a
-// projection). Steps of at most kSmallGemmRows rows stay GemmStep: their recurrent GEMM streams
-// the weight once either way (the small GEMMs, cpu/small_gemm.h), and GemmStep's input
-// projection is one GEMM per chunk of steps, where the tiles would stream W_ih on every step
-// too.
-inline Plan plan_call(const at::Tensor& input, const Steps& s, bool tiles_ok = true) {
+// Which calls of a driver may run the tiles (cpu/fused_step.h: which calls they repay):
+// calls of enough steps and rows; also one-step (or few-step) calls of enough rows a step (the
+// LSTM-family forward, where that measured faster); or none (the LSTM backward with a
+// projection, which has no tiled path).
+enum class TilesFor { kLongCalls, kAlsoWideShortCalls, kNone };
+
+// The plan of a call on `input` of `s.T` steps, `s.N` rows in all and at most `s.B` per step.
+// Steps of at most kSmallGemmRows rows stay GemmStep: their recurrent GEMM streams the weight
+// once either way (the small GEMMs, cpu/small_gemm.h), and GemmStep's input projection is one
+// GEMM per chunk of steps, where the tiles would stream W_ih on every step too.
+inline Plan plan_call(const at::Tensor& input, const Steps& s, TilesFor tiles) {
   Plan plan;
-  if (tiles_ok && s.B > cpu::kSmallGemmRows) {
-    plan.kernels = cpu::fused_kernels_for(input, s.T, s.N);
+  if (tiles != TilesFor::kNone && s.B > cpu::kSmallGemmRows) {
+    plan.kernels = cpu::fused_kernels_for(input, s.T, s.N, s.B,
+                                          tiles == TilesFor::kAlsoWideShortCalls);
   }
   if (plan.kernels) plan.strategy = Strategy::kFusedTiles;
   return plan;

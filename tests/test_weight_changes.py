@@ -26,7 +26,8 @@ LAYERS = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "peephole_lstm": fusedrnn.
 CELLS = {"lstm": fusedrnn.LSTMCell, "gru": fusedrnn.GRUCell,
          "peephole_lstm": fusedrnn.PeepholeLSTMCell, "wm_lstm": fusedrnn.WorkingMemoryLSTMCell}
 # (T, B) of the calls: the tiled fused steps, whose weights are packed per call (cpu/fused_step.h:
-# at least 4 steps and 32 rows, more than 4 rows a step), and the small GEMMs of one row a step
+# at least 4 steps and 32 rows, more than 4 rows a step; the cells' LSTM-family forwards at 33
+# rows too), and the small GEMMs of one row a step
 SHAPES = {"tiles": (6, 33), "one_row": (6, 1)}
 
 

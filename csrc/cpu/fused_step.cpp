@@ -100,7 +100,9 @@ PackedWeight layout(int64_t K, int64_t H, int64_t G, int64_t NV, int64_t lanes, 
   return pw;
 }
 
-int64_t pass_first(const PackedWeight& pw, int64_t v) { return v / pw.pass_vectors * pw.pass_vectors; }
+int64_t pass_first(const PackedWeight& pw, int64_t v) {
+  return v / pw.pass_vectors * pw.pass_vectors;
+}
 
 int64_t row_stride(const PackedWeight& pw, int64_t v) {
   return std::min(pw.pass_vectors, pw.NV - pass_first(pw, v)) * pw.lanes;

@@ -12,14 +12,6 @@
 namespace fusedrnn {
 namespace cpu {
 
-// The B operand of the fused GEMMs (out = a @ B), packed once per call into panels of
-// K x NV vectors of `lanes` floats (the ISA's vector width), zero-padded past the last unit. The
-// kernels compute a tile in passes of `pass_vectors` vectors; a panel holds the vectors of each
-// pass as one block of K rows, so that each pass streams contiguous memory:
-// - gated (pack_weight): B = W^T for a weight W (G * H, K) of G gate blocks, as weight_ih,
-//   weight_hh and weight_ch are laid out. A panel is `lanes` units of every gate (vector v =
-//   gate v, output columns v * H + j), so that one tile holds all the gates of its units.
-// - plain (pack_plain): B (K, N) as it is; a panel is 4 * lanes consecutive output columns.
 // The memory of a call's packed panels: a buffer kept by the calling thread from its earlier
 // calls when one fits, else a new one; given back to the thread when the call is done. Every
 // element is written by the packing before the kernels read it, so nothing carries over from
@@ -52,6 +44,14 @@ class PanelBuffer {
   at::Tensor base_;
 };
 
+// The B operand of the fused GEMMs (out = a @ B), packed once per call into panels of
+// K x NV vectors of `lanes` floats (the ISA's vector width), zero-padded past the last unit. The
+// kernels compute a tile in passes of `pass_vectors` vectors; a panel holds the vectors of each
+// pass as one block of K rows, so that each pass streams contiguous memory:
+// - gated (pack_weight): B = W^T for a weight W (G * H, K) of G gate blocks, as weight_ih,
+//   weight_hh and weight_ch are laid out. A panel is `lanes` units of every gate (vector v =
+//   gate v, output columns v * H + j), so that one tile holds all the gates of its units.
+// - plain (pack_plain): B (K, N) as it is; a panel is 4 * lanes consecutive output columns.
 struct PackedWeight {
   PanelBuffer data;  // panels x (K * NV * lanes) floats
   int64_t panels = 0;

@@ -386,7 +386,7 @@ F64 = torch.float64
 # (m, n, k); k <= 4 with m > 4 and A transposed is the CPU's rank-k update (the weight
 # gradients of a step of a few rows, gemm.cpp), with n across and off a vector's width
 RAW_GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 12, 9), (2, 33, 1), (5, 1, 16), (4, 6, 0),
-                   (37, 19, 1), (23, 40, 3), (9, 16, 4), (13, 40, 33), (16, 19, 8)]
+                   (37, 19, 1), (23, 40, 3), (9, 16, 4), (13, 40, 33), (16, 19, 8), (29, 21, 18)]
 # The loops' own calls (driver/lstm.cpp, gru.cpp) as (trans_a, trans_b, beta), A the rows of a
 # state or gradient buffer (row stride its width), B a weight: transposed in the forward, as
 # stored in the backward, beta 1 where the step accumulates into the state's gradient.

@@ -45,7 +45,7 @@ def main():
     torch.set_num_threads(1)
     isa = ops.cpu_isa()
     print(f"ISA {isa}, 1 thread, fp32, microseconds per call")
-    for m in (1, 2, 4, 8, 16):
+    for m in (1, 2, 4, 8, 16, 24, 32):
         w, a, c = torch.randn(1024, 256), torch.randn(m, 256), torch.empty(m, 1024)
 
         def raw():  # C (m x 1024) = A (m x 256) W^T: trans_b, ldb 256
@@ -55,7 +55,7 @@ def main():
         print(f"m={m}: small GEMM {small:.1f}, the op through at::mm {aten:.1f}, "
               f"torch.mm {mm:.1f}")
     # The backward's dh = dgates W: (m x 1024) @ (1024 x 256), W as stored.
-    for m in (1, 4, 8, 16):
+    for m in (1, 4, 8, 16, 24, 32):
         w, g, d = torch.randn(1024, 256), torch.randn(m, 1024), torch.empty(m, 256)
 
         def raw_nn():  # C (m x 256) = A (m x 1024) W, ldb 256

@@ -1,6 +1,7 @@
-"""The small GEMMs (csrc/cpu/small_gemm.h): fp32 CPU steps of 1-16 rows multiply by the weights
-in their row-major layout (gemm_nt forward, gemm_nn backward; more than 4 rows in groups of 4,
-driver/gemm.cpp) instead of calling at::mm. Row counts 1-4 and 5, 8, 13, 16, hidden and input sizes that leave vector remainders and weight-row remainders,
+"""The small GEMMs (csrc/cpu/small_gemm.h): fp32 CPU steps of few rows multiply by the weights
+in their row-major layout (gemm_nt forward up to 32 rows, gemm_nn backward up to 16; more than
+4 rows in groups of 4, driver/gemm.cpp) instead of calling at::mm. Row counts 1-4 and 5, 8, 13,
+16, 24, 32, hidden and input sizes that leave vector remainders and weight-row remainders,
 projections, packed batches that shrink to a few rows, and every cell, forward and backward,
 against the fp64 reference, under every ISA the CPU has (the `cpu_isa` fixture; the baseline
 runs at::mm, the same checks)."""
@@ -35,7 +36,7 @@ def _run(fn, cell, x, w, hx, cx, batch_sizes, dtype):
 
 
 @pytest.mark.parametrize("cell", list(cells.CELLS))
-@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 13, 16, 24, 32])
 @pytest.mark.parametrize("I,H", [(7, 5), (33, 17), (16, 48)])
 def test_small_batches_match_the_reference(cell, B, I, H):
     T = 3  # fewer than 4 steps and 32 rows: the GEMM steps, not the tiles

@@ -79,10 +79,10 @@ bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
         a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat)) {
     return false;
   }
-  const bool rows_ok = m <= kSmallGemmMaxRows && (a.stride(1) == 1 || k == 1) &&
-                       (out.stride(1) == 1 || n == 1);
   const bool nt = b.stride(0) == 1 && b.stride(1) >= k;  // b = W^T, W (n x k) row-major
   const bool nn = !nt && b.stride(1) == 1 && b.stride(0) >= n;  // b = W (k x n)
+  const bool rows_ok = m <= (nt ? kSmallGemmMaxRowsNt : kSmallGemmMaxRowsNn) &&
+                       (a.stride(1) == 1 || k == 1) && (out.stride(1) == 1 || n == 1);
   if (!(rows_ok && (nt || nn))) return small_rank_update(out, a, b, beta);
   return small_gemm_f32(m, n, k, a.const_data_ptr<float>(), a.stride(0),
                         b.const_data_ptr<float>(), nt ? b.stride(1) : b.stride(0), nt,
@@ -92,8 +92,8 @@ bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
 // Blocks of the weight that the groups of rows of a small GEMM share while it is in cache:
 // nt, this many weight rows (128 KB of a 256-wide weight); nn, this many output columns (a
 // weight of 1024 rows: 1 MB, the L2 of the core this was measured on). At 8 and 16 rows both
-// measured as fast as the whole weight at once (H = 256) and keep larger weights' blocks in
-// L2.
+// measured as fast as the whole weight at once (H = 256), and they keep larger weights' blocks
+// in L2.
 constexpr int64_t kNtBlockRows = 128;
 constexpr int64_t kNnBlockColumns = 256;
 
@@ -102,7 +102,7 @@ constexpr int64_t kNnBlockColumns = 256;
 bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                     const float* w, int64_t ldw, bool w_transposed, float* out, int64_t ldo,
                     float beta) {
-  if (m < 1 || m > kSmallGemmMaxRows) return false;
+  if (m < 1 || m > (w_transposed ? kSmallGemmMaxRowsNt : kSmallGemmMaxRowsNn)) return false;
   const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
   if (kernels == nullptr) return false;
   cpu::SmallGemm g;

@@ -27,13 +27,17 @@ Tensor colsum_prev(const Tensor& grad, const std::vector<PrevSegment>& segs, con
 
 // out (m x n, row stride ldo) = [out +] a (m x k) op(W) in fp32 on the CPU with the ISA's small
 // GEMMs (cpu/small_gemm.h), W row-major with row stride ldw: W (n x k) used transposed when
-// w_transposed, else W (k x n). False (nothing done) where they do not apply: more than
-// kSmallGemmMaxRows rows, or the baseline ISA. beta is 0 or 1.
+// w_transposed, else W (k x n). False (nothing done) where they do not apply: more rows than
+// kSmallGemmMaxRowsNt (W transposed, the forward's products) or kSmallGemmMaxRowsNn (the
+// backward's), or the baseline ISA. beta is 0 or 1.
 //
-// The kernels take up to kSmallGemmRows (4) rows a call; up to kSmallGemmMaxRows rows run them on
-// groups of 4 rows, each block of the weight multiplied by every group while it is in cache:
-// at 8 and 16 rows still faster than at::mm (scripts/small_gemm_rate.py, docs/cpu_kernels.md).
-constexpr int64_t kSmallGemmMaxRows = 16;
+// The kernels take up to kSmallGemmRows (4) rows a call; more rows run them on groups of 4 rows,
+// each block of the weight multiplied by every group while it is in cache. At 8-16 rows that
+// is faster than at::mm; at 24-32 rows about torch.mm's rate, without oneDNN's per-call cost
+// (the forward's GEMMs of 17-32 rows took oneDNN before; the backward's stay there)
+// (scripts/small_gemm_rate.py, docs/cpu_kernels.md).
+constexpr int64_t kSmallGemmMaxRowsNt = 32;
+constexpr int64_t kSmallGemmMaxRowsNn = 16;
 bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                     const float* w, int64_t ldw, bool w_transposed, float* out, int64_t ldo,
                     float beta);

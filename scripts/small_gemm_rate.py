@@ -1,5 +1,5 @@
-"""The small GEMMs of 1-16 row steps (csrc/cpu/small_gemm.h; more than 4 rows in groups of 4,
-driver/gemm.cpp) against torch.mm, at the shapes of a step of H = 256: forward m x 256 @
+"""The small GEMMs of few-row steps (csrc/cpu/small_gemm.h; forward up to 32 rows, backward up to
+16, more than 4 rows in groups of 4, driver/gemm.cpp) against torch.mm, at the shapes of a step of H = 256: forward m x 256 @
 (1024 x 256)^T, backward m x 1024 @ (1024 x 256), and the weight gradient (1024 x m) @
 (m x 256) (the rank-m update, m <= 4). One thread, fp32: median of 9 samples of 300 calls of
 the `_raw_gemm` test op (which takes the small GEMMs under the avx2 / avx512 ISAs), of the same
@@ -55,7 +55,7 @@ def main():
         print(f"m={m}: small GEMM {small:.1f}, the op through at::mm {aten:.1f}, "
               f"torch.mm {mm:.1f}")
     # The backward's dh = dgates W: (m x 1024) @ (1024 x 256), W as stored.
-    for m in (1, 4, 8, 16, 24, 32):
+    for m in (1, 4, 8, 16):
         w, g, d = torch.randn(1024, 256), torch.randn(m, 1024), torch.empty(m, 256)
 
         def raw_nn():  # C (m x 256) = A (m x 1024) W, ldb 256

@@ -1,7 +1,7 @@
 """The small GEMMs of few-row steps (csrc/cpu/small_gemm.h; forward up to 32 rows, backward up to
-16, more than 4 rows in groups of 4, driver/gemm.cpp) against torch.mm, at the shapes of a step of H = 256: forward m x 256 @
-(1024 x 256)^T, backward m x 1024 @ (1024 x 256), and the weight gradient (1024 x m) @
-(m x 256) (the rank-m update, m <= 4). One thread, fp32: median of 9 samples of 300 calls of
+16, more than 4 rows in groups of 4, driver/gemm.cpp) against torch.mm, at the shapes of a step
+of H = 256: forward m x 256 @ (1024 x 256)^T, backward m x 1024 @ (1024 x 256), and the weight
+gradient (1024 x m) @ (m x 256) (the rank-m update, m <= 4). One thread, fp32: median of 9 samples of 300 calls of
 the `_raw_gemm` test op (which takes the small GEMMs under the avx2 / avx512 ISAs), of the same
 op under the baseline ISA (at::mm), and of torch.mm.
 

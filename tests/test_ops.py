@@ -707,7 +707,8 @@ def test_packed_many_lengths(cell, proj, reverse):
 def test_inference_mode_matches_training_mode(cell, proj, reverse, packed):
     """need_workspace=False (what the modules pass under no_grad) computes the input projection
     in chunks of steps and keeps no per-step state: same results, bit for bit, as the training
-    path, and an empty workspace. T=300 so that several chunks of 512 rows are used."""
+    path, and an empty workspace. T=300 so that several chunks (of at most 128 rows) are used,
+    the last padded one short (18 rows: it must not take the small GEMMs, buffers.h)."""
     T_, B_ = 300, 3
     bs = torch.tensor([3] * 100 + [2] * 120 + [1] * 80) if packed else None
     w = make_weights(cell, 4, 5, proj, True, F32, scale=0.5)

@@ -123,12 +123,13 @@ struct LSTMWorkspace {
 // buffer of all rows without a workspace): one large GEMM, and no GEMM of ATen's between the
 // steps. Without a workspace on the CPU, it is computed for a chunk of consecutive steps at a
 // time into a small reused buffer: less memory, and the projection is still in cache when its
-// steps run.
+// steps run. Both give the same bits: the small GEMMs (gemm.h) project only calls of at most
+// kSmallGemmMaxRowsNt rows in all (one chunk either way), never a short chunk of a longer call.
 class InputProjection {
  public:
   InputProjection(const Steps& s, const Tensor& x, const Tensor& w_ih_t, Tensor full,
                   int64_t width, const at::TensorOptions& opts)
-      : s_(s), x_(x), w_ih_t_(w_ih_t), width_(width) {
+      : s_(s), x_(x), w_ih_t_(w_ih_t), width_(width), small_ok_(s.N <= kSmallGemmMaxRowsNt) {
     if (!full.defined() && x.is_cuda()) full = at::empty({s.N, width}, opts);
     if (full.defined()) {
       buf_ = full;
@@ -155,19 +156,20 @@ class InputProjection {
   }
 
  private:
-  // Rows [0, m) of dst (first G columns) = rows [lo, lo + m) of x times W_ih^T. A few fp32
-  // rows of contiguous operands (the steps of a cell call) go to the small GEMMs on the
+  // Rows [0, m) of dst (first G columns) = rows [lo, lo + m) of x times W_ih^T. The rows of a
+  // short fp32 call with contiguous operands (a cell call's step) go to the small GEMMs on the
   // pointers, without the row views.
   void project(const Tensor& dst, int64_t lo, int64_t m) {
     const int64_t G = w_ih_t_.size(1), I = w_ih_t_.size(0);
-    if (x_.scalar_type() == at::kFloat && x_.device().is_cpu() && x_.is_contiguous() &&
-        dst.is_contiguous() && w_ih_t_.stride(0) == 1 && w_ih_t_.stride(1) == I && I > 0 &&
+    if (small_ok_ && x_.scalar_type() == at::kFloat && x_.device().is_cpu() &&
+        x_.is_contiguous() && dst.is_contiguous() && w_ih_t_.stride(0) == 1 &&
+        w_ih_t_.stride(1) == I && I > 0 &&
         small_gemm_f32(m, G, I, x_.const_data_ptr<float>() + lo * I, I,
                        w_ih_t_.const_data_ptr<float>(), I, /*w_transposed=*/true,
                        dst.data_ptr<float>(), width_, 0.0f)) {
       return;
     }
-    gemm(rows(dst, 0, m).narrow(1, 0, G), rows(x_, lo, m), w_ih_t_);
+    gemm(rows(dst, 0, m).narrow(1, 0, G), rows(x_, lo, m), w_ih_t_, 0.0f, small_ok_);
   }
   // The input rows owned by the processed steps [k0, k1): one contiguous range.
   std::pair<int64_t, int64_t> span(int64_t k0, int64_t k1) const {
@@ -180,6 +182,7 @@ class InputProjection {
   const Tensor& x_;
   const Tensor& w_ih_t_;
   int64_t width_;
+  bool small_ok_;
   Tensor buf_;
   void* base_ = nullptr;
   int64_t lo_ = 0, hi_ = 0, cap_ = 0;

@@ -154,13 +154,13 @@ bool onednn_gemm_enabled() {
   return available && cpu::current_isa() == cpu::Isa::kAVX512;
 }
 
-void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta) {
+void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta, bool small_ok) {
   if (out.numel() == 0) return;
   if (a.size(1) == 0) {
     if (beta == 0.0f) out.zero_();
     return;
   }
-  if (small_gemm(out, a, b, beta)) return;
+  if (small_ok && small_gemm(out, a, b, beta)) return;
   if (use_onednn_gemm(out, a.size(1))) {
     at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
   } else if (beta == 0.0f) {

@@ -14,8 +14,10 @@ namespace driver {
 // rows [start, start + n) of a 2-D tensor
 inline Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(0, start, n); }
 
-// out = beta * out + a @ b, written into `out`. beta is 0 or 1.
-void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta = 0.0f);
+// out = beta * out + a @ b, written into `out`. beta is 0 or 1. small_ok false: never the
+// small GEMMs, whose rounding differs from at::mm's and oneDNN's, for a caller whose result
+// must not depend on how many rows it passes at a time (InputProjection's chunks).
+void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta = 0.0f, bool small_ok = true);
 
 // out = beta * out + grad^T @ prev_state over all rows; grad is (N, G), out (G, width).
 void gemm_prev(Tensor out, const Tensor& grad, const std::vector<PrevSegment>& segs,

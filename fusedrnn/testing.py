@@ -382,9 +382,10 @@ def isas_of_cpu() -> list:
 # --- the raw GEMM of the step loops (tests/test_step_gemm.py, tests/test_cuda.py) ----------
 
 F64 = torch.float64
-# (m, n, k): single rows, columns and inner sizes, odd sizes, and k = 0 (C = beta * C)
-# (m, n, k); k <= 4 with m > 4 and A transposed is the CPU's rank-k update (the weight
-# gradients of a step of a few rows, gemm.cpp), with n across and off a vector's width
+# (m, n, k): single rows, columns and inner sizes, odd sizes, and k = 0 (C = beta * C); on the
+# CPU (driver/gemm.cpp) m of 5-32 runs the small GEMMs in groups of 4 rows (13, 16, 29), and
+# k <= 4 with m > 4 and A transposed the rank-k update (the weight gradients of a step of a few
+# rows), with n across and off a vector's width
 RAW_GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 12, 9), (2, 33, 1), (5, 1, 16), (4, 6, 0),
                    (37, 19, 1), (23, 40, 3), (9, 16, 4), (13, 40, 33), (16, 19, 8), (29, 21, 18)]
 # The loops' own calls (driver/lstm.cpp, gru.cpp) as (trans_a, trans_b, beta), A the rows of a

@@ -11,6 +11,7 @@ Environment:
                           without a visible GPU: DEFAULT_CUDA_ARCHS below
   MAX_JOBS                parallel compile jobs (ninja), as torch's cpp_extension reads it
 """
+
 import glob
 import os
 import sys
@@ -40,7 +41,8 @@ def _set_cuda_home():
     header = os.path.join("include", "cuda_runtime_api.h")
     guessed = os.path.dirname(os.path.dirname(nvcc))
     if not os.path.exists(os.path.join(guessed, header)) and os.path.exists(
-            os.path.join("/usr/local/cuda", header)):
+        os.path.join("/usr/local/cuda", header)
+    ):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
@@ -64,30 +66,42 @@ def _extensions():
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if arch != "none":
         cxx.append(f"-march={arch}")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    sources += sorted(glob.glob(os.path.join("csrc", "driver", "*.cpp")))
-    # cpu/isa_*.cpp compile their kernels for AVX2 / AVX-512 through target pragmas, with the
-    # same flags as everything else (cpu/isa_begin.h)
-    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # Every .cpp under csrc/ (docs/design.md, "Layout"); kernels/cpu/isa/*.cpp compile their
+    # kernels for AVX2 / AVX-512 through target pragmas, with the same flags as everything else
+    # (kernels/cpu/isa/isa_begin.h)
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
-        return [CppExtension("fusedrnn._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx}, py_limited_api=False)]
+        return [
+            CppExtension(
+                "fusedrnn._C",
+                sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx},
+                py_limited_api=False,
+            )
+        ]
 
     # Headers that torch's CUDA headers include but a bare toolkit may lack (cusparse.h, ...)
     # ship with torch's pip dependencies under site-packages/nvidia/cu*/include.
     site = os.path.dirname(os.path.dirname(torch.__file__))
     include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
     include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to read the architecture from (a build machine, CI): torch's default would
         # fail. Build for the current data-centre and workstation generations, plus PTX.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-    return [CUDAExtension("fusedrnn._C", sources, include_dirs=include_dirs,
-                          define_macros=[("FUSEDRNN_WITH_CUDA", None)],
-                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+    return [
+        CUDAExtension(
+            "fusedrnn._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("FUSEDRNN_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    ]
 
 
 def _cmdclass():

@@ -22,6 +22,7 @@ into `--out`.
 The models must run on the fused ops: the script stops when `fusedrnn.backend()` is not "fused"
 unless `--allow-reference` is given.
 """
+
 import argparse
 import copy
 import dataclasses
@@ -50,8 +51,7 @@ MODELS = {  # display name -> (cell name of the fused ops / fusedrnn.reference, 
     "WorkingMemoryLSTM": ("wm_lstm", fusedrnn.WorkingMemoryLSTM),
     "GRU": ("gru", fusedrnn.GRU),
 }
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           "working_memory")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "working_memory")
 TRIVIAL_ADDING_MSE = 1.0 / 6.0
 
 
@@ -60,14 +60,14 @@ class Config:
     mode: str = "full"
     seeds: int = 5
     hidden: int = 64
-    clip: float = 1.0                    # gradient-norm clipping (0: off)
+    clip: float = 1.0  # gradient-norm clipping (0: off)
     # sequential digits
     digits_epochs: int = 50
     digits_batch: int = 64
     digits_lr: float = 2e-2
-    digits_schedule: str = "cosine"      # "cosine" (per step, to 0 at the end) or "constant"
-    digits_train_limit: int = 0          # > 0: train on the first N training samples only
-    digits_test_limit: int = 0           # > 0: evaluate on the first N test samples only
+    digits_schedule: str = "cosine"  # "cosine" (per step, to 0 at the end) or "constant"
+    digits_train_limit: int = 0  # > 0: train on the first N training samples only
+    digits_test_limit: int = 0  # > 0: evaluate on the first N test samples only
     test_fraction: float = 0.25
     split_seed: int = 0
     perm_seed: int = 1234
@@ -76,18 +76,18 @@ class Config:
     adding_steps: int = 3000
     adding_batch: int = 64
     adding_lr: float = 5e-3
-    adding_schedule: str = "constant"    # a constant rate leaves the 1/6 plateau sooner
+    adding_schedule: str = "constant"  # a constant rate leaves the 1/6 plateau sooner
     adding_eval_every: int = 100
     adding_test_size: int = 2000
     adding_test_seed: int = 10_000
     # side measurements
-    eager_steps: int = 0                 # 0: one epoch of the digits training set
+    eager_steps: int = 0  # 0: one epoch of the digits training set
     denormal_T: int = 64
     denormal_batch: int = 64
     denormal_repeats: int = 9
     # run
     models: tuple = tuple(MODELS)
-    tasks: tuple = ()                    # () -> digits, pdigits, adding<T> for every T
+    tasks: tuple = ()  # () -> digits, pdigits, adding<T> for every T
     threads: int = 1
     flush_denormal: bool = True
     device: str = "cpu"
@@ -95,12 +95,31 @@ class Config:
 
 PRESETS = {
     "full": {},
-    "quick": dict(seeds=3, digits_epochs=30, adding_T=(50,), adding_steps=1100,
-                  adding_eval_every=50, adding_test_size=1000),
-    "tiny": dict(seeds=2, digits_epochs=3, digits_batch=32, digits_lr=1e-2,
-                 digits_train_limit=160, digits_test_limit=128, adding_T=(50,), adding_steps=30,
-                 adding_batch=32, adding_eval_every=15, adding_test_size=128, eager_steps=2,
-                 denormal_T=8, denormal_batch=8, denormal_repeats=2),
+    "quick": dict(
+        seeds=3,
+        digits_epochs=30,
+        adding_T=(50,),
+        adding_steps=1100,
+        adding_eval_every=50,
+        adding_test_size=1000,
+    ),
+    "tiny": dict(
+        seeds=2,
+        digits_epochs=3,
+        digits_batch=32,
+        digits_lr=1e-2,
+        digits_train_limit=160,
+        digits_test_limit=128,
+        adding_T=(50,),
+        adding_steps=30,
+        adding_batch=32,
+        adding_eval_every=15,
+        adding_test_size=128,
+        eager_steps=2,
+        denormal_T=8,
+        denormal_batch=8,
+        denormal_repeats=2,
+    ),
 }
 
 
@@ -117,9 +136,15 @@ class EagerRNN(nn.Module):
 
     def forward(self, x):
         r = self.fused
-        out, h, c = reference.layer(self.cell, x, r.weight_ih_l0, r.weight_hh_l0,
-                                    getattr(r, "bias_ih_l0", None), getattr(r, "bias_hh_l0", None),
-                                    getattr(r, "weight_ch_l0", None))
+        out, h, c = reference.layer(
+            self.cell,
+            x,
+            r.weight_ih_l0,
+            r.weight_hh_l0,
+            getattr(r, "bias_ih_l0", None),
+            getattr(r, "bias_hh_l0", None),
+            getattr(r, "weight_ch_l0", None),
+        )
         return (out, h[None]) if c is None else (out, (h[None], c[None]))
 
 
@@ -160,12 +185,13 @@ def load_digits_data(cfg: Config) -> Dict[str, dict]:
     digits = load_digits()
     X = digits.images.reshape(len(digits.images), 64).astype(np.float32) / 16.0
     y = digits.target.astype(np.int64)
-    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=cfg.test_fraction, stratify=y,
-                                              random_state=cfg.split_seed)
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X, y, test_size=cfg.test_fraction, stratify=y, random_state=cfg.split_seed
+    )
     if cfg.digits_train_limit:
-        X_tr, y_tr = X_tr[:cfg.digits_train_limit], y_tr[:cfg.digits_train_limit]
+        X_tr, y_tr = X_tr[: cfg.digits_train_limit], y_tr[: cfg.digits_train_limit]
     if cfg.digits_test_limit:
-        X_te, y_te = X_te[:cfg.digits_test_limit], y_te[:cfg.digits_test_limit]
+        X_te, y_te = X_te[: cfg.digits_test_limit], y_te[: cfg.digits_test_limit]
     perm = np.random.RandomState(cfg.perm_seed).permutation(64)
 
     def seq(a):  # (N, 64) -> (64, N, 1)
@@ -173,9 +199,13 @@ def load_digits_data(cfg: Config) -> Dict[str, dict]:
 
     out = {}
     for task, order in (("digits", np.arange(64)), ("pdigits", perm)):
-        out[task] = dict(x_train=seq(X_tr[:, order]), y_train=torch.from_numpy(y_tr).to(cfg.device),
-                         x_test=seq(X_te[:, order]), y_test=torch.from_numpy(y_te).to(cfg.device),
-                         permutation=order.tolist())
+        out[task] = dict(
+            x_train=seq(X_tr[:, order]),
+            y_train=torch.from_numpy(y_tr).to(cfg.device),
+            x_test=seq(X_te[:, order]),
+            y_test=torch.from_numpy(y_te).to(cfg.device),
+            permutation=order.tolist(),
+        )
     return out
 
 
@@ -194,20 +224,41 @@ def adding_batch(n: int, T: int, gen: torch.Generator, device="cpu"):
 
 
 def task_list(cfg: Config) -> List[str]:
-    return list(cfg.tasks) if cfg.tasks else ["digits", "pdigits"] + [f"adding{T}"
-                                                                       for T in cfg.adding_T]
+    return (
+        list(cfg.tasks)
+        if cfg.tasks
+        else ["digits", "pdigits"] + [f"adding{T}" for T in cfg.adding_T]
+    )
 
 
 def task_info(task: str) -> dict:
     if task in ("digits", "pdigits"):
-        return dict(kind="classification", metric="test_acc", higher_is_better=True, T=64,
-                    n_in=1, n_out=10, x_axis="epoch",
-                    description=("sequential 8x8 digits, pixel by pixel" if task == "digits" else
-                                 "sequential 8x8 digits, fixed random pixel permutation"))
-    T = int(task[len("adding"):])
-    return dict(kind="regression", metric="test_mse", higher_is_better=False, T=T, n_in=2,
-                n_out=1, x_axis="step", trivial_mse=TRIVIAL_ADDING_MSE,
-                description=f"adding problem, T={T}")
+        return dict(
+            kind="classification",
+            metric="test_acc",
+            higher_is_better=True,
+            T=64,
+            n_in=1,
+            n_out=10,
+            x_axis="epoch",
+            description=(
+                "sequential 8x8 digits, pixel by pixel"
+                if task == "digits"
+                else "sequential 8x8 digits, fixed random pixel permutation"
+            ),
+        )
+    T = int(task[len("adding") :])
+    return dict(
+        kind="regression",
+        metric="test_mse",
+        higher_is_better=False,
+        T=T,
+        n_in=2,
+        n_out=1,
+        x_axis="step",
+        trivial_mse=TRIVIAL_ADDING_MSE,
+        description=f"adding problem, T={T}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,8 +281,11 @@ def _step(model, opt, loss, clip, sched=None):
 def make_optimizer(model: nn.Module, lr: float, total_steps: int, schedule: str):
     """Adam; with schedule "cosine" the learning rate decays to 0 over total_steps."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
-             if schedule == "cosine" else None)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+        if schedule == "cosine"
+        else None
+    )
     return opt, sched
 
 
@@ -241,20 +295,23 @@ def evaluate(model: nn.Module, task: str, data: dict) -> dict:
     out = model(data["x_test"])
     model.train()
     if task_info(task)["kind"] == "classification":
-        return dict(test_loss=float(nn.functional.cross_entropy(out, data["y_test"])),
-                    test_acc=float((out.argmax(1) == data["y_test"]).float().mean()))
+        return dict(
+            test_loss=float(nn.functional.cross_entropy(out, data["y_test"])),
+            test_acc=float((out.argmax(1) == data["y_test"]).float().mean()),
+        )
     return dict(test_mse=float(nn.functional.mse_loss(out, data["y_test"])))
 
 
 def digits_batches(n: int, batch: int, gen: torch.Generator):
     order = torch.randperm(n, generator=gen)
-    return [order[i:i + batch] for i in range(0, n, batch)]
+    return [order[i : i + batch] for i in range(0, n, batch)]
 
 
 def train_digits(model, task, data, cfg: Config, seed: int, progress=None) -> dict:
     n = data["x_train"].shape[1]
-    opt, sched = make_optimizer(model, cfg.digits_lr, steps_per_run("digits", cfg, n),
-                                cfg.digits_schedule)
+    opt, sched = make_optimizer(
+        model, cfg.digits_lr, steps_per_run("digits", cfg, n), cfg.digits_schedule
+    )
     gen = torch.Generator().manual_seed(seed)
     points = [dict(epoch=0, step=0, train_loss=None, elapsed_s=0.0, **evaluate(model, task, data))]
     step, t_train = 0, 0.0
@@ -264,8 +321,7 @@ def train_digits(model, task, data, cfg: Config, seed: int, progress=None) -> di
         total, count = 0.0, 0
         for idx in digits_batches(n, cfg.digits_batch, gen):
             idx = idx.to(cfg.device)
-            loss = nn.functional.cross_entropy(model(data["x_train"][:, idx]),
-                                               data["y_train"][idx])
+            loss = nn.functional.cross_entropy(model(data["x_train"][:, idx]), data["y_train"][idx])
             _step(model, opt, loss, cfg.clip, sched)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
@@ -274,8 +330,15 @@ def train_digits(model, task, data, cfg: Config, seed: int, progress=None) -> di
                 progress.update(1)
         _sync(cfg.device)
         t_train += time.perf_counter() - t0
-        points.append(dict(epoch=epoch, step=step, train_loss=total / count, elapsed_s=t_train,
-                           **evaluate(model, task, data)))
+        points.append(
+            dict(
+                epoch=epoch,
+                step=step,
+                train_loss=total / count,
+                elapsed_s=t_train,
+                **evaluate(model, task, data),
+            )
+        )
     return dict(points=points, train_s=t_train, steps=step)
 
 
@@ -298,8 +361,14 @@ def train_adding(model, task, data, cfg: Config, seed: int, progress=None) -> di
         if progress is not None:
             progress.update(1)
         if step % cfg.adding_eval_every == 0 or step == cfg.adding_steps:
-            points.append(dict(step=step, train_loss=total / count, elapsed_s=t_train,
-                               **evaluate(model, task, data)))
+            points.append(
+                dict(
+                    step=step,
+                    train_loss=total / count,
+                    elapsed_s=t_train,
+                    **evaluate(model, task, data),
+                )
+            )
             total, count = 0.0, 0
     return dict(points=points, train_s=t_train, steps=cfg.adding_steps)
 
@@ -316,8 +385,9 @@ def mid_point(points: List[dict]) -> dict:
     return min(points, key=lambda p: (abs(p["step"] - last / 2), p["step"]))
 
 
-def train_run(task: str, model_name: str, seed: int, data: dict, cfg: Config,
-              progress=None) -> dict:
+def train_run(
+    task: str, model_name: str, seed: int, data: dict, cfg: Config, progress=None
+) -> dict:
     info = task_info(task)
     model = build_model(model_name, info["n_in"], info["n_out"], cfg, seed)
     t0 = time.perf_counter()
@@ -327,11 +397,20 @@ def train_run(task: str, model_name: str, seed: int, data: dict, cfg: Config,
         res = train_adding(model, task, data, cfg, seed, progress)
     metric = info["metric"]
     mid = mid_point(res["points"])
-    return dict(task=task, model=model_name, seed=seed,
-                n_params=sum(p.numel() for p in model.parameters()),
-                final=res["points"][-1][metric], mid=mid[metric], mid_step=mid["step"],
-                mid_epoch=mid.get("epoch"), steps=res["steps"], train_s=res["train_s"],
-                wall_s=time.perf_counter() - t0, points=res["points"])
+    return dict(
+        task=task,
+        model=model_name,
+        seed=seed,
+        n_params=sum(p.numel() for p in model.parameters()),
+        final=res["points"][-1][metric],
+        mid=mid[metric],
+        mid_step=mid["step"],
+        mid_epoch=mid.get("epoch"),
+        steps=res["steps"],
+        train_s=res["train_s"],
+        wall_s=time.perf_counter() - t0,
+        points=res["points"],
+    )
 
 
 def summarize(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
@@ -344,10 +423,19 @@ def summarize(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
     for task, per_model in out.items():
         for model, v in per_model.items():
             f, m = np.array(v["final"]), np.array(v["mid"])
-            sd = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
-            per_model[model] = dict(n=len(f), final_mean=float(f.mean()), final_std=sd(f),
-                                    mid_mean=float(m.mean()), mid_std=sd(m),
-                                    final=v["final"], mid=v["mid"])
+
+            def sd(a):
+                return float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+            per_model[model] = dict(
+                n=len(f),
+                final_mean=float(f.mean()),
+                final_std=sd(f),
+                mid_mean=float(m.mean()),
+                mid_std=sd(m),
+                final=v["final"],
+                mid=v["mid"],
+            )
     return out
 
 
@@ -377,8 +465,11 @@ def eager_speedup(cfg: Config, digits: dict, models) -> dict:
             batch_loss(model, batches[0]).backward()
             grads.append([p.grad.clone() for p in model.parameters()])
             model.zero_grad(set_to_none=True)
-        res = {"grad_rel_diff": max(float((a - b).norm() / b.norm().clamp_min(1e-30))
-                                    for a, b in zip(*grads))}
+        res = {
+            "grad_rel_diff": max(
+                float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(*grads)
+            )
+        }
         for label, model in (("fused", fused_model), ("eager", eager_model)):
             opt = torch.optim.Adam(model.parameters(), lr=cfg.digits_lr)
             losses, elapsed = [], 0.0
@@ -393,8 +484,9 @@ def eager_speedup(cfg: Config, digits: dict, models) -> dict:
                 losses.append(float(loss.detach()))
             res[label] = dict(total_s=elapsed, ms_per_step=1e3 * elapsed / steps, losses=losses)
         res["speedup"] = res["eager"]["total_s"] / res["fused"]["total_s"]
-        res["max_loss_diff"] = max(abs(a - b) for a, b in zip(res["fused"]["losses"],
-                                                              res["eager"]["losses"]))
+        res["max_loss_diff"] = max(
+            abs(a - b) for a, b in zip(res["fused"]["losses"], res["eager"]["losses"])
+        )
         out["models"][name] = res
     sp = [v["speedup"] for v in out["models"].values()]
     out["speedup_geomean"] = float(np.exp(np.mean(np.log(sp))))
@@ -424,12 +516,18 @@ def denormal_check(cfg: Config) -> dict:
     repeats of all twelve (regime, flush mode, implementation) cases are interleaved so that a
     change of the machine's load hits all of them alike; the best time of each is the figure
     compared (the median is kept too)."""
-    flush_before = torch.is_flush_denormal_enabled() if hasattr(
-        torch, "is_flush_denormal_enabled") else cfg.flush_denormal
+    flush_before = (
+        torch.is_flush_denormal_enabled()
+        if hasattr(torch, "is_flush_denormal_enabled")
+        else cfg.flush_denormal
+    )
     T, B, H = cfg.denormal_T, cfg.denormal_batch, cfg.hidden
-    out = {"shape": dict(T=T, B=B, I=1, H=H), "repeats": cfg.denormal_repeats,
-           "statistic": "best of the interleaved repeats (ms); medians in *_median_ms_*",
-           "scenarios": {}}
+    out = {
+        "shape": dict(T=T, B=B, I=1, H=H),
+        "repeats": cfg.denormal_repeats,
+        "statistic": "best of the interleaved repeats (ms); medians in *_median_ms_*",
+        "scenarios": {},
+    }
 
     def build(scenario: str):
         torch.manual_seed(0)
@@ -461,8 +559,9 @@ def denormal_check(cfg: Config) -> dict:
         res["denormal_frac_grad_weight_ih"] = _denormal_fraction(m.weight_ih_l0.grad)
         if fusedrnn.backend() == "fused":
             with torch.no_grad():
-                ws = torch.ops.fusedrnn.wm_lstm_forward(x, *weights, None, None, None, None,
-                                                        False)[3]
+                ws = torch.ops.fusedrnn.wm_lstm_forward(x, *weights, None, None, None, None, False)[
+                    3
+                ]
             res["denormal_frac_workspace"] = _denormal_fraction(ws)
         return res, {"fused": fused, "eager": eager}
 
@@ -496,10 +595,12 @@ def denormal_check(cfg: Config) -> dict:
     base = out["scenarios"]["normal"]
     for res in out["scenarios"].values():
         for impl in ("fused", "eager"):
-            res[f"{impl}_slowdown_flush_off"] = res[f"{impl}_ms_flush_off"] / base[
-                f"{impl}_ms_flush_off"]
-            res[f"{impl}_slowdown_flush_on"] = res[f"{impl}_ms_flush_on"] / base[
-                f"{impl}_ms_flush_on"]
+            res[f"{impl}_slowdown_flush_off"] = (
+                res[f"{impl}_ms_flush_off"] / base[f"{impl}_ms_flush_off"]
+            )
+            res[f"{impl}_slowdown_flush_on"] = (
+                res[f"{impl}_ms_flush_on"] / base[f"{impl}_ms_flush_on"]
+            )
     return out
 
 
@@ -511,55 +612,70 @@ def _fmt(task: str, v: float) -> str:
 
 def format_table(summary: dict, runs: List[dict], models) -> str:
     """Markdown table: one row per task, one column per model, `final ± std (mid ± std)`."""
-    lines = ["| task (metric) | " + " | ".join(models) + " |",
-             "|---|" + "---|" * len(models)]
+    lines = ["| task (metric) | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for task, per_model in summary.items():
         info = task_info(task)
-        mids = {(r["mid_epoch"] if info["x_axis"] == "epoch" else r["mid_step"])
-                for r in runs if r["task"] == task}
+        mids = {
+            (r["mid_epoch"] if info["x_axis"] == "epoch" else r["mid_step"])
+            for r in runs
+            if r["task"] == task
+        }
         mid_label = f"{info['x_axis']} {'/'.join(str(m) for m in sorted(mids))}"
-        label = (f"{task} ({'acc ↑' if info['higher_is_better'] else 'MSE ↓'}; "
-                 f"mid = {mid_label})")
+        label = f"{task} ({'acc ↑' if info['higher_is_better'] else 'MSE ↓'}; mid = {mid_label})"
         cells = []
         for model in models:
             s = per_model.get(model)
             if s is None:
                 cells.append("—")
                 continue
-            cells.append(f"{_fmt(task, s['final_mean'])} ± {_fmt(task, s['final_std'])} "
-                         f"({_fmt(task, s['mid_mean'])} ± {_fmt(task, s['mid_std'])})")
+            cells.append(
+                f"{_fmt(task, s['final_mean'])} ± {_fmt(task, s['final_std'])} "
+                f"({_fmt(task, s['mid_mean'])} ± {_fmt(task, s['mid_std'])})"
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_speedup(eager: dict) -> str:
-    lines = [f"fused vs eager reference loop, {eager['steps']} training steps of digits "
-             f"(batch {eager['batch']}, T=64, H=64), ms per step:",
-             "| model | fused | eager | speed-up | gradient rel. diff |", "|---|---|---|---|---|"]
+    lines = [
+        f"fused vs eager reference loop, {eager['steps']} training steps of digits "
+        f"(batch {eager['batch']}, T=64, H=64), ms per step:",
+        "| model | fused | eager | speed-up | gradient rel. diff |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in eager["models"].items():
-        lines.append(f"| {name} | {r['fused']['ms_per_step']:.1f} | {r['eager']['ms_per_step']:.1f}"
-                     f" | {r['speedup']:.2f}x | {r['grad_rel_diff']:.1e} |")
+        lines.append(
+            f"| {name} | {r['fused']['ms_per_step']:.1f} | {r['eager']['ms_per_step']:.1f}"
+            f" | {r['speedup']:.2f}x | {r['grad_rel_diff']:.1e} |"
+        )
     lines.append(f"geometric mean speed-up: {eager['speedup_geomean']:.2f}x")
     return "\n".join(lines)
 
 
 def format_denormal(den: dict) -> str:
     s = den["shape"]
-    lines = [f"denormal check, WorkingMemoryLSTM forward+backward, T={s['T']} B={s['B']} "
-             f"H={s['H']}, best of {den['repeats']} interleaved runs, ms (x vs normal regime):",
-             "| regime | subnormal share (workspace / output) | fused, flush off | fused, flush on"
-             " | eager, flush off | eager, flush on |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"denormal check, WorkingMemoryLSTM forward+backward, T={s['T']} B={s['B']} "
+        f"H={s['H']}, best of {den['repeats']} interleaved runs, ms (x vs normal regime):",
+        "| regime | subnormal share (workspace / output) | fused, flush off | fused, flush on"
+        " | eager, flush off | eager, flush on |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in den["scenarios"].items():
         ws = r.get("denormal_frac_workspace")
         share = (f"{ws:.0%}" if ws is not None else "n/a") + f" / {r['denormal_frac_output']:.0%}"
-        cells = [f"{r[f'{i}_ms_flush_{k}']:.1f} ({r[f'{i}_slowdown_flush_{k}']:.2f}x)"
-                 for i in ("fused", "eager") for k in ("off", "on")]
+        cells = [
+            f"{r[f'{i}_ms_flush_{k}']:.1f} ({r[f'{i}_slowdown_flush_{k}']:.2f}x)"
+            for i in ("fused", "eager")
+            for k in ("off", "on")
+        ]
         lines.append(f"| {name} | {share} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_curves(runs: List[dict], tasks: List[str], models, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -572,12 +688,19 @@ def plot_curves(runs: List[dict], tasks: List[str], models, path: str) -> None:
                 continue
             xs = np.array([p[info["x_axis"]] for p in rs[0]["points"]])
             ys = np.array([[p[info["metric"]] for p in r["points"]] for r in rs])
-            line, = ax.plot(xs, ys.mean(0), label=model)
+            (line,) = ax.plot(xs, ys.mean(0), label=model)
             ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
         if info["kind"] == "regression":
             ax.axhline(TRIVIAL_ADDING_MSE, color="gray", ls="--", lw=1)
-            ax.text(xs[-1], TRIVIAL_ADDING_MSE * 1.15, "trivial predictor (1/6)", ha="right",
-                    va="bottom", fontsize=7, color="gray")
+            ax.text(
+                xs[-1],
+                TRIVIAL_ADDING_MSE * 1.15,
+                "trivial predictor (1/6)",
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="gray",
+            )
             ax.set_yscale("log")
         else:
             ax.set_ylim(0, 1)
@@ -587,8 +710,11 @@ def plot_curves(runs: List[dict], tasks: List[str], models, path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     n_seeds = len({r["seed"] for r in runs})
-    fig.suptitle(f"fusedrnn: LSTM / peephole / working-memory LSTM / GRU, hidden 64; line: mean "
-                 f"over {n_seeds} seeds, band: min to max", fontsize=10)
+    fig.suptitle(
+        f"fusedrnn: LSTM / peephole / working-memory LSTM / GRU, hidden 64; line: mean "
+        f"over {n_seeds} seeds, band: min to max",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -608,11 +734,15 @@ def cpu_name() -> str:
 # ----------------------------------------------------------------------------------------------
 # command line
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="< 10 min on one CPU thread: 3 seeds,"
-                      " digits (plain and permuted) and adding T=50")
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="< 10 min on one CPU thread: 3 seeds, digits (plain and permuted) and adding T=50",
+    )
     mode.add_argument("--tiny", action="store_true", help="a few steps of everything (tests)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
     p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...)")
@@ -626,10 +756,16 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=("cosine", "constant"), help="learning-rate schedule")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--no-flush-denormal", action="store_true",
-                   help="keep subnormal floats (torch.set_flush_denormal(False))")
-    p.add_argument("--allow-reference", action="store_true",
-                   help="run even when the compiled ops are not loaded (reference backend)")
+    p.add_argument(
+        "--no-flush-denormal",
+        action="store_true",
+        help="keep subnormal floats (torch.set_flush_denormal(False))",
+    )
+    p.add_argument(
+        "--allow-reference",
+        action="store_true",
+        help="run even when the compiled ops are not loaded (reference backend)",
+    )
     p.add_argument("--skip-eager", action="store_true", help="skip the fused-vs-eager timing")
     p.add_argument("--skip-denormal", action="store_true", help="skip the denormal check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -649,8 +785,9 @@ def parse_args(argv=None):
     if args.tasks:
         cfg.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         for t in cfg.tasks:
-            if t not in ("digits", "pdigits") and not (t.startswith("adding")
-                                                      and t[6:].isdigit() and int(t[6:]) >= 2):
+            if t not in ("digits", "pdigits") and not (
+                t.startswith("adding") and t[6:].isdigit() and int(t[6:]) >= 2
+            ):
                 p.error(f"--tasks: unknown task {t!r}")
     if args.epochs is not None:
         cfg.digits_epochs = args.epochs
@@ -662,9 +799,13 @@ def parse_args(argv=None):
         cfg.digits_batch = cfg.adding_batch = args.batch
     if args.schedule is not None:
         cfg.digits_schedule = cfg.adding_schedule = args.schedule
-    for flag, v in (("--seeds", cfg.seeds), ("--epochs", cfg.digits_epochs),
-                    ("--adding-steps", cfg.adding_steps), ("--threads", args.threads),
-                    ("--batch", args.batch if args.batch is not None else 1)):
+    for flag, v in (
+        ("--seeds", cfg.seeds),
+        ("--epochs", cfg.digits_epochs),
+        ("--adding-steps", cfg.adding_steps),
+        ("--threads", args.threads),
+        ("--batch", args.batch if args.batch is not None else 1),
+    ):
         if v < 1:
             p.error(f"{flag}: must be a positive integer, got {v}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -679,33 +820,44 @@ def main(argv=None) -> dict:
     args, cfg = parse_args(argv)
     backend = fusedrnn.backend()
     if backend != "fused" and not args.allow_reference:
-        sys.exit(f"error: fusedrnn backend is {backend!r}, not 'fused' (the compiled extension "
-                 f"did not load: {fusedrnn.build_info()['load_error']}). Build it with "
-                 "`pip install --no-build-isolation -e .`, or pass --allow-reference to run the "
-                 "slow pure-PyTorch reference.")
+        sys.exit(
+            f"error: fusedrnn backend is {backend!r}, not 'fused' (the compiled extension "
+            f"did not load: {fusedrnn.build_info()['load_error']}). Build it with "
+            "`pip install --no-build-isolation -e .`, or pass --allow-reference to run the "
+            "slow pure-PyTorch reference."
+        )
     info = fusedrnn.build_info()
     torch.set_num_threads(cfg.threads)
-    print(f"backend: {backend} (fusedrnn {info['version']}, torch {torch.__version__}, "
-          f"compiled ops: cpu={info['cpu']} cuda={info['cuda']}); device {cfg.device}, "
-          f"{cfg.threads} thread(s), flush-denormal {'on' if cfg.flush_denormal else 'off'}, "
-          f"mode {cfg.mode}", flush=True)
+    print(
+        f"backend: {backend} (fusedrnn {info['version']}, torch {torch.__version__}, "
+        f"compiled ops: cpu={info['cpu']} cuda={info['cuda']}); device {cfg.device}, "
+        f"{cfg.threads} thread(s), flush-denormal {'on' if cfg.flush_denormal else 'off'}, "
+        f"mode {cfg.mode}",
+        flush=True,
+    )
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
 
     torch.set_flush_denormal(cfg.flush_denormal)
 
     tasks = task_list(cfg)
-    digits = load_digits_data(cfg) if any(t in ("digits", "pdigits") for t in tasks) or (
-        not args.skip_eager) else None
+    digits = (
+        load_digits_data(cfg)
+        if any(t in ("digits", "pdigits") for t in tasks) or (not args.skip_eager)
+        else None
+    )
     data = {}
     for task in tasks:
         if task in ("digits", "pdigits"):
             data[task] = digits[task]
         else:
             T = task_info(task)["T"]
-            x, y = adding_batch(cfg.adding_test_size, T,
-                                torch.Generator().manual_seed(cfg.adding_test_seed + T),
-                                cfg.device)
+            x, y = adding_batch(
+                cfg.adding_test_size,
+                T,
+                torch.Generator().manual_seed(cfg.adding_test_seed + T),
+                cfg.device,
+            )
             data[task] = dict(x_test=x, y_test=y)
     n_digits = digits["digits"]["x_train"].shape[1] if digits else 0
 
@@ -724,6 +876,7 @@ def main(argv=None) -> dict:
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
+
         progress = tqdm(total=total_steps, unit="step", mininterval=1.0, file=sys.stderr)
     runs = []
     t_train = time.perf_counter()
@@ -746,24 +899,47 @@ def main(argv=None) -> dict:
         if task_info(task)["kind"] == "regression":
             print(f"{task}: trivial predictor MSE = {TRIVIAL_ADDING_MSE:.4f}")
     if eager is not None:
-        print(f"fused training speed-up over the eager loop: {eager['speedup_geomean']:.2f}x "
-              f"(geometric mean; " + ", ".join(f"{k} {v['speedup']:.2f}x"
-                                               for k, v in eager["models"].items()) + ")")
+        print(
+            f"fused training speed-up over the eager loop: {eager['speedup_geomean']:.2f}x "
+            f"(geometric mean; "
+            + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in eager["models"].items())
+            + ")"
+        )
     print(f"backend: {backend}; training {train_wall:.0f} s, total wall {wall:.0f} s")
 
     result = dict(
-        config=dataclasses.asdict(cfg), argv=list(sys.argv[1:] if argv is None else argv),
-        environment=dict(backend=backend, build_info=info, torch=torch.__version__,
-                         python=platform.python_version(), cpu=cpu_name(),
-                         platform=platform.platform(), threads=torch.get_num_threads(),
-                         flush_denormal=cfg.flush_denormal, device=cfg.device),
-        tasks={t: dict(task_info(t), n_train=(data[t]["x_train"].shape[1] if "x_train" in data[t]
-                                              else None),
-                       n_test=data[t]["x_test"].shape[1]) for t in tasks},
-        runs=runs, summary=summary, table=table, eager_timing=eager, denormal_check=denormal,
-        timings=dict(total_wall_s=wall, training_wall_s=train_wall,
-                     per_task_train_s={t: sum(r["wall_s"] for r in runs if r["task"] == t)
-                                       for t in tasks}))
+        config=dataclasses.asdict(cfg),
+        argv=list(sys.argv[1:] if argv is None else argv),
+        environment=dict(
+            backend=backend,
+            build_info=info,
+            torch=torch.__version__,
+            python=platform.python_version(),
+            cpu=cpu_name(),
+            platform=platform.platform(),
+            threads=torch.get_num_threads(),
+            flush_denormal=cfg.flush_denormal,
+            device=cfg.device,
+        ),
+        tasks={
+            t: dict(
+                task_info(t),
+                n_train=(data[t]["x_train"].shape[1] if "x_train" in data[t] else None),
+                n_test=data[t]["x_test"].shape[1],
+            )
+            for t in tasks
+        },
+        runs=runs,
+        summary=summary,
+        table=table,
+        eager_timing=eager,
+        denormal_check=denormal,
+        timings=dict(
+            total_wall_s=wall,
+            training_wall_s=train_wall,
+            per_task_train_s={t: sum(r["wall_s"] for r in runs if r["task"] == t) for t in tasks},
+        ),
+    )
     if digits is not None:
         result["digits_permutation"] = digits["pdigits"]["permutation"]
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -1,26 +1,55 @@
 """fusedrnn: fused C++/CUDA kernels for LSTM, GRU, peephole-LSTM and working-memory-LSTM layers,
 drop-in for torch.nn.LSTM / torch.nn.GRU."""
+
 import torch
 
 from . import _ops, cells, functional, reference
 from ._layer import backend
+from ._version import __version__
 from .convert import convert
-from .modules import (GRU, LSTM, GRUCell, LSTMCell, PeepholeLSTM, PeepholeLSTMCell,
-                      WorkingMemoryLSTM, WorkingMemoryLSTMCell)
+from .modules import (
+    GRU,
+    LSTM,
+    GRUCell,
+    LSTMCell,
+    PeepholeLSTM,
+    PeepholeLSTMCell,
+    WorkingMemoryLSTM,
+    WorkingMemoryLSTMCell,
+)
 
-__version__ = "0.1.0"
-
-__all__ = ["LSTM", "GRU", "PeepholeLSTM", "WorkingMemoryLSTM", "LSTMCell", "GRUCell",
-           "PeepholeLSTMCell", "WorkingMemoryLSTMCell", "cells", "functional", "reference", "convert",
-           "backend", "build_info"]
+__all__ = [
+    "LSTM",
+    "GRU",
+    "PeepholeLSTM",
+    "WorkingMemoryLSTM",
+    "LSTMCell",
+    "GRUCell",
+    "PeepholeLSTMCell",
+    "WorkingMemoryLSTMCell",
+    "cells",
+    "functional",
+    "reference",
+    "convert",
+    "backend",
+    "build_info",
+]
 
 
 def build_info() -> dict:
     """What this installation runs: the backend and which devices the compiled ops support."""
-    info = {"version": __version__, "torch": torch.__version__, "backend": backend(),
-            "load_error": _ops.LOAD_ERROR, "cpu": False, "cuda": False,
-            "cpu_fused_steps": False, "cpu_isa": None, "cpu_isa_best": None,
-            "cpu_onednn_gemm": False}
+    info = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "backend": backend(),
+        "load_error": _ops.LOAD_ERROR,
+        "cpu": False,
+        "cuda": False,
+        "cpu_fused_steps": False,
+        "cpu_isa": None,
+        "cpu_isa_best": None,
+        "cpu_onednn_gemm": False,
+    }
     if _ops.HAS_C:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
         info["cpu"] = has("fusedrnn::lstm_forward", "CPU")

@@ -7,6 +7,7 @@ cannot serve the call: no compiled extension (after one warning naming why), ins
 torch.func transform or with forward-mode AD dual tensors (the ops have a reverse-mode
 derivative only), and while torch.onnx exports (`fusedrnn._onnx`).
 """
+
 import warnings
 from typing import Optional, Tuple
 
@@ -32,7 +33,10 @@ def _warn_fallback() -> None:
             "fusedrnn: the compiled extension fusedrnn._C could not be loaded "
             f"({_ops.LOAD_ERROR}); using the pure-PyTorch reference implementation, which is "
             "slower. Reinstall with `pip install --no-build-isolation .` against the installed "
-            "torch.", RuntimeWarning, stacklevel=3)
+            "torch.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _needs_reference(tensors) -> bool:
@@ -43,17 +47,18 @@ def _needs_reference(tensors) -> bool:
         return True
     if torch.autograd.forward_ad._current_level >= 0:
         from torch.autograd.forward_ad import unpack_dual
+
         return any(t is not None and unpack_dual(t).tangent is not None for t in tensors)
     return False
 
 
-def run(cell: str, a: LayerArgs, exposed: bool = True
-        ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """One layer, one direction: (output, h_n, c_n), c_n None for the GRU.
+def run(cell: str, a: LayerArgs, exposed: bool = True) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer, one direction: (output, h_n, c_n), c_n None for a cell without a cell state.
 
-    `exposed`: the output is handed to the caller as it is (not only to another layer): it is
-    then a copy of the tensor the backward saves, so that an in-place operation on it (relu_)
-    does not invalidate the backward, as with torch.nn."""
+    `exposed`: the output is handed to the caller as it is (not only to another layer): when
+    the op recorded an autograd node, the output is then a copy of the tensor the backward
+    saves, so that an in-place operation on it (relu_) does not invalidate the backward, as
+    with torch.nn."""
     if not _ops.HAS_C:
         _warn_fallback()
         return reference.layer_of(cell, a)
@@ -61,27 +66,26 @@ def run(cell: str, a: LayerArgs, exposed: bool = True
     # An ONNX export runs under torch.jit.trace (the TorchScript exporter) or torch.export
     # (dynamo=True, where torch.compiler.is_compiling() holds): eager calls skip the check.
     staged = tracing or torch.compiler.is_compiling()
-    if staged and torch.onnx.is_in_onnx_export():
-        from . import _onnx
-        return _onnx.layer(cell, a)
-    tensors = a.tensors
-    if not staged:
-        if _needs_reference(tensors):
-            return reference.layer_of(cell, a)
-        if _ops.eager_ok(a):  # one op call; its autograd a C++ node
-            return _ops.eager_forward(cell, a, exposed)
-    # The workspace (what backward reads) is only kept when a gradient can be asked for.
-    need_workspace = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
-    copy_output = exposed and need_workspace
-    if tracing:
-        # A trace is one graph for every grad mode (torch.jit.trace checks it under no_grad):
-        # it keeps no workspace, so that a traced model runs in inference as lean as eagerly,
-        # and a backward through it recomputes the workspace (see _ops' setup_context); the
-        # output is always a copy, so that an in-place operation on it never breaks that
-        # backward.
-        need_workspace, copy_output = False, exposed
-    out, hy, cy = _ops.forward(cell, a, need_workspace)
-    if copy_output:
-        out = out.clone()
+    if staged:
+        if torch.onnx.is_in_onnx_export():
+            from . import _onnx
+
+            return _onnx.layer(cell, a)
+    elif _needs_reference(a.tensors):
+        return reference.layer_of(cell, a)
+    # One op call, eager or staged: its autograd (a C++ node, csrc/ops/autograd.cpp) keeps
+    # the workspace the backward reads exactly when it records a node.
+    out, hy, cy = _ops.forward(cell, a)
+    if exposed:
+        if tracing:
+            # A trace is one graph for every grad mode (torch.jit.trace checks it under
+            # no_grad, and the op decides again on every replay): the output is always a copy.
+            out = out.clone()
+        elif staged:
+            if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in a.tensors
+            ):
+                out = out.clone()
+        elif out.requires_grad:
+            out = out.clone()
     return out, hy, cy

@@ -1,8 +1,11 @@
-"""The Python side of the compiled operators, the mirror of csrc/ops.cpp: loading
+"""The Python side of the compiled operators, the mirror of csrc/ops/schemas.cpp: loading
 `fusedrnn._C` (which registers torch.ops.fusedrnn.*), the ops' fake (meta) kernels, their
-autograd and autocast kernels, and `forward`, the call of a cell's forward op. Which calls take
-the ops and which the reference is decided in fusedrnn._layer.
+autocast kernels, the kernel of `_differentiable_backward` (double backward) and `forward`, the
+call of a cell's forward op. The ops' autograd is a C++ node (csrc/ops/autograd.cpp), the
+same for eager, compiled, exported and traced calls. Which calls take the ops and which the
+reference is decided in fusedrnn._layer.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -21,7 +24,6 @@ if HAS_C:
     # The CPU kernels' instruction set is chosen now, so that a FUSEDRNN_CPU_ISA this CPU lacks
     # (or a misspelt one) is a ValueError at import, not a fallback or a crash later.
     torch.ops.fusedrnn.cpu_isa()
-LSTM_FAMILY = cells.LSTM_FAMILY
 
 
 def _lstm_dims(weight_ih, weight_hr, cell):
@@ -37,11 +39,14 @@ def _check_fake_devices(op: str, input: Tensor, batch_sizes: Optional[Tensor], *
     on real tensors and return uninitialised memory."""
     for name, t in tensors.items():
         if t is not None and t.device != input.device:
-            raise RuntimeError(f"fusedrnn::{op}: {name} must be on the device of input "
-                               f"({input.device}), got {t.device}")
+            raise RuntimeError(
+                f"fusedrnn::{op}: {name} must be on the device of input "
+                f"({input.device}), got {t.device}"
+            )
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
-        raise RuntimeError(f"fusedrnn::{op}: batch_sizes must be a CPU tensor, got "
-                           f"{batch_sizes.device}")
+        raise RuntimeError(
+            f"fusedrnn::{op}: batch_sizes must be a CPU tensor, got {batch_sizes.device}"
+        )
 
 
 def _batch(input: Tensor, hx: Optional[Tensor], batch_sizes: Optional[Tensor]):
@@ -62,165 +67,215 @@ def _grad_like(t: Optional[Tensor], computed: bool, like: Tensor) -> Tensor:
     return like.new_empty(t.shape)
 
 
-def _differentiable_grads(cell, tensors, batch_sizes, reverse, grad_outputs, needs):
-    """First-order gradients as a differentiable graph, for double backward (create_graph=True).
+def _differentiable_backward(cell: str, grads, args, reverse: bool, needs):
+    """Kernel of fusedrnn::_differentiable_backward (CompositeImplicitAutograd): the first-order
+    gradients of a layer as a differentiable graph, for a backward with create_graph=True
+    (gradients of gradients, gradgradcheck, gradient penalties).
 
-    The fused backward op has no derivative of its own; here the layer is recomputed with the
-    reference equations from the saved inputs and differentiated with create_graph=True, so
-    that gradients of gradients (gradgradcheck, gradient penalties) work. `tensors` are the
-    layer's (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx).
-    """
-    wanted = [i for i, (t, n) in enumerate(zip(tensors, needs)) if n and t is not None]
+    The fused backward op has no derivative of its own; the node of csrc/ops/autograd.cpp
+    calls this op instead when grad mode is on during its backward. The layer is recomputed
+    with the reference equations from the saved arguments (`args`: the forward op's tensor
+    arguments, batch_sizes last) and differentiated with create_graph=True against `grads`
+    (the gradients of its differentiable outputs). One gradient per entry of `needs`: zeros for
+    an argument the outputs do not depend on, as the fused backward gives; empty where `needs`
+    is false."""
+    if cells.CELLS[cell].has_cell_state:
+        position = list(range(9))  # the op's arguments are LayerArgs' first nine
+    else:  # (input, weight_ih, weight_hh, bias_ih, bias_hh, hx): no weight_ch, weight_hr, cx
+        position = [0, 1, 2, 3, 4, 7]
+    tensors = [None] * 9
+    for i, p in enumerate(position):
+        tensors[p] = args[i]
+    wanted = [i for i, n in enumerate(needs) if n and args[i] is not None]
+    result = [args[0].new_empty(0) for _ in needs]
+    if not wanted:
+        return result
     with torch.enable_grad():
-        outs = reference.layer(cell, *tensors, batch_sizes, reverse)
-        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if o is not None and g is not None]
-        grads = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
-                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
-    result = [None] * len(tensors)
-    for i, g in zip(wanted, grads):
-        result[i] = g if g is not None else torch.zeros_like(tensors[i])
+        outs = reference.layer(cell, *tensors, args[-1], reverse)
+        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [args[i] for i in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
+    for i, g in zip(wanted, got):
+        result[i] = g if g is not None else torch.zeros_like(args[i])
     return result
 
 
-def _register(cell: str) -> None:
+def _register_fakes(cell: str) -> None:
+    """The fake (meta) kernels of the forward and backward ops of an LSTM-family cell."""
     fwd = f"fusedrnn::{cell}_forward"
-    bwd_op = getattr(torch.ops.fusedrnn, f"{cell}_backward")
 
     @torch.library.register_fake(fwd)
-    def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
-                      cx, batch_sizes, reverse, need_workspace=True):
-        _check_fake_devices(f"{cell}_forward", input, batch_sizes, weight_ih=weight_ih,
-                            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
-                            weight_ch=weight_ch, weight_hr=weight_hr, hx=hx, cx=cx)
+    def _fake_forward(
+        input,
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        weight_ch,
+        weight_hr,
+        hx,
+        cx,
+        batch_sizes,
+        reverse,
+        need_workspace=True,
+    ):
+        _check_fake_devices(
+            f"{cell}_forward",
+            input,
+            batch_sizes,
+            weight_ih=weight_ih,
+            weight_hh=weight_hh,
+            bias_ih=bias_ih,
+            bias_hh=bias_hh,
+            weight_ch=weight_ch,
+            weight_hr=weight_hr,
+            hx=hx,
+            cx=cx,
+        )
         H, H_out, cols = _lstm_dims(weight_ih, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
-        N = input.numel() // input.shape[-1] if input.shape[-1] != 0 else (
-            input.shape[0] * (input.shape[1] if input.dim() == 3 else 1))
+        N = (
+            input.numel() // input.shape[-1]
+            if input.shape[-1] != 0
+            else (input.shape[0] * (input.shape[1] if input.dim() == 3 else 1))
+        )
         output = input.new_empty(*input.shape[:-1], H_out)
-        return (output, input.new_empty(B, H_out), input.new_empty(B, H),
-                input.new_empty(N * cols if need_workspace else 0))
+        return (
+            output,
+            input.new_empty(B, H_out),
+            input.new_empty(B, H),
+            input.new_empty(N * cols if need_workspace else 0),
+        )
 
     @torch.library.register_fake(f"fusedrnn::{cell}_backward")
-    def _fake_backward(grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih,
-                       bias_hh, weight_ch, weight_hr, hx, cx, batch_sizes, reverse, output,
-                       workspace, output_mask):
-        _check_fake_devices(f"{cell}_backward", input, batch_sizes, grad_output=grad_output,
-                            grad_hy=grad_hy, grad_cy=grad_cy, weight_ih=weight_ih,
-                            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
-                            weight_ch=weight_ch, weight_hr=weight_hr, hx=hx, cx=cx,
-                            output=output, workspace=workspace)
+    def _fake_backward(
+        grad_output,
+        grad_hy,
+        grad_cy,
+        input,
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        weight_ch,
+        weight_hr,
+        hx,
+        cx,
+        batch_sizes,
+        reverse,
+        output,
+        workspace,
+        output_mask,
+    ):
+        _check_fake_devices(
+            f"{cell}_backward",
+            input,
+            batch_sizes,
+            grad_output=grad_output,
+            grad_hy=grad_hy,
+            grad_cy=grad_cy,
+            weight_ih=weight_ih,
+            weight_hh=weight_hh,
+            bias_ih=bias_ih,
+            bias_hh=bias_hh,
+            weight_ch=weight_ch,
+            weight_hr=weight_hr,
+            hx=hx,
+            cx=cx,
+            output=output,
+            workspace=workspace,
+        )
         H, H_out, _ = _lstm_dims(weight_ih, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr]
-        return (_grad_like(input, output_mask[0], input), input.new_empty(B, H_out),
-                input.new_empty(B, H), *(_grad_like(w, output_mask[1], input) for w in weights))
-
-    def setup_context(ctx, inputs, output):
-        (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
-         batch_sizes, reverse, *rest) = inputs
-        out, _, _, workspace = output
-        ctx.recompute = bool(rest) and not rest[0]  # need_workspace=False: see backward
-        ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                              weight_hr, hx, cx, batch_sizes, out, workspace)
-        ctx.reverse = reverse
-        ctx.mark_non_differentiable(workspace)
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
-        (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
-         batch_sizes, out, workspace) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            g = _differentiable_grads(
-                cell, (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx,
-                       cx), batch_sizes, ctx.reverse, (grad_output, grad_hy, grad_cy),
-                ctx.needs_input_grad[:9])
-            return (*g, None, None, None)
-        if ctx.recompute:
-            # The forward ran without a workspace although a gradient is asked for (e.g. a
-            # torch.jit.trace recorded under no_grad, replayed with grad): recompute it.
-            out, _, _, workspace = getattr(torch.ops.fusedrnn, f"{cell}_forward")(
-                input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, hx, cx,
-                batch_sizes, ctx.reverse, True)
-        mask = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:7])]
-        (g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_ch, g_w_hr) = bwd_op(
-            grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih, bias_hh,
-            weight_ch, weight_hr, hx, cx, batch_sizes, ctx.reverse, out, workspace, mask)
-        n = ctx.needs_input_grad
-        return (g_input if n[0] else None, g_w_ih if n[1] else None, g_w_hh if n[2] else None,
-                g_b_ih if n[3] else None, g_b_hh if n[4] else None, g_w_ch if n[5] else None,
-                g_w_hr if n[6] else None, g_hx if n[7] else None, g_cx if n[8] else None,
-                None, None, None)
-
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+        return (
+            _grad_like(input, output_mask[0], input),
+            input.new_empty(B, H_out),
+            input.new_empty(B, H),
+            *(_grad_like(w, output_mask[1], input) for w in weights),
+        )
 
 
-def _register_gru() -> None:
-    bwd_op = torch.ops.fusedrnn.gru_backward
+def _register_fakes_hidden_only(cell: str) -> None:
+    """The fake (meta) kernels of the forward and backward ops of a cell without a cell state
+    (the GRU family)."""
 
-    @torch.library.register_fake("fusedrnn::gru_forward")
-    def _fake_forward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse,
-                      need_workspace=True):
-        _check_fake_devices("gru_forward", input, batch_sizes, weight_ih=weight_ih,
-                            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, hx=hx)
-        H = weight_ih.shape[0] // cells.CELLS["gru"].gates
+    @torch.library.register_fake(f"fusedrnn::{cell}_forward")
+    def _fake_forward(
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse, need_workspace=True
+    ):
+        _check_fake_devices(
+            f"{cell}_forward",
+            input,
+            batch_sizes,
+            weight_ih=weight_ih,
+            weight_hh=weight_hh,
+            bias_ih=bias_ih,
+            bias_hh=bias_hh,
+            hx=hx,
+        )
+        H = weight_ih.shape[0] // cells.CELLS[cell].gates
         B = _batch(input, hx, batch_sizes)
         N = input.shape[0] * (input.shape[1] if input.dim() == 3 else 1)
-        return (input.new_empty(*input.shape[:-1], H), input.new_empty(B, H),
-                input.new_empty(N if need_workspace else 0,
-                                cells.CELLS["gru"].workspace_row(H, False)))
+        return (
+            input.new_empty(*input.shape[:-1], H),
+            input.new_empty(B, H),
+            input.new_empty(N if need_workspace else 0, cells.CELLS[cell].workspace_row(H, False)),
+        )
 
-    @torch.library.register_fake("fusedrnn::gru_backward")
-    def _fake_backward(grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx,
-                       batch_sizes, reverse, output, workspace, output_mask):
-        _check_fake_devices("gru_backward", input, batch_sizes, grad_output=grad_output,
-                            grad_hy=grad_hy, weight_ih=weight_ih, weight_hh=weight_hh,
-                            bias_ih=bias_ih, bias_hh=bias_hh, hx=hx, output=output,
-                            workspace=workspace)
-        H = weight_ih.shape[0] // cells.CELLS["gru"].gates
+    @torch.library.register_fake(f"fusedrnn::{cell}_backward")
+    def _fake_backward(
+        grad_output,
+        grad_hy,
+        input,
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        hx,
+        batch_sizes,
+        reverse,
+        output,
+        workspace,
+        output_mask,
+    ):
+        _check_fake_devices(
+            f"{cell}_backward",
+            input,
+            batch_sizes,
+            grad_output=grad_output,
+            grad_hy=grad_hy,
+            weight_ih=weight_ih,
+            weight_hh=weight_hh,
+            bias_ih=bias_ih,
+            bias_hh=bias_hh,
+            hx=hx,
+            output=output,
+            workspace=workspace,
+        )
+        H = weight_ih.shape[0] // cells.CELLS[cell].gates
         B = _batch(input, hx, batch_sizes)
         weights = [weight_ih, weight_hh, bias_ih, bias_hh]
-        return (_grad_like(input, output_mask[0], input), input.new_empty(B, H),
-                *(_grad_like(w, output_mask[1], input) for w in weights))
-
-    def setup_context(ctx, inputs, output):
-        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse, *rest = inputs
-        out, _, workspace = output
-        ctx.recompute = bool(rest) and not rest[0]  # need_workspace=False: see backward
-        ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
-                              workspace)
-        ctx.reverse = reverse
-        ctx.mark_non_differentiable(workspace)
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_output, grad_hy, _grad_workspace):
-        (input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, out,
-         workspace) = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            g = _differentiable_grads(
-                "gru", (input, weight_ih, weight_hh, bias_ih, bias_hh, None, None, hx, None),
-                batch_sizes, ctx.reverse, (grad_output, grad_hy, None),
-                (*n[:5], False, False, n[5], False))
-            return (*g[:5], g[7], None, None, None)
-        if ctx.recompute:  # no workspace kept by the forward (see the LSTM family's backward)
-            out, _, workspace = torch.ops.fusedrnn.gru_forward(
-                input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, ctx.reverse, True)
-        mask = [n[0], any(n[1:5])]
-        g_input, g_hx, g_w_ih, g_w_hh, g_b_ih, g_b_hh = bwd_op(
-            grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes,
-            ctx.reverse, out, workspace, mask)
-        return (g_input if n[0] else None, g_w_ih if n[1] else None, g_w_hh if n[2] else None,
-                g_b_ih if n[3] else None, g_b_hh if n[4] else None, g_hx if n[5] else None,
-                None, None, None)
-
-    torch.library.register_autograd("fusedrnn::gru_forward", backward,
-                                    setup_context=setup_context)
+        return (
+            _grad_like(input, output_mask[0], input),
+            input.new_empty(B, H),
+            *(_grad_like(w, output_mask[1], input) for w in weights),
+        )
 
 
 def _autocast_eligible(t, device_type: str) -> bool:
     # torch.autocast's own rule: floating-point tensors on the autocast device, float64 excluded
-    return (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-            and t.device.type == device_type)
+    return (
+        isinstance(t, Tensor)
+        and t.is_floating_point()
+        and t.dtype != torch.float64
+        and t.device.type == device_type
+    )
 
 
 def _register_autocast(lib, opname: str) -> None:
@@ -235,73 +290,50 @@ def _register_autocast(lib, opname: str) -> None:
 
         def _py_impl(*args, _device_type=device_type, _key=key):
             dtype = torch.get_autocast_dtype(_device_type)
-            args = tuple(a.to(dtype) if _autocast_eligible(a, _device_type) else a
-                         for a in args)
+            args = tuple(a.to(dtype) if _autocast_eligible(a, _device_type) else a for a in args)
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
                 return op(*args)
 
         if op.has_kernel_for_dispatch_key(key):
             op.py_kernels.pop(key, None)
         op.py_impl(key)(_py_impl)  # the Python dispatcher (torch.compile's tracing)
-        lib.impl(opname, lambda _keyset, *args, _f=_py_impl: _f(*args), key_name,
-                 with_keyset=True)
+        lib.impl(opname, lambda _keyset, *args, _f=_py_impl: _f(*args), key_name, with_keyset=True)
 
 
 _LIB = None
-_FORWARD_OPS = {}  # cell name -> its forward op, looked up once
-_EAGER_OPS = {}  # cell name -> its eager op (csrc/driver/eager.cpp)
+_FORWARD_OPS = {}  # cell name -> its forward op (the default overload), looked up once
+_HAS_CELL_STATE = {name: c.has_cell_state for name, c in cells.CELLS.items()}
 if HAS_C:
-    _FORWARD_OPS = {name: getattr(torch.ops.fusedrnn, f"{name}_forward") for name in cells.CELLS}
-    _EAGER_OPS = {name: getattr(torch.ops.fusedrnn, f"_{name}_eager").default
-                  for name in cells.CELLS}
-    for _cell in LSTM_FAMILY:
-        _register(_cell)
-    _register_gru()
+    _FORWARD_OPS = {
+        name: getattr(torch.ops.fusedrnn, f"{name}_forward").default for name in cells.CELLS
+    }
+    for _name, _c in cells.CELLS.items():
+        (_register_fakes if _c.has_cell_state else _register_fakes_hidden_only)(_name)
     _LIB = torch.library.Library("fusedrnn", "IMPL")
-    for _cell in LSTM_FAMILY + ("gru",):
-        _register_autocast(_LIB, f"{_cell}_forward")
+    _LIB.impl("_differentiable_backward", _differentiable_backward, "CompositeImplicitAutograd")
+    for _name in cells.CELLS:
+        _register_autocast(_LIB, f"{_name}_forward")
 
 
-_PLAIN = (type(None), Tensor, torch.nn.Parameter)
-
-
-def eager_ok(a: reference.LayerArgs) -> bool:
-    """Whether an eager call (not under torch.compile / export or torch.jit.trace: the caller
-    knows) may take the eager op, whose autograd is a C++ node (csrc/driver/eager.cpp) rather
-    than the forward op's registered (Python) autograd kernel: plain tensors, no autocast (its
-    kernels run above autograd and cast the arguments the op then saves), no torch function
-    mode. Tensor subclasses (FakeTensor, DTensor, ...) call the op as registered."""
-    return (not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._is_any_autocast_enabled()
-            and all(type(t) in _PLAIN for t in a.tensors))
-
-
-def eager_forward(cell: str, a: reference.LayerArgs, exposed: bool
-                  ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(output, h_n, c_n) of an eager call (eager_ok) through the eager op of `cell`: one op
-    call; it records a C++ autograd node when a gradient can be asked for, and then, if
-    `exposed`, returns the output as a copy of what the backward saves (fusedrnn._layer.run)."""
-    if cell == "gru":
-        out, hy = _EAGER_OPS[cell](a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx,
-                                   a.batch_sizes, a.reverse, exposed)
-        return out, hy, None
-    return _EAGER_OPS[cell](*a, exposed)
-
-
-def forward(cell: str, a: reference.LayerArgs, need_workspace: bool, eager: bool = False
-            ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(output, h_n, c_n) of the forward op of `cell` (c_n None for the GRU).
-
-    `need_workspace` is True exactly when a gradient can be asked for (fusedrnn._layer.run).
-    `eager`: the call is not staged (torch.compile / export, torch.jit.trace); then, where
-    eager_ok allows, it runs through the eager op (which applies the same rule for the
-    workspace itself); elsewhere through the op as registered."""
-    if eager and eager_ok(a):
-        return eager_forward(cell, a, exposed=False)
-    op = _FORWARD_OPS[cell]
-    args = ((a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, a.hx, a.batch_sizes,
-             a.reverse, need_workspace) if cell == "gru" else (*a, need_workspace))
-    result = op(*args)
-    if cell == "gru":
-        return result[0], result[1], None
-    return result[0], result[1], result[2]
+def forward(
+    cell: str, a: reference.LayerArgs, need_workspace: bool = False
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(output, h_n, c_n) of the forward op of `cell` (c_n None for a cell without a cell
+    state). Its autograd (csrc/ops/autograd.cpp) records a node, and keeps the workspace the
+    backward reads, when grad mode is on and an argument requires a gradient; `need_workspace`
+    asks for the workspace without a node too (the tests of the ops)."""
+    if _HAS_CELL_STATE[cell]:
+        out, hy, cy, _ = _FORWARD_OPS[cell](*a, need_workspace)
+        return out, hy, cy
+    out, hy, _ = _FORWARD_OPS[cell](
+        a.input,
+        a.weight_ih,
+        a.weight_hh,
+        a.bias_ih,
+        a.bias_hh,
+        a.hx,
+        a.batch_sizes,
+        a.reverse,
+        need_workspace,
+    )
+    return out, hy, None

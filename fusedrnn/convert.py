@@ -1,4 +1,5 @@
 """fusedrnn.convert: swap torch.nn's recurrent modules for the fused ones, weights kept."""
+
 import copy
 import warnings
 
@@ -22,8 +23,14 @@ def _fused_copy(m: nn.Module) -> nn.Module:
     w = next(m.parameters())
     factory = {"device": w.device, "dtype": w.dtype}
     if base in _SEQUENCE:
-        kwargs = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
-                      dropout=m.dropout, bidirectional=m.bidirectional, **factory)
+        kwargs = dict(
+            num_layers=m.num_layers,
+            bias=m.bias,
+            batch_first=m.batch_first,
+            dropout=m.dropout,
+            bidirectional=m.bidirectional,
+            **factory,
+        )
         if base is nn.LSTM:
             kwargs["proj_size"] = m.proj_size
         with warnings.catch_warnings():  # torch.nn warned of a one-layer dropout already
@@ -60,7 +67,8 @@ def _fused_copy(m: nn.Module) -> nn.Module:
             f"fusedrnn.convert: cannot convert {type(m).__name__}: its state_dict does not map "
             f"onto fusedrnn.{type(new).__name__} (missing {missing}, unexpected {unexpected}). "
             "Remove what modifies the module's parameters before converting, and apply it to "
-            "the converted module instead.")
+            "the converted module instead."
+        )
     params = dict(new.named_parameters())
     for name, param in m.named_parameters():  # frozen weights stay frozen
         params[name].requires_grad_(param.requires_grad)

@@ -4,6 +4,7 @@
 with torch.nn.LSTMCell / GRUCell semantics. All run through the fused ops (or the reference
 implementation when the compiled extension is unavailable).
 """
+
 from typing import Optional, Tuple
 
 from torch import Tensor
@@ -29,35 +30,63 @@ rnn_layer.__signature__ = layer_signature()
 
 
 def _step(cell, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch):
-    _, hy, cy = _layer.run(cell, LayerArgs(input.unsqueeze(0), weight_ih, weight_hh, bias_ih,
-                                           bias_hh, weight_ch, None, hx, cx), exposed=False)
+    _, hy, cy = _layer.run(
+        cell,
+        LayerArgs(
+            input.unsqueeze(0), weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, None, hx, cx
+        ),
+        exposed=False,
+    )
     return hy, cy
 
 
-def lstm_cell(input: Tensor, hx: Tuple[Tensor, Tensor], weight_ih: Tensor, weight_hh: Tensor,
-              bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None
-              ) -> Tuple[Tensor, Tensor]:
+def lstm_cell(
+    input: Tensor,
+    hx: Tuple[Tensor, Tensor],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """One LSTM step on (B, I) input: returns (h_1, c_1)."""
     return _step("lstm", input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh, None)
 
 
-def peephole_lstm_cell(input: Tensor, hx: Tuple[Tensor, Tensor], weight_ih: Tensor,
-                       weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
-                       weight_ch: Tensor) -> Tuple[Tensor, Tensor]:
+def peephole_lstm_cell(
+    input: Tensor,
+    hx: Tuple[Tensor, Tensor],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
+    weight_ch: Tensor,
+) -> Tuple[Tensor, Tensor]:
     """One peephole-LSTM step; weight_ch (3, H)."""
-    return _step("peephole_lstm", input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh,
-                 weight_ch)
+    return _step(
+        "peephole_lstm", input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh, weight_ch
+    )
 
 
-def wm_lstm_cell(input: Tensor, hx: Tuple[Tensor, Tensor], weight_ih: Tensor, weight_hh: Tensor,
-                 bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_ch: Tensor
-                 ) -> Tuple[Tensor, Tensor]:
+def wm_lstm_cell(
+    input: Tensor,
+    hx: Tuple[Tensor, Tensor],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
+    weight_ch: Tensor,
+) -> Tuple[Tensor, Tensor]:
     """One working-memory-LSTM step; weight_ch (3H, H)."""
-    return _step("wm_lstm", input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh,
-                 weight_ch)
+    return _step("wm_lstm", input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh, weight_ch)
 
 
-def gru_cell(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-             bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None) -> Tensor:
+def gru_cell(
+    input: Tensor,
+    hx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+) -> Tensor:
     """One GRU step on (B, I) input: returns h_1."""
     return _step("gru", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, None)[0]

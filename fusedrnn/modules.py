@@ -5,6 +5,7 @@ torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules un
 layer and direction runs as one call of a fused whole-sequence op (see fusedrnn._layer.run);
 the Python here only routes tensors, with no work proportional to the sequence length.
 """
+
 import math
 import numbers
 import warnings
@@ -17,8 +18,17 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _layer, cells
 from .reference import LayerArgs
 
-__all__ = ["LSTM", "GRU", "PeepholeLSTM", "WorkingMemoryLSTM", "LSTMCell", "GRUCell",
-           "PeepholeLSTMCell", "WorkingMemoryLSTMCell"]
+__all__ = [
+    "LSTM",
+    "GRU",
+    "PeepholeLSTM",
+    "WorkingMemoryLSTM",
+    "LSTMCell",
+    "GRUCell",
+    "PeepholeLSTMCell",
+    "WorkingMemoryLSTMCell",
+]
+
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -31,8 +41,11 @@ def _autocast_mixed_ok(a: Tensor, b: Tensor) -> bool:
     """Under autocast, a lower-precision tensor may meet float32 parameters or states: the
     fused ops' autocast kernels cast them all to the autocast dtype (see _ops)."""
     dev = a.device.type
-    return (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
-            and all(t.is_floating_point() and t.dtype != torch.float64 for t in (a, b)))
+    return (
+        dev in ("cpu", "cuda")
+        and torch.is_autocast_enabled(dev)
+        and all(t.is_floating_point() and t.dtype != torch.float64 for t in (a, b))
+    )
 
 
 def _fx_leaf(module: nn.Module, *args):
@@ -44,8 +57,8 @@ def _fx_leaf(module: nn.Module, *args):
 
 def _is_proxy(*args) -> bool:
     return any(isinstance(a, torch.fx.Proxy) for a in args) or any(
-        isinstance(a, (tuple, list)) and any(isinstance(t, torch.fx.Proxy) for t in a)
-        for a in args)
+        isinstance(a, (tuple, list)) and any(isinstance(t, torch.fx.Proxy) for t in a) for a in args
+    )
 
 
 class _NotScriptable:
@@ -58,7 +71,8 @@ class _NotScriptable:
             f"fusedrnn.{type(self).__name__} does not support torch.jit.script. Use "
             "torch.jit.trace, torch.compile or torch.export (or torch.onnx.export(..., "
             "dynamo=True)) instead; to script a model, convert it back to torch.nn's module "
-            "(torch.nn.LSTM / GRU / LSTMCell / GRUCell load the same state_dict).")
+            "(torch.nn.LSTM / GRU / LSTMCell / GRUCell load the same state_dict)."
+        )
 
 
 class _RNNBase(_NotScriptable, nn.RNNBase):
@@ -74,32 +88,54 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
 
     _cell = "lstm"
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
         nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         _check_positive_int("num_layers", num_layers)
-        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-                or not 0 <= dropout <= 1):
-            raise ValueError("dropout should be a number in range [0, 1] representing the "
-                             f"probability of an element being zeroed, got {dropout!r}")
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the "
+                f"probability of an element being zeroed, got {dropout!r}"
+            )
         if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
             raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
         if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable "
-                             f"projections, got {proj_size}")
+            raise ValueError(
+                "proj_size should be a positive integer or zero to disable "
+                f"projections, got {proj_size}"
+            )
         if proj_size >= hidden_size:
-            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size="
-                             f"{proj_size} and hidden_size={hidden_size}")
+            raise ValueError(
+                f"proj_size has to be smaller than hidden_size, got proj_size="
+                f"{proj_size} and hidden_size={hidden_size}"
+            )
         if proj_size and not cells.CELLS[self._cell].has_cell_state:
             raise ValueError("proj_size argument is only supported for LSTM-family modules")
         if dropout > 0 and num_layers == 1:
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
-                          "non-zero dropout expects num_layers greater than 1, but got "
-                          f"dropout={dropout} and num_layers={num_layers}",
-                          stacklevel=3 if self._cell == "gru" else 2)  # the caller's line
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so "
+                "non-zero dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}",
+                # the caller's line: one frame more behind a subclass's __init__
+                stacklevel=2 if type(self).__init__ is _RNNBase.__init__ else 3,
+            )
         self.mode = type(self).__name__
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -120,11 +156,15 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
             for direction in range(D):
                 layer_input = input_size if layer == 0 else real_hidden * D
                 sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                params = [("weight_ih" + sfx, (G * hidden_size, layer_input)),
-                          ("weight_hh" + sfx, (G * hidden_size, real_hidden))]
+                params = [
+                    ("weight_ih" + sfx, (G * hidden_size, layer_input)),
+                    ("weight_hh" + sfx, (G * hidden_size, real_hidden)),
+                ]
                 if bias:
-                    params += [("bias_ih" + sfx, (G * hidden_size,)),
-                               ("bias_hh" + sfx, (G * hidden_size,))]
+                    params += [
+                        ("bias_ih" + sfx, (G * hidden_size,)),
+                        ("bias_hh" + sfx, (G * hidden_size,)),
+                    ]
                 if proj_size > 0:
                     params.append(("weight_hr" + sfx, (proj_size, hidden_size)))
                 if spec.weight_ch is not None:
@@ -199,41 +239,59 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
     def _layer_weights(self, layer: int, direction: int):
         sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         get = lambda n: getattr(self, n + sfx, None)  # noqa: E731
-        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
-                get("weight_ch"), get("weight_hr"))
+        return (
+            get("weight_ih"),
+            get("weight_hh"),
+            get("bias_ih"),
+            get("bias_hh"),
+            get("weight_ch"),
+            get("weight_hr"),
+        )
 
     def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         if not isinstance(input, Tensor):
-            raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got "
-                            f"{type(input).__name__}")
+            raise TypeError(
+                f"{self.mode}: input must be a Tensor or PackedSequence, got {type(input).__name__}"
+            )
         expected = 2 if batch_sizes is not None else 3
         if input.dim() != expected:
-            raise ValueError(f"{self.mode}: input must have {expected} dimensions, got "
-                             f"{input.dim()} (shape {tuple(input.shape)})")
+            raise ValueError(
+                f"{self.mode}: input must have {expected} dimensions, got "
+                f"{input.dim()} (shape {tuple(input.shape)})"
+            )
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"{self.mode}: input.size(-1) must be equal to input_size. "
-                               f"Expected {self.input_size}, got {input.shape[-1]}")
+            raise RuntimeError(
+                f"{self.mode}: input.size(-1) must be equal to input_size. "
+                f"Expected {self.input_size}, got {input.shape[-1]}"
+            )
         w = self.weight_ih_l0
-        if not input.is_floating_point() or (input.dtype != w.dtype
-                                             and not _autocast_mixed_ok(input, w)):
-            raise ValueError(f"{self.mode}: input dtype {input.dtype} does not match the "
-                             f"parameters' dtype {w.dtype}")
+        if not input.is_floating_point() or (
+            input.dtype != w.dtype and not _autocast_mixed_ok(input, w)
+        ):
+            raise ValueError(
+                f"{self.mode}: input dtype {input.dtype} does not match the "
+                f"parameters' dtype {w.dtype}"
+            )
         if input.device != w.device:
-            raise RuntimeError(f"{self.mode}: input is on {input.device} but the parameters "
-                               f"are on {w.device}")
+            raise RuntimeError(
+                f"{self.mode}: input is on {input.device} but the parameters are on {w.device}"
+            )
 
     def _check_state(self, name: str, state: Tensor, shape: Tuple[int, ...], input: Tensor):
         if not isinstance(state, Tensor):
             raise TypeError(f"{self.mode}: {name} must be a Tensor, got {type(state).__name__}")
         if tuple(state.shape) != shape:
-            raise RuntimeError(f"{self.mode}: expected {name} of size {list(shape)}, got "
-                               f"{list(state.shape)}")
+            raise RuntimeError(
+                f"{self.mode}: expected {name} of size {list(shape)}, got {list(state.shape)}"
+            )
         if state.dtype != input.dtype and not _autocast_mixed_ok(state, input):
-            raise TypeError(f"{self.mode}: {name} dtype {state.dtype} does not match input "
-                            f"dtype {input.dtype}")
+            raise TypeError(
+                f"{self.mode}: {name} dtype {state.dtype} does not match input dtype {input.dtype}"
+            )
         if state.device != input.device:
-            raise RuntimeError(f"{self.mode}: {name} is on {state.device} but input is on "
-                               f"{input.device}")
+            raise RuntimeError(
+                f"{self.mode}: {name} is on {state.device} but input is on {input.device}"
+            )
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         if _is_proxy(input, hx):  # torch.fx.symbolic_trace: a leaf module
@@ -251,14 +309,17 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                 unbatched = True
                 input = input.unsqueeze(1)
             elif isinstance(input, Tensor) and input.dim() != 3:
-                raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got "
-                                 f"{input.dim()}D tensor")
+                raise ValueError(
+                    f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D tensor"
+                )
             self._check_input(input, None)
             if self.batch_first and not unbatched:
                 input = input.transpose(0, 1)
             if input.shape[0] == 0:
-                raise RuntimeError(f"{self.mode}: Expected sequence length to be larger than 0 "
-                                   f"in RNN, got input of shape {tuple(input.shape)}")
+                raise RuntimeError(
+                    f"{self.mode}: Expected sequence length to be larger than 0 "
+                    f"in RNN, got input of shape {tuple(input.shape)}"
+                )
             B = input.shape[1]
 
         D = 2 if self.bidirectional else 1
@@ -272,19 +333,24 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         else:
             if is_lstm:
                 if isinstance(hx, Tensor):  # torch.nn raises a RuntimeError here too
-                    raise RuntimeError(f"{self.mode}: hx must be a tuple (h_0, c_0) of "
-                                       f"Tensors, got a Tensor of shape {tuple(hx.shape)}")
+                    raise RuntimeError(
+                        f"{self.mode}: hx must be a tuple (h_0, c_0) of "
+                        f"Tensors, got a Tensor of shape {tuple(hx.shape)}"
+                    )
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"{self.mode}: hx must be a tuple (h_0, c_0), got "
-                                    f"{type(hx).__name__}")
+                    raise TypeError(
+                        f"{self.mode}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}"
+                    )
                 h0, c0 = hx
             else:
                 h0, c0 = hx, None
             if unbatched:
                 for name, t in (("h_0", h0), ("c_0", c0)):
                     if t is not None and isinstance(t, Tensor) and t.dim() != 2:
-                        raise RuntimeError(f"{self.mode}: for unbatched 2-D input, {name} "
-                                           f"should also be 2-D but got {t.dim()}-D tensor")
+                        raise RuntimeError(
+                            f"{self.mode}: for unbatched 2-D input, {name} "
+                            f"should also be 2-D but got {t.dim()}-D tensor"
+                        )
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if c0 is not None else None
             self._check_state("h_0" if is_lstm else "hx", h0, h_shape, input)
@@ -302,10 +368,22 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                 k = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_ch, w_hr = self._layer_weights(layer, direction)
                 out, hy, cy = _layer.run(
-                    self._cell, LayerArgs(layer_input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, h0[k],
-                                          c0[k] if c0 is not None else None, batch_sizes,
-                                          direction == 1),
-                    exposed=D == 1 and layer == self.num_layers - 1)
+                    self._cell,
+                    LayerArgs(
+                        layer_input,
+                        w_ih,
+                        w_hh,
+                        b_ih,
+                        b_hh,
+                        w_ch,
+                        w_hr,
+                        h0[k],
+                        c0[k] if c0 is not None else None,
+                        batch_sizes,
+                        direction == 1,
+                    ),
+                    exposed=D == 1 and layer == self.num_layers - 1,
+                )
                 outputs.append(out)
                 h_n.append(hy)
                 c_n.append(cy)
@@ -354,16 +432,37 @@ class GRU(_RNNBase):
 
     _cell = "gru"
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, **kwargs) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        **kwargs,
+    ) -> None:
         if "proj_size" in kwargs:  # torch.nn.GRU's error
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
-            raise TypeError(f"GRU.__init__() got an unexpected keyword argument "
-                            f"{next(iter(kwargs))!r}")
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype)
+            raise TypeError(
+                f"GRU.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
+            )
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+        )
 
 
 class _CellBase(_NotScriptable, nn.RNNCellBase):
@@ -373,8 +472,9 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
 
     _cell = "lstm"
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
@@ -393,8 +493,7 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         if spec.weight_ch is not None:
-            self.weight_ch = nn.Parameter(torch.empty(spec.weight_ch_shape(hidden_size),
-                                                      **factory))
+            self.weight_ch = nn.Parameter(torch.empty(spec.weight_ch_shape(hidden_size), **factory))
         else:
             self.register_parameter("weight_ch", None)
         self.reset_parameters()
@@ -426,8 +525,10 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         # One call per step of a user's loop: every attribute is read once, and the checks are
         # those that decide the call (the op checks the rest and names the argument).
         if not isinstance(input, Tensor) or not (
-                hx is None or isinstance(hx, Tensor)
-                or (type(hx) is tuple and all(isinstance(t, Tensor) for t in hx))):
+            hx is None
+            or isinstance(hx, Tensor)
+            or (type(hx) is tuple and all(isinstance(t, Tensor) for t in hx))
+        ):
             if _is_proxy(input, hx):  # torch.fx.symbolic_trace: a leaf module
                 return _fx_leaf(self, input, hx)
         dim = input.dim() if isinstance(input, Tensor) else None
@@ -435,14 +536,17 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
             got = f"{dim}-D" if dim is not None else type(input).__name__
             raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {got}")
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"{type(self).__name__}: input has inconsistent input_size: got "
-                               f"{input.shape[-1]} expected {self.input_size}")
+            raise RuntimeError(
+                f"{type(self).__name__}: input has inconsistent input_size: got "
+                f"{input.shape[-1]} expected {self.input_size}"
+            )
         w_ih, w_hh, b_ih, b_hh, w_ch = self._weights()
         dtype, device = input.dtype, input.device
-        if ((dtype != w_ih.dtype and not _autocast_mixed_ok(input, w_ih))
-                or device != w_ih.device):
-            raise TypeError(f"{type(self).__name__}: input ({dtype}, {device}) must match the "
-                            f"parameters ({w_ih.dtype}, {w_ih.device})")
+        if (dtype != w_ih.dtype and not _autocast_mixed_ok(input, w_ih)) or device != w_ih.device:
+            raise TypeError(
+                f"{type(self).__name__}: input ({dtype}, {device}) must match the "
+                f"parameters ({w_ih.dtype}, {w_ih.device})"
+            )
         unbatched = dim == 1
         if unbatched:
             input = input.unsqueeze(0)
@@ -460,16 +564,20 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
                 if t is None:
                     continue
                 if t.shape != (B, H):
-                    raise RuntimeError(f"{type(self).__name__}: {sname} has shape "
-                                       f"{tuple(t.shape)}, expected {(B, H)}")
-                if ((t.dtype != dtype and not _autocast_mixed_ok(t, input))
-                        or t.device != device):
-                    raise TypeError(f"{type(self).__name__}: {sname} ({t.dtype}, {t.device}) "
-                                    f"must match input ({dtype}, {device})")
-        _, hy, cy = _layer.run(self._cell,
-                               LayerArgs(input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, w_ch, None,
-                                         h0, c0),
-                               exposed=False)
+                    raise RuntimeError(
+                        f"{type(self).__name__}: {sname} has shape "
+                        f"{tuple(t.shape)}, expected {(B, H)}"
+                    )
+                if (t.dtype != dtype and not _autocast_mixed_ok(t, input)) or t.device != device:
+                    raise TypeError(
+                        f"{type(self).__name__}: {sname} ({t.dtype}, {t.device}) "
+                        f"must match input ({dtype}, {device})"
+                    )
+        _, hy, cy = _layer.run(
+            self._cell,
+            LayerArgs(input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, w_ch, None, h0, c0),
+            exposed=False,
+        )
         if unbatched:
             hy = hy.squeeze(0)
             cy = cy.squeeze(0) if cy is not None else None
@@ -498,3 +606,12 @@ class WorkingMemoryLSTMCell(_CellBase):
     """One step of the working-memory LSTM; parameter names as LSTMCell plus weight_ch."""
 
     _cell = "wm_lstm"
+
+
+# The modules of each cell of fusedrnn.cells, keyed by its name: the sequence module and the
+# one-step cell (the tests, the benchmark and fusedrnn.convert look them up here).
+SEQUENCE_MODULES = {m._cell: m for m in (LSTM, GRU, PeepholeLSTM, WorkingMemoryLSTM)}
+CELL_MODULES = {m._cell: m for m in (LSTMCell, GRUCell, PeepholeLSTMCell, WorkingMemoryLSTMCell)}
+assert set(SEQUENCE_MODULES) == set(CELL_MODULES) == set(cells.CELLS), (
+    "every cell of fusedrnn.cells has a sequence module and a one-step cell"
+)

@@ -6,6 +6,7 @@ fallback when the compiled extension cannot be loaded. One layer call has the me
 fused ops: time-major (T, B, I) input, or packed (sum(batch_sizes), I) input with per-step batch
 sizes, optional initial states, optional reverse direction.
 """
+
 import inspect
 from typing import NamedTuple, Optional, Tuple
 
@@ -24,6 +25,7 @@ class LayerArgs(NamedTuple):
     (T,) int64 on the CPU, non-increasing; weights as torch.nn's (weight_ch: see
     fusedrnn.cells; weight_hr (proj_size, H) the LSTM family's projection); hx (B, H_out),
     cx (B, H) the initial states (zeros when None); reverse runs the steps last to first."""
+
     input: Tensor
     weight_ih: Tensor
     weight_hh: Tensor
@@ -45,15 +47,20 @@ class LayerArgs(NamedTuple):
 def layer_signature(*extra: inspect.Parameter) -> inspect.Signature:
     """`(cell, <LayerArgs' fields>, *extra)`: the signature a layer function shows to help()
     and inspect, for functions that take `cell, *args, **kwargs` and bind them to LayerArgs."""
-    params = [inspect.Parameter("cell", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                annotation=str)]
+    params = [inspect.Parameter("cell", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
     for name in LayerArgs._fields:
         default = LayerArgs._field_defaults.get(name, inspect.Parameter.empty)
-        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                        default=default,
-                                        annotation=LayerArgs.__annotations__[name]))
-    return inspect.Signature(params + list(extra),
-                             return_annotation=Tuple[Tensor, Tensor, Optional[Tensor]])
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=default,
+                annotation=LayerArgs.__annotations__[name],
+            )
+        )
+    return inspect.Signature(
+        params + list(extra), return_annotation=Tuple[Tensor, Tensor, Optional[Tensor]]
+    )
 
 
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
@@ -109,6 +116,17 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return (1 - z) * n + z * h
 
 
+# The reference step of each cell of fusedrnn.cells: (x, h, [c,] w_ih, w_hh, b_ih, b_hh,
+# [w_ch,] [w_hr]) -> h_new or (h_new, c_new); c with a cell state, w_ch with a weight_ch.
+STEPS = {
+    "lstm": lstm_cell,
+    "gru": gru_cell,
+    "peephole_lstm": peephole_lstm_cell,
+    "wm_lstm": wm_lstm_cell,
+}
+assert set(STEPS) == set(_cells.CELLS), "every cell of fusedrnn.cells has a reference step"
+
+
 def _steps(input: Tensor, batch_sizes: Optional[Tensor]):
     """(time index, first row, rows) of every step, as the fused ops lay them out."""
     if batch_sizes is None:
@@ -133,7 +151,7 @@ layer.__signature__ = layer_signature()
 
 def layer_of(cell: str, a: LayerArgs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """`layer` over arguments already bound."""
-    spec = _cells.get(cell)
+    spec, step = _cells.get(cell), STEPS[cell]
     input, batch_sizes = a.input, a.batch_sizes
     H = a.weight_ih.shape[0] // spec.gates
     H_out = a.weight_hr.shape[0] if a.weight_hr is not None else H
@@ -145,13 +163,13 @@ def layer_of(cell: str, a: LayerArgs) -> Tuple[Tensor, Tensor, Optional[Tensor]]
         c = a.cx if a.cx is not None else input.new_zeros(B, H)
     weights = (a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh)
     outs = [None] * len(steps)
-    for t, r0, n in (reversed(steps) if a.reverse else steps):
-        x = x2[r0:r0 + n]
-        if cell == "gru":
-            h_new = gru_cell(x, h[:n], *weights)
+    for t, r0, n in reversed(steps) if a.reverse else steps:
+        x = x2[r0 : r0 + n]
+        if not spec.has_cell_state:
+            h_new = step(x, h[:n], *weights)
         else:
-            extra = (a.weight_hr,) if cell == "lstm" else (a.weight_ch, a.weight_hr)
-            h_new, c_new = spec.reference_step(x, h[:n], c[:n], *weights, *extra)
+            extra = (a.weight_hr,) if spec.weight_ch is None else (a.weight_ch, a.weight_hr)
+            h_new, c_new = step(x, h[:n], c[:n], *weights, *extra)
             c = torch.cat([c_new, c[n:]]) if n < c.shape[0] else c_new
         h = torch.cat([h_new, h[n:]]) if n < h.shape[0] else h_new
         outs[t] = h_new

@@ -10,6 +10,7 @@ installed, so a module of fusedrnn is what both import without putting ``tests/`
 on torch alone and is not imported by ``import fusedrnn`` (like ``torch.testing``).
 ``tests/conftest.py`` keeps the fixtures and hooks and imports what it needs from here.
 """
+
 import itertools
 import math
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -61,8 +62,9 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
 
 
-def within_tolerance(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
-                     lowp: Optional[torch.Tensor] = None) -> Tuple[bool, str]:
+def within_tolerance(
+    got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, lowp: Optional[torch.Tensor] = None
+) -> Tuple[bool, str]:
     """The rule above for one tensor: `got` (a result computed in `dtype`, in any dtype now)
     against the fp64 reference `ref`; `lowp`, the reference computed in `dtype`, for the half
     types. A result must have the reference's shape and finite values. Returns whether the rule
@@ -81,12 +83,18 @@ def within_tolerance(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
         raise ValueError("lowp: the half types' rule needs the reference run in that dtype")
     floor = HALF_FLOOR[dtype] * (ref.abs().max().item() if ref.numel() else 0.0)
     bound = 2 * max_err(lowp, ref) + floor
-    return max_err(got, ref) <= bound, (f"{bound:.3e} = 2 x the {dtype} reference's "
-                                        f"{max_err(lowp, ref):.3e} + floor {floor:.3e}")
+    return max_err(got, ref) <= bound, (
+        f"{bound:.3e} = 2 x the {dtype} reference's {max_err(lowp, ref):.3e} + floor {floor:.3e}"
+    )
 
 
-def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, msg: str = "",
-                 lowp: Optional[torch.Tensor] = None) -> None:
+def assert_close(
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    msg: str = "",
+    lowp: Optional[torch.Tensor] = None,
+) -> None:
     """Asserts `within_tolerance`; for the half types `got` is the result itself, of `dtype`."""
     if dtype in HALF_TYPES:
         assert got.dtype == dtype, f"{msg}: dtype {got.dtype}"
@@ -111,19 +119,37 @@ def layer_args(w: dict) -> list:
 def run_layer(fn, cell: str, x, w: dict, hx=None, cx=None, batch_sizes=None, reverse=False):
     """Calls `fn` (fusedrnn.functional.rnn_layer or fusedrnn.reference.layer) on one layer:
     input `x`, weights `w` by name, initial states, packed batch sizes, direction."""
-    return fn(cell, x, *layer_args(w), hx, cx if _cells.CELLS[cell].has_cell_state else None, batch_sizes, reverse)
+    return fn(
+        cell,
+        x,
+        *layer_args(w),
+        hx,
+        cx if _cells.CELLS[cell].has_cell_state else None,
+        batch_sizes,
+        reverse,
+    )
 
 
 class LayerCase(NamedTuple):
     """fp64 CPU leaves (by argument name), batch_sizes, reverse and the output cotangents."""
+
     leaves: Dict[str, torch.Tensor]
     batch_sizes: Optional[torch.Tensor]
     reverse: bool
     cotangents: list
 
 
-def make_layer_args(cell: str, layout: str, T: int = 8, B: int = 17, I: int = 15, H: int = 33,
-                    proj: int = 0, bias: bool = True, seed: int = 0) -> LayerCase:
+def make_layer_args(
+    cell: str,
+    layout: str,
+    T: int = 8,
+    B: int = 17,
+    I: int = 15,
+    H: int = 33,
+    proj: int = 0,
+    bias: bool = True,
+    seed: int = 0,
+) -> LayerCase:
     """The inputs of one layer call. layout "time_major" is a (T, B, I) input with initial
     states; "packed_reverse" a packed input of non-increasing batch sizes run in reverse.
     The default sizes are odd, and large enough that the max error of the half types is a
@@ -171,8 +197,9 @@ def make_layer_args(cell: str, layout: str, T: int = 8, B: int = 17, I: int = 15
     return LayerCase(leaves, batch_sizes, reverse, cotangents)
 
 
-def layer_results(fn, cell: str, args: LayerCase, device: str, dtype: torch.dtype,
-                  noncontiguous: bool = False) -> Dict[str, torch.Tensor]:
+def layer_results(
+    fn, cell: str, args: LayerCase, device: str, dtype: torch.dtype, noncontiguous: bool = False
+) -> Dict[str, torch.Tensor]:
     """`run_layer` of fn on args moved to device and dtype, and its backward; returns the
     outputs and the gradient of every leaf, as fp64 CPU tensors keyed by name."""
     xs = {k: v.detach().to(device, dtype).requires_grad_() for k, v in args.leaves.items()}
@@ -180,11 +207,13 @@ def layer_results(fn, cell: str, args: LayerCase, device: str, dtype: torch.dtyp
         x = xs["input"].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
         assert not x.is_contiguous()
         xs["input"] = x
-    out, hy, cy = run_layer(fn, cell, xs["input"], xs, xs["hx"], xs.get("cx"), args.batch_sizes,
-                            args.reverse)
+    out, hy, cy = run_layer(
+        fn, cell, xs["input"], xs, xs["hx"], xs.get("cx"), args.batch_sizes, args.reverse
+    )
     outs = [out, hy] + ([cy] if cy is not None else [])
-    grads = torch.autograd.grad(outs, list(xs.values()),
-                                [c.to(device, dtype) for c in args.cotangents])
+    grads = torch.autograd.grad(
+        outs, list(xs.values()), [c.to(device, dtype) for c in args.cotangents]
+    )
     result = {"output": out, "h_n": hy}
     if cy is not None:
         result["c_n"] = cy
@@ -194,9 +223,17 @@ def layer_results(fn, cell: str, args: LayerCase, device: str, dtype: torch.dtyp
 
 # ---- weights and inputs of the op tests ------------------------------------------------------
 
-def make_weights(cell: str, I: int, H: int, P: int = 0, bias: bool = True,
-                 dtype: torch.dtype = torch.float64, scale: float = 1.0,
-                 requires_grad: bool = False) -> Dict[str, Optional[torch.Tensor]]:
+
+def make_weights(
+    cell: str,
+    I: int,
+    H: int,
+    P: int = 0,
+    bias: bool = True,
+    dtype: torch.dtype = torch.float64,
+    scale: float = 1.0,
+    requires_grad: bool = False,
+) -> Dict[str, Optional[torch.Tensor]]:
     """Random weights of one layer/direction of `cell`, keyed by the op's argument names.
 
     Absent parameters are None. Values are uniform in +-scale (default 1, larger than torch's
@@ -209,9 +246,14 @@ def make_weights(cell: str, I: int, H: int, P: int = 0, bias: bool = True,
         t = (torch.rand(*shape, dtype=torch.float64) * 2 - 1) * scale
         return t.to(dtype).requires_grad_(requires_grad)
 
-    w = {"weight_ih": u(G * H, I), "weight_hh": u(G * H, H_out),
-         "bias_ih": u(G * H) if bias else None, "bias_hh": u(G * H) if bias else None,
-         "weight_ch": None, "weight_hr": None}
+    w = {
+        "weight_ih": u(G * H, I),
+        "weight_hh": u(G * H, H_out),
+        "bias_ih": u(G * H) if bias else None,
+        "bias_hh": u(G * H) if bias else None,
+        "weight_ch": None,
+        "weight_hr": None,
+    }
     if _cells.CELLS[cell].weight_ch is not None:
         w["weight_ch"] = u(*_cells.CELLS[cell].weight_ch_shape(H))
     if P > 0:
@@ -225,14 +267,20 @@ def cast(t, dtype):
 
 
 def cast_weights(w: dict, dtype: torch.dtype, requires_grad: bool = False) -> dict:
-    return {k: (None if v is None else v.detach().to(dtype).requires_grad_(requires_grad))
-            for k, v in w.items()}
+    return {
+        k: (None if v is None else v.detach().to(dtype).requires_grad_(requires_grad))
+        for k, v in w.items()
+    }
 
 
 def make_states(cell, B, H, P=0, dtype=torch.float64):
     H_out = P if P > 0 else H
     hx = torch.randn(B, H_out, dtype=torch.float64).to(dtype)
-    cx = torch.randn(B, H, dtype=torch.float64).to(dtype) if _cells.CELLS[cell].has_cell_state else None
+    cx = (
+        torch.randn(B, H, dtype=torch.float64).to(dtype)
+        if _cells.CELLS[cell].has_cell_state
+        else None
+    )
     return hx, cx
 
 
@@ -244,6 +292,7 @@ def make_input(T, B, I, batch_sizes=None, dtype=torch.float64):
 
 
 # ---- module-level helpers ----------------------------------------------------------------------
+
 
 def copy_params(src: nn.Module, dst: nn.Module) -> None:
     """Load `src`'s state_dict into `dst`, asserting identical key names (in order) and shapes."""
@@ -286,8 +335,10 @@ def backward_random_functional(tensors, seed):
     generator seeded with `seed`, in fp64, cast to each tensor's dtype), so that every output
     contributes to every gradient."""
     gen = torch.Generator().manual_seed(seed)
-    sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
-        for t in tensors).backward()
+    sum(
+        (t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
+        for t in tensors
+    ).backward()
 
 
 def input_state_param_grads(module, input_leaf, state_leaves):
@@ -307,8 +358,9 @@ def compare_modules(ref, fused, inp, hx, dtype, check_grads=True):
     def clone_in(x):
         if isinstance(x, nn.utils.rnn.PackedSequence):
             data = x.data.detach().clone().requires_grad_(check_grads)
-            return nn.utils.rnn.PackedSequence(data, x.batch_sizes, x.sorted_indices,
-                                               x.unsorted_indices), data
+            return nn.utils.rnn.PackedSequence(
+                data, x.batch_sizes, x.sorted_indices, x.unsorted_indices
+            ), data
         t = x.detach().clone().requires_grad_(check_grads)
         return t, t
 
@@ -348,7 +400,7 @@ def compare_modules(ref, fused, inp, hx, dtype, check_grads=True):
 
 # ---- the CPU's instruction sets ----------------------------------------------------------------
 
-# The CPU instruction sets of the vectorised kernels (csrc/cpu/isa.h). Tests that take the
+# The CPU instruction sets of the vectorised kernels (csrc/kernels/cpu/isa.h). Tests that take the
 # `cpu_isa` fixture (tests/conftest.py) run once under each ISA this CPU has (the lower ones
 # forced), so that an AVX-512 machine tests the AVX2 and baseline kernels too; the session fails
 # if such tests ran but not under every ISA the CPU has (a build that lost its AVX2 kernels, say),
@@ -383,12 +435,24 @@ def isas_of_cpu() -> list:
 
 F64 = torch.float64
 # (m, n, k): single rows, columns and inner sizes, odd sizes, and k = 0 (C = beta * C); on the
-# CPU (driver/gemm.cpp) m of 5-32 runs the small GEMMs in groups of 4 rows (13, 16, 29), and
+# CPU (execution/gemm.cpp) m of 5-32 runs the small GEMMs in groups of 4 rows (13, 16, 29), and
 # k <= 4 with m > 4 and A transposed the rank-k update (the weight gradients of a step of a few
 # rows), with n across and off a vector's width
-RAW_GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 12, 9), (2, 33, 1), (5, 1, 16), (4, 6, 0),
-                   (37, 19, 1), (23, 40, 3), (9, 16, 4), (13, 40, 33), (16, 19, 8), (29, 21, 18)]
-# The loops' own calls (driver/lstm.cpp, gru.cpp) as (trans_a, trans_b, beta), A the rows of a
+RAW_GEMM_SHAPES = [
+    (1, 1, 1),
+    (3, 5, 7),
+    (17, 12, 9),
+    (2, 33, 1),
+    (5, 1, 16),
+    (4, 6, 0),
+    (37, 19, 1),
+    (23, 40, 3),
+    (9, 16, 4),
+    (13, 40, 33),
+    (16, 19, 8),
+    (29, 21, 18),
+]
+# The loops' own calls (recurrence/lstm.cpp, gru.cpp) as (trans_a, trans_b, beta), A the rows of a
 # state or gradient buffer (row stride its width), B a weight: transposed in the forward, as
 # stored in the backward, beta 1 where the step accumulates into the state's gradient.
 DRIVER_CALLS = {
@@ -404,15 +468,16 @@ RAW_GEMM_TOLERANCE = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     # one rounding of an fp32 accumulation (two where ATen rounds op(A) op(B) before adding C)
-    torch.bfloat16: dict(rtol=2 ** -6, atol=2 ** -6),
-    torch.float16: dict(rtol=2 ** -9, atol=2 ** -9),
+    torch.bfloat16: dict(rtol=2**-6, atol=2**-6),
+    torch.float16: dict(rtol=2**-9, atol=2**-9),
 }
 
 
 def raw_gemm_cases():
     """Every combination of shape, transposes, beta and padding of the leading dimensions."""
     for (m, n, k), ta, tb, beta, pad in itertools.product(
-            RAW_GEMM_SHAPES, (False, True), (False, True), (0.0, 1.0), (0, 3)):
+        RAW_GEMM_SHAPES, (False, True), (False, True), (0.0, 1.0), (0, 3)
+    ):
         yield m, n, k, ta, tb, beta, pad
 
 
@@ -431,7 +496,7 @@ def check_raw_gemm(device, dtype, case, gen):
         return torch.randn(max(rows * ld, 1), generator=gen, dtype=F64).to(dtype).to(F64)
 
     def matrix(buf, rows, cols, ld):
-        return buf[:rows * ld].view(rows, ld)[:, :cols] if rows * ld else buf[:0].view(rows, cols)
+        return buf[: rows * ld].view(rows, ld)[:, :cols] if rows * ld else buf[:0].view(rows, cols)
 
     a, b, c = buffer(a_rows, lda), buffer(b_rows, ldb), buffer(m, ldc)
     A, B = matrix(a, a_rows, a_cols, lda), matrix(b, b_rows, b_cols, ldb)
@@ -442,12 +507,12 @@ def check_raw_gemm(device, dtype, case, gen):
     if beta == 0.0 and dtype.is_floating_point:
         # with beta 0, C is not read: NaN there must not reach the result
         matrix(got, m, n, ldc).fill_(float("nan"))
-    torch.ops.fusedrnn._raw_gemm(got, a.to(dtype).to(device), b.to(dtype).to(device), m, n, k, lda, ldb, ldc,
-                  ta, tb, beta)
+    torch.ops.fusedrnn._raw_gemm(
+        got, a.to(dtype).to(device), b.to(dtype).to(device), m, n, k, lda, ldb, ldc, ta, tb, beta
+    )
     got = got.cpu().to(F64)
     inside = torch.zeros(max(m * ldc, 1), dtype=torch.bool)
     matrix(inside, m, n, ldc).fill_(True)
     msg = f"{dtype} m={m} n={n} k={k} trans_a={ta} trans_b={tb} beta={beta} pad={pad}"
     assert torch.equal(got[~inside], c[~inside]), f"{msg}: wrote outside the matrix"
-    torch.testing.assert_close(got[inside], expected[inside], **RAW_GEMM_TOLERANCE[dtype],
-                               msg=msg)
+    torch.testing.assert_close(got[inside], expected[inside], **RAW_GEMM_TOLERANCE[dtype], msg=msg)

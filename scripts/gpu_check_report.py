@@ -14,6 +14,7 @@ build, inline, pytest, bench (per run), failures (every failure line, per case a
 files (what $OUT holds) and layout (whether that is at most MAX_FILES files, at most MAX_DEPTH
 folders deep).
 """
+
 import argparse
 import glob
 import hashlib
@@ -24,8 +25,17 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional
 
-STAGES = ("env", "build", "inline", "pytest", "bench_float32", "bench_bfloat16", "memcheck",
-          "bench_compiled", "plot")
+STAGES = (
+    "env",
+    "build",
+    "inline",
+    "pytest",
+    "bench_float32",
+    "bench_bfloat16",
+    "memcheck",
+    "bench_compiled",
+    "plot",
+)
 BENCH_RUNS = ("float32", "bfloat16", "compiled")
 MAX_FILES = 8
 MAX_DEPTH = 2
@@ -40,6 +50,7 @@ SOURCE_SUFFIXES = (".cpp", ".cc", ".h", ".hpp", ".cu", ".cuh")
 
 # --- stamp ------------------------------------------------------------------------------------
 
+
 def stamp(repo: str, mode: str) -> str:
     """16 hex digits that change with the extension's sources, setup.py, the torch, CUDA and
     Python versions, the build mode and FUSEDRNN_CPU_ARCH: a build with the same stamp is
@@ -49,20 +60,29 @@ def stamp(repo: str, mode: str) -> str:
     import torch
 
     h = hashlib.sha256()
-    files = sorted(p for p in glob.glob(os.path.join(repo, "csrc", "**", "*"), recursive=True)
-                   if p.endswith(SOURCE_SUFFIXES) and os.path.isfile(p))
+    files = sorted(
+        p
+        for p in glob.glob(os.path.join(repo, "csrc", "**", "*"), recursive=True)
+        if p.endswith(SOURCE_SUFFIXES) and os.path.isfile(p)
+    )
     files.append(os.path.join(repo, "setup.py"))
     for path in files:
         h.update(os.path.relpath(path, repo).encode() + b"\0")
         with open(path, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
-    for part in (torch.__version__, str(torch.version.cuda), platform.python_version(), mode,
-                 os.environ.get("FUSEDRNN_CPU_ARCH", "none")):
+    for part in (
+        torch.__version__,
+        str(torch.version.cuda),
+        platform.python_version(),
+        mode,
+        os.environ.get("FUSEDRNN_CPU_ARCH", "none"),
+    ):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
 
 
 # --- reading the logs -------------------------------------------------------------------------
+
 
 def _load_json(path: str) -> Optional[dict]:
     try:
@@ -96,8 +116,15 @@ def read_stages(path: str) -> Dict[str, dict]:
                 return int(text)
             except ValueError:
                 return None
-        out[name] = {"stage": name, "status": status, "seconds": num(seconds),
-                     "limit_s": num(limit), "rc": num(rc), "detail": detail}
+
+        out[name] = {
+            "stage": name,
+            "status": status,
+            "seconds": num(seconds),
+            "limit_s": num(limit),
+            "rc": num(rc),
+            "detail": detail,
+        }
     return out
 
 
@@ -105,11 +132,15 @@ def inline_section(path: str) -> Optional[dict]:
     doc = _load_json(path)
     if doc is None:
         return None
-    return {"complete": doc.get("complete"), "device": doc.get("device"),
-            "checks": doc.get("checks"), "cases": doc.get("cases"),
-            "cases_by_dtype": doc.get("cases_by_dtype"),
-            "not_ok": [o for o in doc.get("outcomes", []) if o.get("status") != "ok"],
-            "failures": doc.get("failures", [])}
+    return {
+        "complete": doc.get("complete"),
+        "device": doc.get("device"),
+        "checks": doc.get("checks"),
+        "cases": doc.get("cases"),
+        "cases_by_dtype": doc.get("cases_by_dtype"),
+        "not_ok": [o for o in doc.get("outcomes", []) if o.get("status") != "ok"],
+        "failures": doc.get("failures", []),
+    }
 
 
 # pytest -v: "<node id> PASSED   [ 10%]"; a test still running has its node id and nothing after
@@ -124,8 +155,16 @@ def pytest_section(xml_path: str, log_path: str) -> Optional[dict]:
     log = _read(log_path)
     if not log and not os.path.exists(xml_path):
         return None
-    sec: dict = {"source": None, "passed": 0, "failed": 0, "errors": 0, "skipped": 0,
-                 "failed_tests": [], "slowest": [], "unfinished": []}
+    sec: dict = {
+        "source": None,
+        "passed": 0,
+        "failed": 0,
+        "errors": 0,
+        "skipped": 0,
+        "failed_tests": [],
+        "slowest": [],
+        "unfinished": [],
+    }
     try:
         root = ET.parse(xml_path).getroot()
     except (OSError, ET.ParseError):
@@ -148,14 +187,16 @@ def pytest_section(xml_path: str, log_path: str) -> Optional[dict]:
             if bad is not None:
                 sec[kind] += 1
                 msg = (bad.get("message") or "").strip().splitlines()
-                sec["failed_tests"].append({"test": name, "outcome": kind,
-                                            "message": (msg[0] if msg else "")[:300]})
+                sec["failed_tests"].append(
+                    {"test": name, "outcome": kind, "message": (msg[0] if msg else "")[:300]}
+                )
             elif case.find("skipped") is not None:
                 sec["skipped"] += 1
             else:
                 sec["passed"] += 1
-        sec["slowest"] = [{"test": n, "seconds": round(t, 2)}
-                          for t, n in sorted(times, reverse=True)[:5]]
+        sec["slowest"] = [
+            {"test": n, "seconds": round(t, 2)} for t, n in sorted(times, reverse=True)[:5]
+        ]
     done = set()
     counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0, "XFAIL": 0, "XPASS": 0}
     seen: List[str] = []
@@ -165,8 +206,9 @@ def pytest_section(xml_path: str, log_path: str) -> Optional[dict]:
             done.add(m.group(1))
             counts[m.group(2)] += 1
             if root is None and m.group(2) in ("FAILED", "ERROR"):
-                sec["failed_tests"].append({"test": m.group(1), "outcome": m.group(2).lower(),
-                                            "message": ""})
+                sec["failed_tests"].append(
+                    {"test": m.group(1), "outcome": m.group(2).lower(), "message": ""}
+                )
             continue
         m = NODE.match(line)
         if m:
@@ -174,8 +216,12 @@ def pytest_section(xml_path: str, log_path: str) -> Optional[dict]:
     sec["unfinished"] = [n for n in dict.fromkeys(seen) if n not in done]
     if root is None and done:
         sec["source"] = "pytest -v log"
-        sec.update(passed=counts["PASSED"] + counts["XPASS"], failed=counts["FAILED"],
-                   errors=counts["ERROR"], skipped=counts["SKIPPED"] + counts["XFAIL"])
+        sec.update(
+            passed=counts["PASSED"] + counts["XPASS"],
+            failed=counts["FAILED"],
+            errors=counts["ERROR"],
+            skipped=counts["SKIPPED"] + counts["XFAIL"],
+        )
     tail = [ln for ln in log.splitlines() if ln.startswith("=") and " in " in ln]
     sec["result_line"] = tail[-1].strip("= ") if tail else None
     return sec
@@ -189,20 +235,36 @@ def bench_section(path: str) -> Optional[dict]:
     for rec in doc.get("results", []):
         impls = rec.get("impls", {})
         fused = impls.get("fused", {})
-        rows.append({"label": rec.get("label"), "shape": rec.get("shape_str"),
-                     "pass": rec.get("pass"), "fused_ms": fused.get("median_ms"),
-                     "speedup": rec.get("speedup", {})})
+        rows.append(
+            {
+                "label": rec.get("label"),
+                "shape": rec.get("shape_str"),
+                "pass": rec.get("pass"),
+                "fused_ms": fused.get("median_ms"),
+                "speedup": rec.get("speedup", {}),
+            }
+        )
         for impl, e in impls.items():
             if e.get("status") == "error":
-                errors.append(f"{rec.get('label')} {rec.get('shape_str')} {rec.get('pass')} "
-                              f"{impl}: {e.get('reason')}")
+                errors.append(
+                    f"{rec.get('label')} {rec.get('shape_str')} {rec.get('pass')} "
+                    f"{impl}: {e.get('reason')}"
+                )
     st = doc.get("settings", {})
-    return {"complete": doc.get("complete", True), "interrupted": doc.get("interrupted"),
-            "interrupt_reason": doc.get("interrupt_reason"),
-            "cases_done": doc.get("cases_done"), "cases_total": doc.get("cases_total"),
-            "dtype": st.get("dtype"), "device": st.get("device"), "tf32": st.get("tf32"),
-            "tf32_flags": st.get("tf32_flags"), "compile": st.get("compile"),
-            "rows": rows, "errors": errors}
+    return {
+        "complete": doc.get("complete", True),
+        "interrupted": doc.get("interrupted"),
+        "interrupt_reason": doc.get("interrupt_reason"),
+        "cases_done": doc.get("cases_done"),
+        "cases_total": doc.get("cases_total"),
+        "dtype": st.get("dtype"),
+        "device": st.get("device"),
+        "tf32": st.get("tf32"),
+        "tf32_flags": st.get("tf32_flags"),
+        "compile": st.get("compile"),
+        "rows": rows,
+        "errors": errors,
+    }
 
 
 def list_files(out: str) -> List[str]:
@@ -216,23 +278,36 @@ def list_files(out: str) -> List[str]:
 def layout(files: List[str]) -> dict:
     depth = max((f.count(os.sep) for f in files), default=0)
     ok = len(files) <= MAX_FILES and depth <= MAX_DEPTH
-    return {"files": len(files), "max_files": MAX_FILES, "max_depth_found": depth,
-            "max_depth": MAX_DEPTH, "ok": ok}
+    return {
+        "files": len(files),
+        "max_files": MAX_FILES,
+        "max_depth_found": depth,
+        "max_depth": MAX_DEPTH,
+        "ok": ok,
+    }
 
 
 # --- the summary ------------------------------------------------------------------------------
+
 
 def build_summary(args) -> dict:
     logs = os.path.join(args.work, "logs")
     stages = read_stages(os.path.join(logs, "stages.tsv"))
     ordered = []
     for name in STAGES:
-        ordered.append(stages.get(name) or {"stage": name, "status": "not run", "seconds": None,
-                                            "limit_s": None, "rc": None,
-                                            "detail": "stopped before this stage"
-                                            if args.stopped else
-                                            ("still to run" if not args.final else
-                                             "not reached")})
+        ordered.append(
+            stages.get(name)
+            or {
+                "stage": name,
+                "status": "not run",
+                "seconds": None,
+                "limit_s": None,
+                "rc": None,
+                "detail": "stopped before this stage"
+                if args.stopped
+                else ("still to run" if not args.final else "not reached"),
+            }
+        )
     env = _load_json(os.path.join(logs, "env.json")) or {}
     build = _load_json(os.path.join(logs, "build.json")) or {}
     build["info"] = _load_json(os.path.join(logs, "build_info.json"))
@@ -249,10 +324,13 @@ def build_summary(args) -> dict:
         "build": build,
         "inline": inline_section(os.path.join(logs, "inline.json")),
         "memcheck_inline": inline_section(os.path.join(logs, "memcheck_inline.json")),
-        "pytest": pytest_section(os.path.join(logs, "pytest.xml"),
-                                 os.path.join(logs, "pytest.log")),
-        "bench": {run: bench_section(os.path.join(logs, f"bench_{run}", "results.json"))
-                  for run in BENCH_RUNS},
+        "pytest": pytest_section(
+            os.path.join(logs, "pytest.xml"), os.path.join(logs, "pytest.log")
+        ),
+        "bench": {
+            run: bench_section(os.path.join(logs, f"bench_{run}", "results.json"))
+            for run in BENCH_RUNS
+        },
     }
     failures = []
     for name in ("inline", "memcheck_inline"):
@@ -274,8 +352,12 @@ def build_summary(args) -> dict:
     files = sorted(set(list_files(args.out)) | set(SUMMARY_FILES))
     doc["files"] = files
     doc["layout"] = layout(files)
-    doc["ok"] = (bool(args.final) and not args.stopped and doc["layout"]["ok"]
-                 and not any(st["status"] in FAILING for st in ordered))
+    doc["ok"] = (
+        bool(args.final)
+        and not args.stopped
+        and doc["layout"]["ok"]
+        and not any(st["status"] in FAILING for st in ordered)
+    )
     return doc
 
 
@@ -288,20 +370,23 @@ def _fmt(v: Optional[float], unit: str = "") -> str:
 def format_text(doc: dict) -> str:
     env = doc.get("env") or {}
     verdict = "PASS" if doc["ok"] else ("FAIL" if doc["final"] else "INCOMPLETE")
-    head = [f"fusedrnn GPU check: {verdict}"
-            + (" (dry run on the CPU)" if doc["dry_run"] else "")
-            + (f", stopped by {doc['stopped']}" if doc["stopped"] else "")
-            + f"; {doc['seconds']} s of a {doc['budget_s']} s budget",
-            f"device: {env.get('device_name', '?')} (capability "
-            f"{env.get('capability') or '-'}), torch {env.get('torch', '?')}, CUDA "
-            f"{env.get('cuda') or '-'}, python {env.get('python', '?')}, git "
-            f"{(env.get('git') or '-')[:12]}"]
+    head = [
+        f"fusedrnn GPU check: {verdict}"
+        + (" (dry run on the CPU)" if doc["dry_run"] else "")
+        + (f", stopped by {doc['stopped']}" if doc["stopped"] else "")
+        + f"; {doc['seconds']} s of a {doc['budget_s']} s budget",
+        f"device: {env.get('device_name', '?')} (capability "
+        f"{env.get('capability') or '-'}), torch {env.get('torch', '?')}, CUDA "
+        f"{env.get('cuda') or '-'}, python {env.get('python', '?')}, git "
+        f"{(env.get('git') or '-')[:12]}",
+    ]
     lines = head + ["", f"{'stage':<15} {'status':<11} {'time':>5} {'limit':>5}  detail"]
     for st in doc["stages"]:
         t = "-" if st["seconds"] is None else f"{st['seconds']}s"
         lim = "-" if st["limit_s"] is None else str(st["limit_s"])
-        lines.append(f"{st['stage']:<15} {st['status']:<11} {t:>5} {lim:>5}  "
-                     f"{(st['detail'] or '')[:200]}")
+        lines.append(
+            f"{st['stage']:<15} {st['status']:<11} {t:>5} {lim:>5}  {(st['detail'] or '')[:200]}"
+        )
     fails = doc["failures"]
     if fails:
         lines += ["", f"failures ({len(fails)}; every one in summary.json):"]
@@ -312,27 +397,39 @@ def format_text(doc: dict) -> str:
     for run, sec in doc["bench"].items():
         if not sec or not sec["rows"]:
             continue
-        note = "" if sec["complete"] else f" (partial: {sec['cases_done']} of " \
-            f"{sec['cases_total']} cases)"
-        bench_lines.append(f"  {run}: {sec['dtype']}, TF32 {'on' if sec['tf32'] else 'off'} "
-                           f"on both sides{note}")
-        baselines = [b for b in ("torch", "eager", "compiled")
-                     if any(b in r["speedup"] for r in sec["rows"])]
+        note = (
+            ""
+            if sec["complete"]
+            else f" (partial: {sec['cases_done']} of {sec['cases_total']} cases)"
+        )
+        bench_lines.append(
+            f"  {run}: {sec['dtype']}, TF32 {'on' if sec['tf32'] else 'off'} on both sides{note}"
+        )
+        baselines = [
+            b for b in ("torch", "eager", "compiled") if any(b in r["speedup"] for r in sec["rows"])
+        ]
         names = {"torch": "nn", "eager": "eager", "compiled": "compiled"}
         for r in sec["rows"]:
-            line = (f"    {str(r['label'])[:18]:<18} {str(r['shape']):<14} {str(r['pass']):<7} "
-                    f"fused {_fmt(r['fused_ms'], ' ms'):>10}")
+            line = (
+                f"    {str(r['label'])[:18]:<18} {str(r['shape']):<14} {str(r['pass']):<7} "
+                f"fused {_fmt(r['fused_ms'], ' ms'):>10}"
+            )
             for b in baselines:
                 line += f"  x {names[b]} {_fmt(r['speedup'].get(b)):>5}"
             bench_lines.append(line)
     if bench_lines:
-        lines += ["", "benchmark (speed-up of fused = baseline median / fused median, > 1: "
-                  "fused faster):"] + bench_lines
+        lines += [
+            "",
+            "benchmark (speed-up of fused = baseline median / fused median, > 1: fused faster):",
+        ] + bench_lines
     lay = doc["layout"]
-    lines += ["", f"files in $OUT ({lay['files']}, at most {lay['max_files']}, "
-              f"{lay['max_depth_found']} folder(s) deep, at most {lay['max_depth']}"
-              f"{'' if lay['ok'] else '; LAYOUT VIOLATED'}): {', '.join(doc['files'])}",
-              f"overall: {verdict}"]
+    lines += [
+        "",
+        f"files in $OUT ({lay['files']}, at most {lay['max_files']}, "
+        f"{lay['max_depth_found']} folder(s) deep, at most {lay['max_depth']}"
+        f"{'' if lay['ok'] else '; LAYOUT VIOLATED'}): {', '.join(doc['files'])}",
+        f"overall: {verdict}",
+    ]
     text = "\n".join(lines)
     if len(text) > MAX_TEXT:  # the bench table goes first: results.json has it all
         keep = [ln for ln in lines if ln not in bench_lines[1:]]
@@ -362,8 +459,10 @@ def main(argv=None) -> int:
         return 0
     doc = build_summary(args)
     text = format_text(doc)
-    for name, body in (("summary.json", json.dumps(doc, indent=1, default=str)),
-                       ("summary.txt", text + "\n")):
+    for name, body in (
+        ("summary.json", json.dumps(doc, indent=1, default=str)),
+        ("summary.txt", text + "\n"),
+    ):
         tmp = os.path.join(args.out, name + ".tmp")
         with open(tmp, "w") as f:
             f.write(body)

@@ -6,6 +6,7 @@ per step, the forward op, the backward op (whose work is two 1 MB products with 
 
     PYTHONPATH=. python scripts/profile_cell_backward.py
 """
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -32,12 +33,16 @@ def main():
         loop()
     rows = {e.key: e for e in prof.key_averages()}
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    print(f"{cpu_name()}, ISA {fusedrnn.build_info()['cpu_isa']}, one thread, fp32, "
-          f"LSTMCell B=1 H={H}, microseconds per step (CPU time under the profiler)")
+    print(
+        f"{cpu_name()}, ISA {fusedrnn.build_info()['cpu_isa']}, one thread, fp32, "
+        f"LSTMCell B=1 H={H}, microseconds per step (CPU time under the profiler)"
+    )
     print(f"  whole step (forward + backward)   {total / STEPS:8.1f}")
-    for label, key, field in (("forward op", "fusedrnn::lstm_forward", "cpu_time_total"),
-                              ("backward op", "fusedrnn::lstm_backward", "cpu_time_total"),
-                              ("gradient sums (aten::add_)", "aten::add_", "self_cpu_time_total")):
+    for label, key, field in (
+        ("forward op", "fusedrnn::lstm_forward", "cpu_time_total"),
+        ("backward op", "fusedrnn::lstm_backward", "cpu_time_total"),
+        ("gradient sums (aten::add_)", "aten::add_", "self_cpu_time_total"),
+    ):
         us = getattr(rows[key], field) / STEPS if key in rows else float("nan")
         print(f"  {label:33s} {us:8.1f}")
 

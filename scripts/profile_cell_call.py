@@ -1,22 +1,20 @@
-"""Where the time of one LSTMCell / GRUCell call goes: the module, the routing, the op's autograd
-kernel and the op itself, peeled off one layer at a time, at a hidden size whose arithmetic is
-negligible (H = 8: the per-call costs) and at H = 256 (the serving size). One thread, fp32,
-median of repeated 2000-call loops.
+"""Where the time of one LSTMCell / GRUCell call goes: the module, the routing, the op with its
+autograd kernel and the op itself, peeled off one layer at a time, at a hidden size whose
+arithmetic is negligible (H = 8: the per-call costs) and at H = 256 (the serving size). One
+thread, fp32, median of repeated 2000-call loops.
 
     PYTHONPATH=. python scripts/profile_cell_call.py
 
 Rows (microseconds per call):
   torch.nn           torch.nn.LSTMCell / GRUCell (the reference point)
   module             fusedrnn.LSTMCell / GRUCell: argument checks, state handling, then
-  _layer.run         the routing (ONNX export, torch.func, the eager check), then
-  eager op           the op call of eager mode, torch.ops.fusedrnn._<cell>_eager: in grad
-                     mode a C++ autograd node around the forward op called below the
-                     Autograd key (csrc/driver/eager.cpp), else the forward op below it
-  op (registered)    torch.ops.fusedrnn.<cell>_forward through the dispatcher, whose Autograd
-                     kernel is the Python one torch.library.register_autograd installs (what
-                     torch.compile and export record; for comparison)
+  _layer.run         the routing (ONNX export, torch.func), then
+  op                 torch.ops.fusedrnn.<cell>_forward through the dispatcher: its Autograd
+                     kernel (csrc/ops/autograd.cpp) records a C++ node in grad mode around
+                     the forward op called below the Autograd key, else calls it below the key
   op below autograd  the op with the Autograd key skipped: dispatcher and C++ driver only
 """
+
 import statistics
 import sys
 import time
@@ -43,29 +41,53 @@ def per_call_us(fn, calls=2000, repeats=7):
 
 def rows_for(name, H, grad):
     torch.manual_seed(0)
-    nn_cls, f_cls = ((torch.nn.LSTMCell, fusedrnn.LSTMCell) if name == "lstm"
-                     else (torch.nn.GRUCell, fusedrnn.GRUCell))
+    nn_cls, f_cls = (
+        (torch.nn.LSTMCell, fusedrnn.LSTMCell)
+        if name == "lstm"
+        else (torch.nn.GRUCell, fusedrnn.GRUCell)
+    )
     ref, mod = nn_cls(H, H), f_cls(H, H)
     mod.load_state_dict(ref.state_dict())
     x, h, c = torch.randn(1, H), torch.randn(1, H), torch.randn(1, H)
     state = (h, c) if name == "lstm" else h
-    args = LayerArgs(x.unsqueeze(0), mod.weight_ih, mod.weight_hh, mod.bias_ih, mod.bias_hh,
-                     None, None, h, c if name == "lstm" else None)
-    need_ws = grad
+    args = LayerArgs(
+        x.unsqueeze(0),
+        mod.weight_ih,
+        mod.weight_hh,
+        mod.bias_ih,
+        mod.bias_hh,
+        None,
+        None,
+        h,
+        c if name == "lstm" else None,
+    )
     op = getattr(torch.ops.fusedrnn, f"{name}_forward")
-    op_args = ((args.input, args.weight_ih, args.weight_hh, args.bias_ih, args.bias_hh, args.hx,
-                None, False, need_ws) if name == "gru" else (*args, need_ws))
+    op_args = (
+        (
+            args.input,
+            args.weight_ih,
+            args.weight_hh,
+            args.bias_ih,
+            args.bias_hh,
+            args.hx,
+            None,
+            False,
+            False,
+        )
+        if name == "gru"
+        else (*args, False)
+    )
     calls = [
         ("torch.nn", lambda: ref(x, state)),
         ("module", lambda: mod(x, state)),
         ("_layer.run", lambda: _layer.run(name, args, exposed=False)),
-        ("eager op", lambda: _ops.eager_forward(name, args, exposed=False)),
-        ("op (registered)", lambda: op(*op_args)),
+        ("op", lambda: _ops.forward(name, args)),
     ]
 
     def below_autograd():
         with torch._C._AutoDispatchBelowAutograd():
             op.default(*op_args)
+
     calls.append(("op below autograd", below_autograd))
     out = []
     for label, fn in calls:
@@ -80,8 +102,10 @@ def rows_for(name, H, grad):
 def main():
     torch.set_num_threads(1)
     info = fusedrnn.build_info()
-    print(f"{cpu_name()}, fusedrnn CPU kernels {info['cpu_isa']}, torch {torch.__version__}, "
-          "1 thread, fp32, B = 1, microseconds per call (median)")
+    print(
+        f"{cpu_name()}, fusedrnn CPU kernels {info['cpu_isa']}, torch {torch.__version__}, "
+        "1 thread, fp32, B = 1, microseconds per call (median)"
+    )
     for name in ("lstm", "gru"):
         for H in (8, 256):
             for grad in (False, True):

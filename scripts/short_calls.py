@@ -7,6 +7,7 @@ the median between runs).
     PYTHONPATH=. python scripts/short_calls.py
     FUSEDRNN_CPU_FUSED=0 PYTHONPATH=. python scripts/short_calls.py   # without the tiled steps
 """
+
 import time
 
 import torch
@@ -44,6 +45,7 @@ def cell_loop(cell, x, steps=10):
         state = None
         for _ in range(steps):
             state = cell(x, state)
+
     return run
 
 
@@ -52,8 +54,10 @@ def main():
     torch.manual_seed(0)
     info = fusedrnn.build_info()
     print(f"{cpu_name()}, ISA {info['cpu_isa']}, torch {torch.__version__}, one thread, fp32")
-    print(f"{'case':<24} {'fused ms':>9} {'torch.nn ms':>12} {'speed-up':>9}   "
-          f"(tiled steps {'on' if info['cpu_fused_steps'] else 'off'})")
+    print(
+        f"{'case':<24} {'fused ms':>9} {'torch.nn ms':>12} {'speed-up':>9}   "
+        f"(tiled steps {'on' if info['cpu_fused_steps'] else 'off'})"
+    )
     for name, T, B, H in CASES:
         fused = getattr(fusedrnn, name)(H, H)
         ref = getattr(torch.nn, name)(H, H)

@@ -4,6 +4,7 @@ layer cases, weights, module comparison) are in fusedrnn/testing.py.
 Everything here is deterministic: every test starts from a seed derived from its own node id,
 so a failure reproduces when the test is run alone.
 """
+
 import zlib
 
 import pytest
@@ -60,14 +61,21 @@ def pytest_sessionfinish(session, exitstatus):
     machine that has AVX2."""
     if not _ISA_RUNS["collected"] or exitstatus != 0:
         return
-    missing = [isa for isa in isas_of_cpu()
-               if isa in _ISA_RUNS["collected"] and isa not in _ISA_RUNS["passed"]]
+    missing = [
+        isa
+        for isa in isas_of_cpu()
+        if isa in _ISA_RUNS["collected"] and isa not in _ISA_RUNS["passed"]
+    ]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if missing:
         if reporter:
-            reporter.write_line(f"fusedrnn: no ISA-parametrised test passed under {missing}, "
-                                f"which this CPU has", red=True)
+            reporter.write_line(
+                f"fusedrnn: no ISA-parametrised test passed under {missing}, which this CPU has",
+                red=True,
+            )
         session.exitstatus = 1
     elif reporter:
-        reporter.write_line("fusedrnn: CPU kernels tested under ISAs: "
-                            + ", ".join(i for i in ISAS if i in _ISA_RUNS["passed"]))
+        reporter.write_line(
+            "fusedrnn: CPU kernels tested under ISAs: "
+            + ", ".join(i for i in ISAS if i in _ISA_RUNS["passed"])
+        )

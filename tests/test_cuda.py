@@ -1,8 +1,9 @@
 """The fused ops on CUDA tensors: outputs and gradients against the fp64 reference on the CPU
 (design.md §4 tolerances), torch.nn parity of the modules, fp64 gradcheck, opcheck, CUDA graph
 capture, torch.compile(fullgraph=True), stream and synchronisation behaviour (design.md §3), and
-the steps' raw GEMM through cuBLAS (csrc/driver/cublas.cpp: every layout, ATen's precision
+the steps' raw GEMM through cuBLAS (csrc/execution/cublas.cpp: every layout, ATen's precision
 settings). Every test needs a CUDA GPU and is skipped, with that reason, without one."""
+
 import copy
 import os
 import subprocess
@@ -14,11 +15,19 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
-from fusedrnn import functional, reference
-
-from fusedrnn.testing import (CELLS, HALF_TYPES, check_raw_gemm, layer_results,
-                              make_layer_args, max_err, raw_gemm_cases, run_layer,
-                              within_tolerance)
+from fusedrnn import cells, functional, modules, reference
+from fusedrnn.testing import (
+    CELLS,
+    HALF_TYPES,
+    LSTM_FAMILY,
+    check_raw_gemm,
+    layer_results,
+    make_layer_args,
+    max_err,
+    raw_gemm_cases,
+    run_layer,
+    within_tolerance,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,6 +51,7 @@ def test_extension_has_cuda_kernels():
 
 # ---------------------------------------------------------------------------------------------
 # one layer through fusedrnn.functional against fusedrnn.reference
+
 
 def assert_matches(got, ref, dtype, lowp=None):
     """design.md §4 tolerances against the fp64 reference (fusedrnn.testing.within_tolerance)."""
@@ -68,10 +78,13 @@ def test_layer_cuda_matches_reference(cell, layout, dtype):
     check_layer(cell, dtype, args, noncontiguous=layout == "noncontiguous")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float64, torch.float32, torch.bfloat16],
+    ids=lambda d: str(d).replace("torch.", ""),
+)
 @pytest.mark.parametrize("layout", ["time_major", "packed_reverse"])
-@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", LSTM_FAMILY)
 def test_layer_cuda_projection(cell, layout, dtype):
     check_layer(cell, dtype, make_layer_args(cell, layout, proj=5))
 
@@ -82,14 +95,15 @@ def test_layer_cuda_no_bias(cell):
 
 
 # fp64/fp32 only: the half types' rule compares two max errors, on one element a coin toss
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32],
-                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32], ids=lambda d: str(d).replace("torch.", "")
+)
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_cuda_single_step_single_unit(cell, dtype):
     check_layer(cell, dtype, make_layer_args(cell, "time_major", T=1, B=1, I=2, H=1))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "wm_lstm"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_layer_cuda_large_step(cell):
     """n*H = 1100*2048 elements per step: more than the kernels' capped grid has threads, so
     the grid-stride loop runs several iterations. fp64 against the reference on the GPU."""
@@ -102,18 +116,29 @@ def test_layer_cuda_large_step(cell):
 # ---------------------------------------------------------------------------------------------
 # modules against torch.nn
 
-@pytest.mark.parametrize("config", ["lstm", "lstm_proj", "gru"])
+# the cells torch.nn has (nn.LSTM / nn.GRU exactly), and their variants with a projection
+TORCH_CONFIGS = [
+    m
+    for n, c in cells.CELLS.items()
+    if c.in_torch_nn
+    for m in ((n, n + "_proj") if c.has_cell_state else (n,))
+]
+
+
+@pytest.mark.parametrize("config", TORCH_CONFIGS)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_module_cuda_matches_torch_nn(config, packed):
     torch.manual_seed(0)
     I, H, T, B = 6, 10, 7, 5
     kw = dict(num_layers=2, bidirectional=True, batch_first=True)
-    if config == "gru":
-        ref_mod, mod = nn.GRU(I, H, **kw), fusedrnn.GRU(I, H, **kw)
+    cell = config.removesuffix("_proj")
+    fcls = modules.SEQUENCE_MODULES[cell]
+    if not cells.CELLS[cell].has_cell_state:
+        ref_mod, mod = nn.GRU(I, H, **kw), fcls(I, H, **kw)
     else:
-        proj = 4 if config == "lstm_proj" else 0
+        proj = 4 if config.endswith("_proj") else 0
         ref_mod = nn.LSTM(I, H, proj_size=proj, **kw)
-        mod = fusedrnn.LSTM(I, H, proj_size=proj, **kw)
+        mod = fcls(I, H, proj_size=proj, **kw)
     mod.load_state_dict(ref_mod.state_dict())
     ref_mod = ref_mod.double()
     mod = mod.cuda()
@@ -140,12 +165,18 @@ def test_module_cuda_matches_torch_nn(config, packed):
     torch.testing.assert_close(x_cuda.grad.double().cpu(), x_ref.grad, rtol=1e-5, atol=1e-5)
     ref_params = dict(ref_mod.named_parameters())
     for name, p in mod.named_parameters():
-        torch.testing.assert_close(p.grad.double().cpu(), ref_params[name].grad, rtol=1e-5,
-                                   atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            p.grad.double().cpu(),
+            ref_params[name].grad,
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: f"{name}: {m}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # autograd, op registration, compilation, capture
+
 
 @pytest.mark.parametrize("layout", ["time_major", "packed_reverse"])
 @pytest.mark.parametrize("cell", CELLS)
@@ -157,9 +188,19 @@ def test_gradcheck_cuda_fp64(cell, layout):
     def fn(*xs):
         a = dict(zip(names, xs))
         out, hy, cy = functional.rnn_layer(
-            cell, a["input"], a["weight_ih"], a["weight_hh"], a.get("bias_ih"),
-            a.get("bias_hh"), a.get("weight_ch"), a.get("weight_hr"), a["hx"], a.get("cx"),
-            batch_sizes, reverse)
+            cell,
+            a["input"],
+            a["weight_ih"],
+            a["weight_hh"],
+            a.get("bias_ih"),
+            a.get("bias_hh"),
+            a.get("weight_ch"),
+            a.get("weight_hr"),
+            a["hx"],
+            a.get("cx"),
+            batch_sizes,
+            reverse,
+        )
         return (out, hy) if cy is None else (out, hy, cy)
 
     assert torch.autograd.gradcheck(fn, inputs)
@@ -168,18 +209,40 @@ def test_gradcheck_cuda_fp64(cell, layout):
 def cuda_leaves(cell, layout, dtype=torch.float32):
     """A small layer case on the GPU: its leaves (by argument name), batch_sizes, reverse."""
     leaves, batch_sizes, reverse, _ = make_layer_args(cell, layout, T=4, B=3, I=5, H=6)
-    return ({k: v.to("cuda", dtype).requires_grad_() for k, v in leaves.items()}, batch_sizes,
-            reverse)
+    return (
+        {k: v.to("cuda", dtype).requires_grad_() for k, v in leaves.items()},
+        batch_sizes,
+        reverse,
+    )
 
 
 def op_args(cell, layout, dtype=torch.float32):
     """The positional arguments of the forward op on a small case (see cuda_leaves)."""
     t, batch_sizes, reverse = cuda_leaves(cell, layout, dtype)
-    if cell == "gru":
-        return (t["input"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
-                t["hx"], batch_sizes, reverse)
-    return (t["input"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
-            t.get("weight_ch"), None, t["hx"], t["cx"], batch_sizes, reverse)
+    if not cells.CELLS[cell].has_cell_state:
+        return (
+            t["input"],
+            t["weight_ih"],
+            t["weight_hh"],
+            t["bias_ih"],
+            t["bias_hh"],
+            t["hx"],
+            batch_sizes,
+            reverse,
+        )
+    return (
+        t["input"],
+        t["weight_ih"],
+        t["weight_hh"],
+        t["bias_ih"],
+        t["bias_hh"],
+        t.get("weight_ch"),
+        None,
+        t["hx"],
+        t["cx"],
+        batch_sizes,
+        reverse,
+    )
 
 
 @pytest.mark.parametrize("layout", ["time_major", "packed_reverse"])
@@ -200,8 +263,9 @@ def test_cuda_graph_capture_replay(cell):
     gy = torch.randn(T, B, H_out, device="cuda")
 
     def step():
-        out = run_layer(functional.rnn_layer, cell, t["input"], t, t["hx"], t.get("cx"),
-                        batch_sizes, reverse)[0]
+        out = run_layer(
+            functional.rnn_layer, cell, t["input"], t, t["hx"], t.get("cx"), batch_sizes, reverse
+        )[0]
         return [out, *torch.autograd.grad([out], leaves, [gy])]
 
     side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
@@ -227,11 +291,17 @@ def test_cuda_graph_capture_replay(cell):
 
 # inductor (the default backend) for one module; aot_eager, which traces the same graph with
 # the same fake implementations and autograd but skips code generation, for the others
-@pytest.mark.parametrize("cls,backend", [(fusedrnn.LSTM, "inductor"),
-                                         (fusedrnn.GRU, "aot_eager"),
-                                         (fusedrnn.PeepholeLSTM, "aot_eager"),
-                                         (fusedrnn.WorkingMemoryLSTM, "aot_eager")],
-                         ids=["LSTM-inductor", "GRU", "PeepholeLSTM", "WorkingMemoryLSTM"])
+COMPILE_CASES = [
+    (cls, "inductor" if i == 0 else "aot_eager")
+    for i, cls in enumerate(modules.SEQUENCE_MODULES.values())
+]
+
+
+@pytest.mark.parametrize(
+    "cls,backend",
+    COMPILE_CASES,
+    ids=[cls.__name__ + ("-inductor" if b == "inductor" else "") for cls, b in COMPILE_CASES],
+)
 def test_compile_fullgraph_cuda(cls, backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -290,7 +360,7 @@ def test_device_mismatch_is_reported():
 
 
 # ---------------------------------------------------------------------------------------------
-# the steps' raw GEMM through cuBLAS (csrc/driver/step_device.h, cublas.cpp)
+# the steps' raw GEMM through cuBLAS (csrc/execution/step_device.h, cublas.cpp)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ops = torch.ops.fusedrnn
@@ -377,17 +447,29 @@ def test_half_gemms_follow_the_reduction_settings(reduction_settings, dtype):
         assert ops._gemm_backend(like) == "aten: allow_fp16_accumulation"
 
 
-@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", 5), ("wm_lstm", 5)])
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [(c, 5) for c in LSTM_FAMILY])
 def test_layer_cuda_inference_matches_training(cell, proj):
     """need_workspace=False: the input projection is one GEMM into a scratch buffer of all rows
     (not the workspace); outputs and states as the training forward's."""
     args = op_args(cell, "packed_reverse")
     if proj:
-        leaves, batch_sizes, reverse, _ = make_layer_args(cell, "packed_reverse", T=4, B=3, I=5,
-                                                          H=6, proj=proj)
+        leaves, batch_sizes, reverse, _ = make_layer_args(
+            cell, "packed_reverse", T=4, B=3, I=5, H=6, proj=proj
+        )
         t = {k: v.to("cuda", torch.float32) for k, v in leaves.items()}
-        args = (t["input"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
-                t.get("weight_ch"), t["weight_hr"], t["hx"], t["cx"], batch_sizes, reverse)
+        args = (
+            t["input"],
+            t["weight_ih"],
+            t["weight_hh"],
+            t["bias_ih"],
+            t["bias_hh"],
+            t.get("weight_ch"),
+            t["weight_hr"],
+            t["hx"],
+            t["cx"],
+            batch_sizes,
+            reverse,
+        )
     op = getattr(ops, f"{cell}_forward")
     with torch.no_grad():
         train = op(*args, True)
@@ -407,8 +489,10 @@ def test_env_sends_step_gemms_through_aten():
         "torch.backends.cuda.matmul.allow_tf32 = False\n"
         "for cell in t.CELLS:\n"
         "    t.check_layer(cell, torch.float32, t.make_layer_args(cell, 'packed_reverse'))\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     env = dict(os.environ, FUSEDRNN_CUDA_GEMM="aten")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -4,6 +4,7 @@ tile shape (row and unit remainders), packed batches whose row count changes fro
 in both directions, the projection and every cell against the fp64 reference, forward and
 backward, under every ISA the CPU has (the `cpu_isa` fixture; baseline runs the GEMM + step
 kernel path); and the unfused fp32 path (FUSEDRNN_CPU_FUSED=0) the same way."""
+
 import os
 import subprocess
 import sys
@@ -13,9 +14,17 @@ import torch
 
 import fusedrnn
 from fusedrnn import functional, reference
-
-from fusedrnn.testing import (CELLS, LSTM_FAMILY, assert_close, cast_weights, make_input,
-                              make_states, make_weights, max_err, run_layer)
+from fusedrnn.testing import (
+    CELLS,
+    LSTM_FAMILY,
+    assert_close,
+    cast_weights,
+    make_input,
+    make_states,
+    make_weights,
+    max_err,
+    run_layer,
+)
 
 F32, F64 = torch.float32, torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +42,10 @@ def test_fused_steps_reported(cpu_isa):
 
 def _leaves(x, w, hx, cx, dtype):
     """Copies in `dtype` (of the fp32-rounded values) that require grad."""
+
     def c(t):
         return None if t is None else t.detach().to(F32).to(dtype).requires_grad_()
+
     return c(x), {k: c(v) for k, v in w.items()}, c(hx), c(cx)
 
 
@@ -43,7 +54,7 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
     on the same (fp32-rounded) values. long_sums: the weight gradients are sums over so many rows
     (over a thousand) that fp32 rounding alone can exceed the 1e-5 of design.md §4; they are then
     held to the larger of that and twice the error of the reference loop run in fp32."""
-    # padded: enough steps for the fused path at every B (cpu/fused_step.h: at least 4 steps
+    # padded: enough steps for the fused path at every B (kernels/cpu/fused_step.h: at least 4 steps
     # and 32 rows; shorter calls run the unfused path)
     if T is None:
         T = len(batch_sizes) if batch_sizes is not None else max(6, -(-32 // B))
@@ -62,11 +73,15 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
         x, w, hx, cx = _leaves(x64, w64, hx64, cx64, dtype)
         out = run_layer(fn, cell, x, w, hx, cx, bs, reverse)
         torch.manual_seed(0)  # the same output gradients for both
-        loss = sum((o * torch.randn(o.shape, dtype=F64).to(dtype)).sum()
-                   for o in out if o is not None)
+        loss = sum(
+            (o * torch.randn(o.shape, dtype=F64).to(dtype)).sum() for o in out if o is not None
+        )
         loss.backward()
-        grads = {"input": x.grad, "hx": hx.grad if hx is not None else None,
-                 "cx": cx.grad if cx is not None else None}
+        grads = {
+            "input": x.grad,
+            "hx": hx.grad if hx is not None else None,
+            "cx": cx.grad if cx is not None else None,
+        }
         grads.update({k: v.grad for k, v in w.items() if v is not None})
         results[key] = (out, grads)
     (got, got_g), (ref, ref_g) = results[F32], results[F64]
@@ -86,8 +101,8 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
 
 
 # Rows per tile are 6 (4 gates) and 8 (3 gates) with AVX-512, 5 and 4 with AVX2: B covers whole
-# tiles, every remainder of each. Panels are 16 units of every gate (forward) or 64 units (backward) with
-# AVX-512, 8 and 32 with AVX2: H covers whole panels, a partial panel alone (5) and after whole
+# tiles, every remainder of each. Panels are 16 units of every gate (forward) or 64 units (backward)
+# with AVX-512, 8 and 32 with AVX2: H covers whole panels, a partial panel alone (5) and after whole
 # ones (33, 70).
 @pytest.mark.parametrize("H", [5, 16, 33, 70])
 @pytest.mark.parametrize("B", [1, 5, 6, 7, 8, 11, 13, 17])
@@ -101,7 +116,7 @@ def test_tile_shapes(cell, B, H):
 @pytest.mark.parametrize("cell,proj", [(c, 0) for c in LSTM_FAMILY] + [("lstm", 3)])
 def test_wide_short_forwards(cell, proj, B, T):
     """Fewer than 4 steps of at least 32 rows: the LSTM-family forward runs the tiles (a cell
-    call at batch 32 included), the backward the GEMM steps (cpu/fused_step.h)."""
+    call at batch 32 included), the backward the GEMM steps (kernels/cpu/fused_step.h)."""
     _check(cell, B, 21, I=9, proj=proj, batch_sizes=None, reverse=False, with_state=True, T=T)
 
 
@@ -111,8 +126,16 @@ def test_packed_changing_row_counts(cell, proj, reverse):
     """Row counts 13, 13, 9, 7, 2, 1: tiles of a step end in the middle of the previous step's
     rows; reversed, the rows grow and new ones start from the initial state. (proj_size exists
     for the LSTM family only.)"""
-    _check(cell, 13, 20, I=7, proj=proj, batch_sizes=[13, 13, 9, 7, 2, 1], reverse=reverse,
-           with_state=True)
+    _check(
+        cell,
+        13,
+        20,
+        I=7,
+        proj=proj,
+        batch_sizes=[13, 13, 9, 7, 2, 1],
+        reverse=reverse,
+        with_state=True,
+    )
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -143,21 +166,31 @@ def test_unfused_fp32_path(cpu_isa):
         "for cell in t.CELLS:\n"
         "    t._check(cell, 7, 33, 9, 0, None, False, True)\n"
         "    t._check(cell, 13, 20, 7, 0, [13, 13, 9, 7, 2, 1], True, True)\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     env = dict(os.environ, FUSEDRNN_CPU_FUSED="0", FUSEDRNN_CPU_ISA=cpu_isa)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 3), ("peephole_lstm", 0),
-                                       ("wm_lstm", 0), ("gru", 0)])
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", 3)])
 def test_backward_in_chunks(cell, proj, reverse):
     """More rows than the backward keeps per-row gradients for at a time (1024; fp32 and fp64
     on the CPU): the input and weight gradients add up over the chunks, the first step of a
     chunk reads the last gradients of the one before, and packed lengths put chunk boundaries
     between and inside runs of equal batch sizes."""
     batch_sizes = [8] * 110 + [5] * 120 + [2] * 100  # 1720 rows: two chunks
-    _check(cell, 8, 6, I=4, proj=proj, batch_sizes=batch_sizes, reverse=reverse,
-           with_state=True, long_sums=True)
+    _check(
+        cell,
+        8,
+        6,
+        I=4,
+        proj=proj,
+        batch_sizes=batch_sizes,
+        reverse=reverse,
+        with_state=True,
+        long_sums=True,
+    )

@@ -8,21 +8,26 @@ GRU) or a module built from fusedrnn.reference.layer (peephole, working memory),
 fp64 on the same values. Deterministic (derandomize) and bounded; a failure prints the example
 and a @reproduce_failure blob.
 """
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_modules import RefRNN
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-import fusedrnn
-
+from fusedrnn import cells, modules
 from fusedrnn.testing import backward_random_functional, flatten_result, input_state_param_grads
-from test_modules import RefRNN
 
 F64 = torch.float64
 F32 = torch.float32
-FUSED_OF = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "peephole_lstm": fusedrnn.PeepholeLSTM,
-            "wm_lstm": fusedrnn.WorkingMemoryLSTM}
+FUSED_OF = modules.SEQUENCE_MODULES
+
+
+def _has_c(cell):
+    """An LSTM-family cell: state (h, c), and a projection (proj_size) is possible."""
+    return cells.CELLS[cell].has_cell_state
+
 
 # Tolerances of the fused module against the fp64 reference (design.md §4), absolute and relative.
 TOLS = {
@@ -42,18 +47,25 @@ TOLS = {
 
 @st.composite
 def configs(draw):
-    cell = draw(st.sampled_from(["lstm", "gru", "peephole_lstm", "wm_lstm"]))
+    cell = draw(st.sampled_from(list(cells.CELLS)))
     H = draw(st.integers(1, 9))
     proj = 0
-    if cell != "gru" and H > 1:
+    if _has_c(cell) and H > 1:
         proj = draw(st.integers(0, H - 1))
     lengths = draw(st.lists(st.integers(1, 9), min_size=1, max_size=5))
     return dict(
-        cell=cell, I=draw(st.integers(1, 9)), H=H, proj=proj,
-        num_layers=draw(st.integers(1, 2)), bidirectional=draw(st.booleans()),
-        batch_first=draw(st.booleans()), bias=draw(st.booleans()),
-        packed=draw(st.booleans()), lengths=lengths,
-        dtype=draw(st.sampled_from([F64, F32])), with_state=draw(st.booleans()),
+        cell=cell,
+        I=draw(st.integers(1, 9)),
+        H=H,
+        proj=proj,
+        num_layers=draw(st.integers(1, 2)),
+        bidirectional=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        packed=draw(st.booleans()),
+        lengths=lengths,
+        dtype=draw(st.sampled_from([F64, F32])),
+        with_state=draw(st.booleans()),
         # how the input tensor is a non-contiguous view of a larger buffer
         layout=draw(st.sampled_from(["strided_features", "transposed", "offset_rows"])),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -86,7 +98,7 @@ def _run(module, buf, make, cfg, packing, state, gen_seed):
     hx = None
     if state is not None:
         st_leaves = [s.detach().clone().requires_grad_() for s in state]
-        hx = tuple(st_leaves) if cfg["cell"] != "gru" else st_leaves[0]
+        hx = tuple(st_leaves) if _has_c(cfg["cell"]) else st_leaves[0]
     module.zero_grad(set_to_none=True)
     res = module(inp, hx) if hx is not None else module(inp)
     tensors = flatten_result(res)
@@ -94,22 +106,31 @@ def _run(module, buf, make, cfg, packing, state, gen_seed):
     return tensors, input_state_param_grads(module, leaf, st_leaves)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, print_blob=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(cfg=configs())
 def test_fused_modules_match_reference(cfg):
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     cell, I, H, dtype = cfg["cell"], cfg["I"], cfg["H"], cfg["dtype"]
-    kw = dict(num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-              batch_first=cfg["batch_first"], bias=cfg["bias"])
-    if cell != "gru":
+    kw = dict(
+        num_layers=cfg["num_layers"],
+        bidirectional=cfg["bidirectional"],
+        batch_first=cfg["batch_first"],
+        bias=cfg["bias"],
+    )
+    if _has_c(cell):
         kw["proj_size"] = cfg["proj"]
     fused = FUSED_OF[cell](I, H, dtype=dtype, **kw)
     # the reference: torch.nn in fp64 for LSTM / GRU (state_dict loaded, fp32 values upcast
     # exactly), a module from fusedrnn.reference.layer otherwise
-    if cell in ("lstm", "gru"):
-        ref = (nn.GRU if cell == "gru" else nn.LSTM)(I, H, dtype=F64, **kw)
+    if cells.CELLS[cell].in_torch_nn:
+        ref = (nn.LSTM if _has_c(cell) else nn.GRU)(I, H, dtype=F64, **kw)
         ref.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
     else:
         ref = RefRNN(cell, fused).double()
@@ -131,24 +152,33 @@ def test_fused_modules_match_reference(cfg):
     state = None
     if cfg["with_state"]:
         Hout = cfg["proj"] or H
-        state = [torch.randn(cfg["num_layers"] * D, Bn, Hout, generator=gen, dtype=F64)
-                 .to(dtype)]
-        if cell != "gru":
-            state.append(torch.randn(cfg["num_layers"] * D, Bn, H, generator=gen, dtype=F64)
-                         .to(dtype))
+        state = [torch.randn(cfg["num_layers"] * D, Bn, Hout, generator=gen, dtype=F64).to(dtype)]
+        if _has_c(cell):
+            state.append(
+                torch.randn(cfg["num_layers"] * D, Bn, H, generator=gen, dtype=F64).to(dtype)
+            )
 
     got, g_got = _run(fused, buf, make, cfg, packing, state, cfg["seed"] + 1)
-    exp, g_exp = _run(ref, buf.double(), make, cfg, packing,
-                      None if state is None else [s.double() for s in state], cfg["seed"] + 1)
+    exp, g_exp = _run(
+        ref,
+        buf.double(),
+        make,
+        cfg,
+        packing,
+        None if state is None else [s.double() for s in state],
+        cfg["seed"] + 1,
+    )
 
     tol = TOLS[dtype]
     assert len(got) == len(exp)
     for i, (a, b) in enumerate(zip(got, exp)):
         assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol,
-                                   msg=lambda m: f"result {i}: {m}")
+        torch.testing.assert_close(
+            a.double(), b, atol=tol, rtol=tol, msg=lambda m: f"result {i}: {m}"
+        )
     assert g_got.keys() == g_exp.keys()
     for k in g_exp:
         assert g_got[k] is not None and g_exp[k] is not None, f"gradient of {k} missing"
-        torch.testing.assert_close(g_got[k].double(), g_exp[k], atol=tol, rtol=tol,
-                                   msg=lambda m: f"gradient of {k}: {m}")
+        torch.testing.assert_close(
+            g_got[k].double(), g_exp[k], atol=tol, rtol=tol, msg=lambda m: f"gradient of {k}: {m}"
+        )

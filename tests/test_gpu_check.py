@@ -8,6 +8,7 @@ results, a prebuilt extension of the same stamp is reused, and the inline stage'
 rejects wrong results.
 
 The two dry runs take about a minute each on 2 cores; they reuse the in-tree build."""
+
 import importlib.util
 import json
 import os
@@ -34,8 +35,9 @@ TAIL = 12000  # characters of the GPU run's output that come back
 STAGE_STATUSES = {"ok", "reused", "FAIL", "timeout", "skipped", "error", "interrupted"}
 
 # The check runs `pytest tests -k cuda`; a test here that runs the check again would recurse.
-nested = pytest.mark.skipif(os.environ.get("GPU_CHECK_NESTED") == "1",
-                            reason="inside a run of the GPU check")
+nested = pytest.mark.skipif(
+    os.environ.get("GPU_CHECK_NESTED") == "1", reason="inside a run of the GPU check"
+)
 
 
 def _load(path: Path, name: str):
@@ -57,8 +59,14 @@ def _dry_run(repo: Path, out: Path, **env) -> subprocess.CompletedProcess:
     full.pop("GPU_CHECK_NESTED", None)
     full.update(env)
     # 450 s is the check's own budget; the run takes about a minute here
-    return subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--dry-run"],
-                          cwd=repo, env=full, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["bash", str(repo / "scripts" / "gpu_check.sh"), "--dry-run"],
+        cwd=repo,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _extension() -> Path:
@@ -73,15 +81,27 @@ def test_gpu_check_script_parses():
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("argv, env, message", [
-    (["--bogus"], {}, "unknown argument '--bogus' (expected --dry-run or --help)"),
-    (["--dry-run"], {"GPU_CHECK_BUDGET_S": "ten"},
-     "BUDGET_S must be a whole number of seconds, got 'ten'"),
-    (["--dry-run"], {"PYTHON": "no-such-python-here"}, "PYTHON=no-such-python-here"),
-])
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--bogus"], {}, "unknown argument '--bogus' (expected --dry-run or --help)"),
+        (
+            ["--dry-run"],
+            {"GPU_CHECK_BUDGET_S": "ten"},
+            "BUDGET_S must be a whole number of seconds, got 'ten'",
+        ),
+        (["--dry-run"], {"PYTHON": "no-such-python-here"}, "PYTHON=no-such-python-here"),
+    ],
+)
 def test_gpu_check_bad_input(tmp_path, argv, env, message):
-    res = subprocess.run(["bash", str(CHECK)] + argv, cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, OUT=str(tmp_path / "out"), **env), timeout=60)
+    res = subprocess.run(
+        ["bash", str(CHECK)] + argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OUT=str(tmp_path / "out"), **env),
+        timeout=60,
+    )
     assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
@@ -108,14 +128,35 @@ def test_dry_run_layout_and_summary(dry_run):
     files = _files(out)
     assert len(files) <= MAX_FILES, files
     assert max(f.count("/") for f in files) <= MAX_DEPTH, files
-    assert {"summary.json", "summary.txt", "logs.tar.gz", "bench/results_float32.json",
-            "bench/results_bfloat16.json", "bench/speedups.png"} <= set(files), files
+    assert {
+        "summary.json",
+        "summary.txt",
+        "logs.tar.gz",
+        "bench/results_float32.json",
+        "bench/results_bfloat16.json",
+        "bench/speedups.png",
+    } <= set(files), files
     assert [f for f in files if f.startswith("fusedrnn_C.") and f.endswith(".so")], files
 
     doc = json.loads((out / "summary.json").read_text())
     assert doc["format"] == "fusedrnn-gpu-check/1"
-    for key in ("ok", "dry_run", "final", "stopped", "seconds", "budget_s", "env", "stages",
-                "build", "inline", "pytest", "bench", "failures", "files", "layout"):
+    for key in (
+        "ok",
+        "dry_run",
+        "final",
+        "stopped",
+        "seconds",
+        "budget_s",
+        "env",
+        "stages",
+        "build",
+        "inline",
+        "pytest",
+        "bench",
+        "failures",
+        "files",
+        "layout",
+    ):
         assert key in doc, key
     assert doc["ok"] is True and doc["dry_run"] is True and doc["final"] is True
     assert doc["stopped"] is None and doc["failures"] == []
@@ -162,20 +203,36 @@ def test_dry_run_layout_and_summary(dry_run):
 @nested
 def test_dry_run_archive_holds_every_log(dry_run):
     _, out, logs = dry_run
-    for name in ("env.log", "env.json", "build_info.json", "build.json", "inline.log",
-                 "inline.json", "pytest.log", "pytest.xml", "memcheck.log",
-                 "memcheck_inline.json", "bench_float32.log", "bench_float32/results.json",
-                 "bench_bfloat16/results.json", "bench_compiled/results.json", "plot.log",
-                 "gpu_check.log", "stages.tsv"):
+    for name in (
+        "env.log",
+        "env.json",
+        "build_info.json",
+        "build.json",
+        "inline.log",
+        "inline.json",
+        "pytest.log",
+        "pytest.xml",
+        "memcheck.log",
+        "memcheck_inline.json",
+        "bench_float32.log",
+        "bench_float32/results.json",
+        "bench_bfloat16/results.json",
+        "bench_compiled/results.json",
+        "plot.log",
+        "gpu_check.log",
+        "stages.tsv",
+    ):
         assert (logs / name).is_file(), name
     # the benchmark results returned are the ones measured
     assert json.loads((out / "bench" / "results_float32.json").read_text()) == json.loads(
-        (logs / "bench_float32" / "results.json").read_text())
+        (logs / "bench_float32" / "results.json").read_text()
+    )
 
 
 @nested
-@pytest.mark.parametrize("name, tiny", [("inline.json", False), ("memcheck_inline.json", True)],
-                         ids=["full", "tiny"])
+@pytest.mark.parametrize(
+    "name, tiny", [("inline.json", False), ("memcheck_inline.json", True)], ids=["full", "tiny"]
+)
 def test_inline_check_dry_run_on_cpu(dry_run, name, tiny):
     """The inline stage as the dry run ran it on the CPU fused path (--device cpu): the same
     cases, dtypes and tolerance rule as on the GPU, every case and dtype recorded on its own."""
@@ -187,8 +244,9 @@ def test_inline_check_dry_run_on_cpu(dry_run, name, tiny):
     dtypes = {"float32", "bfloat16"} if tiny else {"float64", "float32", "bfloat16", "float16"}
     assert {r["dtype"] for r in records} == dtypes
     assert {r["check"].split("/")[0] for r in records} == set(CELLS)
-    assert len(doc["outcomes"]) == doc["cases"] and all(o["status"] == "ok"
-                                                         for o in doc["outcomes"])
+    assert len(doc["outcomes"]) == doc["cases"] and all(
+        o["status"] == "ok" for o in doc["outcomes"]
+    )
     assert {o["dtype"] for o in doc["outcomes"]} >= dtypes
 
 
@@ -226,8 +284,9 @@ def test_dry_run_time_limits_and_prebuilt(tmp_path):
     so = _extension()
     repo = tmp_path / "repo"
     for part in ("csrc", "fusedrnn", "scripts", "tests"):
-        shutil.copytree(ROOT / part, repo / part,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            ROOT / part, repo / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     shutil.copy(ROOT / "setup.py", repo / "setup.py")
     os.remove(repo / "fusedrnn" / so.name)  # the build must come from GPU_CHECK_PREBUILT
     stamp = report.stamp(str(repo), "cpu")
@@ -240,9 +299,15 @@ def test_dry_run_time_limits_and_prebuilt(tmp_path):
     wrapper.write_text(WRAPPER.format(python=sys.executable, hang=str(hang)))
     wrapper.chmod(0o755)
     out = tmp_path / "out"
-    res = _dry_run(repo, out, PYTHON=str(wrapper), GPU_CHECK_PREBUILT=str(prebuilt),
-                   GPU_CHECK_CAP_pytest="12", GPU_CHECK_CAP_bench_float32="15",
-                   GPU_CHECK_COMPILE_MIN_S="100000")
+    res = _dry_run(
+        repo,
+        out,
+        PYTHON=str(wrapper),
+        GPU_CHECK_PREBUILT=str(prebuilt),
+        GPU_CHECK_CAP_pytest="12",
+        GPU_CHECK_CAP_bench_float32="15",
+        GPU_CHECK_COMPILE_MIN_S="100000",
+    )
     assert res.returncode == 1, res.stdout[-4000:] + res.stderr[-2000:]  # pytest timed out
     doc = json.loads((out / "summary.json").read_text())
     stages = {st["stage"]: st for st in doc["stages"]}
@@ -260,7 +325,8 @@ def test_dry_run_time_limits_and_prebuilt(tmp_path):
     assert "test_hang_cuda.py::test_cuda_hangs" in stages["pytest"]["detail"]
     py = doc["pytest"]
     assert py["passed"] == 1 and [n.split("::")[-1] for n in py["unfinished"]] == [
-        "test_cuda_hangs"]
+        "test_cuda_hangs"
+    ]
     assert any("test_cuda_hangs did not finish" in f for f in doc["failures"])
 
     # the fp32 benchmark: stopped by SIGTERM at its limit, with the cases it finished
@@ -270,7 +336,8 @@ def test_dry_run_time_limits_and_prebuilt(tmp_path):
     assert partial["interrupt_reason"] == "SIGTERM"
     assert 0 < partial["cases_done"] < partial["cases_total"]
     assert len(partial["results"]) >= 2 and all(
-        r["impls"]["fused"]["status"] == "ok" for r in partial["results"])
+        r["impls"]["fused"]["status"] == "ok" for r in partial["results"]
+    )
     # and every later stage still ran
     for name in ("inline", "bench_bfloat16", "memcheck", "plot"):
         assert stages[name]["status"] == "ok", stages[name]
@@ -301,14 +368,22 @@ def test_sigterm_to_the_check_still_publishes(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=str(wrapper), OMP_NUM_THREADS="1")
     env.pop("GPU_CHECK_NESTED", None)
-    proc = subprocess.Popen(["bash", str(CHECK), "--dry-run"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(CHECK), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # until the inline stage (which hangs) has started
             summary = out / "summary.json"
-            if summary.exists() and any(st["stage"] == "build" and st["status"] != "not run"
-                                        for st in json.loads(summary.read_text())["stages"]):
+            if summary.exists() and any(
+                st["stage"] == "build" and st["status"] != "not run"
+                for st in json.loads(summary.read_text())["stages"]
+            ):
                 break
             time.sleep(0.5)
         time.sleep(2)
@@ -333,10 +408,12 @@ def test_report_reads_a_stopped_pytest_log(tmp_path):
     """Without junit XML (pytest killed), the -v log gives each finished test's outcome and
     the test still running."""
     log = tmp_path / "pytest.log"
-    log.write_text("tests/test_cuda.py::test_a[lstm] PASSED    [ 33%]\n"
-                   "tests/test_cuda.py::test_a[gru] FAILED     [ 66%]\n"
-                   "tests/test_cuda.py::test_b[wm_lstm] Timeout (0:01:30)!\n"
-                   "Thread 0x1 (most recent call first):\n")
+    log.write_text(
+        "tests/test_cuda.py::test_a[lstm] PASSED    [ 33%]\n"
+        "tests/test_cuda.py::test_a[gru] FAILED     [ 66%]\n"
+        "tests/test_cuda.py::test_b[wm_lstm] Timeout (0:01:30)!\n"
+        "Thread 0x1 (most recent call first):\n"
+    )
     sec = report.pytest_section(str(tmp_path / "missing.xml"), str(log))
     assert sec["source"] == "pytest -v log"
     assert (sec["passed"], sec["failed"], sec["skipped"]) == (1, 1, 0)
@@ -347,12 +424,18 @@ def test_report_reads_a_stopped_pytest_log(tmp_path):
         '<testsuites><testsuite tests="2"><testcase classname="tests.test_cuda" name="test_a[lstm]"'
         ' time="1.5" /><testcase classname="tests.test_cuda" name="test_a[gru]" time="0.5">'
         '<failure message="AssertionError: max abs err 3e-4">...</failure></testcase>'
-        '<testcase time="0.000" /></testsuite></testsuites>')
+        '<testcase time="0.000" /></testsuite></testsuites>'
+    )
     sec = report.pytest_section(str(tmp_path / "pytest.xml"), str(log))
     assert sec["source"] == "junit xml"
     assert (sec["passed"], sec["failed"], sec["errors"]) == (1, 1, 0)
-    assert sec["failed_tests"] == [{"test": "tests.test_cuda::test_a[gru]", "outcome": "failed",
-                                    "message": "AssertionError: max abs err 3e-4"}]
+    assert sec["failed_tests"] == [
+        {
+            "test": "tests.test_cuda::test_a[gru]",
+            "outcome": "failed",
+            "message": "AssertionError: max abs err 3e-4",
+        }
+    ]
     assert sec["slowest"][0] == {"test": "tests.test_cuda::test_a[lstm]", "seconds": 1.5}
     assert sec["unfinished"] == ["tests/test_cuda.py::test_b[wm_lstm]"]
 

@@ -1,7 +1,8 @@
-"""The run-time choice of the CPU kernels' instruction set (csrc/cpu/isa.*): what build_info
+"""The run-time choice of the CPU kernels' instruction set (csrc/kernels/cpu/isa.*): what build_info
 reports, FUSEDRNN_CPU_ISA forcing a lower ISA (and refusing one the CPU lacks at import), the
 oneDNN GEMM policy that follows it, and that the per-ISA translation units export no inline code
 that the linker could pick for portable callers."""
+
 import os
 import re
 import shutil
@@ -22,15 +23,22 @@ ops = torch.ops.fusedrnn
 def _child(code, **env):
     """Runs `code` in a fresh interpreter with `env` added (the ISA is chosen once per process)."""
     full = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_build_info_names_the_isa():
     info = fusedrnn.build_info()
     assert info["cpu_isa_best"] == isas_of_cpu()[-1], (
         f"the library's best ISA {info['cpu_isa_best']} is not the best this CPU has "
-        f"({isas_of_cpu()}): a build without its AVX2 / AVX-512 kernels?")
+        f"({isas_of_cpu()}): a build without its AVX2 / AVX-512 kernels?"
+    )
     forced = os.environ.get("FUSEDRNN_CPU_ISA")
     assert info["cpu_isa"] == (forced or info["cpu_isa_best"])
 
@@ -39,9 +47,11 @@ def test_build_info_names_the_isa():
 def test_env_forces_an_isa(isa):
     if isa not in isas_of_cpu():
         pytest.skip(f"this CPU has no {isa}")
-    r = _child("import fusedrnn; i = fusedrnn.build_info(); "
-               "print(i['cpu_isa'], i['cpu_fused_steps'], i['cpu_onednn_gemm'])",
-               FUSEDRNN_CPU_ISA=isa)
+    r = _child(
+        "import fusedrnn; i = fusedrnn.build_info(); "
+        "print(i['cpu_isa'], i['cpu_fused_steps'], i['cpu_onednn_gemm'])",
+        FUSEDRNN_CPU_ISA=isa,
+    )
     assert r.returncode == 0, r.stderr
     name, fused, onednn = r.stdout.split()
     assert name == isa
@@ -91,16 +101,27 @@ def test_onednn_gemm_follows_the_isa(cpu_isa):
 
 
 def _compile_flags():
-    from torch.utils.cpp_extension import include_paths
     import sysconfig
-    flags = ["-O2", "-std=c++17", "-fPIC", "-I" + os.path.join(ROOT, "csrc"),
-             "-I" + sysconfig.get_paths()["include"]]
+
+    from torch.utils.cpp_extension import include_paths
+
+    flags = [
+        "-O2",
+        "-std=c++17",
+        "-fPIC",
+        "-I" + os.path.join(ROOT, "csrc"),
+        "-I" + sysconfig.get_paths()["include"],
+    ]
     return flags + ["-I" + p for p in include_paths()]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None
-                    or shutil.which("objdump") is None or shutil.which("c++") is None,
-                    reason="needs a Linux C++ toolchain (c++, nm, objdump)")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux")
+    or shutil.which("nm") is None
+    or shutil.which("objdump") is None
+    or shutil.which("c++") is None,
+    reason="needs a Linux C++ toolchain (c++, nm, objdump)",
+)
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_isa_units_export_only_their_own_namespace(isa):
     """Every symbol a per-ISA translation unit defines with external linkage (functions, weak
@@ -109,26 +130,42 @@ def test_isa_units_export_only_their_own_namespace(isa):
     for the baseline and whose name carries the ISA's lambda), except the two table getters, which
     are compiled for the baseline: no code compiled for the ISA can be chosen by the linker for a
     caller in portable code."""
-    src = os.path.join(ROOT, "csrc", "cpu", f"isa_{isa}.cpp")
+    src = os.path.join(ROOT, "csrc", "kernels", "cpu", "isa", f"isa_{isa}.cpp")
     with tempfile.TemporaryDirectory() as d:
         obj = os.path.join(d, "isa.o")
-        r = subprocess.run(["c++", *_compile_flags(), "-c", src, "-o", obj],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            ["c++", *_compile_flags(), "-c", src, "-o", obj],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
-        nm = subprocess.run(["nm", "-C", "--defined-only", obj], capture_output=True,
-                            text=True, check=True).stdout
-        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", obj],
-                             capture_output=True, text=True, check=True).stdout
+        nm = subprocess.run(
+            ["nm", "-C", "--defined-only", obj], capture_output=True, text=True, check=True
+        ).stdout
+        asm = subprocess.run(
+            ["objdump", "-d", "--no-show-raw-insn", "-C", obj],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     # external linkage: upper-case types, and weak / unique / indirect ones (w, v, u, i)
-    exported = [parts[2] for parts in (line.split(" ", 2) for line in nm.splitlines())
-                if len(parts) == 3 and (parts[1].isupper() or parts[1] in "wvui")]
+    exported = [
+        parts[2]
+        for parts in (line.split(" ", 2) for line in nm.splitlines())
+        if len(parts) == 3 and (parts[1].isupper() or parts[1] in "wvui")
+    ]
     getters = {f"fusedrnn::cpu::fused_kernels_{isa}()", f"fusedrnn::cpu::step_kernels_{isa}()"}
     assert getters <= set(exported), f"{getters} not defined by {src}"
     # DW.ref.__gxx_personality_v0: the exception-handling personality pointer (data, the same
     # in every unit)
-    foreign = [s for s in exported
-               if s not in getters and s != "DW.ref.__gxx_personality_v0"
-               and not re.search(rf"\bfusedrnn::cpu::{isa}::", s)]
+    foreign = [
+        s
+        for s in exported
+        if s not in getters
+        and s != "DW.ref.__gxx_personality_v0"
+        and not re.search(rf"\bfusedrnn::cpu::{isa}::", s)
+    ]
     assert not foreign, f"{src} exports code outside its ISA namespace: {foreign[:10]}"
     # What runs on every CPU: the getters and the unit's static initialiser (from the headers it
     # includes) must contain no VEX / EVEX instruction (their mnemonics start with v).

@@ -1,6 +1,7 @@
 """Module-level tests: fusedrnn.LSTM / GRU / PeepholeLSTM / WorkingMemoryLSTM, the cells and
 convert(), against torch.nn and a module-level reference built from fusedrnn.reference
 (the README's API; design.md §3, §4)."""
+
 import copy
 import math
 import os
@@ -14,8 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fusedrnn
-from fusedrnn import reference
-
+from fusedrnn import cells, modules, reference
 from fusedrnn.testing import assert_close, compare_modules, flatten_result, make_pair
 
 F64 = torch.float64
@@ -23,9 +23,33 @@ F32 = torch.float32
 I, H, T, B = 2, 5, 4, 3
 LENGTHS = [2, 4, 1]  # unsorted, with a gap, for packed inputs (enforce_sorted=False)
 
-TORCH_OF = {"lstm": (nn.LSTM, fusedrnn.LSTM), "gru": (nn.GRU, fusedrnn.GRU)}
-FUSED_OF = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "peephole_lstm": fusedrnn.PeepholeLSTM,
-            "wm_lstm": fusedrnn.WorkingMemoryLSTM}
+FUSED_OF = modules.SEQUENCE_MODULES
+CELL_OF = modules.CELL_MODULES
+ALL_CELLS = list(cells.CELLS)
+# the cells torch.nn has exactly (a second reference), and those it lacks (checked against the
+# module-level reference RefRNN / fusedrnn.reference)
+TORCH_CELLS = [n for n, c in cells.CELLS.items() if c.in_torch_nn]
+EXTENDED_CELLS = [n for n, c in cells.CELLS.items() if not c.in_torch_nn]
+WEIGHT_CH_CELLS = [n for n, c in cells.CELLS.items() if c.weight_ch is not None]
+
+
+def _torch_seq(cell):
+    """torch.nn's sequence module of a cell's family: nn.LSTM with a cell state, else nn.GRU."""
+    return nn.LSTM if cells.CELLS[cell].has_cell_state else nn.GRU
+
+
+def _torch_step(cell):
+    return nn.LSTMCell if cells.CELLS[cell].has_cell_state else nn.GRUCell
+
+
+TORCH_OF = {n: (_torch_seq(n), FUSED_OF[n]) for n in TORCH_CELLS}
+
+
+def _plain_of(cell):
+    """The fused module of the torch.nn cell of the same family (the LSTM for the LSTM family):
+    what a cell with a weight_ch is with its cell connections removed."""
+    same = cells.CELLS[cell].has_cell_state
+    return FUSED_OF[next(n for n in TORCH_CELLS if cells.CELLS[n].has_cell_state == same)]
 
 
 def _dname(d):
@@ -43,11 +67,16 @@ def make_seq_input(kind, batch_first, dtype, lengths=LENGTHS, T_=T, I_=I):
     if kind == "padded":
         return x
     if kind == "packed_sorted":  # enforce_sorted=True: sorted_indices is None
-        return pack_padded_sequence(x, torch.tensor(sorted(lengths, reverse=True)),
-                                    batch_first=batch_first, enforce_sorted=True)
+        return pack_padded_sequence(
+            x,
+            torch.tensor(sorted(lengths, reverse=True)),
+            batch_first=batch_first,
+            enforce_sorted=True,
+        )
     assert kind == "packed"
-    return pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first,
-                                enforce_sorted=False)
+    return pack_padded_sequence(
+        x, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False
+    )
 
 
 def make_seq_state(is_lstm, num_layers, bidirectional, proj, kind, dtype, Bn=B, H_=H):
@@ -61,6 +90,7 @@ def make_seq_state(is_lstm, num_layers, bidirectional, proj, kind, dtype, Bn=B, 
 
 # ---- a module-level reference from fusedrnn.reference.layer -------------------------------------
 
+
 class RefRNN(nn.Module):
     """Multi-layer / bidirectional / packed / batch_first / unbatched recurrence written with
     fusedrnn.reference.layer, with torch.nn's semantics; parameters copied from `like`."""
@@ -68,15 +98,21 @@ class RefRNN(nn.Module):
     def __init__(self, cell, like: nn.Module):
         super().__init__()
         self.cell = cell
-        for a in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
-                  "bidirectional"):
+        for a in (
+            "input_size",
+            "hidden_size",
+            "num_layers",
+            "bias",
+            "batch_first",
+            "bidirectional",
+        ):
             setattr(self, a, getattr(like, a))
         self.proj_size = getattr(like, "proj_size", 0)
         for name, p in like.named_parameters():
             self.register_parameter(name, nn.Parameter(p.detach().clone()))
 
     def forward(self, input, hx=None):
-        is_lstm = self.cell != "gru"
+        is_lstm = cells.CELLS[self.cell].has_cell_state
         D = 2 if self.bidirectional else 1
         H_out = self.proj_size or self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -113,9 +149,19 @@ class RefRNN(nn.Module):
                 g = lambda n: getattr(self, n + sfx, None)  # noqa: E731
                 k = layer * D + d
                 out, h, c = reference.layer(
-                    self.cell, layer_in, g("weight_ih"), g("weight_hh"), g("bias_ih"),
-                    g("bias_hh"), g("weight_ch"), g("weight_hr"), h0[k],
-                    c0[k] if (is_lstm and c0 is not None) else None, bs, d == 1)
+                    self.cell,
+                    layer_in,
+                    g("weight_ih"),
+                    g("weight_hh"),
+                    g("bias_ih"),
+                    g("bias_hh"),
+                    g("weight_ch"),
+                    g("weight_hr"),
+                    h0[k],
+                    c0[k] if (is_lstm and c0 is not None) else None,
+                    bs,
+                    d == 1,
+                )
                 outs.append(out)
                 hs.append(h)
                 cs.append(c)
@@ -221,14 +267,16 @@ MODULE_CASES = [
 
 def _case_id(c):
     mode, L, bi, bf, bias, proj, kind, state, dtype = c
-    return (f"{mode}-L{L}-{'bi' if bi else 'uni'}-{'bf' if bf else 'tf'}-"
-            f"{'bias' if bias else 'nobias'}-p{proj}-{kind}-{'h0' if state else 'noh0'}-"
-            f"{_dname(dtype)}")
+    return (
+        f"{mode}-L{L}-{'bi' if bi else 'uni'}-{'bf' if bf else 'tf'}-"
+        f"{'bias' if bias else 'nobias'}-p{proj}-{kind}-{'h0' if state else 'noh0'}-"
+        f"{_dname(dtype)}"
+    )
 
 
 def _kwargs(mode, L, bi, bf, bias, proj):
     kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
-    if mode != "gru":
+    if cells.CELLS[mode].has_cell_state:
         kw["proj_size"] = proj
     return kw
 
@@ -241,15 +289,21 @@ def test_module_matches_torch(case):
     tcls, fcls = TORCH_OF[mode]
     ref, fused = make_pair(tcls, fcls, I, H, dtype=dtype, **_kwargs(mode, L, bi, bf, bias, proj))
     inp = make_seq_input(kind, bf, dtype)
-    hx = make_seq_state(mode != "gru", L, bi, proj, kind, dtype) if state else None
+    hx = (
+        make_seq_state(cells.CELLS[mode].has_cell_state, L, bi, proj, kind, dtype)
+        if state
+        else None
+    )
     (t_ref, _), (t_fus, _) = compare_modules(ref, fused, inp, hx, dtype)
     if kind.startswith("packed"):
         out_ref = ref(inp)[0]
         out_fus = fused(inp)[0]
         assert isinstance(out_fus, PackedSequence)
         assert torch.equal(out_fus.batch_sizes, out_ref.batch_sizes)
-        for a, b in ((out_fus.sorted_indices, out_ref.sorted_indices),
-                     (out_fus.unsorted_indices, out_ref.unsorted_indices)):
+        for a, b in (
+            (out_fus.sorted_indices, out_ref.sorted_indices),
+            (out_fus.unsorted_indices, out_ref.unsorted_indices),
+        ):
             assert (a is None and b is None) or torch.equal(a, b)
         padded, lens = pad_packed_sequence(out_fus, batch_first=bf)
         assert lens.tolist() == (LENGTHS if kind == "packed" else sorted(LENGTHS)[::-1])
@@ -260,17 +314,19 @@ def test_module_matches_torch(case):
 def test_reference_module_matches_torch():
     """The test's module-level reference (RefRNN) agrees with torch.nn on LSTM and GRU, so it
     is a valid oracle for the peephole and working-memory modules."""
-    for mode, kw in (("lstm", dict(proj_size=2)), ("gru", {})):
+    for mode in TORCH_CELLS:
+        lstm_like = cells.CELLS[mode].has_cell_state
+        kw = dict(proj_size=2) if lstm_like else {}
         tcls, _ = TORCH_OF[mode]
         tm = tcls(I, H, num_layers=2, bidirectional=True, dtype=F64, **kw)
         rm = RefRNN(mode, tm)
         inp = make_seq_input("packed", False, F64)
-        hx = make_seq_state(mode == "lstm", 2, True, kw.get("proj_size", 0), "packed", F64)
+        hx = make_seq_state(lstm_like, 2, True, kw.get("proj_size", 0), "packed", F64)
         compare_modules(tm, rm, inp, hx, F64)
 
 
 @pytest.mark.parametrize("dropout_mode", ["eval", "train"])
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", TORCH_CELLS)
 def test_dropout(mode, dropout_mode):
     """dropout > 0: in eval mode the output equals torch's; in training mode it differs from
     the eval output with a fixed seed and gradients reach every parameter."""
@@ -321,27 +377,32 @@ EXT_CASES = [
 
 
 @pytest.mark.parametrize("case", EXT_CASES, ids=lambda c: _case_id(("x",) + c[:3] + c[3:]))
-@pytest.mark.parametrize("cell", ["peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", EXTENDED_CELLS)
 def test_extended_lstm_matches_reference(cell, case):
     L, bi, bf, bias, proj, kind, state, dtype = case
-    fused = FUSED_OF[cell](I, H, num_layers=L, bidirectional=bi, batch_first=bf, bias=bias,
-                           proj_size=proj, dtype=dtype)
+    lstm_like = cells.CELLS[cell].has_cell_state
+    if proj and not lstm_like:
+        pytest.skip("only the LSTM family has a projection")
+    kw = dict(proj_size=proj) if lstm_like else {}
+    fused = FUSED_OF[cell](
+        I, H, num_layers=L, bidirectional=bi, batch_first=bf, bias=bias, dtype=dtype, **kw
+    )
     # weights larger than the default init so the cell connections matter
     with torch.no_grad():
         for p in fused.parameters():
             p.uniform_(-0.8, 0.8)
     ref = RefRNN(cell, fused)
     inp = make_seq_input(kind, bf, dtype)
-    hx = make_seq_state(True, L, bi, proj, kind, dtype) if state else None
+    hx = make_seq_state(lstm_like, L, bi, proj, kind, dtype) if state else None
     compare_modules(ref, fused, inp, hx, dtype)
 
 
-@pytest.mark.parametrize("cell", ["peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", WEIGHT_CH_CELLS)
 def test_extended_lstm_differs_from_lstm(cell):
     """The cell connections are used: with weight_ch != 0 the output differs from a plain
     LSTM with the same other weights, and with weight_ch = 0 (peephole) it equals it."""
     fused = FUSED_OF[cell](I, H, num_layers=2, dtype=F64)
-    lstm = fusedrnn.LSTM(I, H, num_layers=2, dtype=F64)
+    lstm = _plain_of(cell)(I, H, num_layers=2, dtype=F64)
     sd = {k: v for k, v in fused.state_dict().items() if "weight_ch" not in k}
     lstm.load_state_dict(sd)
     x = torch.randn(T, B, I, dtype=F64)
@@ -358,17 +419,18 @@ def test_extended_lstm_differs_from_lstm(cell):
     assert_close(fused(x)[0], lstm(x)[0], F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_module_bf16(cell):
     """bf16 module (packed, bidirectional, two layers): outputs within design.md §4's bf16 rule
     against the module-level reference run in fp64 and in bf16."""
-    kw = dict(proj_size=2) if cell != "gru" else {}
+    kw = dict(proj_size=2) if cells.CELLS[cell].has_cell_state else {}
     fused = FUSED_OF[cell](I, H, num_layers=2, bidirectional=True, dtype=torch.bfloat16, **kw)
     ref_bf16 = RefRNN(cell, fused)
     ref64 = RefRNN(cell, fused).double()
     inp = make_seq_input("packed", False, torch.bfloat16)
-    inp64 = PackedSequence(inp.data.double(), inp.batch_sizes, inp.sorted_indices,
-                           inp.unsorted_indices)
+    inp64 = PackedSequence(
+        inp.data.double(), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices
+    )
     with torch.no_grad():
         got = flatten_result(fused(inp))
         lowp = flatten_result(ref_bf16(inp))
@@ -377,10 +439,10 @@ def test_module_bf16(cell):
         assert_close(g, e, torch.bfloat16, name, lp)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_module_empty_batch_like_torch(cell):
     """A batch of size 0 gives empty outputs of torch's shapes (torch.nn.LSTM/GRU accept it)."""
-    tcls = nn.GRU if cell == "gru" else nn.LSTM
+    tcls = _torch_seq(cell)
     ref = tcls(I, H, num_layers=2, bidirectional=True, dtype=F64)
     fused = FUSED_OF[cell](I, H, num_layers=2, bidirectional=True, dtype=F64)
     x = torch.randn(T, 0, I, dtype=F64)
@@ -403,32 +465,33 @@ def test_inference_mode_and_no_grad():
 
 # ---- gradcheck through the modules ----------------------------------------------------------
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm", "wm_lstm"])
+
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_module_gradcheck(cell):
     """fp64 gradcheck w.r.t. the packed input data, the initial state and every parameter of a
     packed bidirectional two-layer module."""
-    kw = dict(proj_size=1) if cell != "gru" else {}
+    lstm_like = cells.CELLS[cell].has_cell_state
+    kw = dict(proj_size=1) if lstm_like else {}
     m = FUSED_OF[cell](2, 2, num_layers=2, bidirectional=True, dtype=F64, **kw)
     names = [n for n, _ in m.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]
     packed = make_seq_input("packed", False, F64, lengths=[2, 3], T_=3, I_=2)
     data = packed.data.clone().requires_grad_()
-    state = make_seq_state(cell != "gru", 2, True, kw.get("proj_size", 0), "packed", F64,
-                           Bn=2, H_=2)
+    state = make_seq_state(lstm_like, 2, True, kw.get("proj_size", 0), "packed", F64, Bn=2, H_=2)
     state = [s.requires_grad_() for s in (state if isinstance(state, tuple) else (state,))]
 
     def fn(data, *rest):
-        st = rest[:len(state)]
-        ps = dict(zip(names, rest[len(state):]))
-        inp = PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                             packed.unsorted_indices)
-        hx = tuple(st) if cell != "gru" else st[0]
+        st = rest[: len(state)]
+        ps = dict(zip(names, rest[len(state) :]))
+        inp = PackedSequence(
+            data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+        )
+        hx = tuple(st) if lstm_like else st[0]
         out, hn = torch.func.functional_call(m, ps, (inp, hx))
         return (out.data,) + (tuple(hn) if isinstance(hn, tuple) else (hn,))
 
     # finite-difference tolerances, as in test_ops.test_gradcheck_fp64
-    assert torch.autograd.gradcheck(fn, (data, *state, *params), eps=1e-6, atol=1e-7,
-                                    rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, (data, *state, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 # ---- parameters -------------------------------------------------------------------------------
@@ -443,9 +506,9 @@ PARAM_CONFIGS = [
 
 
 @pytest.mark.parametrize("kw", PARAM_CONFIGS, ids=lambda k: str(k))
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", TORCH_CELLS)
 def test_parameter_names_and_order_match_torch(mode, kw):
-    if mode == "gru" and "proj_size" in kw:
+    if not cells.CELLS[mode].has_cell_state and "proj_size" in kw:
         kw = {k: v for k, v in kw.items() if k != "proj_size"}
     tcls, fcls = TORCH_OF[mode]
     t, f = tcls(I, H, **kw), fcls(I, H, **kw)
@@ -473,18 +536,23 @@ def test_parameter_names_and_order_match_torch(mode, kw):
 
 
 @pytest.mark.parametrize("kw", PARAM_CONFIGS, ids=lambda k: str(k))
-@pytest.mark.parametrize("cell", ["peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", WEIGHT_CH_CELLS)
 def test_extended_parameter_names(cell, kw):
     """LSTM's keys (same order) plus weight_ch_l{k}{_reverse}: (3, H) peephole, (3H, H) WM."""
+    if not cells.CELLS[cell].has_cell_state and "proj_size" in kw:
+        kw = {k: v for k, v in kw.items() if k != "proj_size"}
     f = FUSED_OF[cell](I, H, **kw)
-    t = nn.LSTM(I, H, **kw)
+    t = _torch_seq(cell)(I, H, **kw)
     keys = list(f.state_dict().keys())
     assert [k for k in keys if not k.startswith("weight_ch")] == list(t.state_dict().keys())
     D = 2 if kw.get("bidirectional") else 1
-    expected_ch = [f"weight_ch_l{k}{'_reverse' if d else ''}"
-                   for k in range(kw.get("num_layers", 1)) for d in range(D)]
+    expected_ch = [
+        f"weight_ch_l{k}{'_reverse' if d else ''}"
+        for k in range(kw.get("num_layers", 1))
+        for d in range(D)
+    ]
     assert [k for k in keys if k.startswith("weight_ch")] == expected_ch
-    shape = (3, H) if cell == "peephole_lstm" else (3 * H, H)
+    shape = cells.CELLS[cell].weight_ch_shape(H)
     for k in expected_ch:
         assert f.state_dict()[k].shape == shape
     for k, v in t.state_dict().items():
@@ -494,13 +562,11 @@ def test_extended_parameter_names(cell, kw):
     assert sorted(res.missing_keys) == sorted(expected_ch) and not res.unexpected_keys
 
 
-@pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.PeepholeLSTM,
-                                 fusedrnn.WorkingMemoryLSTM, fusedrnn.LSTMCell, fusedrnn.GRUCell,
-                                 fusedrnn.PeepholeLSTMCell, fusedrnn.WorkingMemoryLSTMCell])
+@pytest.mark.parametrize("cls", list(FUSED_OF.values()) + list(CELL_OF.values()))
 def test_default_init(cls):
     """Every parameter, weight_ch included, uniform in +-1/sqrt(H) (design.md §1)."""
     Hh = 16
-    kw = dict(num_layers=2, bidirectional=True) if "Cell" not in cls.__name__ else {}
+    kw = dict(num_layers=2, bidirectional=True) if cls not in CELL_OF.values() else {}
     m = cls(I, Hh, **kw)
     bound = 1 / math.sqrt(Hh)
     allv = torch.cat([p.detach().flatten() for p in m.parameters()])
@@ -516,16 +582,24 @@ def test_default_init(cls):
 
 # ---- cells ------------------------------------------------------------------------------------
 
-CELL_CASES = [(b, u, s, bias, d) for b, u in ((2, False), (1, False), (1, True))
-              for s in (False, True) for bias in (True, False) for d in (F64, F32)]
+CELL_CASES = [
+    (b, u, s, bias, d)
+    for b, u in ((2, False), (1, False), (1, True))
+    for s in (False, True)
+    for bias in (True, False)
+    for d in (F64, F32)
+]
 
 
-@pytest.mark.parametrize("batch,unbatched,with_state,bias,dtype", CELL_CASES,
-                         ids=lambda v: _dname(v) if isinstance(v, torch.dtype) else str(v))
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize(
+    "batch,unbatched,with_state,bias,dtype",
+    CELL_CASES,
+    ids=lambda v: _dname(v) if isinstance(v, torch.dtype) else str(v),
+)
+@pytest.mark.parametrize("mode", TORCH_CELLS)
 def test_cell_matches_torch(mode, batch, unbatched, with_state, bias, dtype):
-    tcls, fcls = {"lstm": (nn.LSTMCell, fusedrnn.LSTMCell),
-                  "gru": (nn.GRUCell, fusedrnn.GRUCell)}[mode]
+    tcls, fcls = _torch_step(mode), CELL_OF[mode]
+    lstm_like = cells.CELLS[mode].has_cell_state
     ref, fused = make_pair(tcls, fcls, I, H, bias=bias, dtype=dtype)
     shape = (I,) if unbatched else (batch, I)
     sshape = (H,) if unbatched else (batch, H)
@@ -533,23 +607,27 @@ def test_cell_matches_torch(mode, batch, unbatched, with_state, bias, dtype):
     hx = None
     if with_state:
         hx = torch.randn(*sshape, dtype=F64).to(dtype)
-        if mode == "lstm":
+        if lstm_like:
             hx = (hx, torch.randn(*sshape, dtype=F64).to(dtype))
     results = []
     for m in (ref, fused):
         xl = x.clone().requires_grad_()
         hl = None
         if hx is not None:
-            hl = tuple(h.clone().requires_grad_() for h in hx) if mode == "lstm" else \
-                hx.clone().requires_grad_()
+            hl = (
+                tuple(h.clone().requires_grad_() for h in hx)
+                if lstm_like
+                else hx.clone().requires_grad_()
+            )
         out = m(xl) if hl is None else m(xl, hl)
-        outs = list(out) if mode == "lstm" else [out]
+        outs = list(out) if lstm_like else [out]
         gen = torch.Generator().manual_seed(5)
-        sum((o * torch.randn(o.shape, generator=gen, dtype=F64).to(dtype)).sum()
-            for o in outs).backward()
+        sum(
+            (o * torch.randn(o.shape, generator=gen, dtype=F64).to(dtype)).sum() for o in outs
+        ).backward()
         grads = [xl.grad] + [p.grad for p in m.parameters()]
         if hl is not None:
-            grads += [h.grad for h in (hl if mode == "lstm" else (hl,))]
+            grads += [h.grad for h in (hl if lstm_like else (hl,))]
         results.append((outs, grads))
     (o_r, g_r), (o_f, g_f) = results
     for a, b in zip(o_f, o_r):
@@ -562,69 +640,82 @@ def test_cell_matches_torch(mode, batch, unbatched, with_state, bias, dtype):
 
 @pytest.mark.parametrize("unbatched", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("cell", ["peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", EXTENDED_CELLS)
 def test_extended_cell_matches_reference(cell, with_state, unbatched):
-    cls = {"peephole_lstm": fusedrnn.PeepholeLSTMCell, "wm_lstm": fusedrnn.WorkingMemoryLSTMCell}
-    m = cls[cell](I, H, dtype=F64)
+    spec = cells.CELLS[cell]
+    m = CELL_OF[cell](I, H, dtype=F64)
     with torch.no_grad():
         for p in m.parameters():
             p.uniform_(-0.8, 0.8)
-    assert [n for n, _ in m.named_parameters()] == \
-        ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ch"]
-    fn = {"peephole_lstm": reference.peephole_lstm_cell, "wm_lstm": reference.wm_lstm_cell}[cell]
+    assert [n for n, _ in m.named_parameters()] == [
+        "weight_ih",
+        "weight_hh",
+        "bias_ih",
+        "bias_hh",
+    ] + (["weight_ch"] if spec.weight_ch is not None else [])
+    fn = reference.STEPS[cell]
     Bn = 1 if unbatched else 2
     x = torch.randn(Bn, I, dtype=F64)
     h = torch.randn(Bn, H, dtype=F64) if with_state else torch.zeros(Bn, H, dtype=F64)
     c = torch.randn(Bn, H, dtype=F64) if with_state else torch.zeros(Bn, H, dtype=F64)
+    # the state argument and the reference's state arguments: (h, c) with a cell state, else h
+    st, ref_st = ((h, c), (h, c)) if spec.has_cell_state else (h, (h,))
     xl = x.clone().requires_grad_()
     if unbatched:
-        args = (xl[0], (h[0], c[0])) if with_state else (xl[0],)
+        st0 = tuple(s[0] for s in st) if spec.has_cell_state else st[0]
+        args = (xl[0], st0) if with_state else (xl[0],)
     else:
-        args = (xl, (h, c)) if with_state else (xl,)
-    hy, cy = m(*args)
+        args = (xl, st) if with_state else (xl,)
+    got = m(*args)
+    hy, cy = got if spec.has_cell_state else (got, None)
     assert hy.shape == ((H,) if unbatched else (Bn, H))
     ref_params = [p.detach().clone().requires_grad_() for p in m.parameters()]
     xr = x.clone().requires_grad_()
-    rh, rc = fn(xr, h, c, *ref_params)
+    exp = fn(xr, *ref_st, *ref_params)
+    rh, rc = exp if spec.has_cell_state else (exp, None)
     if unbatched:
-        rh, rc = rh[0], rc[0]
+        rh, rc = rh[0], (rc[0] if rc is not None else None)
     assert_close(hy, rh, F64, "h")
-    assert_close(cy, rc, F64, "c")
-    (hy.sum() + 2 * cy.sum()).backward()
-    (rh.sum() + 2 * rc.sum()).backward()
+    if spec.has_cell_state:
+        assert_close(cy, rc, F64, "c")
+        (hy.sum() + 2 * cy.sum()).backward()
+        (rh.sum() + 2 * rc.sum()).backward()
+    else:
+        hy.sum().backward()
+        rh.sum().backward()
     assert_close(xl.grad, xr.grad, F64, "grad x")
     for (n, p), q in zip(m.named_parameters(), ref_params):
         assert_close(p.grad, q.grad, F64, f"grad {n}")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_functional_cells_match_reference(cell):
     """fusedrnn.functional.<cell>_cell: one step with torch's cell semantics."""
-    G = 3 if cell == "gru" else 4
+    spec = cells.CELLS[cell]
+    G = spec.gates
     x = torch.randn(2, I, dtype=F64)
     h, c = torch.randn(2, H, dtype=F64), torch.randn(2, H, dtype=F64)
-    w = [torch.randn(G * H, I, dtype=F64), torch.randn(G * H, H, dtype=F64),
-         torch.randn(G * H, dtype=F64), torch.randn(G * H, dtype=F64)]
-    if cell == "gru":
-        assert_close(fusedrnn.functional.gru_cell(x, h, *w), reference.gru_cell(x, h, *w), F64)
+    w = [
+        torch.randn(G * H, I, dtype=F64),
+        torch.randn(G * H, H, dtype=F64),
+        torch.randn(G * H, dtype=F64),
+        torch.randn(G * H, dtype=F64),
+    ]
+    if spec.weight_ch is not None:
+        w.append(torch.randn(spec.weight_ch_shape(H), dtype=F64))
+    fn = getattr(fusedrnn.functional, f"{cell}_cell")
+    if not spec.has_cell_state:
+        assert_close(fn(x, h, *w), reference.STEPS[cell](x, h, *w), F64)
         return
-    if cell == "lstm":
-        got = fusedrnn.functional.lstm_cell(x, (h, c), *w)
-        exp = reference.lstm_cell(x, h, c, *w)
-    else:
-        wch = torch.randn(3, H, dtype=F64) if cell == "peephole_lstm" else \
-            torch.randn(3 * H, H, dtype=F64)
-        fn = getattr(fusedrnn.functional, f"{cell}_cell")
-        got = fn(x, (h, c), *w, wch)
-        exp = getattr(reference, f"{cell}_cell")(x, h, c, *w, wch)
+    got = fn(x, (h, c), *w)
+    exp = reference.STEPS[cell](x, h, c, *w)
     assert_close(got[0], exp[0], F64, "h")
     assert_close(got[1], exp[1], F64, "c")
 
 
 def test_deterministic():
     """The same call twice gives bitwise identical outputs and gradients."""
-    m = fusedrnn.WorkingMemoryLSTM(I, H, num_layers=2, bidirectional=True, proj_size=2,
-                                   dtype=F32)
+    m = fusedrnn.WorkingMemoryLSTM(I, H, num_layers=2, bidirectional=True, proj_size=2, dtype=F32)
     x = make_seq_input("packed", False, F32)
     runs = []
     for _ in range(2):
@@ -638,6 +729,7 @@ def test_deterministic():
 
 # ---- convert ----------------------------------------------------------------------------------
 
+
 class _Model(nn.Module):
     def __init__(self):
         super().__init__()
@@ -647,8 +739,8 @@ class _Model(nn.Module):
         self.head = nn.Linear(3, 1)
 
     def forward(self, x):
-        y, _ = self.lstm(x)                  # (B, T, 2H)
-        y, h = self.gru(y.transpose(0, 1))   # (T, B, H)
+        y, _ = self.lstm(x)  # (B, T, 2H)
+        y, h = self.gru(y.transpose(0, 1))  # (T, B, H)
         hc, cc = self.cells[0](y[-1])
         g = self.cells[1](hc, torch.tanh(h[0, :, :3] @ torch.ones(3, 3, dtype=x.dtype)))
         return self.head(g + cc[:, :3]).squeeze(-1)
@@ -709,16 +801,20 @@ def test_convert_training_same_loss():
         hist.append(((m(x) - target) ** 2).mean().item())
         losses.append(hist)
     assert losses[0][-1] < losses[0][0]  # it trains
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-10,
-                               rtol=1e-10)
+    torch.testing.assert_close(
+        torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-10, rtol=1e-10
+    )
     for (n, p), (_, q) in zip(model.named_parameters(), conv.named_parameters()):
         assert_close(q, p, F64, n)
 
 
 # ---- repr, save/load ----------------------------------------------------------------------------
 
-REPR_CONFIGS = [dict(), dict(num_layers=2, bias=False, batch_first=True, dropout=0.5,
-                             bidirectional=True), dict(proj_size=2, num_layers=3)]
+REPR_CONFIGS = [
+    dict(),
+    dict(num_layers=2, bias=False, batch_first=True, dropout=0.5, bidirectional=True),
+    dict(proj_size=2, num_layers=3),
+]
 
 
 @pytest.mark.parametrize("kw", REPR_CONFIGS, ids=lambda k: str(k))
@@ -727,8 +823,9 @@ def test_repr_matches_torch(kw):
     kw_gru = {k: v for k, v in kw.items() if k != "proj_size"}
     assert repr(fusedrnn.GRU(I, H, **kw_gru)) == repr(nn.GRU(I, H, **kw_gru))
     assert fusedrnn.LSTM(I, H, **kw).extra_repr() == nn.LSTM(I, H, **kw).extra_repr()
-    assert repr(fusedrnn.PeepholeLSTM(I, H, **kw)) == \
-        repr(nn.LSTM(I, H, **kw)).replace("LSTM(", "PeepholeLSTM(", 1)
+    assert repr(fusedrnn.PeepholeLSTM(I, H, **kw)) == repr(nn.LSTM(I, H, **kw)).replace(
+        "LSTM(", "PeepholeLSTM(", 1
+    )
 
 
 def test_cell_repr_matches_torch():
@@ -737,10 +834,10 @@ def test_cell_repr_matches_torch():
         assert repr(fusedrnn.GRUCell(I, H, bias=bias)) == repr(nn.GRUCell(I, H, bias=bias))
 
 
-@pytest.mark.parametrize("cls", [fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.PeepholeLSTM,
-                                 fusedrnn.WorkingMemoryLSTM, fusedrnn.LSTMCell])
+@pytest.mark.parametrize("cls", list(FUSED_OF.values()) + list(CELL_OF.values()))
 def test_save_load_whole_module(cls, tmp_path):
-    kw = dict(num_layers=2, bidirectional=True) if "Cell" not in cls.__name__ else {}
+    one_step = cls in CELL_OF.values()
+    kw = dict(num_layers=2, bidirectional=True) if not one_step else {}
     m = cls(I, H, dtype=F64, **kw)
     path = tmp_path / "m.pt"
     torch.save(m, path)
@@ -749,8 +846,7 @@ def test_save_load_whole_module(cls, tmp_path):
     assert list(m2.state_dict().keys()) == list(m.state_dict().keys())
     for k, v in m.state_dict().items():
         assert torch.equal(m2.state_dict()[k], v)
-    x = torch.randn(T, B, I, dtype=F64) if "Cell" not in cls.__name__ else \
-        torch.randn(B, I, dtype=F64)
+    x = torch.randn(T, B, I, dtype=F64) if not one_step else torch.randn(B, I, dtype=F64)
     a, b = m(x), m2(x)
     ta = a[0] if isinstance(a, tuple) else a
     tb = b[0] if isinstance(b, tuple) else b
@@ -759,11 +855,11 @@ def test_save_load_whole_module(cls, tmp_path):
 
 # ---- torch.compile ------------------------------------------------------------------------------
 
+
 class _Compiled(nn.Module):
     def __init__(self):
         super().__init__()
-        self.rnn = fusedrnn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=2,
-                                 dtype=F64)
+        self.rnn = fusedrnn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=2, dtype=F64)
         self.out = nn.Linear(4, 1, dtype=F64)
 
     def forward(self, x, h0, c0):
@@ -803,7 +899,7 @@ def test_torch_compile_fullgraph():
     _compare_compiled(model, compiled, x2, h0[:, :2].contiguous(), c0[:, :2].contiguous())
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm", "wm_lstm"])
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_torch_compile_packed_dynamic(cell):
     """Every module, packed input (the batch size of the fused op comes from batch_sizes, a
     data-dependent size in the fake implementations), dynamic=True, fullgraph. The aot_eager
@@ -811,7 +907,7 @@ def test_torch_compile_packed_dynamic(cell):
     without inductor's C++ compilation, which takes ~20 s per graph on 2 cores and tests
     nothing more about the ops' registrations than the inductor test above."""
     torch._dynamo.reset()
-    kw = dict(proj_size=2) if cell != "gru" else {}
+    kw = dict(proj_size=2) if cells.CELLS[cell].has_cell_state else {}
     m = FUSED_OF[cell](I, H, num_layers=2, bidirectional=True, dtype=F64, **kw)
 
     def f(data, bs, si, ui):
@@ -835,15 +931,17 @@ def test_torch_compile_packed_dynamic(cell):
 
 # ---- errors -----------------------------------------------------------------------------------
 
+
 def _raises_like_torch(fused_call, torch_call, *names):
     """The fused module raises the exception type torch.nn raises, naming the argument."""
     with pytest.raises(Exception) as t_exc:
         torch_call()
     with pytest.raises(Exception) as f_exc:
         fused_call()
-    assert type(f_exc.value) is type(t_exc.value), \
-        f"fused raised {type(f_exc.value).__name__}: {f_exc.value}; torch raises " \
+    assert type(f_exc.value) is type(t_exc.value), (
+        f"fused raised {type(f_exc.value).__name__}: {f_exc.value}; torch raises "
         f"{type(t_exc.value).__name__}: {t_exc.value}"
+    )
     msg = str(f_exc.value)
     assert any(n in msg for n in names), f"message does not name {names}: {msg}"
 
@@ -858,17 +956,21 @@ def _bad_calls(mode):
         # input dtype differs from the parameters' (torch: ValueError "RNN input dtype ...")
         "input_dtype": ((ok.float(),), ("dtype",)),
     }
-    if mode == "lstm":
-        cases["h0_shape"] = ((ok, (torch.zeros(1, B - 1, H, dtype=F64),
-                                   torch.zeros(1, B, H, dtype=F64))), ("h_0", "hidden[0]"))
-        cases["c0_shape"] = ((ok, (torch.zeros(1, B, H, dtype=F64),
-                                   torch.zeros(1, B, H + 1, dtype=F64))), ("c_0", "hidden[1]"))
+    if cells.CELLS[mode].has_cell_state:
+        cases["h0_shape"] = (
+            (ok, (torch.zeros(1, B - 1, H, dtype=F64), torch.zeros(1, B, H, dtype=F64))),
+            ("h_0", "hidden[0]"),
+        )
+        cases["c0_shape"] = (
+            (ok, (torch.zeros(1, B, H, dtype=F64), torch.zeros(1, B, H + 1, dtype=F64))),
+            ("c_0", "hidden[1]"),
+        )
     else:
         cases["hx_shape"] = ((ok, torch.zeros(2, B, H, dtype=F64)), ("hx", "hidden"))
     return cases
 
 
-@pytest.mark.parametrize("mode,what", [(m, w) for m in ("lstm", "gru") for w in _bad_calls(m)])
+@pytest.mark.parametrize("mode,what", [(m, w) for m in TORCH_CELLS for w in _bad_calls(m)])
 def test_forward_errors_like_torch(mode, what):
     """Bad input raises the exception type torch.nn raises (drop-in: code catching torch's
     error catches this one), with a message naming the argument."""
@@ -898,35 +1000,39 @@ def test_forward_errors_state_types():
         f(ok[:, 0], (torch.zeros(1, B, H, dtype=F64), torch.zeros(1, B, H, dtype=F64)))
     cell = fusedrnn.LSTMCell(I, H, dtype=F64)
     with pytest.raises(RuntimeError, match="hx"):
-        cell(torch.randn(2, I, dtype=F64), (torch.zeros(3, H, dtype=F64),
-                                            torch.zeros(2, H, dtype=F64)))
+        cell(
+            torch.randn(2, I, dtype=F64),
+            (torch.zeros(3, H, dtype=F64), torch.zeros(2, H, dtype=F64)),
+        )
     with pytest.raises(RuntimeError, match="input_size"):
         cell(torch.randn(2, I + 1, dtype=F64))
     with pytest.raises(ValueError, match="input"):
         cell(torch.randn(2, 2, I, dtype=F64))
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(hidden_size=0), "hidden_size"),
-    (dict(num_layers=-1), "num_layers"),
-    (dict(num_layers=0), "num_layers"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(dropout=-0.1), "dropout"),
-    (dict(proj_size=H), "proj_size"),
-    (dict(proj_size=H + 2), "proj_size"),
-    (dict(proj_size=-1), "proj_size"),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(num_layers=-1), "num_layers"),
+        (dict(num_layers=0), "num_layers"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(proj_size=H), "proj_size"),
+        (dict(proj_size=H + 2), "proj_size"),
+        (dict(proj_size=-1), "proj_size"),
+    ],
+    ids=lambda v: str(v),
+)
 def test_constructor_errors(kw, name):
     args = dict(input_size=I, hidden_size=H)
     args.update(kw)
     with pytest.raises(Exception) as t_exc:
         nn.LSTM(**args)
-    for cls in (fusedrnn.LSTM, fusedrnn.PeepholeLSTM, fusedrnn.WorkingMemoryLSTM):
-        with pytest.raises(type(t_exc.value), match=name):
-            cls(**args)
-    if "proj_size" not in kw:
-        with pytest.raises(type(t_exc.value), match=name):
-            fusedrnn.GRU(**args)
+    for cell, cls in FUSED_OF.items():
+        if cells.CELLS[cell].has_cell_state or "proj_size" not in kw:
+            with pytest.raises(type(t_exc.value), match=name):
+                cls(**args)
 
 
 def test_gru_has_no_proj_size():
@@ -976,7 +1082,13 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 def test_fallback_to_reference_when_extension_missing():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "FALLBACK-OK" in res.stdout

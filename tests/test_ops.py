@@ -1,15 +1,26 @@
 """Op-level tests: torch.ops.fusedrnn.* and fusedrnn.functional.rnn_layer against
 fusedrnn.reference.layer (design.md §1, §3, §4)."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
-from fusedrnn import functional, reference
-
-from fusedrnn.testing import (CELLS, DTYPES, LSTM_FAMILY, WEIGHT_NAMES, assert_close, cast,
-                              cast_weights, layer_args, make_input, make_states, make_weights,
-                              run_layer)
+from fusedrnn import cells, functional, reference
+from fusedrnn.testing import (
+    CELLS,
+    DTYPES,
+    LSTM_FAMILY,
+    WEIGHT_NAMES,
+    assert_close,
+    cast,
+    cast_weights,
+    layer_args,
+    make_input,
+    make_states,
+    make_weights,
+    run_layer,
+)
 
 F64 = torch.float64
 F32 = torch.float32
@@ -30,8 +41,11 @@ def _cell_proj_cases():
 
 def _case(cell, proj, packed, bias, with_state, dtype=F64, T_=T, B_=B, I_=I, H_=H, scale=1.0):
     """(x, weights, hx, cx, batch_sizes) in `dtype`; values are exactly representable in it."""
-    bs = torch.tensor(PACKED if B_ == 3 and T_ == 4 else [B_] * T_, dtype=torch.int64) \
-        if packed else None
+    bs = (
+        torch.tensor(PACKED if B_ == 3 and T_ == 4 else [B_] * T_, dtype=torch.int64)
+        if packed
+        else None
+    )
     w = cast_weights(make_weights(cell, I_, H_, proj, bias, scale=scale), dtype)
     x = make_input(T_, B_, I_, bs.tolist() if packed else None, dtype)
     Bn = bs[0].item() if packed else B_
@@ -41,13 +55,21 @@ def _case(cell, proj, packed, bias, with_state, dtype=F64, T_=T, B_=B, I_=I, H_=
 
 def _ref64(cell, x, w, hx, cx, bs, reverse):
     """fp64 reference on the (cast) values of the inputs."""
-    return run_layer(reference.layer, cell, cast(x, F64), cast_weights(w, F64), cast(hx, F64),
-                     cast(cx, F64), bs, reverse)
+    return run_layer(
+        reference.layer,
+        cell,
+        cast(x, F64),
+        cast_weights(w, F64),
+        cast(hx, F64),
+        cast(cx, F64),
+        bs,
+        reverse,
+    )
 
 
 def _check_results(cell, got, ref64, dtype, ref_lowp=None):
     names = ("output", "h_n", "c_n")
-    if cell == "gru":
+    if cell not in LSTM_FAMILY:
         assert got[2] is None
     for name, g, r, rl in zip(names, got, ref64, ref_lowp or (None,) * 3):
         if r is None:
@@ -68,6 +90,7 @@ def test_backend_is_fused():
 
 # ---- forward against the fp64 reference ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -82,18 +105,18 @@ def test_forward_matches_reference(cell, proj, dtype, packed, reverse, bias, wit
     rows = sum(PACKED) if packed else None
     assert got[0].shape == ((rows, H_out) if packed else (T, B, H_out))
     assert got[1].shape == (PACKED[0] if packed else B, H_out)
-    if cell != "gru":
+    if cell in LSTM_FAMILY:
         assert got[2].shape == (PACKED[0] if packed else B, H)
     ref_lowp = None
     if dtype == BF16:
         ref_lowp = run_layer(reference.layer, cell, x, w, hx, cx, bs, reverse)
     _check_results(cell, got, ref, dtype, ref_lowp)
     # the raw op gives the same tensors as the functional wrapper
-    if cell == "gru":
-        raw = torch.ops.fusedrnn.gru_forward(x, *layer_args(w)[:4], hx, bs, reverse)
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    if cell not in LSTM_FAMILY:
+        raw = op(x, *layer_args(w)[:4], hx, bs, reverse)
         assert torch.equal(raw[0], got[0]) and torch.equal(raw[1], got[1])
     else:
-        op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
         raw = op(x, *layer_args(w), hx, cx, bs, reverse)
         for a, b in zip(raw[:3], got):
             assert torch.equal(a, b)
@@ -116,7 +139,7 @@ def test_inputs_not_modified(cell, dtype):
 @pytest.mark.parametrize("cell", CELLS)
 def test_forward_vectorised_body_and_tail(cell, dtype, cpu_isa):
     """H = 37: the unit loop runs whole vectors (8/16 lanes) plus a remainder; the step kernels
-    of every ISA the CPU has (cpu/step_loops.h, compiled per ISA), every dtype."""
+    of every ISA the CPU has (kernels/cpu/step_loops.h, compiled per ISA), every dtype."""
     proj = 3 if cell in LSTM_FAMILY else 0
     x, w, hx, cx, bs = _case(cell, proj, True, True, True, dtype, H_=37, scale=0.3)
     got = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, True)
@@ -133,8 +156,9 @@ def test_forward_multithreaded(cell):
     torch.set_num_threads(2)
     try:
         Hh, Bb = 256, 160  # grain 64 rows -> 3 tasks per step
-        x, w, hx, cx, bs = _case(cell, 0, False, True, True, F32, T_=2, B_=Bb, I_=8, H_=Hh,
-                                 scale=0.1)
+        x, w, hx, cx, bs = _case(
+            cell, 0, False, True, True, F32, T_=2, B_=Bb, I_=8, H_=Hh, scale=0.1
+        )
         got = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, False)
         torch.set_num_threads(1)
         one = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, False)
@@ -147,15 +171,19 @@ def test_forward_multithreaded(cell):
 
 # ---- special shapes and layouts --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=_dname)
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (1, 4, 2, 1), (5, 1, 3, 5), (3, 2, 1, 7)],
-                         ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 3, 5), (1, 4, 2, 1), (5, 1, 3, 5), (3, 2, 1, 7)],
+    ids=lambda s: "T%dB%dI%dH%d" % s,
+)
 def test_odd_shapes(cell, dtype, shape, cpu_isa):
     """Sequence length 1, batch 1, hidden 1, input 1, odd sizes; forward and gradients, under
     every ISA the CPU has."""
     T_, B_, I_, H_ = shape
-    proj = 0 if (cell == "gru" or H_ < 3) else H_ - 2
+    proj = 0 if (cell not in LSTM_FAMILY or H_ < 3) else H_ - 2
     x, w, hx, cx, bs = _case(cell, proj, False, True, True, dtype, T_=T_, B_=B_, I_=I_, H_=H_)
     _check_forward_and_grads(cell, x, w, hx, cx, bs, False, dtype)
 
@@ -167,17 +195,21 @@ def _check_forward_and_grads(cell, x, w, hx, cx, bs, reverse, dtype, views=None)
     hand the op strided tensors)."""
     views = views or {}
     leaves = {"x": x, "hx": hx, "cx": cx, **w}
-    fused_leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
-                    for k, v in leaves.items()}
-    ref_leaves = {k: (cast(v, F64).requires_grad_() if v is not None else None)
-                  for k, v in leaves.items()}
+    fused_leaves = {
+        k: (v.detach().clone().requires_grad_() if v is not None else None)
+        for k, v in leaves.items()
+    }
+    ref_leaves = {
+        k: (cast(v, F64).requires_grad_() if v is not None else None) for k, v in leaves.items()
+    }
 
     def run(fn, lv):
         wd = {k: lv[k] for k in WEIGHT_NAMES}
         return run_layer(fn, cell, lv["x"], wd, lv["hx"], lv["cx"], bs, reverse)
 
-    fused_in = {k: (views[k](v) if k in views and v is not None else v)
-                for k, v in fused_leaves.items()}
+    fused_in = {
+        k: (views[k](v) if k in views and v is not None else v) for k, v in fused_leaves.items()
+    }
     for k in views:
         if fused_in[k] is not None:
             assert not fused_in[k].is_contiguous(), k
@@ -212,15 +244,23 @@ def test_non_contiguous_inputs(cell, packed):
     def batch_major(t):  # (T, B, I) view of a (B, T, I) tensor
         return t.transpose(0, 1).contiguous().transpose(0, 1)
 
-    views = {"x": every_other_column if packed else batch_major, "hx": transposed,
-             "cx": transposed}
+    views = {"x": every_other_column if packed else batch_major, "hx": transposed, "cx": transposed}
     views.update({k: transposed for k, v in w.items() if v is not None and v.dim() == 2})
-    strided = {k: (views[k](v) if k in views and v is not None else v)
-               for k, v in dict(x=x, hx=hx, cx=cx, **w).items()}
+    strided = {
+        k: (views[k](v) if k in views and v is not None else v)
+        for k, v in dict(x=x, hx=hx, cx=cx, **w).items()
+    }
     assert torch.equal(strided["x"], x) and not strided["x"].is_contiguous()
-    got = run_layer(functional.rnn_layer, cell, strided["x"],
-                    {k: strided[k] for k in WEIGHT_NAMES}, strided["hx"], strided["cx"], bs,
-                    False)
+    got = run_layer(
+        functional.rnn_layer,
+        cell,
+        strided["x"],
+        {k: strided[k] for k in WEIGHT_NAMES},
+        strided["hx"],
+        strided["cx"],
+        bs,
+        False,
+    )
     exp = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, False)
     for a, b in zip(got, exp):
         if b is not None:
@@ -259,7 +299,7 @@ def test_one_initial_state_only(cell, which):
 def test_only_state_gradients(cell):
     """Loss on h_n / c_n only (no gradient flows into `output`)."""
     x, w, hx, cx, bs = _case(cell, 0, True, True, True, F64)
-    for which in ((1,), (2,) if cell != "gru" else (1,)):
+    for which in ((1,), (2,) if cell in LSTM_FAMILY else (1,)):
         xl, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
         got = functional.rnn_layer(cell, xl, *layer_args(w), hx, cx, bs)
         ref = reference.layer(cell, xr, *layer_args(w), hx, cx, bs)
@@ -270,18 +310,18 @@ def test_only_state_gradients(cell):
 
 # ---- gradients -----------------------------------------------------------------------------
 
+
 def _grad_cases():
     out = []
     for cell in CELLS:
         for packed in (False, True):
             for reverse in (False, True):
-                for proj in ((0, 2) if cell in LSTM_FAMILY else (0,)):
+                for proj in (0, 2) if cell in LSTM_FAMILY else (0,):
                     out.append((cell, packed, reverse, proj))
     return out
 
 
-@pytest.mark.parametrize("cell,packed,reverse,proj", _grad_cases(),
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("cell,packed,reverse,proj", _grad_cases(), ids=lambda v: str(v))
 def test_gradcheck_fp64(cell, packed, reverse, proj):
     """torch.autograd.gradcheck of the fused layer w.r.t. input, hx, cx and every weight."""
     T_, B_, I_, H_ = 3, 2, 2, 3
@@ -290,16 +330,21 @@ def test_gradcheck_fp64(cell, packed, reverse, proj):
     x = make_input(T_, B_, I_, [2, 2, 1] if packed else None).requires_grad_()
     hx, cx = make_states(cell, B_, H_, proj)
     hx.requires_grad_()
-    names = ["x", "hx"] + (["cx"] if cell != "gru" else []) + \
-        [k for k in WEIGHT_NAMES if w[k] is not None]
-    tensors = [x, hx] + ([cx.requires_grad_()] if cell != "gru" else []) + \
-        [w[k] for k in WEIGHT_NAMES if w[k] is not None]
+    names = (
+        ["x", "hx"]
+        + (["cx"] if cell in LSTM_FAMILY else [])
+        + [k for k in WEIGHT_NAMES if w[k] is not None]
+    )
+    tensors = (
+        [x, hx]
+        + ([cx.requires_grad_()] if cell in LSTM_FAMILY else [])
+        + [w[k] for k in WEIGHT_NAMES if w[k] is not None]
+    )
 
     def fn(*args):
         d = dict(zip(names, args))
         wd = {k: d.get(k) for k in WEIGHT_NAMES}
-        out = functional.rnn_layer(cell, d["x"], *layer_args(wd), d["hx"], d.get("cx"), bs,
-                                   reverse)
+        out = functional.rnn_layer(cell, d["x"], *layer_args(wd), d["hx"], d.get("cx"), bs, reverse)
         return tuple(o for o in out if o is not None)
 
     # Central differences with eps = 1e-6 on O(1) functions: truncation error ~eps^2 = 1e-12,
@@ -335,15 +380,30 @@ def test_gradients_bf16(cell, packed, cpu_isa):
     x, w, hx, cx, bs = _case(cell, proj, packed, True, True, BF16, scale=0.5)
     leaves = {"x": x, "hx": hx, "cx": cx, **w}
     grads = {}
-    for name, fn, dt in (("fused", functional.rnn_layer, BF16), ("ref_bf16", reference.layer, BF16),
-                         ("ref64", reference.layer, F64)):
-        lv = {k: (cast(v, dt).requires_grad_() if v is not None else None)
-              for k, v in leaves.items()}
-        out = run_layer(fn, cell, lv["x"], {k: lv[k] for k in WEIGHT_NAMES}, lv["hx"], lv["cx"],
-                        bs, reverse=True)
+    for name, fn, dt in (
+        ("fused", functional.rnn_layer, BF16),
+        ("ref_bf16", reference.layer, BF16),
+        ("ref64", reference.layer, F64),
+    ):
+        lv = {
+            k: (cast(v, dt).requires_grad_() if v is not None else None) for k, v in leaves.items()
+        }
+        out = run_layer(
+            fn,
+            cell,
+            lv["x"],
+            {k: lv[k] for k in WEIGHT_NAMES},
+            lv["hx"],
+            lv["cx"],
+            bs,
+            reverse=True,
+        )
         gen = torch.Generator().manual_seed(3)
-        sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum()
-            for o in out if o is not None).backward()
+        sum(
+            (o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum()
+            for o in out
+            if o is not None
+        ).backward()
         grads[name] = {k: v.grad for k, v in lv.items() if v is not None}
     for k in grads["ref64"]:
         assert_close(grads["fused"][k], grads["ref64"][k], BF16, f"grad {k}", grads["ref_bf16"][k])
@@ -404,11 +464,12 @@ def test_empty_batch_and_sequence(cell):
     out = functional.rnn_layer(cell, x0, *layer_args(w), hx, cx)
     assert out[0].shape == (0, B, proj or H)
     assert torch.equal(out[1], hx)
-    if cell != "gru":
+    if cell in LSTM_FAMILY:
         assert torch.equal(out[2], cx)
 
 
 # ---- output_mask and skipped gradients -----------------------------------------------------
+
 
 class _LogFused(TorchDispatchMode):
     """Records every fusedrnn op call and its output_mask."""
@@ -425,15 +486,16 @@ class _LogFused(TorchDispatchMode):
 
 
 def _fwd_bwd_args(cell, x, w, hx, cx, bs, reverse, out, go, ghy, gcy, mask):
-    if cell == "gru":
+    if cell not in LSTM_FAMILY:
         return (go, ghy, x, *layer_args(w)[:4], hx, bs, reverse, out[0], out[2], mask)
     return (go, ghy, gcy, x, *layer_args(w), hx, cx, bs, reverse, out[0], out[3], mask)
 
 
 def _forward_op(cell, x, w, hx, cx, bs, reverse):
-    if cell == "gru":
-        return torch.ops.fusedrnn.gru_forward(x, *layer_args(w)[:4], hx, bs, reverse)
-    return getattr(torch.ops.fusedrnn, f"{cell}_forward")(x, *layer_args(w), hx, cx, bs, reverse)
+    op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
+    if cell not in LSTM_FAMILY:
+        return op(x, *layer_args(w)[:4], hx, bs, reverse)
+    return op(x, *layer_args(w), hx, cx, bs, reverse)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -445,22 +507,22 @@ def test_backward_output_mask(cell):
     out = _forward_op(cell, x, w, hx, cx, bs, False)
     go = torch.randn_like(out[0])
     ghy = torch.randn_like(out[1])
-    gcy = torch.randn_like(out[2]) if cell != "gru" else None
+    gcy = torch.randn_like(out[2]) if cell in LSTM_FAMILY else None
     bwd = getattr(torch.ops.fusedrnn, f"{cell}_backward")
     full = bwd(*_fwd_bwd_args(cell, x, w, hx, cx, bs, False, out, go, ghy, gcy, [True, True]))
-    n_states = 1 if cell == "gru" else 2
+    n_states = 1 if cell not in LSTM_FAMILY else 2
     assert full[0].shape == x.shape
-    no_input = bwd(*_fwd_bwd_args(cell, x, w, hx, cx, bs, False, out, go, ghy, gcy,
-                                  [False, True]))
+    no_input = bwd(*_fwd_bwd_args(cell, x, w, hx, cx, bs, False, out, go, ghy, gcy, [False, True]))
     assert no_input[0].shape == (0,), "grad_input must be empty when output_mask[0] is False"
     for a, b in zip(no_input[1:], full[1:]):
         assert torch.equal(a, b)
-    no_weights = bwd(*_fwd_bwd_args(cell, x, w, hx, cx, bs, False, out, go, ghy, gcy,
-                                    [True, False]))
+    no_weights = bwd(
+        *_fwd_bwd_args(cell, x, w, hx, cx, bs, False, out, go, ghy, gcy, [True, False])
+    )
     assert torch.equal(no_weights[0], full[0])
     for i in range(1, 1 + n_states):
         assert torch.equal(no_weights[i], full[i])
-    for i, t in enumerate(no_weights[1 + n_states:]):
+    for i, t in enumerate(no_weights[1 + n_states :]):
         assert t.shape == (0,), f"weight gradient {i} must be empty when output_mask[1] is False"
     # the full call against the reference
     leaves = [x, hx, cx] + layer_args(w)
@@ -468,12 +530,15 @@ def test_backward_output_mask(cell):
     xr, hr, cr, *wr = ref_leaves
     ref = reference.layer(cell, xr, *wr, hr, cr, bs, False)
     loss = (ref[0] * go).sum() + (ref[1] * ghy).sum()
-    if cell != "gru":
+    if cell in LSTM_FAMILY:
         loss = loss + (ref[2] * gcy).sum()
     loss.backward()
-    expected = [xr.grad, hr.grad] + ([cr.grad] if cell != "gru" else []) + \
-        [t.grad for t in wr if t is not None]
-    if cell == "gru":
+    expected = (
+        [xr.grad, hr.grad]
+        + ([cr.grad] if cell in LSTM_FAMILY else [])
+        + [t.grad for t in wr if t is not None]
+    )
+    if cell not in LSTM_FAMILY:
         got = list(full)
     else:  # the op always returns 9 tensors; drop the slots of absent arguments
         got = list(full[:3]) + [g for g, t in zip(full[3:], wr) if t is not None]
@@ -495,8 +560,10 @@ def test_weight_grads_skipped_when_not_required(cell):
     with _LogFused() as log:
         got = functional.rnn_layer(cell, xl, *layer_args(w), hl, cl, bs)
         sum(g.sum() for g in got if g is not None).backward()
-    assert log.calls == [(f"fusedrnn.{cell}_forward.default", None),
-                         (f"fusedrnn.{cell}_backward.default", [True, False])]
+    assert log.calls == [
+        (f"fusedrnn.{cell}_forward.default", None),
+        (f"fusedrnn.{cell}_backward.default", [True, False]),
+    ]
     xr, hr = x.clone().requires_grad_(), hx.clone().requires_grad_()
     cr = cx.clone().requires_grad_() if cx is not None else None
     ref = reference.layer(cell, xr, *layer_args(w), hr, cr, bs)
@@ -521,34 +588,51 @@ def test_weight_grads_skipped_when_not_required(cell):
 
 # ---- opcheck -------------------------------------------------------------------------------
 
+
 def _opcheck_cases():
-    return [(c, d, packed, opt) for c in CELLS for d in (F32, F64) for packed in (False, True)
-            for opt in (False, True)]
+    return [
+        (c, d, packed, opt)
+        for c in CELLS
+        for d in (F32, F64)
+        for packed in (False, True)
+        for opt in (False, True)
+    ]
 
 
-@pytest.mark.parametrize("cell,dtype,packed,optional_args", _opcheck_cases(),
-                         ids=lambda v: _dname(v) if isinstance(v, torch.dtype) else str(v))
+@pytest.mark.parametrize(
+    "cell,dtype,packed,optional_args",
+    _opcheck_cases(),
+    ids=lambda v: _dname(v) if isinstance(v, torch.dtype) else str(v),
+)
 def test_opcheck_forward(cell, dtype, packed, optional_args):
     """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) of the
     forward op, with every optional argument given or only the required ones."""
     proj = P if (optional_args and cell in LSTM_FAMILY) else 0
     x, w, hx, cx, bs = _case(cell, proj, packed, optional_args, optional_args, dtype)
-    if cell == "gru":
+    if cell not in LSTM_FAMILY:
         args = (x, *layer_args(w)[:4], hx, bs, True)
     else:
         args = (x, *layer_args(w), hx, cx, bs, True)
     # with inputs that require grad, test_autograd_registration and the AOT test exercise the
     # registered autograd formula
-    args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
-                 and a.is_floating_point() else a for a in args)
+    args = tuple(
+        a.detach().clone().requires_grad_()
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else a
+        for a in args
+    )
     op = getattr(torch.ops.fusedrnn, f"{cell}_forward").default
     result = torch.library.opcheck(op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
 def _opcheck_bwd_cases():
-    return [(c, m, packed_opt) for c in CELLS for m in ((True, True), (False, True))
-            for packed_opt in ("padded_all_optional", "packed_no_optional")]
+    return [
+        (c, m, packed_opt)
+        for c in CELLS
+        for m in ((True, True), (False, True))
+        for packed_opt in ("padded_all_optional", "packed_no_optional")
+    ]
 
 
 @pytest.mark.parametrize("cell,mask,variant", _opcheck_bwd_cases(), ids=lambda v: str(v))
@@ -564,7 +648,7 @@ def test_opcheck_backward(cell, mask, variant):
     out = _forward_op(cell, x, w, hx, cx, bs, packed)
     go = torch.randn_like(out[0])
     ghy = torch.randn_like(out[1]) if opt else None
-    gcy = torch.randn_like(out[2]) if (opt and cell != "gru") else None
+    gcy = torch.randn_like(out[2]) if (opt and cell in LSTM_FAMILY) else None
     args = _fwd_bwd_args(cell, x, w, hx, cx, bs, packed, out, go, ghy, gcy, list(mask))
     op = getattr(torch.ops.fusedrnn, f"{cell}_backward").default
     result = torch.library.opcheck(op, args)
@@ -572,6 +656,7 @@ def test_opcheck_backward(cell, mask, variant):
 
 
 # ---- errors --------------------------------------------------------------------------------
+
 
 def _good(cell, dtype=F64):
     return _case(cell, 0, True, True, True, dtype)
@@ -608,7 +693,7 @@ def test_error_state_shapes(cell):
         _call(cell, x, w, hx[:-1], cx, bs)
     with pytest.raises(RuntimeError, match="hx"):
         _call(cell, x, w, hx[:, :-1], cx, bs)
-    if cell != "gru":
+    if cell in LSTM_FAMILY:
         with pytest.raises(RuntimeError, match="cx"):
             _call(cell, x, w, hx, cx[:, :-1], bs)
 
@@ -647,21 +732,19 @@ def test_error_batch_sizes(cell):
         _call(cell, x, w, None, None, None)
 
 
-def test_error_weight_ch_presence():
-    x, w, hx, cx, bs = _good("peephole_lstm")
-    with pytest.raises(RuntimeError, match="weight_ch"):
-        _call("peephole_lstm", x, dict(w, weight_ch=None), hx, cx, bs)
-    with pytest.raises(RuntimeError, match="weight_ch"):  # (3H, H) is the WM shape
-        _call("peephole_lstm", x, dict(w, weight_ch=torch.randn(3 * H, H, dtype=F64)), hx, cx,
-              bs)
-    x, w, hx, cx, bs = _good("wm_lstm")
-    with pytest.raises(RuntimeError, match="weight_ch"):
-        _call("wm_lstm", x, dict(w, weight_ch=None), hx, cx, bs)
-    with pytest.raises(RuntimeError, match="weight_ch"):
-        _call("wm_lstm", x, dict(w, weight_ch=torch.randn(3, H, dtype=F64)), hx, cx, bs)
-    x, w, hx, cx, bs = _good("lstm")
-    with pytest.raises(RuntimeError, match="weight_ch"):
-        _call("lstm", x, dict(w, weight_ch=torch.randn(3, H, dtype=F64)), hx, cx, bs)
+@pytest.mark.parametrize("cell", LSTM_FAMILY)
+def test_error_weight_ch_presence(cell):
+    """A cell with a weight_ch refuses a call without one and one of another cell's shape
+    ((3, H) peepholes vs (3H, H) working-memory connections); a cell without one refuses it."""
+    own = cells.CELLS[cell].weight_ch_shape(H)
+    shapes = {c.weight_ch_shape(H) for c in cells.CELLS.values() if c.weight_ch is not None}
+    x, w, hx, cx, bs = _good(cell)
+    if own is not None:
+        with pytest.raises(RuntimeError, match="weight_ch"):
+            _call(cell, x, dict(w, weight_ch=None), hx, cx, bs)
+    for shape in sorted(shapes - {own}):
+        with pytest.raises(RuntimeError, match="weight_ch"):
+            _call(cell, x, dict(w, weight_ch=torch.randn(shape, dtype=F64)), hx, cx, bs)
 
 
 @pytest.mark.parametrize("cell", LSTM_FAMILY)
@@ -680,11 +763,13 @@ def test_error_backward_workspace():
     bad = list(out)
     bad[3] = out[3].reshape(-1)[:-1].clone()  # one element short, whatever the layout
     with pytest.raises(RuntimeError, match="workspace"):
-        torch.ops.fusedrnn.lstm_backward(*_fwd_bwd_args("lstm", x, w, hx, cx, bs, False, bad, go,
-                                                        None, None, [True, True]))
+        torch.ops.fusedrnn.lstm_backward(
+            *_fwd_bwd_args("lstm", x, w, hx, cx, bs, False, bad, go, None, None, [True, True])
+        )
     with pytest.raises(RuntimeError, match="grad_output"):
-        torch.ops.fusedrnn.lstm_backward(*_fwd_bwd_args("lstm", x, w, hx, cx, bs, False, out,
-                                                        go[:-1], None, None, [True, True]))
+        torch.ops.fusedrnn.lstm_backward(
+            *_fwd_bwd_args("lstm", x, w, hx, cx, bs, False, out, go[:-1], None, None, [True, True])
+        )
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -715,7 +800,7 @@ def test_inference_mode_matches_training_mode(cell, proj, reverse, packed):
     x = make_input(T_, B_, 4, bs.tolist() if packed else None, F32)
     hx, cx = make_states(cell, B_, 5, proj, F32)
     op = getattr(torch.ops.fusedrnn, f"{cell}_forward")
-    if cell == "gru":
+    if cell not in LSTM_FAMILY:
         args = (x, w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], hx, bs, reverse)
     else:
         args = (x, *layer_args(w), hx, cx, bs, reverse)
@@ -736,10 +821,16 @@ def test_gradgradcheck(cell, packed):
     w = make_weights(cell, 2, 3, proj, True, F64, scale=0.5, requires_grad=True)
     x = make_input(3, 2, 2, [2, 2, 1] if packed else None).requires_grad_()
     hx, cx = make_states(cell, 2, 3, proj)
-    names = ["x", "hx"] + (["cx"] if cell != "gru" else []) + \
-        [k for k in WEIGHT_NAMES if w[k] is not None]
-    tensors = [x, hx.requires_grad_()] + ([cx.requires_grad_()] if cell != "gru" else []) + \
-        [w[k] for k in WEIGHT_NAMES if w[k] is not None]
+    names = (
+        ["x", "hx"]
+        + (["cx"] if cell in LSTM_FAMILY else [])
+        + [k for k in WEIGHT_NAMES if w[k] is not None]
+    )
+    tensors = (
+        [x, hx.requires_grad_()]
+        + ([cx.requires_grad_()] if cell in LSTM_FAMILY else [])
+        + [w[k] for k in WEIGHT_NAMES if w[k] is not None]
+    )
 
     def fn(*args):
         d = dict(zip(names, args))

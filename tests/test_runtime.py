@@ -1,5 +1,6 @@
 """Runtime hardening: Python threads, intra-op thread counts, determinism, memory growth over
 many iterations, DistributedDataParallel across processes, and a large CPU shape."""
+
 import copy
 import datetime
 import gc
@@ -16,19 +17,17 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
-from fusedrnn import reference
-
+from fusedrnn import cells, modules, reference
 from fusedrnn.testing import CELLS, backward_random_functional, flatten_result
 
 F64 = torch.float64
 F32 = torch.float32
-FUSED_OF = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "peephole_lstm": fusedrnn.PeepholeLSTM,
-            "wm_lstm": fusedrnn.WorkingMemoryLSTM}
+FUSED_OF = modules.SEQUENCE_MODULES
 
 
 def _module(cell, dtype=F32, seed=0, **kw):
     torch.manual_seed(seed)
-    if cell != "gru":
+    if cells.CELLS[cell].has_cell_state:
         kw.setdefault("proj_size", 0)
     return FUSED_OF[cell](3, 5, num_layers=2, bidirectional=True, dtype=dtype, **kw)
 
@@ -52,15 +51,23 @@ def _fwd_bwd(m, x, lengths, seed):
 
 # ---- Python threads -----------------------------------------------------------------------------
 
+
 def test_concurrent_python_threads_bit_identical():
     """Forward + backward of independent modules (every cell, two dtypes) from 4 Python threads
     at once gives bit-identical results to the same calls made one after the other: the ops
     keep no shared mutable state (every buffer is per call)."""
-    jobs = [(cell, dtype, k) for k, (cell, dtype) in
-            enumerate((c, d) for c in CELLS for d in (F32, F64))]
+    jobs = [
+        (cell, dtype, k)
+        for k, (cell, dtype) in enumerate((c, d) for c in CELLS for d in (F32, F64))
+    ]
     # modules and inputs are made here: the global RNG must not be used from the threads
-    made = {k: (_module(cell, dtype, seed=k, **({"proj_size": 2} if cell == "wm_lstm" else {})),
-                _packed_input(dtype, seed=100 + k)) for cell, dtype, k in jobs}
+    made = {
+        k: (
+            _module(cell, dtype, seed=k, **({"proj_size": 2} if cell == "wm_lstm" else {})),
+            _packed_input(dtype, seed=100 + k),
+        )
+        for cell, dtype, k in jobs
+    }
 
     def run(job):
         k = job[2]
@@ -126,12 +133,13 @@ def test_set_num_threads_respected(cell):
 
 # ---- determinism ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_two_runs_bit_identical(cell, dtype):
     """Two identical CPU runs (fresh module from the same seed, same packed unsorted input, with
     projection for the LSTM family) give bit-identical outputs, states and gradients."""
-    kw = {} if cell == "gru" else {"proj_size": 2}
+    kw = {"proj_size": 2} if cells.CELLS[cell].has_cell_state else {}
     runs = []
     for _ in range(2):
         m = _module(cell, dtype, seed=5, **kw)
@@ -193,12 +201,15 @@ def test_no_memory_growth_over_many_iterations():
     t0 = time.time()
     grown = _rss_growth(step_fused)
     yardstick = _rss_growth(step_torch, iters=500)
-    assert grown < 8 * 2**20, (f"RSS grew {grown / 2**20:.1f} MB over 2000 fused iterations "
-                               f"(torch.nn.LSTM, 500 iterations: {yardstick / 2**20:.1f} MB)")
+    assert grown < 8 * 2**20, (
+        f"RSS grew {grown / 2**20:.1f} MB over 2000 fused iterations "
+        f"(torch.nn.LSTM, 500 iterations: {yardstick / 2**20:.1f} MB)"
+    )
     assert time.time() - t0 < 60  # the loop stays a cheap test
 
 
 # ---- DistributedDataParallel ------------------------------------------------------------------
+
 
 class _Net(nn.Module):
     def __init__(self):
@@ -228,15 +239,20 @@ def _train(model, x, y):
 def _ddp_worker(rank, world, store_path, init_path, data_path, out_path):
     torch.set_num_threads(1)
     # a FileStore: no TCP store server on rank 0 that rank 1 depends on, and no port to race for
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
     try:
         model = _Net()
         model.load_state_dict(torch.load(init_path))
         ddp = nn.parallel.DistributedDataParallel(model)
         x, y = torch.load(data_path)
         half = x.shape[0] // world
-        _train(ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        _train(ddp, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
         if rank == 0:
             torch.save(model.state_dict(), out_path)
         # DistributedDataParallel sits in a reference cycle (its hooks refer to it), so without
@@ -260,13 +276,19 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch)
     x = torch.randn(4, 5, 3, dtype=F64)
     y = torch.randn(4, dtype=F64)
     store_path, init_path, data_path, out_path = (
-        str(tmp_path / n) for n in ("store", "init.pt", "data.pt", "out.pt"))
+        str(tmp_path / n) for n in ("store", "init.pt", "data.pt", "out.pt")
+    )
     torch.save(init.state_dict(), init_path)
     torch.save((x, y), data_path)
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_ddp_worker, args=(2, store_path, init_path, data_path, out_path),
-                             nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _ddp_worker,
+        args=(2, store_path, init_path, data_path, out_path),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.time() + 120
     try:
         while not ctx.join(timeout=1):  # raises if a worker failed
@@ -285,29 +307,30 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch)
     assert got.keys() == exp.keys()
     moved = 0.0
     for k in exp:
-        torch.testing.assert_close(got[k], exp[k], atol=1e-10, rtol=1e-10,
-                                   msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(
+            got[k], exp[k], atol=1e-10, rtol=1e-10, msg=lambda m: f"{k}: {m}"
+        )
         moved = max(moved, (exp[k] - init.state_dict()[k]).abs().max().item())
     assert moved > 1e-3  # the training steps changed the parameters: the comparison means something
 
 
 # ---- a large shape ------------------------------------------------------------------------------
 
+
 def test_large_sequence_cpu():
     """The largest shape exercised on the CPU: T=512, B=256, I=16, H=256, fp32, so
     T*B*4H = 2**27 gate elements (512 MB) in the training-mode forward's workspace (640 MB with
     the cell states) and T*B*H = 2**25 output elements.
 
-    Sizes past 2**31 elements (where a 32-bit index would overflow) do not fit quickly on a
-    2-core 24 GB machine; instead the code is 64-bit by construction: the step structs of
-    csrc/kernels.h carry every size, row count and row stride as int64_t, the element loops of
-    csrc/step_elements.h and csrc/cpu/step_loops.h index with int64_t (b * ld + j), and
-    the drivers (csrc/driver/) compute row offsets (r0 * 4H into the workspace, r0 * H_out into the output) in
-    int64_t. This test checks the rows at the highest offsets: the last batch column over the
-    whole sequence, against the fp64 reference (the batch columns of a layer are independent),
-    and every column of the first steps (the recurrence is causal: the first k output steps
-    depend on the first k inputs only).
-
+    Sizes past 2**31 elements (where a 32-bit index would overflow) do not fit quickly on a 2-core
+    24 GB machine; instead the code is 64-bit by construction: the step structs of
+    csrc/kernels/kernels.h carry every size, row count and row stride as int64_t, the element loops
+    of csrc/kernels/step_elements.h and csrc/kernels/cpu/step_loops.h index with int64_t (b * ld +
+    j), and the recurrences (csrc/recurrence/) compute row offsets (r0 * 4H into the workspace, r0 *
+    H_out into the output) in int64_t. This test checks the rows at the highest offsets: the last
+    batch column over the whole sequence, against the fp64 reference (the batch columns of a layer
+    are independent), and every column of the first steps (the recurrence is causal: the first k
+    output steps depend on the first k inputs only).
     Tolerance 1e-5: fp32 results against the fp64 reference; the LSTM is contractive here
     (torch's init +-1/16, forget gate < 1), so rounding does not accumulate over the 512 steps
     (measured ~5e-8)."""
@@ -319,8 +342,9 @@ def test_large_sequence_cpu():
     with torch.no_grad():
         out, (h, c) = m(x)  # inference path: input projection in chunks, no workspace
         w = [p.detach() for p in m.parameters()]
-        out_ws, h_ws, c_ws, ws = torch.ops.fusedrnn.lstm_forward(x, *w, None, None, None, None,
-                                                                 None, False, True)
+        out_ws, h_ws, c_ws, ws = torch.ops.fusedrnn.lstm_forward(
+            x, *w, None, None, None, None, None, False, True
+        )
     assert ws.numel() == T * B * 5 * H  # gates (4H) and c_t (H) of every row
     w64 = [p.double() for p in w]
     cols = torch.tensor([0, B - 1])
@@ -336,7 +360,7 @@ def test_large_sequence_cpu():
         torch.testing.assert_close(o[:k].double(), f_out, **tol)
     # the saved c_t of the very last row of the workspace is the final cell state of the last
     # batch column
-    c_saved = ws[T * B * 4 * H:].view(T * B, H)
+    c_saved = ws[T * B * 4 * H :].view(T * B, H)
     assert torch.equal(c_saved[-1], c_ws[-1])
     assert torch.isfinite(out).all()
     assert time.time() - t0 < 40

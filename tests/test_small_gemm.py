@@ -1,10 +1,11 @@
-"""The small GEMMs (csrc/cpu/small_gemm.h): fp32 CPU steps of few rows multiply by the weights
-in their row-major layout (gemm_nt forward up to 32 rows, gemm_nn backward up to 16; more than
-4 rows in groups of 4, driver/gemm.cpp) instead of calling at::mm. Row counts 1-4 and 5, 8, 13,
-16, 24, 32, hidden and input sizes that leave vector remainders and weight-row remainders,
-projections, packed batches that shrink to a few rows, and every cell, forward and backward,
-against the fp64 reference, under every ISA the CPU has (the `cpu_isa` fixture; the baseline
-runs at::mm, the same checks)."""
+"""The small GEMMs (csrc/kernels/cpu/isa/small_gemm.h): fp32 CPU steps of few rows multiply by the
+weights in their row-major layout (gemm_nt forward up to 32 rows, gemm_nn backward up to 16; more
+than 4 rows in groups of 4, execution/gemm.cpp) instead of calling at::mm. Row counts 1-4 and 5, 8,
+13, 16, 24, 32, hidden and input sizes that leave vector remainders and weight-row remainders,
+projections, packed batches that shrink to a few rows, and every cell, forward and backward, against
+the fp64 reference, under every ISA the CPU has (the `cpu_isa` fixture; the baseline runs at::mm,
+the same checks)."""
+
 import pytest
 import torch
 
@@ -18,17 +19,23 @@ F32, F64 = torch.float32, torch.float64
 def _weights(cell, I, H, proj):
     c = cells.CELLS[cell]
     Hout = proj or H
-    u = lambda *s: (torch.rand(*s, dtype=F64) - 0.5)  # noqa: E731
-    w = {"weight_ih": u(c.gates * H, I), "weight_hh": u(c.gates * H, Hout),
-         "bias_ih": u(c.gates * H), "bias_hh": u(c.gates * H),
-         "weight_ch": u(*c.weight_ch_shape(H)) if c.weight_ch else None,
-         "weight_hr": u(proj, H) if proj else None}
+    u = lambda *s: torch.rand(*s, dtype=F64) - 0.5  # noqa: E731
+    w = {
+        "weight_ih": u(c.gates * H, I),
+        "weight_hh": u(c.gates * H, Hout),
+        "bias_ih": u(c.gates * H),
+        "bias_hh": u(c.gates * H),
+        "weight_ch": u(*c.weight_ch_shape(H)) if c.weight_ch else None,
+        "weight_hr": u(proj, H) if proj else None,
+    }
     return w
 
 
 def _run(fn, cell, x, w, hx, cx, batch_sizes, dtype):
-    leaves = [t.detach().to(F32).to(dtype).requires_grad_() if t is not None else None
-              for t in (x, *w.values(), hx, cx)]
+    leaves = [
+        t.detach().to(F32).to(dtype).requires_grad_() if t is not None else None
+        for t in (x, *w.values(), hx, cx)
+    ]
     out, hy, cy = fn(cell, *leaves, batch_sizes)
     loss = out.sin().sum() + hy.cos().sum() + (cy.sin().sum() if cy is not None else 0)
     grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
@@ -71,8 +78,11 @@ def test_packed_batch_shrinking_to_few_rows(cell):
 def test_one_step_cells_match_torch_nn():
     """The cells' single steps at B = 1 (the small GEMMs' main use) against torch.nn's cells."""
     import fusedrnn
-    for ours, theirs in ((fusedrnn.LSTMCell, torch.nn.LSTMCell),
-                         (fusedrnn.GRUCell, torch.nn.GRUCell)):
+
+    for ours, theirs in (
+        (fusedrnn.LSTMCell, torch.nn.LSTMCell),
+        (fusedrnn.GRUCell, torch.nn.GRUCell),
+    ):
         t = theirs(37, 29)
         f = ours(37, 29)
         f.load_state_dict(t.state_dict())

@@ -1,7 +1,7 @@
-"""The raw GEMM of the step loops (csrc/driver/step_device.h): C = beta * C + op(A) op(B) on
+"""The raw GEMM of the step loops (csrc/execution/step_device.h): C = beta * C + op(A) op(B) on
 row-major matrices given by pointer, leading dimension and transpose flag, which the GEMM +
 step kernel loops call once or twice per step, on the CPU through ATen and on CUDA through
-cublasGemmEx (csrc/driver/cublas.cpp).
+cublasGemmEx (csrc/execution/cublas.cpp).
 
 On the CPU: every transpose / beta / leading-dimension combination (the driver's among them)
 through the op `_raw_gemm`, through ATen and through FUSEDRNN_CPU_STEP_GEMM=cublas_reference,
@@ -9,11 +9,12 @@ which runs the column-major arguments of the cuBLAS call through a reference GEM
 contract (its leading-dimension rules, C unread with beta 0); and every cell's layer, forward
 and backward, padded and packed, with the projection, with the loops' GEMMs all taking that
 cuBLAS mapping. tests/test_cuda.py runs the same GEMM cases on a GPU through cuBLAS itself."""
+
 import pytest
 import torch
+from test_fused_cpu import _check
 
 from fusedrnn.testing import CELLS, DRIVER_CALLS, LSTM_FAMILY, check_raw_gemm, raw_gemm_cases
-from test_fused_cpu import _check
 
 ops = torch.ops.fusedrnn
 F64 = torch.float64
@@ -30,8 +31,11 @@ def step_gemm(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float64, torch.float32, torch.bfloat16],
+    ids=lambda d: str(d).replace("torch.", ""),
+)
 def test_raw_gemm_every_layout(step_gemm, dtype):
     gen = torch.Generator().manual_seed(0)
     for case in raw_gemm_cases():
@@ -59,11 +63,24 @@ def test_reference_refuses_what_cublas_refuses(monkeypatch):
 
 def test_raw_gemm_checks_its_buffers():
     with pytest.raises(RuntimeError, match="does not fit"):
-        ops._raw_gemm(torch.zeros(5), torch.zeros(8), torch.zeros(12), 2, 3, 4, 4, 3, 3,
-                      False, False, 0.0)  # c needs 6 elements
+        ops._raw_gemm(
+            torch.zeros(5), torch.zeros(8), torch.zeros(12), 2, 3, 4, 4, 3, 3, False, False, 0.0
+        )  # c needs 6 elements
     with pytest.raises(RuntimeError, match="dtype and device"):
-        ops._raw_gemm(torch.zeros(6), torch.zeros(8, dtype=F64), torch.zeros(12), 2, 3, 4, 4, 3,
-                      3, False, False, 0.0)
+        ops._raw_gemm(
+            torch.zeros(6),
+            torch.zeros(8, dtype=F64),
+            torch.zeros(12),
+            2,
+            3,
+            4,
+            4,
+            3,
+            3,
+            False,
+            False,
+            0.0,
+        )
 
 
 def test_gemm_backend_of_cpu_calls():

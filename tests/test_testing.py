@@ -1,16 +1,24 @@
 """The tolerance rule of fusedrnn.testing (design.md §4), which the CPU and CUDA tests and the
 GPU check share: its bounds at their edges, and the assertion built on it."""
+
 import pytest
 import torch
 
-from fusedrnn.testing import (BF16_FLOOR, FP16_FLOOR, FP32_TOL, FP64_TOL, assert_close,
-                              within_tolerance)
+from fusedrnn.testing import (
+    BF16_FLOOR,
+    FP16_FLOOR,
+    FP32_TOL,
+    FP64_TOL,
+    assert_close,
+    within_tolerance,
+)
 
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, FP64_TOL), (torch.float32, FP32_TOL)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, FP64_TOL), (torch.float32, FP32_TOL)], ids=["float64", "float32"]
+)
 def test_float_rule_is_tol_plus_tol_times_ref(dtype, tol):
     ref = torch.tensor([0.0, 1.0, -3.0], dtype=F64)
     edge = ref + (tol + tol * ref.abs()) * 0.999
@@ -24,9 +32,11 @@ def test_float_rule_is_tol_plus_tol_times_ref(dtype, tol):
         assert_close(over, ref, dtype, "over")
 
 
-@pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, BF16_FLOOR),
-                                          (torch.float16, FP16_FLOOR)],
-                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    "dtype, floor",
+    [(torch.bfloat16, BF16_FLOOR), (torch.float16, FP16_FLOOR)],
+    ids=["bfloat16", "float16"],
+)
 def test_half_rule_is_twice_the_lowp_error_plus_floor(dtype, floor):
     ref = torch.tensor([0.5, -2.0, 1.0], dtype=F64)
     lowp = ref + torch.tensor([0.0, 0.01, 0.0], dtype=F64)

@@ -7,6 +7,7 @@ would show as a difference.
 
 Also: a layer call allocates nothing per step (design.md §2, "No allocation per step").
 """
+
 import copy
 
 import numpy as np
@@ -16,18 +17,18 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fusedrnn
+from fusedrnn import modules
 
-pytestmark = pytest.mark.skipif(fusedrnn.backend() != "fused",
-                                reason="the compiled operators did not load")
+pytestmark = pytest.mark.skipif(
+    fusedrnn.backend() != "fused", reason="the compiled operators did not load"
+)
 
 I, H = 20, 40
-LAYERS = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "peephole_lstm": fusedrnn.PeepholeLSTM,
-          "wm_lstm": fusedrnn.WorkingMemoryLSTM}
-CELLS = {"lstm": fusedrnn.LSTMCell, "gru": fusedrnn.GRUCell,
-         "peephole_lstm": fusedrnn.PeepholeLSTMCell, "wm_lstm": fusedrnn.WorkingMemoryLSTMCell}
-# (T, B) of the calls: the tiled fused steps, whose weights are packed per call (cpu/fused_step.h:
-# at least 4 steps and 32 rows, more than 4 rows a step; the cells' LSTM-family forwards at 33
-# rows too), and the small GEMMs of one row a step
+LAYERS = modules.SEQUENCE_MODULES
+CELLS = modules.CELL_MODULES
+# (T, B) of the calls: the tiled fused steps, whose weights are packed per call
+# (kernels/cpu/fused_step.h: at least 4 steps and 32 rows, more than 4 rows a step; the cells'
+# LSTM-family forwards at 33 rows too), and the small GEMMs of one row a step
 SHAPES = {"tiles": (6, 33), "one_row": (6, 1)}
 
 
@@ -82,9 +83,11 @@ IDS = [f"{k}-{c}-{s}" for k, c, s in KINDS]
 @pytest.mark.parametrize("opt", ["sgd", "adam_foreach", "adam_fused"])
 def test_optimizer_steps(kind, cell, shape, opt):
     m, x = _make(kind, cell), _input(kind, shape)
-    optim = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=False),
-             "adam_foreach": lambda p: torch.optim.Adam(p, lr=0.05, foreach=True),
-             "adam_fused": lambda p: torch.optim.Adam(p, lr=0.05, fused=True)}[opt](m.parameters())
+    optim = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=False),
+        "adam_foreach": lambda p: torch.optim.Adam(p, lr=0.05, foreach=True),
+        "adam_fused": lambda p: torch.optim.Adam(p, lr=0.05, fused=True),
+    }[opt](m.parameters())
     for _ in range(3):
         before = _run(m, x)
         optim.zero_grad()
@@ -179,11 +182,13 @@ def test_parametrization(kind, cell, shape):
 
 # ---- no allocation per step -------------------------------------------------------------------
 
+
 def _allocations(fn) -> int:
     """How many CPU allocations (through torch's allocator) fn makes, from the profiler's event
     tree (the same events torch.profiler's memory timeline reads)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     n, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
@@ -205,6 +210,7 @@ def _call(m, T, B, grad):
         else:
             with torch.no_grad():
                 m(x)
+
     return fn
 
 

@@ -1,18 +1,18 @@
 """examples/working_memory.py: a tiny end-to-end run (in-process), its JSON, plot and table."""
+
 import importlib.util
 import json
 import os
 
-import pytest
-import torch
-
-import fusedrnn
-
 # The example's dependencies are part of the test install (README command 1): a missing one is
 # an install error and must fail here, not skip.
 import matplotlib  # noqa: F401,E402
+import pytest
 import sklearn  # noqa: F401,E402
+import torch
 import tqdm  # noqa: F401,E402
+
+import fusedrnn
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "working_memory.py")
 
@@ -31,8 +31,10 @@ def tiny_run(example, tmp_path_factory):
     argv = ["--tiny", "--no-progress", "--out", str(out)]
     if fusedrnn.backend() != "fused":
         argv.append("--allow-reference")
-    threads, flush = torch.get_num_threads(), torch.is_flush_denormal_enabled() if hasattr(
-        torch, "is_flush_denormal_enabled") else False
+    threads, flush = (
+        torch.get_num_threads(),
+        torch.is_flush_denormal_enabled() if hasattr(torch, "is_flush_denormal_enabled") else False,
+    )
     try:
         result = example.main(argv)
     finally:
@@ -46,8 +48,18 @@ def tiny_run(example, tmp_path_factory):
 def test_outputs_written(tiny_run):
     _, out, result, saved = tiny_run
     assert (out / "learning_curves.png").stat().st_size > 0
-    for key in ("config", "environment", "tasks", "runs", "summary", "table", "eager_timing",
-                "denormal_check", "timings", "digits_permutation"):
+    for key in (
+        "config",
+        "environment",
+        "tasks",
+        "runs",
+        "summary",
+        "table",
+        "eager_timing",
+        "denormal_check",
+        "timings",
+        "digits_permutation",
+    ):
         assert key in saved, key
     env = saved["environment"]
     assert env["backend"] == fusedrnn.backend() and env["threads"] == 1
@@ -65,11 +77,15 @@ def test_runs_and_curves_have_the_configured_shape(tiny_run):
     assert list(saved["tasks"]) == tasks
     assert len(saved["runs"]) == len(tasks) * len(models) * seeds
     assert {(r["task"], r["model"], r["seed"]) for r in saved["runs"]} == {
-        (t, m, s) for t in tasks for m in models for s in range(seeds)}
+        (t, m, s) for t in tasks for m in models for s in range(seeds)
+    }
     for r in saved["runs"]:
         info = saved["tasks"][r["task"]]
-        n_points = (cfg["digits_epochs"] if info["kind"] == "classification"
-                    else cfg["adding_steps"] // cfg["adding_eval_every"]) + 1
+        n_points = (
+            cfg["digits_epochs"]
+            if info["kind"] == "classification"
+            else cfg["adding_steps"] // cfg["adding_eval_every"]
+        ) + 1
         assert len(r["points"]) == n_points
         assert r["points"][0]["step"] == 0 and r["points"][-1]["step"] == r["steps"]
         assert r["final"] == r["points"][-1][info["metric"]]
@@ -112,8 +128,15 @@ def test_eager_timing_and_denormal_check(tiny_run):
     assert den["normal"]["denormal_frac_output"] == 0.0
     assert den["denormal-states"]["denormal_frac_output"] > 0.5
     for r in den.values():
-        assert all(r[k] > 0 for k in ("fused_ms_flush_off", "fused_ms_flush_on",
-                                      "eager_ms_flush_off", "eager_ms_flush_on"))
+        assert all(
+            r[k] > 0
+            for k in (
+                "fused_ms_flush_off",
+                "fused_ms_flush_on",
+                "eager_ms_flush_off",
+                "eager_ms_flush_on",
+            )
+        )
 
 
 def test_adding_problem_data(example):

@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <cstring>
 
-// The cell math and the step elements (../step_elements.h) are compiled several times into one
+#include "traits.h"
+
+// The cell math and the step elements (kernels/step_elements.h) are compiled several times into one
 // library: for the portable CPU code, for the CUDA kernels and once per CPU instruction set
 // (cpu/isa_*.cpp, with that ISA's target flags). Each copy lives in its own inline namespace,
 // FUSEDRNN_ISA_NAMESPACE, set by the translation unit before it includes these headers, so that
@@ -90,5 +92,11 @@ FUSEDRNN_HD float tanh(float x) {
 FUSEDRNN_HD double tanh(double x) { return ::tanh(x); }
 
 }  // namespace math
+// The math of each cell: CellMath<kind>::type<acc_t> is its struct (LSTMCell<acc_t>, ...),
+// declared by the cell's own header next to the struct, so that the step elements
+// (kernels/step_elements.h) reach a cell through its kind and traits only.
+template <CellKind kCell>
+struct CellMath;
+
 FUSEDRNN_ISA_END
 }  // namespace fusedrnn

@@ -14,9 +14,8 @@ template <typename acc_t>
 struct GRUCell {
   static constexpr int kGates = 3;
 
-  FUSEDRNN_HD static void forward(acc_t x_r, acc_t x_z, acc_t x_n, acc_t h_r, acc_t h_z,
-                                  acc_t h_n, acc_t h_prev, acc_t& r, acc_t& z, acc_t& n,
-                                  acc_t& h) {
+  FUSEDRNN_HD static void forward(acc_t x_r, acc_t x_z, acc_t x_n, acc_t h_r, acc_t h_z, acc_t h_n,
+                                  acc_t h_prev, acc_t& r, acc_t& z, acc_t& n, acc_t& h) {
     r = math::sigmoid(x_r + h_r);
     z = math::sigmoid(x_z + h_z);
     n = math::tanh(x_n + r * h_n);
@@ -35,6 +34,12 @@ struct GRUCell {
     dh_n_pre = dx_n * r;
     dh_prev = dh * z;
   }
+};
+
+template <>
+struct CellMath<CellKind::kGRU> {
+  template <typename acc_t>
+  using type = GRUCell<acc_t>;
 };
 
 FUSEDRNN_ISA_END

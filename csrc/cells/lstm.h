@@ -41,5 +41,11 @@ struct LSTMCell {
   }
 };
 
+template <>
+struct CellMath<CellKind::kLSTM> {
+  template <typename acc_t>
+  using type = LSTMCell<acc_t>;
+};
+
 FUSEDRNN_ISA_END
 }  // namespace fusedrnn

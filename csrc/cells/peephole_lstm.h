@@ -14,8 +14,8 @@ struct PeepholeLSTMCell {
   static constexpr int kGates = 4;
 
   FUSEDRNN_HD static void forward(acc_t a_i, acc_t a_f, acc_t a_g, acc_t a_o, acc_t c_prev,
-                                  acc_t w_ci, acc_t w_cf, acc_t w_co, acc_t& i, acc_t& f,
-                                  acc_t& g, acc_t& o, acc_t& c, acc_t& h) {
+                                  acc_t w_ci, acc_t w_cf, acc_t w_co, acc_t& i, acc_t& f, acc_t& g,
+                                  acc_t& o, acc_t& c, acc_t& h) {
     i = math::sigmoid(a_i + w_ci * c_prev);
     f = math::sigmoid(a_f + w_cf * c_prev);
     g = math::tanh(a_g);
@@ -38,6 +38,12 @@ struct PeepholeLSTMCell {
     da_g = dc * i * (one - g * g);
     dc_prev = dc * f + da_i * w_ci + da_f * w_cf;
   }
+};
+
+template <>
+struct CellMath<CellKind::kPeephole> {
+  template <typename acc_t>
+  using type = PeepholeLSTMCell<acc_t>;
 };
 
 FUSEDRNN_ISA_END

@@ -27,8 +27,7 @@ struct WorkingMemoryLSTMCell {
     c = f * c_prev + i * g;
   }
 
-  FUSEDRNN_HD static void forward_o(acc_t a_o, acc_t p_o, acc_t c, acc_t& o, acc_t& u_o,
-                                    acc_t& h) {
+  FUSEDRNN_HD static void forward_o(acc_t a_o, acc_t p_o, acc_t c, acc_t& o, acc_t& u_o, acc_t& h) {
     u_o = math::tanh(p_o);
     o = math::sigmoid(a_o + u_o);
     h = o * math::tanh(c);
@@ -36,8 +35,8 @@ struct WorkingMemoryLSTMCell {
 
   // First half of the backward step: from dh_t, the o gate's gradients; dc gains the direct
   // term. The caller then adds dp_o W_co (and the next step's dp_i W_ci + dp_f W_cf) to dc.
-  FUSEDRNN_HD static void backward_o(acc_t o, acc_t u_o, acc_t c, acc_t dh, acc_t& dc,
-                                     acc_t& da_o, acc_t& dp_o) {
+  FUSEDRNN_HD static void backward_o(acc_t o, acc_t u_o, acc_t c, acc_t dh, acc_t& dc, acc_t& da_o,
+                                     acc_t& dp_o) {
     const acc_t one(1);
     const acc_t tc = math::tanh(c);
     da_o = dh * tc * o * (one - o);
@@ -58,6 +57,12 @@ struct WorkingMemoryLSTMCell {
     dp_f = da_f * (one - u_f * u_f);
     dc_prev = dc * f;
   }
+};
+
+template <>
+struct CellMath<CellKind::kWorkingMemory> {
+  template <typename acc_t>
+  using type = WorkingMemoryLSTMCell<acc_t>;
 };
 
 FUSEDRNN_ISA_END

@@ -38,15 +38,28 @@ Import graph: each module imports only modules listed above it, so there is no c
     __main__   -> cli
     __init__   -> cases, env, measure, cli
 """
+
 from .cases import CELLS, FASTRNNS_SHAPE, IMPL_LABELS, IMPLS, PASSES, Case, grid_shapes, quick_shape
 from .env import environment
 from .measure import run_suite
 
-__all__ = ["CELLS", "FASTRNNS_SHAPE", "IMPL_LABELS", "IMPLS", "PASSES", "Case", "environment",
-           "grid_shapes", "quick_shape", "run_suite", "main"]
+__all__ = [
+    "CELLS",
+    "FASTRNNS_SHAPE",
+    "IMPL_LABELS",
+    "IMPLS",
+    "PASSES",
+    "Case",
+    "environment",
+    "grid_shapes",
+    "quick_shape",
+    "run_suite",
+    "main",
+]
 
 
 def main(argv=None) -> int:
     """Command-line entry (see ``python -m fusedrnn.bench --help``)."""
     from .cli import main as _main
+
     return _main(argv)

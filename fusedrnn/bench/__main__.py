@@ -1,4 +1,5 @@
 """``python -m fusedrnn.bench``: run the benchmark suite (see ``--help``)."""
+
 from .cli import main
 
 if __name__ == "__main__":

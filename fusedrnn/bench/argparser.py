@@ -1,5 +1,6 @@
 """The argument parser of the two commands, ``python -m fusedrnn.bench`` and
 ``python -m fusedrnn.bench.plot``."""
+
 import argparse
 
 

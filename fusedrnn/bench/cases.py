@@ -7,6 +7,7 @@ the bench's one home of per-cell facts: the cell names, their gate counts (the m
 and for each cell its fusedrnn module, its torch.nn module (LSTM and GRU only) and its reference
 step function.
 """
+
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -14,24 +15,38 @@ import torch
 from torch import nn
 
 from fusedrnn import cells as _cells
+from fusedrnn import modules as _modules
+from fusedrnn import reference as _reference
 
 # The per-cell facts come from the cell table (fusedrnn/cells.py); torch.nn has LSTM and GRU only.
 CELLS = tuple(_cells.CELLS)
 GATES = {name: c.gates for name, c in _cells.CELLS.items()}  # gate blocks per cell; throughput
-FUSED_MODULES = {name: c.module_class for name, c in _cells.CELLS.items()}
-TORCH_MODULES = {"lstm": nn.LSTM, "gru": nn.GRU}
-STEP_FUNCTIONS = {name: c.reference_step for name, c in _cells.CELLS.items()}
+FUSED_MODULES = dict(_modules.SEQUENCE_MODULES)
+TORCH_MODULES = {
+    name: nn.LSTM if c.has_cell_state else nn.GRU
+    for name, c in _cells.CELLS.items()
+    if c.in_torch_nn
+}
+STEP_FUNCTIONS = dict(_reference.STEPS)
 # FLOPs per row of the cell-connection GEMM beside the gates' (throughput): the full weight_ch
 WEIGHT_CH_GEMM = {name: c.weight_ch == "full" for name, c in _cells.CELLS.items()}
 
 IMPLS = ("fused", "torch", "eager", "compiled")
 BASELINES = IMPLS[1:]
-IMPL_LABELS = {"fused": "fused", "torch": "torch.nn", "eager": "eager loop",
-               "compiled": "compiled step loop"}
+IMPL_LABELS = {
+    "fused": "fused",
+    "torch": "torch.nn",
+    "eager": "eager loop",
+    "compiled": "compiled step loop",
+}
 SLOW_IMPLS = ("eager", "compiled")
 PASSES = ("fwd", "fwd+bwd")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 FASTRNNS_SHAPE = (100, 64, 512, 512)
 QUICK_SHAPE_CPU = (100, 64, 256, 256)
 STACK_LAYERS = 3
@@ -47,8 +62,9 @@ def quick_shape(device_type: str) -> Shape:
 
 def grid_shapes() -> List[Shape]:
     """bench/README.md: T in {50, 200}, B in {1, 16, 64, 256}, H in {128, ..., 1024}, I = H."""
-    return [(T, B, H, H) for T in (50, 200) for B in (1, 16, 64, 256)
-            for H in (128, 256, 512, 1024)]
+    return [
+        (T, B, H, H) for T in (50, 200) for B in (1, 16, 64, 256) for H in (128, 256, 512, 1024)
+    ]
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -63,6 +79,7 @@ def slow_repeats(repeats: int) -> int:
 @dataclass(frozen=True)
 class Case:
     """One cell at one shape, with the passes and implementations to measure."""
+
     cell: str
     shape: Shape
     passes: Tuple[str, ...] = PASSES
@@ -109,8 +126,9 @@ class Settings:
         return self.warmup, self.repeats
 
 
-def build_cases(cells: Iterable[str], shapes: Iterable[Shape], stacked: bool = True,
-                input_grad: bool = False) -> List[Case]:
+def build_cases(
+    cells: Iterable[str], shapes: Iterable[Shape], stacked: bool = True, input_grad: bool = False
+) -> List[Case]:
     """Every cell at every shape (fwd and fwd+bwd, all applicable implementations), plus, when
     LSTM is asked, the 3-layer bidirectional LSTM (fused vs torch.nn, fwd+bwd) at every shape
     and beside it the single layer with an input that requires grad ("+dx"): the layers of a
@@ -129,10 +147,12 @@ def build_cases(cells: Iterable[str], shapes: Iterable[Shape], stacked: bool = T
             # directions), and what it shows, the speed-up over torch.nn, does not depend on T.
             stacked_shape = (max(1, shape[0] // 2),) + shape[1:]
             if not input_grad:
-                cases.append(Case("lstm", stacked_shape, ("fwd+bwd",), ("fused", "torch"),
-                                  input_grad=True))
-            cases.append(Case("lstm", stacked_shape, ("fwd+bwd",), ("fused", "torch"),
-                              STACK_LAYERS, True))
+                cases.append(
+                    Case("lstm", stacked_shape, ("fwd+bwd",), ("fused", "torch"), input_grad=True)
+                )
+            cases.append(
+                Case("lstm", stacked_shape, ("fwd+bwd",), ("fused", "torch"), STACK_LAYERS, True)
+            )
     return cases
 
 

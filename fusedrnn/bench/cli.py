@@ -1,4 +1,5 @@
 """Command line of ``python -m fusedrnn.bench``."""
+
 import argparse
 import contextlib
 import json
@@ -15,8 +16,18 @@ import fusedrnn
 
 from . import measure, plot, serving, throughput
 from .argparser import Parser
-from .cases import (CELLS, DTYPES, FASTRNNS_SHAPE, WARMUP, Settings, Shape, build_cases,
-                    count_tasks, grid_shapes, quick_shape)
+from .cases import (
+    CELLS,
+    DTYPES,
+    FASTRNNS_SHAPE,
+    WARMUP,
+    Settings,
+    Shape,
+    build_cases,
+    count_tasks,
+    grid_shapes,
+    quick_shape,
+)
 from .env import TF32_NOTE, environment, tf32, tf32_state
 from .impls import COMPILE_MODE, COMPILE_NOTE
 from .measure import MEMORY_METHOD
@@ -52,6 +63,7 @@ def _positive(name: str):
         if value < 1:
             raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
         return value
+
     parse.__name__ = name
     return parse
 
@@ -60,15 +72,15 @@ def parse_cells(text: str) -> List[str]:
     """Comma-separated cell names (or "all"), in the given order, without repeats."""
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of cells, got "
-                                         f"{text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of cells, got {text!r}")
     if names == ["all"]:
         return list(CELLS)
     out = []
     for name in names:
         if name not in CELLS:
-            raise argparse.ArgumentTypeError(f"unknown cell {name!r} (choose from "
-                                             f"{', '.join(CELLS)})")
+            raise argparse.ArgumentTypeError(
+                f"unknown cell {name!r} (choose from {', '.join(CELLS)})"
+            )
         if name not in out:
             out.append(name)
     return out
@@ -90,62 +102,124 @@ def parse_shapes(text: str) -> List[Shape]:
             values = ()
         if len(values) != 4 or min(values) < 1:
             raise argparse.ArgumentTypeError(
-                f"expected T,B,I,H with four positive integers, got {part!r}")
+                f"expected T,B,I,H with four positive integers, got {part!r}"
+            )
         shapes.append(values)
     return shapes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m fusedrnn.bench", description=DESCRIPTION,
-                                epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to run: cuda when available with auto (default: auto)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="parameter and input dtype (default: float32; float16 is GPU only)")
-    p.add_argument("--cells", type=parse_cells, default=list(CELLS), metavar="LIST",
-                   help="comma-separated cells out of " + ",".join(CELLS)
-                   + " or 'all' (default: all)")
+    p = Parser(
+        prog="python -m fusedrnn.bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run: cuda when available with auto (default: auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="parameter and input dtype (default: float32; float16 is GPU only)",
+    )
+    p.add_argument(
+        "--cells",
+        type=parse_cells,
+        default=list(CELLS),
+        metavar="LIST",
+        help="comma-separated cells out of " + ",".join(CELLS) + " or 'all' (default: all)",
+    )
     shapes = p.add_mutually_exclusive_group()
-    shapes.add_argument("--shapes", type=parse_shapes, metavar="T,B,I,H[;T,B,I,H...]",
-                        help="explicit shapes: sequence length, batch, input size, hidden size; "
-                        "separate several with ';' (quote them in a shell)")
-    shapes.add_argument("--grid", action="store_true",
-                        help="the full grid: T in {50,200} x B in {1,16,64,256} x "
-                        "H in {128,256,512,1024}, I = H (32 shapes; long)")
-    shapes.add_argument("--fastrnns", action="store_true",
-                        help="the PyTorch fastrnns shape T,B,I,H = 100,64,512,512")
-    shapes.add_argument("--serving", action="store_true",
-                        help="instead of the layer suite, the serving group (CPU, float32): "
-                        "each cell in a 100-step Python loop at batch 1 and 32, and LSTM / GRU "
-                        "inference at T=200 with batch 1 and 8, with each row's "
-                        "weight-streaming bound (bench/README.md)")
-    shapes.add_argument("--serving-grid", action="store_true",
-                        help="the serving group with the cells at batch 1..64 and serving.png, "
-                        "the fused / baseline ratio against the batch size")
-    p.add_argument("--threads", type=_positive("threads"), default=None, metavar="N",
-                   help="torch.set_num_threads(N) (default: 1 on a CPU, which the result "
-                   "records; with N > 1 set OMP_WAIT_POLICY=PASSIVE in the environment)")
-    p.add_argument("--repeats", type=_positive("repeats"), default=10, metavar="N",
-                   help="timed runs of fused and torch.nn, median reported (default: 10); the "
-                   "slow eager and compiled loops get max(min(3, N), N // 3)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder (default: ./fusedrnn_bench/<device>-<timestamp>)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip the torch.compile baseline (compiling takes tens of seconds)")
-    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
-                   help="torch.compile backend of the compiled step loop (default: inductor)")
-    p.add_argument("--input-grad", action="store_true",
-                   help="make the input require grad in fwd+bwd (default: off, as for the "
-                   "first layer of a model)")
-    p.add_argument("--no-memory", action="store_true",
-                   help="skip the peak-memory measurement of the training step")
-    p.add_argument("--tf32", action="store_true",
-                   help="allow TF32 in float32 matrix products on both sides, cuDNN "
-                   "(torch.backends.cudnn.allow_tf32) and cuBLAS "
-                   "(torch.backends.cuda.matmul.allow_tf32); default: both off, recorded in "
-                   "results.json (torch's own defaults, cuDNN on and cuBLAS off, would favour "
-                   "torch.nn)")
+    shapes.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        metavar="T,B,I,H[;T,B,I,H...]",
+        help="explicit shapes: sequence length, batch, input size, hidden size; "
+        "separate several with ';' (quote them in a shell)",
+    )
+    shapes.add_argument(
+        "--grid",
+        action="store_true",
+        help="the full grid: T in {50,200} x B in {1,16,64,256} x "
+        "H in {128,256,512,1024}, I = H (32 shapes; long)",
+    )
+    shapes.add_argument(
+        "--fastrnns",
+        action="store_true",
+        help="the PyTorch fastrnns shape T,B,I,H = 100,64,512,512",
+    )
+    shapes.add_argument(
+        "--serving",
+        action="store_true",
+        help="instead of the layer suite, the serving group (CPU, float32): "
+        "each cell in a 100-step Python loop at batch 1 and 32, and LSTM / GRU "
+        "inference at T=200 with batch 1 and 8, with each row's "
+        "weight-streaming bound (bench/README.md)",
+    )
+    shapes.add_argument(
+        "--serving-grid",
+        action="store_true",
+        help="the serving group with the cells at batch 1..64 and serving.png, "
+        "the fused / baseline ratio against the batch size",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive("threads"),
+        default=None,
+        metavar="N",
+        help="torch.set_num_threads(N) (default: 1 on a CPU, which the result "
+        "records; with N > 1 set OMP_WAIT_POLICY=PASSIVE in the environment)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive("repeats"),
+        default=10,
+        metavar="N",
+        help="timed runs of fused and torch.nn, median reported (default: 10); the "
+        "slow eager and compiled loops get max(min(3, N), N // 3)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output folder (default: ./fusedrnn_bench/<device>-<timestamp>)",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile baseline (compiling takes tens of seconds)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        metavar="NAME",
+        help="torch.compile backend of the compiled step loop (default: inductor)",
+    )
+    p.add_argument(
+        "--input-grad",
+        action="store_true",
+        help="make the input require grad in fwd+bwd (default: off, as for the "
+        "first layer of a model)",
+    )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory measurement of the training step",
+    )
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="allow TF32 in float32 matrix products on both sides, cuDNN "
+        "(torch.backends.cudnn.allow_tf32) and cuBLAS "
+        "(torch.backends.cuda.matmul.allow_tf32); default: both off, recorded in "
+        "results.json (torch's own defaults, cuDNN on and cuBLAS off, would favour "
+        "torch.nn)",
+    )
     return p
 
 
@@ -157,12 +231,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
     if args.device == "cpu" and args.dtype == "float16":
-        parser.error("--dtype float16 is not supported on the CPU (fusedrnn's CPU kernels run "
-                     "float32, float64 and bfloat16)")
-    if (args.serving or args.serving_grid) and (args.device != "cpu"
-                                                 or args.dtype != "float32"):
-        parser.error("--serving / --serving-grid: the serving group runs on the CPU in float32 "
-                     f"(got --device {args.device} --dtype {args.dtype})")
+        parser.error(
+            "--dtype float16 is not supported on the CPU (fusedrnn's CPU kernels run "
+            "float32, float64 and bfloat16)"
+        )
+    if (args.serving or args.serving_grid) and (args.device != "cpu" or args.dtype != "float32"):
+        parser.error(
+            "--serving / --serving-grid: the serving group runs on the CPU in float32 "
+            f"(got --device {args.device} --dtype {args.dtype})"
+        )
     if args.grid:
         args.shape_list, args.shape_preset = grid_shapes(), "grid"
     elif args.fastrnns:
@@ -216,8 +293,9 @@ def _progress(total: int, file):
         from tqdm import tqdm
     except (ImportError, AttributeError, ValueError):
         return _LineProgress(total, file)
-    return tqdm(total=total, unit="run", file=file, dynamic_ncols=True, mininterval=0.5,
-                leave=False)
+    return tqdm(
+        total=total, unit="run", file=file, dynamic_ncols=True, mininterval=0.5, leave=False
+    )
 
 
 class _Stop(KeyboardInterrupt):
@@ -233,6 +311,7 @@ class _Stop(KeyboardInterrupt):
 def _stop_on_sigterm():
     """SIGTERM raises _Stop for the duration of the block (main thread only; elsewhere, and
     where the signal cannot be caught, the block runs with the handler unchanged)."""
+
     def handler(signum, frame):
         raise _Stop(signum)
 
@@ -267,39 +346,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = torch.get_num_threads()
     err = sys.stderr
     if device.type == "cpu" and threads > 1 and os.environ.get("OMP_WAIT_POLICY") is None:
-        print(f"warning: {threads} threads without OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waiting "
-              "can make small GEMMs many times slower on small machines; set it in the "
-              "environment before starting Python", file=err)
+        print(
+            f"warning: {threads} threads without OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waiting "
+            "can make small GEMMs many times slower on small machines; set it in the "
+            "environment before starting Python",
+            file=err,
+        )
     info = fusedrnn.build_info()
     if fusedrnn.backend() != "fused":
-        print(f"warning: fusedrnn runs its reference fallback ({info.get('load_error')}); the "
-              "'fused' numbers are not the fused kernels", file=err)
+        print(
+            f"warning: fusedrnn runs its reference fallback ({info.get('load_error')}); the "
+            "'fused' numbers are not the fused kernels",
+            file=err,
+        )
     elif not info.get(device.type):
-        print(f"warning: this fusedrnn build has no {device.type} kernels; the fused runs will "
-              "fail", file=err)
+        print(
+            f"warning: this fusedrnn build has no {device.type} kernels; the fused runs will fail",
+            file=err,
+        )
     with tf32(args.tf32), _stop_on_sigterm():
         if args.serving or args.serving_grid:
             return _run_serving(args, argv, device, threads, err)
         return _run(args, argv, device, threads, err)
 
 
-def _run_serving(args: argparse.Namespace, argv: List[str], device: torch.device,
-                 threads: int, err) -> int:
+def _run_serving(
+    args: argparse.Namespace, argv: List[str], device: torch.device, threads: int, err
+) -> int:
     env = environment(device, torch.float32)
     out_dir = args.out or _default_out(device.type)
     os.makedirs(out_dir, exist_ok=True)
-    header = (f"{env['device_name']}, fusedrnn CPU kernels: "
-              f"{env['build_info'].get('cpu_isa')}, {threads} thread(s), float32")
+    header = (
+        f"{env['device_name']}, fusedrnn CPU kernels: "
+        f"{env['build_info'].get('cpu_isa')}, {threads} thread(s), float32"
+    )
     print(f"serving group: {header}", file=err)
     started = time.perf_counter()
     rows = serving.run(args.repeats, grid=args.serving_grid)
-    doc = {"format": "fusedrnn-bench-serving/1", "command": command_line(argv), "argv": argv,
-           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "wall_s": time.perf_counter() - started, "env": env,
-           "settings": {"threads": threads, "repeats": args.repeats, "statistic": "median",
-                        "steps_per_cell_loop": serving.STEPS, "grid": args.serving_grid,
-                        "timer": "time.perf_counter around each run"},
-           "rows": rows}
+    doc = {
+        "format": "fusedrnn-bench-serving/1",
+        "command": command_line(argv),
+        "argv": argv,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": time.perf_counter() - started,
+        "env": env,
+        "settings": {
+            "threads": threads,
+            "repeats": args.repeats,
+            "statistic": "median",
+            "steps_per_cell_loop": serving.STEPS,
+            "grid": args.serving_grid,
+            "timer": "time.perf_counter around each run",
+        },
+        "rows": rows,
+    }
     _write_json(os.path.join(out_dir, "serving.json"), doc)
     table = serving.format_table(rows)
     with open(os.path.join(out_dir, "serving.txt"), "w") as f:
@@ -310,12 +410,11 @@ def _run_serving(args: argparse.Namespace, argv: List[str], device: torch.device
         try:
             serving.plot(rows, os.path.join(out_dir, "serving.png"), header)
         except Exception as exc:  # the measurements are saved; a plotting problem only warns
-            print(f"warning: could not draw serving.png: {type(exc).__name__}: {exc}",
-                  file=err)
-    print(f"wall time {time.perf_counter() - started:.1f} s; results in "
-          f"{os.path.abspath(out_dir)}")
-    return _exit_status([f"{r['case']} {r['pass']}: {r['reason']}" for r in rows
-                         if r["status"] != "ok"], err)
+            print(f"warning: could not draw serving.png: {type(exc).__name__}: {exc}", file=err)
+    print(f"wall time {time.perf_counter() - started:.1f} s; results in {os.path.abspath(out_dir)}")
+    return _exit_status(
+        [f"{r['case']} {r['pass']}: {r['reason']}" for r in rows if r["status"] != "ok"], err
+    )
 
 
 def _exit_status(failed: List[str], err) -> int:
@@ -329,35 +428,53 @@ def _exit_status(failed: List[str], err) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, argv: List[str], device: torch.device, threads: int,
-         err) -> int:
-    settings = Settings(device=device, dtype=DTYPES[args.dtype], repeats=args.repeats,
-                        warmup=WARMUP[device.type],
-                        compile=not args.no_compile, compile_backend=args.compile_backend,
-                        memory=not args.no_memory, input_grad=args.input_grad)
+def _run(args: argparse.Namespace, argv: List[str], device: torch.device, threads: int, err) -> int:
+    settings = Settings(
+        device=device,
+        dtype=DTYPES[args.dtype],
+        repeats=args.repeats,
+        warmup=WARMUP[device.type],
+        compile=not args.no_compile,
+        compile_backend=args.compile_backend,
+        memory=not args.no_memory,
+        input_grad=args.input_grad,
+    )
     cases = build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
     env = environment(device, settings.dtype)
     out_dir = args.out or _default_out(device.type)
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.json")
     tf32_note = "TF32 on (--tf32)" if args.tf32 else "TF32 off"
-    print(f"fusedrnn {env['fusedrnn']} ({env['backend']}) on {env['device_name']}, "
-          f"{args.dtype}, {threads} thread(s), {tf32_note}; {len(cases)} cases, "
-          f"{len(args.shape_list)} shape(s)", file=err)
+    print(
+        f"fusedrnn {env['fusedrnn']} ({env['backend']}) on {env['device_name']}, "
+        f"{args.dtype}, {threads} thread(s), {tf32_note}; {len(cases)} cases, "
+        f"{len(args.shape_list)} shape(s)",
+        file=err,
+    )
 
     settings_doc = {
-        "device": device.type, "dtype": args.dtype, "threads": threads,
-        "cells": args.cells, "shape_preset": args.shape_preset,
+        "device": device.type,
+        "dtype": args.dtype,
+        "threads": threads,
+        "cells": args.cells,
+        "shape_preset": args.shape_preset,
         "shapes": [list(s) for s in args.shape_list],
-        "repeats": settings.repeats, "slow_repeats": settings.slow_repeats,
-        "warmup": settings.warmup, "warmup_slow": 1,
-        "timer": ("torch.cuda.Event elapsed_time, synchronised after each run"
-                  if device.type == "cuda" else "time.perf_counter around each run"),
+        "repeats": settings.repeats,
+        "slow_repeats": settings.slow_repeats,
+        "warmup": settings.warmup,
+        "warmup_slow": 1,
+        "timer": (
+            "torch.cuda.Event elapsed_time, synchronised after each run"
+            if device.type == "cuda"
+            else "time.perf_counter around each run"
+        ),
         "statistic": "median",
-        "compile": settings.compile, "compile_mode": COMPILE_MODE,
+        "compile": settings.compile,
+        "compile_mode": COMPILE_MODE,
         "compile_note": COMPILE_NOTE,
         "compile_backend": settings.compile_backend,
-        "input_grad": settings.input_grad, "memory": settings.memory,
+        "input_grad": settings.input_grad,
+        "memory": settings.memory,
         "memory_method": MEMORY_METHOD[device.type] if settings.memory else None,
         "tf32": args.tf32,
         # read back after setting: what both sides ran with
@@ -367,8 +484,9 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
     }
     started = time.perf_counter()
 
-    def document(results: List[dict], complete: bool, stopped: Optional[str],
-                 report: Optional[dict]) -> dict:
+    def document(
+        results: List[dict], complete: bool, stopped: Optional[str], report: Optional[dict]
+    ) -> dict:
         return {
             "format": "fusedrnn-bench/1",
             "command": command_line(argv),
@@ -402,25 +520,34 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
     wall = time.perf_counter() - started
     report = None
     if stopped:
-        print(f"interrupted ({stopped}): keeping the {len(results)} records measured so far; "
-              "no GEMM-rate report", file=err)
+        print(
+            f"interrupted ({stopped}): keeping the {len(results)} records measured so far; "
+            "no GEMM-rate report",
+            file=err,
+        )
     else:
         try:
             report = throughput.measure(results, device, settings.dtype)
         except KeyboardInterrupt as exc:
             stopped = str(exc) if isinstance(exc, _Stop) else "SIGINT"
             exit_code = 128 + getattr(exc, "signum", signal.SIGINT)
-            print(f"interrupted ({stopped}) while measuring the GEMM rate: results kept, no "
-                  "GEMM-rate report", file=err)
+            print(
+                f"interrupted ({stopped}) while measuring the GEMM rate: results kept, no "
+                "GEMM-rate report",
+                file=err,
+            )
     doc = document(results, stopped is None, stopped, report)
     doc["wall_s"] = wall
     _write_json(results_path, doc)
     table = format_table(results) if results else "(no results)"
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(table + "\n")
-    print(f"{env['device_name']}, fusedrnn CPU kernels: {env['build_info'].get('cpu_isa')} "
-          f"(best here: {env['build_info'].get('cpu_isa_best')}), {threads} thread(s)"
-          if device.type == "cpu" else f"{env['device_name']}, {tf32_note}")
+    print(
+        f"{env['device_name']}, fusedrnn CPU kernels: {env['build_info'].get('cpu_isa')} "
+        f"(best here: {env['build_info'].get('cpu_isa_best')}), {threads} thread(s)"
+        if device.type == "cpu"
+        else f"{env['device_name']}, {tf32_note}"
+    )
     print(table)
     text = throughput.format_report(report) if report else ""
     if text:
@@ -429,14 +556,18 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
         try:
             plot.plot_results([doc], os.path.join(out_dir, "speedups.png"))
         except Exception as exc:  # the measurements are saved; a plotting problem only warns
-            print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}",
-                  file=err)
+            print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}", file=err)
     print(f"wall time {wall:.1f} s; results in {os.path.abspath(out_dir)}")
     if stopped:
         return exit_code
     # A row that errors is a failure of what the benchmark measures (skips on purpose are not):
     # the command fails, so that CI and scripts see it.
-    return _exit_status([f"{rec['label']} {rec['shape_str']} {rec['pass']} {impl}: "
-                         f"{e.get('reason')}" for rec in results
-                         for impl, e in rec["impls"].items() if e.get("status") == "error"],
-                        err)
+    return _exit_status(
+        [
+            f"{rec['label']} {rec['shape_str']} {rec['pass']} {impl}: {e.get('reason')}"
+            for rec in results
+            for impl, e in rec["impls"].items()
+            if e.get("status") == "error"
+        ],
+        err,
+    )

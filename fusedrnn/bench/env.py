@@ -4,6 +4,7 @@ and the TF32 switches both sides of a comparison run under.
 (Named ``env`` after the results' ``"env"`` key; a module named ``environment`` would share its
 name with the function ``fusedrnn.bench.environment``.)
 """
+
 import contextlib
 import os
 import platform
@@ -28,8 +29,7 @@ def cpu_name() -> str:
 
 def _git(args: List[str], cwd: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "-C", cwd] + args, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "-C", cwd] + args, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -57,8 +57,9 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
         "cpu_name": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "gpu_capability": (".".join(map(str, torch.cuda.get_device_capability(device)))
-                           if cuda else None),
+        "gpu_capability": (
+            ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None
+        ),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -81,21 +82,27 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
 # --- TF32 ------------------------------------------------------------------------------------
 
-TF32_NOTE = ("TF32 in float32 matrix products, the same on both sides: cuDNN "
-             "(torch.backends.cudnn.allow_tf32: torch.nn.LSTM/GRU) and cuBLAS "
-             "(torch.backends.cuda.matmul.allow_tf32: fused's GEMMs, the eager and compiled "
-             "loops); off unless --tf32. torch's own defaults differ (cuDNN on, cuBLAS off), "
-             "which would let torch.nn run TF32 against fused in full fp32")
+TF32_NOTE = (
+    "TF32 in float32 matrix products, the same on both sides: cuDNN "
+    "(torch.backends.cudnn.allow_tf32: torch.nn.LSTM/GRU) and cuBLAS "
+    "(torch.backends.cuda.matmul.allow_tf32: fused's GEMMs, the eager and compiled "
+    "loops); off unless --tf32. torch's own defaults differ (cuDNN on, cuBLAS off), "
+    "which would let torch.nn run TF32 against fused in full fp32"
+)
 
 
 def tf32_state() -> Dict[str, object]:
     """The TF32 switches in effect: the two legacy flags and, where this torch has them, the
     fp32_precision settings they map to."""
     b = torch.backends
-    state: Dict[str, object] = {"cudnn_allow_tf32": bool(b.cudnn.allow_tf32),
-                                "cuda_matmul_allow_tf32": bool(b.cuda.matmul.allow_tf32)}
-    for key, getter in (("cudnn_rnn_fp32_precision", lambda: b.cudnn.rnn.fp32_precision),
-                        ("cuda_matmul_fp32_precision", lambda: b.cuda.matmul.fp32_precision)):
+    state: Dict[str, object] = {
+        "cudnn_allow_tf32": bool(b.cudnn.allow_tf32),
+        "cuda_matmul_allow_tf32": bool(b.cuda.matmul.allow_tf32),
+    }
+    for key, getter in (
+        ("cudnn_rnn_fp32_precision", lambda: b.cudnn.rnn.fp32_precision),
+        ("cuda_matmul_fp32_precision", lambda: b.cuda.matmul.fp32_precision),
+    ):
         try:
             state[key] = getter()
         except (AttributeError, RuntimeError):  # an older torch without fp32_precision

@@ -15,6 +15,7 @@ output. A forward (``fwd``) pass runs under ``torch.no_grad()``; a training pass
 runs ``output.backward(grad)`` with the parameters' (and, with ``input_grad``, the input's)
 gradients set to ``None`` before every run, outside the timed region.
 """
+
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -25,10 +26,12 @@ from fusedrnn import cells, reference
 from .cases import FUSED_MODULES, STEP_FUNCTIONS, TORCH_MODULES, Case, Settings
 
 COMPILE_MODE = "compiled step loop"
-COMPILE_NOTE = ("torch.compile(dynamic=False, fullgraph=True) of the cell's step function "
-                "(fusedrnn.reference.*_cell), called in a Python loop over time; the initial "
-                "state requires grad in fwd+bwd so every step runs one graph; first_call_s "
-                "includes compilation")
+COMPILE_NOTE = (
+    "torch.compile(dynamic=False, fullgraph=True) of the cell's step function "
+    "(fusedrnn.reference.*_cell), called in a Python loop over time; the initial "
+    "state requires grad in fwd+bwd so every step runs one graph; first_call_s "
+    "includes compilation"
+)
 
 
 class Workload:
@@ -40,11 +43,12 @@ class Workload:
         dev, dt = settings.device, settings.dtype
         torch.manual_seed(settings.seed)
         D = 2 if case.bidirectional else 1
-        self.module = FUSED_MODULES[case.cell](I, H, num_layers=case.layers,
-                                               bidirectional=case.bidirectional, device=dev,
-                                               dtype=dt)
+        self.module = FUSED_MODULES[case.cell](
+            I, H, num_layers=case.layers, bidirectional=case.bidirectional, device=dev, dtype=dt
+        )
         self.x = torch.randn(T, B, I, device=dev, dtype=dt).requires_grad_(
-            case.needs_input_grad(settings))
+            case.needs_input_grad(settings)
+        )
         self.grad = torch.randn(T, B, D * H, device=dev, dtype=dt)
         self._built: Dict[str, Tuple[Callable[[], Tensor], List[Tensor]]] = {}
         self.broken: Dict[str, str] = {}
@@ -56,8 +60,10 @@ class Workload:
 
     def _layer0(self) -> List[Optional[Tensor]]:
         m = self.module
-        return [getattr(m, n + "_l0", None) for n in
-                ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ch")]
+        return [
+            getattr(m, n + "_l0", None)
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ch")
+        ]
 
     def _build_fused(self):
         m, x = self.module, self.x
@@ -65,8 +71,14 @@ class Workload:
 
     def _build_torch(self):
         c, (_, _, I, H) = self.case, self.case.shape
-        t = TORCH_MODULES[c.cell](I, H, num_layers=c.layers, bidirectional=c.bidirectional,
-                                  device=self.settings.device, dtype=self.settings.dtype)
+        t = TORCH_MODULES[c.cell](
+            I,
+            H,
+            num_layers=c.layers,
+            bidirectional=c.bidirectional,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+        )
         t.load_state_dict(self.module.state_dict())
         x = self.x
         return (lambda: t(x)[0]), list(t.parameters())
@@ -79,14 +91,20 @@ class Workload:
         cell, x = self.case.cell, self.x
         T, B, _, H = self.case.shape
         w_ih, w_hh, b_ih, b_hh, w_ch = self._layer0()
-        step = torch.compile(STEP_FUNCTIONS[cell], backend=self.settings.compile_backend,
-                             dynamic=False, fullgraph=True)
+        step = torch.compile(
+            STEP_FUNCTIONS[cell],
+            backend=self.settings.compile_backend,
+            dynamic=False,
+            fullgraph=True,
+        )
+
         # The initial state requires grad when grad is on, so that every step (the first one
         # included) runs the same compiled graph; that adds one small GEMM (dh_0) to backward.
         def zeros():
             return x.new_zeros(B, H).requires_grad_(torch.is_grad_enabled())
 
         if not cells.CELLS[cell].has_cell_state:
+
             def forward():
                 h, outs = zeros(), []
                 for t in range(T):
@@ -102,6 +120,7 @@ class Workload:
                     h, c = step(x[t], h, c, w_ih, w_hh, b_ih, b_hh, *extra)
                     outs.append(h)
                 return torch.stack(outs)
+
         return forward, list(self.module.parameters())
 
     def clear_grads(self) -> None:
@@ -117,6 +136,7 @@ class Workload:
         forward, params = self.get(impl)
         x, grad = self.x, self.grad
         if pass_ == "fwd":
+
             def prepare():
                 pass
 
@@ -124,6 +144,7 @@ class Workload:
                 with torch.no_grad():
                     return forward()
         else:
+
             def prepare():
                 for p in params:
                     p.grad = None
@@ -131,4 +152,5 @@ class Workload:
 
             def call():
                 forward().backward(grad)
+
         return prepare, call

@@ -6,6 +6,7 @@ CUDA events around the call on the current stream, synchronised after each run, 
 garbage collector paused. The first call of ``torch.nn`` runs under the profiler to record which
 kernel family it used.
 """
+
 import contextlib
 import gc
 import os
@@ -21,8 +22,7 @@ from torch import Tensor
 from .cases import BASELINES, IMPL_LABELS, Case, Settings, memory_impls, shape_str
 from .impls import COMPILE_MODE, Workload
 
-MB = float(2 ** 20)
-
+MB = float(2**20)
 
 
 def _sync(device: torch.device) -> None:
@@ -58,6 +58,7 @@ def _quiet_fd2():
 def _profiled_names(call: Callable[[], object]) -> Tuple[object, List[str]]:
     """Runs `call` once under the profiler; returns its result and the names of the ops run."""
     from torch.profiler import ProfilerActivity, profile
+
     with _quiet_fd2():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             result = call()
@@ -67,15 +68,20 @@ def _profiled_names(call: Callable[[], object]) -> Tuple[object, List[str]]:
 def kernel_family(names: Iterable[str]) -> str:
     """What torch.nn.LSTM / GRU ran, from op names: cuDNN, oneDNN (mkldnn) or ATen."""
     names = [n.lower() for n in names]
-    for key, family in (("cudnn_rnn", "cuDNN"), ("mkldnn_rnn", "oneDNN"),
-                        ("miopen_rnn", "MIOpen")):
+    for key, family in (("cudnn_rnn", "cuDNN"), ("mkldnn_rnn", "oneDNN"), ("miopen_rnn", "MIOpen")):
         if any(key in n for n in names):
             return family
     return "ATen"
 
 
-def time_calls(prepare: Callable[[], None], call: Callable[[], object], device: torch.device,
-               warmup: int, repeats: int, profile_first: bool = False) -> dict:
+def time_calls(
+    prepare: Callable[[], None],
+    call: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    profile_first: bool = False,
+) -> dict:
     """Warm-up runs, then `repeats` timed runs (ms). CPU: time.perf_counter around the call;
     CUDA: CUDA events around the call on the current stream, synchronised after each run."""
     first_s, output, names = None, None, None
@@ -120,16 +126,17 @@ def time_calls(prepare: Callable[[], None], call: Callable[[], object], device: 
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated() during one training step, minus "
-            "torch.cuda.memory_allocated() before it (gradients set to None first)",
+    "torch.cuda.memory_allocated() before it (gradients set to None first)",
     "cpu": "peak of the running sum of the CPU allocator's allocation/free events recorded by "
-           "torch.profiler (profile_memory=True) during one training step (gradients set to "
-           "None first); counts every tensor and workspace allocated through PyTorch's CPU "
-           "allocator, not memory a library mallocs by itself",
+    "torch.profiler (profile_memory=True) during one training step (gradients set to "
+    "None first); counts every tensor and workspace allocated through PyTorch's CPU "
+    "allocator, not memory a library mallocs by itself",
 }
 
 
-def peak_memory(prepare: Callable[[], None], call: Callable[[], object],
-                device: torch.device) -> dict:
+def peak_memory(
+    prepare: Callable[[], None], call: Callable[[], object], device: torch.device
+) -> dict:
     """Peak memory (MB) allocated by one run of `call` above what was allocated before it."""
     prepare()
     gc.collect()
@@ -142,11 +149,15 @@ def peak_memory(prepare: Callable[[], None], call: Callable[[], object],
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mb": (peak - base) / MB, "peak_total_mb": peak / MB}
     from torch.profiler import ProfilerActivity, profile
+
     with _quiet_fd2():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             call()
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]"]
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    ]
     events.sort(key=lambda e: e[0])
     current = peak = 0
     for _, nbytes in events:
@@ -167,6 +178,7 @@ def _median(xs: Sequence[float]) -> Optional[float]:
 
 # --- one case --------------------------------------------------------------------------------
 
+
 def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
     """Measures one case; returns one record per pass."""
     device = settings.device
@@ -176,16 +188,25 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
     T, B, I, H = case.shape
     records = []
     for pass_ in case.passes:
-        rec = {"cell": case.cell, "label": case.label,
-               "shape": {"T": T, "B": B, "I": I, "H": H}, "shape_str": shape_str(case.shape),
-               "layers": case.layers, "bidirectional": case.bidirectional, "pass": pass_,
-               "input_grad": case.needs_input_grad(settings),
-               "impls": {}, "speedup": {}, "memory": None}
+        rec = {
+            "cell": case.cell,
+            "label": case.label,
+            "shape": {"T": T, "B": B, "I": I, "H": H},
+            "shape_str": shape_str(case.shape),
+            "layers": case.layers,
+            "bidirectional": case.bidirectional,
+            "pass": pass_,
+            "input_grad": case.needs_input_grad(settings),
+            "impls": {},
+            "speedup": {},
+            "memory": None,
+        }
         reference_output = None
         for impl in case.impls:
             if progress is not None:
-                progress.set_description(f"{case.label} {shape_str(case.shape)} {pass_} "
-                                         f"{IMPL_LABELS[impl]}")
+                progress.set_description(
+                    f"{case.label} {shape_str(case.shape)} {pass_} {IMPL_LABELS[impl]}"
+                )
             entry = {"label": IMPL_LABELS[impl]}
             rec["impls"][impl] = entry
             if impl == "compiled":
@@ -199,8 +220,9 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
                 warmup, repeats = settings.counts(impl)
                 try:
                     prepare, call = work.calls(impl, pass_)
-                    r = time_calls(prepare, call, device, warmup, repeats,
-                                   profile_first=(impl == "torch"))
+                    r = time_calls(
+                        prepare, call, device, warmup, repeats, profile_first=(impl == "torch")
+                    )
                 except Exception as exc:  # record and go on with the other implementations
                     reason = _reason(exc)
                     if impl == "compiled":
@@ -211,9 +233,16 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
                         entry.update(status="error", reason=reason)
                 else:
                     times = r["times_ms"]
-                    entry.update(status="ok", warmup=warmup, repeats=repeats, times_ms=times,
-                                 median_ms=_median(times), min_ms=min(times),
-                                 max_ms=max(times), first_call_s=r["first_call_s"])
+                    entry.update(
+                        status="ok",
+                        warmup=warmup,
+                        repeats=repeats,
+                        times_ms=times,
+                        median_ms=_median(times),
+                        min_ms=min(times),
+                        max_ms=max(times),
+                        first_call_s=r["first_call_s"],
+                    )
                     if impl == "torch":
                         entry["kernel"] = kernel_family(r["op_names"] or [])
                     out = r["output"]
@@ -222,7 +251,8 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
                             reference_output = out
                         elif reference_output is not None:
                             entry["max_abs_diff_vs_fused"] = float(
-                                (out.double() - reference_output.double()).abs().max())
+                                (out.double() - reference_output.double()).abs().max()
+                            )
                     del r, out
             if progress is not None:
                 progress.update(1)
@@ -235,8 +265,9 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
             rec["memory"] = {}
             for impl in memory_impls(case):
                 if progress is not None:
-                    progress.set_description(f"{case.label} {shape_str(case.shape)} peak memory "
-                                             f"{IMPL_LABELS[impl]}")
+                    progress.set_description(
+                        f"{case.label} {shape_str(case.shape)} peak memory {IMPL_LABELS[impl]}"
+                    )
                 if rec["impls"][impl].get("status") == "ok":
                     try:
                         prepare, call = work.calls(impl, pass_)

@@ -14,9 +14,11 @@ GEMM for many steps) divided by this machine's read bandwidth, measured in the s
 summing a buffer of that size; and, for reference, the time of the step's matrix products
 (three times the forward's with the backward) at the rate torch.mm reaches at the step's shape,
 also measured in the same run: where fused is near it, the step is as fast as its GEMMs at
-torch.mm's rate; where it is below, fused's GEMMs beat torch.mm at that shape. With ``--serving-grid`` the cells run at batch 1 .. 64 and
-``serving.png`` plots the fused / baseline ratio against the batch size.
+torch.mm's rate; where it is below, fused's GEMMs beat torch.mm at that shape. With
+``--serving-grid`` the cells run at batch 1 .. 64 and ``serving.png`` plots the fused /
+baseline ratio against the batch size.
 """
+
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -24,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from fusedrnn import cells
+from fusedrnn import cells, modules, reference
 
 from . import throughput
 
@@ -32,8 +34,12 @@ STEPS = 100
 CELL_SIZE = 256  # input and hidden size of the cell rows
 CELL_BATCHES = (1, 32)
 GRID_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-LAYER_CASES = (("lstm", 200, 1, 256), ("gru", 200, 1, 256), ("lstm", 200, 8, 128),
-               ("gru", 200, 8, 128))
+LAYER_CASES = (
+    ("lstm", 200, 1, 256),
+    ("gru", 200, 1, 256),
+    ("lstm", 200, 8, 128),
+    ("gru", 200, 8, 128),
+)
 TORCH_CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
 TORCH_LAYERS = {"lstm": nn.LSTM, "gru": nn.GRU}
 PASSES = ("fwd", "fwd+bwd")
@@ -76,7 +82,7 @@ def step_flops(name: str, B: int, I: int, H: int, training: bool) -> float:
 def _step_fns(name: str, B: int, training: bool):
     """(fused step, baseline step, baseline label, initial state, weight bytes per step)."""
     spec = cells.CELLS[name]
-    fused = spec.cell_module_class(CELL_SIZE, CELL_SIZE)
+    fused = modules.CELL_MODULES[name](CELL_SIZE, CELL_SIZE)
     if name in TORCH_CELLS:
         base = TORCH_CELLS[name](CELL_SIZE, CELL_SIZE)
         base.load_state_dict(fused.state_dict())
@@ -86,10 +92,12 @@ def _step_fns(name: str, B: int, training: bool):
         args = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], p["weight_ch"])
 
         def base(x, state):
-            return spec.reference_step(x, state[0], state[1], *args)
+            return reference.STEPS[name](x, state[0], state[1], *args)
+
         label = "eager step"
-    nbytes = sum(w.numel() * w.element_size() for n, w in fused.named_parameters()
-                 if n.startswith("weight"))
+    nbytes = sum(
+        w.numel() * w.element_size() for n, w in fused.named_parameters() if n.startswith("weight")
+    )
     h = torch.zeros(B, CELL_SIZE)
     state = (h, h.clone()) if spec.has_cell_state else h
     return fused, base, label, state, nbytes
@@ -112,30 +120,55 @@ def _cell_loop(step, x: torch.Tensor, state, has_c: bool, training: bool):
     def run_no_grad():
         with torch.no_grad():
             run()
+
     return run_no_grad
 
 
-def _record(group: str, case: str, pass_: str, base_label: str, steps: int, nbytes: int,
-            bandwidth: float, flops: float, rate: float,
-            measure: Callable[[], Dict[str, float]]) -> dict:
-    rec = {"group": group, "case": case, "pass": pass_, "baseline": base_label,
-           "steps": steps, "weight_bytes_per_step": nbytes,
-           "bound_us_per_step": nbytes / bandwidth * 1e6,
-           "flops_per_step": flops, "mm_flops_per_s": rate,
-           "mm_us_per_step": flops / rate * 1e6}
+def _record(
+    group: str,
+    case: str,
+    pass_: str,
+    base_label: str,
+    steps: int,
+    nbytes: int,
+    bandwidth: float,
+    flops: float,
+    rate: float,
+    measure: Callable[[], Dict[str, float]],
+) -> dict:
+    rec = {
+        "group": group,
+        "case": case,
+        "pass": pass_,
+        "baseline": base_label,
+        "steps": steps,
+        "weight_bytes_per_step": nbytes,
+        "bound_us_per_step": nbytes / bandwidth * 1e6,
+        "flops_per_step": flops,
+        "mm_flops_per_s": rate,
+        "mm_us_per_step": flops / rate * 1e6,
+    }
     try:
         t = measure()
-        rec.update(status="ok", fused_ms=t["fused"], baseline_ms=t["baseline"],
-                   speedup=t["baseline"] / t["fused"],
-                   fused_us_per_step=t["fused"] * 1e3 / steps)
+        rec.update(
+            status="ok",
+            fused_ms=t["fused"],
+            baseline_ms=t["baseline"],
+            speedup=t["baseline"] / t["fused"],
+            fused_us_per_step=t["fused"] * 1e3 / steps,
+        )
     except Exception as exc:  # recorded per row; the command fails at the end (cli)
         rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
     return rec
 
 
-def cell_rows(batches: Sequence[int], repeats: int, bandwidth_of: Callable[[int], float],
-              rate_of: Callable[[int, int, int], float],
-              names: Sequence[str] = tuple(cells.CELLS)) -> List[dict]:
+def cell_rows(
+    batches: Sequence[int],
+    repeats: int,
+    bandwidth_of: Callable[[int], float],
+    rate_of: Callable[[int, int, int], float],
+    names: Sequence[str] = tuple(cells.CELLS),
+) -> List[dict]:
     rows = []
     for name in names:
         has_c = cells.CELLS[name].has_cell_state
@@ -146,24 +179,38 @@ def cell_rows(batches: Sequence[int], repeats: int, bandwidth_of: Callable[[int]
                 fused, base, label, state, nbytes = _step_fns(name, B, training)
 
                 def measure():
-                    return {"fused": _median_ms(_cell_loop(fused, x, state, has_c, training),
-                                                repeats),
-                            "baseline": _median_ms(_cell_loop(base, x, state, has_c, training),
-                                                   repeats)}
+                    return {
+                        "fused": _median_ms(_cell_loop(fused, x, state, has_c, training), repeats),
+                        "baseline": _median_ms(
+                            _cell_loop(base, x, state, has_c, training), repeats
+                        ),
+                    }
+
                 rate = rate_of(B, CELL_SIZE, cells.CELLS[name].gates * CELL_SIZE)
-                rows.append(_record("cells", f"{name} cell B={B} H={CELL_SIZE}", pass_, label,
-                                    STEPS, nbytes, bandwidth_of(nbytes),
-                                    step_flops(name, B, CELL_SIZE, CELL_SIZE, training), rate,
-                                    measure))
+                rows.append(
+                    _record(
+                        "cells",
+                        f"{name} cell B={B} H={CELL_SIZE}",
+                        pass_,
+                        label,
+                        STEPS,
+                        nbytes,
+                        bandwidth_of(nbytes),
+                        step_flops(name, B, CELL_SIZE, CELL_SIZE, training),
+                        rate,
+                        measure,
+                    )
+                )
                 rows[-1].update(cell=name, batch=B)
     return rows
 
 
-def layer_rows(repeats: int, bandwidth_of: Callable[[int], float],
-               rate_of: Callable[[int, int, int], float]) -> List[dict]:
+def layer_rows(
+    repeats: int, bandwidth_of: Callable[[int], float], rate_of: Callable[[int, int, int], float]
+) -> List[dict]:
     rows = []
     for name, T, B, H in LAYER_CASES:
-        fused = cells.CELLS[name].module_class(H, H)
+        fused = modules.SEQUENCE_MODULES[name](H, H)
         base = TORCH_LAYERS[name](H, H)
         base.load_state_dict(fused.state_dict())
         x = torch.randn(T, B, H)
@@ -171,12 +218,26 @@ def layer_rows(repeats: int, bandwidth_of: Callable[[int], float],
 
         def measure():
             with torch.no_grad():
-                return {"fused": _median_ms(lambda: fused(x), repeats),
-                        "baseline": _median_ms(lambda: base(x), repeats)}
+                return {
+                    "fused": _median_ms(lambda: fused(x), repeats),
+                    "baseline": _median_ms(lambda: base(x), repeats),
+                }
+
         G = cells.CELLS[name].gates
-        rows.append(_record("layers", f"{name} layer T={T} B={B} H={H}", "fwd (inference)",
-                            "torch.nn", T, nbytes, bandwidth_of(nbytes),
-                            step_flops(name, B, H, H, False), rate_of(B, H, G * H), measure))
+        rows.append(
+            _record(
+                "layers",
+                f"{name} layer T={T} B={B} H={H}",
+                "fwd (inference)",
+                "torch.nn",
+                T,
+                nbytes,
+                bandwidth_of(nbytes),
+                step_flops(name, B, H, H, False),
+                rate_of(B, H, G * H),
+                measure,
+            )
+        )
         rows[-1].update(cell=name, batch=B)
     return rows
 
@@ -203,27 +264,55 @@ def run(repeats: int, grid: bool = False) -> List[dict]:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = ["case", "pass", "baseline", "baseline ms", "fused ms", "speed-up",
-            "fused us/step", "bound us/step", "torch.mm us/step"]
+    head = [
+        "case",
+        "pass",
+        "baseline",
+        "baseline ms",
+        "fused ms",
+        "speed-up",
+        "fused us/step",
+        "bound us/step",
+        "torch.mm us/step",
+    ]
     lines = [head]
     for r in rows:
         if r["status"] != "ok":
-            lines.append([r["case"], r["pass"], r["baseline"], "error", r["reason"][:40], "",
-                          "", f"{r['bound_us_per_step']:.1f}",
-                          f"{r['mm_us_per_step']:.1f}"])
+            lines.append(
+                [
+                    r["case"],
+                    r["pass"],
+                    r["baseline"],
+                    "error",
+                    r["reason"][:40],
+                    "",
+                    "",
+                    f"{r['bound_us_per_step']:.1f}",
+                    f"{r['mm_us_per_step']:.1f}",
+                ]
+            )
             continue
-        lines.append([r["case"], r["pass"], r["baseline"], f"{r['baseline_ms']:.2f}",
-                      f"{r['fused_ms']:.2f}", f"{r['speedup']:.2f}x",
-                      f"{r['fused_us_per_step']:.1f}", f"{r['bound_us_per_step']:.1f}",
-                      f"{r['mm_us_per_step']:.1f}"])
+        lines.append(
+            [
+                r["case"],
+                r["pass"],
+                r["baseline"],
+                f"{r['baseline_ms']:.2f}",
+                f"{r['fused_ms']:.2f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['fused_us_per_step']:.1f}",
+                f"{r['bound_us_per_step']:.1f}",
+                f"{r['mm_us_per_step']:.1f}",
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                     for row in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
 
 
 def plot(rows: Sequence[dict], path: str, title: str) -> Optional[str]:
     """serving.png: fused / baseline speed-up against the batch size, per cell and pass."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -233,11 +322,19 @@ def plot(rows: Sequence[dict], path: str, title: str) -> Optional[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in cells.CELLS:
         for pass_, style in zip(PASSES, ("-", "--")):
-            pts = sorted((r["batch"], r["speedup"]) for r in cell_rows_
-                         if r["cell"] == name and r["pass"] == pass_)
+            pts = sorted(
+                (r["batch"], r["speedup"])
+                for r in cell_rows_
+                if r["cell"] == name and r["pass"] == pass_
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
-                        label=f"{name} {pass_}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    style,
+                    marker="o",
+                    label=f"{name} {pass_}",
+                )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")

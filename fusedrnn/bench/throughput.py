@@ -7,6 +7,7 @@ working-memory cell adds its cell-connection product c W_ch^T); forward+backward
 gradients of both weights and of the state (and of the input when it requires grad; the WM cell
 adds the gradient of W_ch and of c through it). Elementwise work is not counted.
 """
+
 import statistics
 import time
 from typing import List, Optional
@@ -33,8 +34,9 @@ def layer_flops(rec: dict) -> Optional[float]:
     return fwd + wm + bwd + 2 * wm
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype, shapes: List[tuple],
-              repeats: int = 7) -> List[dict]:
+def gemm_rate(
+    device: torch.device, dtype: torch.dtype, shapes: List[tuple], repeats: int = 7
+) -> List[dict]:
     """GFLOP/s of torch.mm (M, K) @ (K, N) at each shape: median of `repeats` timed calls after
     one warm-up, on the threads torch uses now."""
     out = []
@@ -57,8 +59,7 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, shapes: List[tuple],
             if i:
                 times.append((time.perf_counter() - t0) / calls)
         med = statistics.median(times)
-        out.append({"m": m, "k": k, "n": n, "median_s": med,
-                    "gflops": 2.0 * m * k * n / med / 1e9})
+        out.append({"m": m, "k": k, "n": n, "median_s": med, "gflops": 2.0 * m * k * n / med / 1e9})
     return out
 
 
@@ -83,22 +84,39 @@ def measure(results: List[dict], device: torch.device, dtype: torch.dtype) -> di
         if flops is None or fused.get("status") != "ok":
             continue
         rate = flops / (fused["median_ms"] / 1e3) / 1e9
-        rows.append({"label": rec["label"], "shape_str": rec["shape_str"], "pass": rec["pass"],
-                     "gflop": flops / 1e9, "fused_gflops": rate,
-                     "of_gemm": rate / best if best else None})
-    return {"method": "torch.mm GFLOP/s, median of 7 after a warm-up; fused: matrix-product "
-                      "FLOPs of the layer / fused median time", "gemm": gemms,
-            "gemm_best_gflops": best, "rows": rows}
+        rows.append(
+            {
+                "label": rec["label"],
+                "shape_str": rec["shape_str"],
+                "pass": rec["pass"],
+                "gflop": flops / 1e9,
+                "fused_gflops": rate,
+                "of_gemm": rate / best if best else None,
+            }
+        )
+    return {
+        "method": "torch.mm GFLOP/s, median of 7 after a warm-up; fused: matrix-product "
+        "FLOPs of the layer / fused median time",
+        "gemm": gemms,
+        "gemm_best_gflops": best,
+        "rows": rows,
+    }
 
 
 def format_report(report: dict) -> str:
     if not report["rows"]:
         return ""
-    lines = ["GEMM rate of this machine (torch.mm, same run): " + ", ".join(
-        f"{g['m']}x{g['k']} @ {g['k']}x{g['n']}: {g['gflops']:.1f} GFLOP/s"
-        for g in report["gemm"])]
+    lines = [
+        "GEMM rate of this machine (torch.mm, same run): "
+        + ", ".join(
+            f"{g['m']}x{g['k']} @ {g['k']}x{g['n']}: {g['gflops']:.1f} GFLOP/s"
+            for g in report["gemm"]
+        )
+    ]
     for r in report["rows"]:
-        lines.append(f"  {r['label']:<14} {r['shape_str']:<15} {r['pass']:<8} fused "
-                     f"{r['fused_gflops']:6.1f} GFLOP/s = {100 * r['of_gemm']:3.0f}% of the best "
-                     f"GEMM rate ({r['gflop']:.2f} GFLOP)")
+        lines.append(
+            f"  {r['label']:<14} {r['shape_str']:<15} {r['pass']:<8} fused "
+            f"{r['fused_gflops']:6.1f} GFLOP/s = {100 * r['of_gemm']:3.0f}% of the best "
+            f"GEMM rate ({r['gflop']:.2f} GFLOP)"
+        )
     return "\n".join(lines)

@@ -1,0 +1,199 @@
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#include "kernels/cpu/fused_isa.h"
+#include "kernels/cpu/isa.h"
+
+// ATen's oneDNN matmul (result = beta * result + alpha * mat1 @ mat2). It is exported by
+// libtorch_cpu but has no installed header; declared weak so that a torch built without it
+// still loads this library, which then uses at::mm. On CPUs where MKL's sgemm does not pick its
+// best kernels (non-Intel x86), oneDNN is ~25% faster at the shapes of a recurrence. ATen
+// refuses the call on CPUs without AVX512BW/VL/DQ (or AVX-NE-CONVERT), so it is taken only when
+// the ISA in use is avx512 (kernels/cpu/isa.cpp requires exactly those): decided before calling,
+// never by trying. Under FUSEDRNN_CPU_ISA=avx2 or baseline every GEMM goes through at::mm, which is
+// how the test suite covers that path on AVX-512 machines too.
+namespace at::native {
+__attribute__((weak)) void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2,
+                                         const at::Tensor& result, float beta, float alpha);
+}  // namespace at::native
+
+namespace fusedrnn {
+namespace driver {
+namespace {
+
+constexpr size_t kMaxSegmentGemms = 8;
+
+// oneDNN's matmul costs ~20 us per call on top of the arithmetic (descriptor and primitive
+// cache look-ups), MKL's ~2 us: the small per-step GEMMs of short hidden sizes and batches go to
+// at::mm, the large ones (input projection, weight gradients, big steps) to oneDNN.
+constexpr int64_t kOneDnnMinMacs = int64_t{1} << 22;
+
+bool use_onednn_gemm(const Tensor& out, int64_t k) {
+  return out.device().is_cpu() && out.numel() * k >= kOneDnnMinMacs &&
+         (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) &&
+         onednn_gemm_enabled();
+}
+
+// fp32 CPU GEMMs of at most kSmallGemmRows rows against a row-major weight (b = W^T or b = W)
+// go to the ISA's small GEMMs (kernels/cpu/isa/small_gemm.h): they stream the weight once, at up to
+// twice the rate of at::mm's M = 1..4 calls (docs/cpu_kernels.md), with no call overhead to speak
+// of. Work per thread: at least this many multiply-adds.
+constexpr int64_t kSmallGemmGrainMacs = int64_t{1} << 15;
+
+// A rank-k update of k <= kSmallGemmRows, out (m x n) = [out +] a b with a = g^T (g (k x m)
+// row-major) and b (k x n) row-major: the weight gradients of a step of a few rows
+// (dgates^T x), as one pass that writes out once (faster than at::mm's K = 1..4 GEMM:
+// scripts/small_gemm_rate.py, docs/cpu_kernels.md).
+bool small_rank_update(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (!(k >= 1 && k <= cpu::kSmallGemmRows && (a.stride(0) == 1 || m == 1) &&
+        (b.stride(1) == 1 || n == 1) && (out.stride(1) == 1 || n == 1))) {
+    return false;
+  }
+  const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
+  if (kernels == nullptr) return false;
+  cpu::SmallGemm g;
+  g.m = k;
+  g.n = m;
+  g.k = n;
+  g.a = a.const_data_ptr<float>();
+  g.lda = a.stride(1);
+  g.w = b.const_data_ptr<float>();
+  g.ldw = b.stride(0);
+  g.out = out.data_ptr<float>();
+  g.ldo = out.stride(0);
+  g.accumulate = beta != 0.0f;
+  const int64_t grain = std::max<int64_t>(1, kSmallGemmGrainMacs / std::max<int64_t>(1, k * n));
+  at::parallel_for(0, m, grain, [&](int64_t i0, int64_t i1) { kernels->gemm_tn(g, i0, i1); });
+  return true;
+}
+
+bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (!(out.device().is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+        b.scalar_type() == at::kFloat)) {
+    return false;
+  }
+  const bool nt = b.stride(0) == 1 && b.stride(1) >= k;         // b = W^T, W (n x k) row-major
+  const bool nn = !nt && b.stride(1) == 1 && b.stride(0) >= n;  // b = W (k x n)
+  const bool rows_ok = m <= (nt ? kSmallGemmMaxRowsNt : kSmallGemmMaxRowsNn) &&
+                       (a.stride(1) == 1 || k == 1) && (out.stride(1) == 1 || n == 1);
+  if (!(rows_ok && (nt || nn))) return small_rank_update(out, a, b, beta);
+  return small_gemm_f32(m, n, k, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(),
+                        nt ? b.stride(1) : b.stride(0), nt, out.data_ptr<float>(), out.stride(0),
+                        beta);
+}
+
+// Blocks of the weight that the groups of rows of a small GEMM share while it is in cache:
+// nt, this many weight rows (128 KB of a 256-wide weight); nn, this many output columns (a
+// weight of 1024 rows: 1 MB, the L2 of the core this was measured on). At 8 and 16 rows both
+// measured as fast as the whole weight at once (H = 256), and they keep larger weights' blocks
+// in L2.
+constexpr int64_t kNtBlockRows = 128;
+constexpr int64_t kNnBlockColumns = 256;
+
+}  // namespace
+
+bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
+                    int64_t ldw, bool w_transposed, float* out, int64_t ldo, float beta) {
+  if (m < 1 || m > (w_transposed ? kSmallGemmMaxRowsNt : kSmallGemmMaxRowsNn)) return false;
+  const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
+  if (kernels == nullptr) return false;
+  cpu::SmallGemm g;
+  g.accumulate = beta != 0.0f;
+  g.w = w;
+  g.ldw = ldw;
+  // group q: rows [q * kSmallGemmRows, ...) of a and out
+  const int64_t groups = (m + cpu::kSmallGemmRows - 1) / cpu::kSmallGemmRows;
+  auto group = [&](int64_t q) {
+    cpu::SmallGemm gq = g;
+    gq.m = std::min(cpu::kSmallGemmRows, m - q * cpu::kSmallGemmRows);
+    gq.a = a + q * cpu::kSmallGemmRows * lda;
+    gq.lda = lda;
+    gq.out = out + q * cpu::kSmallGemmRows * ldo;
+    gq.ldo = ldo;
+    return gq;
+  };
+  const int64_t grain = std::max<int64_t>(1, kSmallGemmGrainMacs / std::max<int64_t>(1, m * k));
+  if (w_transposed) {
+    g.n = n;  // out (m x n) = a W^T, W (n x k)
+    g.k = k;
+    at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) {
+      for (int64_t c0 = j0; c0 < j1; c0 += kNtBlockRows) {
+        const int64_t c1 = std::min(j1, c0 + kNtBlockRows);
+        for (int64_t q = 0; q < groups; ++q) kernels->gemm_nt(group(q), c0, c1);
+      }
+    });
+  } else {
+    g.n = k;  // out (m x n) = a (m x k) W, W (k x n): the nn kernel's n is the sum's length
+    g.k = n;
+    const int64_t lanes = kernels->lanes, blocks = (n + lanes - 1) / lanes;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / lanes), [&](int64_t b0, int64_t b1) {
+      const int64_t hi = std::min(b1 * lanes, n);
+      for (int64_t c0 = b0 * lanes; c0 < hi; c0 += kNnBlockColumns) {
+        const int64_t c1 = std::min(hi, c0 + kNnBlockColumns);
+        for (int64_t q = 0; q < groups; ++q) kernels->gemm_nn(group(q), c0, c1);
+      }
+    });
+  }
+  return true;
+}
+
+bool onednn_gemm_enabled() {
+  static const bool available = [] {
+    const char* env = std::getenv("FUSEDRNN_CPU_GEMM");
+    return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
+           !(env && std::string(env) == "aten");
+  }();
+  return available && cpu::current_isa() == cpu::Isa::kAVX512;
+}
+
+void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta, bool small_ok) {
+  if (out.numel() == 0) return;
+  if (a.size(1) == 0) {
+    if (beta == 0.0f) out.zero_();
+    return;
+  }
+  if (small_ok && small_gemm(out, a, b, beta)) return;
+  if (use_onednn_gemm(out, a.size(1))) {
+    at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
+  } else if (beta == 0.0f) {
+    at::mm_out(out, a, b);
+  } else {
+    out.addmm_(a, b);
+  }
+}
+
+void gemm_prev(Tensor out, const Tensor& grad, const std::vector<PrevSegment>& segs,
+               const Tensor& seq, const Tensor& init, float beta) {
+  if (segs.size() > kMaxSegmentGemms) {
+    gemm(out, grad.t(), gather_prev(segs, seq, init, grad.size(0)), beta);
+    return;
+  }
+  if (segs.empty() && beta == 0.0f) out.zero_();
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const PrevSegment& g = segs[i];
+    gemm(out, rows(grad, g.dst, g.count).t(), rows(g.from_init ? init : seq, g.src, g.count),
+         i == 0 ? beta : 1.0f);
+  }
+}
+
+Tensor colsum_prev(const Tensor& grad, const std::vector<PrevSegment>& segs, const Tensor& seq,
+                   const Tensor& init) {
+  if (segs.size() > kMaxSegmentGemms) {
+    return (grad * gather_prev(segs, seq, init, grad.size(0))).sum(0);
+  }
+  Tensor acc = at::zeros({grad.size(1)}, grad.options());
+  for (const PrevSegment& g : segs) {
+    acc += (rows(grad, g.dst, g.count) * rows(g.from_init ? init : seq, g.src, g.count)).sum(0);
+  }
+  return acc;
+}
+
+}  // namespace driver
+}  // namespace fusedrnn

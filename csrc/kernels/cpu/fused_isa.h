@@ -1,0 +1,94 @@
+// The boundary between the portable driver and the per-ISA fused step kernels: plain structs of
+// pointers and sizes, and one table of entry points per instruction set. Nothing here includes
+// ATen, so that the per-ISA translation units (cpu/isa_*.cpp), compiled with AVX2 or AVX-512
+// target flags, instantiate no inline code of torch's headers (see cells/common.h on why
+// per-ISA inline code must not share symbol names with portable code).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/kernels.h"
+
+namespace fusedrnn {
+namespace cpu {
+
+// One operand of a fused step's GEMM: rows of `a` (row stride lda) times a weight packed into
+// panels (see PackedWeight in fused_step.h); `panels` points at panel 0, each panel is
+// K * nv * lanes floats.
+struct PanelOperand {
+  const float* a = nullptr;
+  int64_t lda = 0;
+  const float* panels = nullptr;
+  int64_t K = 0;
+};
+
+// The GEMM of one fused step: out = the sum over the operands of a @ B, for `rows` rows. Every
+// operand is packed in the same layout: `units` output units, `gates` gate blocks (1: a plain
+// matrix of `units` columns), `nv` vectors of `lanes` columns per panel row, `unit_block` units
+// per panel, `col_stride` the output column distance of consecutive vectors, `pass_vectors` the
+// vectors per pass of the kernels (the panel holds each pass's vectors as a K-row block).
+struct PanelGemm {
+  PanelOperand src[2];
+  int nsrc = 0;
+  int64_t rows = 0;
+  int64_t units = 0, gates = 0, nv = 0, lanes = 0, unit_block = 0, col_stride = 0;
+  int64_t pass_vectors = 0;
+  int64_t panels() const { return (units + unit_block - 1) / unit_block; }
+};
+
+// A GEMM of m <= kSmallGemmRows rows against a row-major weight W (n x k, row stride ldw), as
+// kernels/cpu/isa/small_gemm.h computes it: nt: out (m x n) = [out +] a (m x k) W^T; nn: out (m x
+// k) = [out +] a (m x n) W; tn (a rank-m update): out (n x k) = [out +] a^T W, a (m x n), W (m x
+// k). Row strides lda, ldo; unit column strides everywhere.
+constexpr int64_t kSmallGemmRows = 4;
+
+struct SmallGemm {
+  int64_t m = 0, n = 0, k = 0;
+  const float* a = nullptr;
+  int64_t lda = 0;
+  const float* w = nullptr;
+  int64_t ldw = 0;
+  float* out = nullptr;
+  int64_t ldo = 0;
+  bool accumulate = false;
+};
+
+// The fused steps of one instruction set. Each entry runs panels [p0, p1) of its step's GEMM
+// (the caller splits the panels between threads) and the step kernel on every output tile.
+// lstm_forward: out (ld ldo) = the GEMM, then the (cell, phase) forward kernel.
+// lstm_backward: out = (WM kIFG: +=) the GEMM, then the phase's backward kernel on the tile's
+// rows below p.n, and on the panel's rows [g.rows, p.n) (their input is already in `out`).
+// gru_forward: p.hg = the GEMM, then the GRU forward kernel.
+// gru_backward: p.dh_state += the GEMM, then the GRU backward kernel (as lstm_backward).
+struct FusedStepKernels {
+  const char* isa = nullptr;
+  int64_t lanes = 0;             // floats per vector: the panel layout the kernels read
+  int64_t pass3 = 0, pass4 = 0;  // vectors per GEMM pass of 3- and 4-vector panels: ditto
+  void (*lstm_forward)(CellKind, Phase, const LSTMForwardStep<float>&, float* out, int64_t ldo,
+                       const PanelGemm&, int64_t p0, int64_t p1) = nullptr;
+  void (*lstm_backward)(CellKind, Phase, const LSTMBackwardStep<float>&, float* out, int64_t ldo,
+                        const PanelGemm&, int64_t p0, int64_t p1) = nullptr;
+  void (*gru_forward)(const GRUForwardStep<float>&, const PanelGemm&, int64_t p0,
+                      int64_t p1) = nullptr;
+  void (*gru_backward)(const GRUBackwardStep<float>&, const PanelGemm&, int64_t p0,
+                       int64_t p1) = nullptr;
+  // The small GEMMs: gemm_nt computes output columns [c0, c1) (the weight rows), gemm_nn
+  // output columns [c0, c1) (the weight's columns); the caller splits them between threads.
+  void (*gemm_nt)(const SmallGemm&, int64_t c0, int64_t c1) = nullptr;
+  void (*gemm_nn)(const SmallGemm&, int64_t c0, int64_t c1) = nullptr;
+  // gemm_tn computes output rows [r0, r1).
+  void (*gemm_tn)(const SmallGemm&, int64_t r0, int64_t r1) = nullptr;
+  // The packing of gated weights (fused_step.cpp): dst[c * ldd + r] = src[r * lds + c] for
+  // rows r < `rows` (<= lanes) and columns c < `cols`, and 0 for the lanes r >= rows.
+  void (*transpose)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                    int64_t ldd) = nullptr;
+};
+
+// The tables compiled into this library; nullptr where the build has no such kernels (not
+// x86-64, or a compiler without the target). Calling one's entries on a CPU without the ISA
+// is an illegal instruction: the caller (isa.cpp) checks the CPU first.
+const FusedStepKernels* fused_kernels_avx2();
+const FusedStepKernels* fused_kernels_avx512();
+
+}  // namespace cpu
+}  // namespace fusedrnn

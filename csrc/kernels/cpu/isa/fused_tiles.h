@@ -1,0 +1,356 @@
+// The fused CPU steps, written once over a vector type and compiled once per instruction set:
+// kernels/cpu/isa/isa_avx2.cpp and kernels/cpu/isa/isa_avx512.cpp each define
+// FUSEDRNN_ISA_NAMESPACE, switch on their target, define `Vec` (the ISA's float vector: lanes,
+// loads, stores, fma, masks) and the tile heights, and then include this file, which defines that
+// ISA's FusedStepKernels table.
+//
+// A step's GEMM is computed tile by tile, MR rows by NV vectors, from weights packed into panels
+// (fused_step.h); each tile is handed at once to the step kernel of kernels/step_elements.h (the
+// same per-element code as the unfused path and the CUDA kernels), while it is still in L1. This
+// removes the separate pointwise pass over the pre-activations and a GEMM call per step.
+//
+// Everything here lives in namespace fusedrnn::cpu::FUSEDRNN_ISA_NAMESPACE, and nothing from
+// ATen is included (fused_isa.h).
+#pragma once
+
+#ifndef FUSEDRNN_ISA_NAMESPACE
+#error "fused_tiles.h is included by the per-ISA translation units only"
+#endif
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/cpu/fused_isa.h"
+#include "kernels/step_elements.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace FUSEDRNN_ISA_NAMESPACE {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+constexpr int kL = Vec::kLanes;
+
+// A GEMM operand resolved for one panel.
+struct PanelSource {
+  const float* a;
+  int64_t lda;
+  const float* panel;
+  int64_t K;
+};
+
+// One pass over an output tile: MR rows x NV vectors, summed over the sources, from the pass's
+// part of the panels (K rows of NV vectors, fused_step.h). Vector v of row r is stored at out + r *
+// ldo + v * col_stride, its first count[v] lanes (the units that exist).
+template <int NV, int MR, bool kAcc>
+inline void gemm_pass(const PanelSource* src, int nsrc, int64_t row0, float* out, int64_t ldo,
+                      int64_t col_stride, const int64_t* count, const Vec::Mask* mask) {
+  Vec::Reg acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
+  }
+  for (int q = 0; q < nsrc; ++q) {
+    const float* a = src[q].a + row0 * src[q].lda;
+    const int64_t lda = src[q].lda, K = src[q].K;
+    const float* panel = src[q].panel;
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < K; ++k) {
+      const float* b = panel + k * (NV * kL);
+      Vec::Reg bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + v * kL);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const Vec::Reg av = Vec::broadcast(a + r * lda + k);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fma(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+  if constexpr (kAcc) {  // out += the product
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        acc[r][v] = Vec::add(acc[r][v], Vec::load_masked(out + r * ldo + v * col_stride, mask[v]));
+      }
+    }
+  }
+  // Whole-vector stores where the vector is full: the loads of the step kernel that follow at
+  // once are then served from the store buffer.
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    if (count[v] == kL) {
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) Vec::store(out + r * ldo + v * col_stride, acc[r][v]);
+    } else if (count[v] > 0) {
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        Vec::store_masked(out + r * ldo + v * col_stride, mask[v], acc[r][v]);
+      }
+    }
+  }
+}
+
+// One output tile of MR rows x NV vectors (all the gates of the panel's units), in passes of at
+// most kPass vectors: AVX2's 16 registers hold 5 rows x 2 vectors of accumulators, so its
+// 4-vector tiles take two passes over the (L1-resident) rows of the sources. Each pass reads its
+// own contiguous part of the panel.
+template <int NV, int kPass, int MR, bool kAcc>
+inline void gemm_tile(const PanelSource* src, int nsrc, int64_t row0, float* out, int64_t ldo,
+                      int64_t col_stride, const int64_t* count, const Vec::Mask* mask) {
+  constexpr int kNow = NV < kPass ? NV : kPass;
+  gemm_pass<kNow, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
+  if constexpr (NV > kNow) {
+    PanelSource rest[2];
+    for (int q = 0; q < nsrc; ++q) {
+      rest[q] = src[q];
+      rest[q].panel += kNow * src[q].K * kL;
+    }
+    gemm_tile<NV - kNow, kPass, MR, kAcc>(rest, nsrc, row0, out + kNow * col_stride, ldo,
+                                          col_stride, count + kNow, mask + kNow);
+  }
+}
+
+// A tile of `rows` < MR rows, by recursion on the tile height (each height is its own kernel).
+template <int NV, int kPass, int MR, bool kAcc>
+inline void gemm_tail(int rows, const PanelSource* src, int nsrc, int64_t row0, float* out,
+                      int64_t ldo, int64_t col_stride, const int64_t* count,
+                      const Vec::Mask* mask) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      gemm_tile<NV, kPass, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
+    } else {
+      gemm_tail<NV, kPass, MR - 1, kAcc>(rows, src, nsrc, row0, out, ldo, col_stride, count, mask);
+    }
+  }
+}
+
+// Panels [p0, p1) of out = (kAcc: +=) the GEMM g, for rows [0, g.rows); epi(r0, rows, j0, units)
+// runs after each tile, tail(j0, units) after the panel's last tile.
+template <int NV, bool kAcc, typename Epi, typename Tail>
+void gemm_panels(const PanelGemm& g, float* out, int64_t ldo, int64_t p0, int64_t p1,
+                 const Epi& epi, const Tail& tail) {
+  constexpr int MR = NV == 4 ? Vec::kRows4 : Vec::kRows3;
+  constexpr int kPass = NV == 4 ? Vec::kPass4 : Vec::kPass3;
+  static_assert(NV == 3 || NV == 4, "panels hold 3 or 4 vectors");
+  if (g.nv != NV || g.lanes != kL || g.pass_vectors != kPass || g.nsrc < 1 || g.nsrc > 2) {
+    bad_dispatch("fused step: operands packed for another kernel");
+  }
+  const int64_t n = g.rows, panel_floats = NV * kL;  // per row k of a panel
+  for (int64_t pb = p0; pb < p1; ++pb) {
+    const int64_t j0 = pb * g.unit_block;
+    const int64_t units = imin(g.unit_block, g.units - j0);
+    int64_t count[NV];
+    Vec::Mask mask[NV];
+    for (int v = 0; v < NV; ++v) {
+      count[v] = imax(0, imin(kL, g.gates == 1 ? units - v * kL : units));
+      mask[v] = Vec::first_lanes(count[v]);
+    }
+    PanelSource src[2];
+    for (int q = 0; q < g.nsrc; ++q) {
+      src[q] = {g.src[q].a, g.src[q].lda, g.src[q].panels + pb * g.src[q].K * panel_floats,
+                g.src[q].K};
+    }
+    int64_t r = 0;
+    for (; r + MR <= n; r += MR) {
+      gemm_tile<NV, kPass, MR, kAcc>(src, g.nsrc, r, out + r * ldo + j0, ldo, g.col_stride, count,
+                                     mask);
+      epi(r, static_cast<int64_t>(MR), j0, units);
+    }
+    if (r < n) {
+      gemm_tail<NV, kPass, MR - 1, kAcc>(static_cast<int>(n - r), src, g.nsrc, r,
+                                         out + r * ldo + j0, ldo, g.col_stride, count, mask);
+      epi(r, n - r, j0, units);
+    }
+    tail(j0, units);
+  }
+}
+
+// fn(b, j) over rows [r0, r0 + rows) and units [j0, j0 + units); a whole block of kBlock units
+// as a fixed-length loop, which the compiler turns into whole-vector code (no masks, no
+// remainder).
+template <int64_t kBlock, typename Fn>
+__attribute__((always_inline)) inline void for_tile(int64_t r0, int64_t rows, int64_t j0,
+                                                    int64_t units, const Fn& fn) {
+  if (units == kBlock) {
+    for (int64_t b = r0; b < r0 + rows; ++b) {
+      // (not unrolled: a loop of exactly one AVX2 vector's length would otherwise be unrolled
+      // into scalar code before the vectoriser sees it)
+#pragma GCC ivdep
+#pragma GCC unroll 1
+      for (int64_t l = 0; l < kBlock; ++l) fn(b, j0 + l);
+    }
+  } else {
+    for (int64_t b = r0; b < r0 + rows; ++b) {
+#pragma GCC ivdep
+      for (int64_t j = j0; j < j0 + units; ++j) fn(b, j);
+    }
+  }
+}
+
+inline void no_tail(int64_t, int64_t) {}
+
+template <int kValue>
+using IntTag = std::integral_constant<int, kValue>;
+
+// fn(IntTag<kOn or kOff>) for a flag that holds for a whole step.
+template <typename Fn>
+void dispatch_flag(bool on, const Fn& fn) {
+  if (on) {
+    fn(IntTag<kOn>{});
+  } else {
+    fn(IntTag<kOff>{});
+  }
+}
+
+void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<float>& p, float* out,
+                  int64_t ldo, const PanelGemm& g, int64_t p0, int64_t p1) {
+  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
+    constexpr CellKind kCell = decltype(c)::value;
+    constexpr Phase kPhase = decltype(ph)::value;
+    dispatch_bool(p.bias != nullptr, [&](auto bias) {
+      dispatch_flag(p.save_gates, [&](auto save) {
+        dispatch_flag(p.h_state != nullptr, [&](auto h_state) {
+          auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
+            const LSTMForwardStep<float> q = p;  // a local copy: stores cannot alias its pointers
+            for_tile<kL>(
+                r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
+                  lstm_forward_element<kCell, kPhase, decltype(bias)::value, /*kHg=*/false,
+                                       decltype(save)::value, decltype(h_state)::value>(q, b, j);
+                });
+          };
+          if constexpr (traits(kCell).two_phase && kPhase == Phase::kO) {
+            gemm_panels<3, false>(g, out, ldo, p0, p1, epi, no_tail);
+          } else {
+            gemm_panels<4, false>(g, out, ldo, p0, p1, epi, no_tail);
+          }
+        });
+      });
+    });
+  });
+}
+
+// A backward step: out[0:g.rows] (=, or += with kAcc) the GEMM tile by tile, then
+// element(dy, prev, q, b, j) on each tile's rows below p.n; then, per panel, on rows
+// [g.rows, p.n), whose input the GEMM does not produce (it is already in place). dy and prev are
+// the kDy / kPrev tags of kernels/step_elements.h, fixed per step and per tile.
+template <bool kAcc, typename Step, typename Element>
+void backward_panels(const Step& p, float* out, int64_t ldo, const PanelGemm& g, int64_t p0,
+                     int64_t p1, const Element& element) {
+  constexpr int64_t kBlock = 4 * kL;  // plain panels: 4 vectors of consecutive units
+  dispatch_flag(p.dy != nullptr, [&](auto dy) {
+    // rows [r0, r0 + rows) of units [j0, j0 + units)
+    auto run = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
+      const Step q = p;  // a local copy: stores cannot alias its pointers
+      auto tile = [&](auto prev) {
+        for_tile<kBlock>(r0, rows, j0, units,
+                         [&](int64_t b, int64_t j)
+                             __attribute__((always_inline)) { element(dy, prev, q, b, j); });
+      };
+      if (r0 + rows <= p.m_prev) {
+        tile(IntTag<kOn>{});
+      } else if (r0 >= p.m_prev) {
+        tile(IntTag<kOff>{});
+      } else {
+        tile(IntTag<kRuntime>{});
+      }
+    };
+    auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
+      rows = imin(rows, p.n - r0);  // GEMM rows past the step's are gradients of h0 only
+      if (rows > 0) run(r0, rows, j0, units);
+    };
+    auto tail = [&](int64_t j0, int64_t units) {
+      if (p.n > g.rows) run(g.rows, p.n - g.rows, j0, units);
+    };
+    if (g.rows > 0) {
+      gemm_panels<4, kAcc>(g, out, ldo, p0, p1, epi, tail);
+    } else {
+      for (int64_t pb = p0; pb < p1; ++pb) {
+        const int64_t j0 = pb * g.unit_block;
+        tail(j0, imin(g.unit_block, g.units - j0));
+      }
+    }
+  });
+}
+
+void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<float>& p, float* out,
+                   int64_t ldo, const PanelGemm& g, int64_t p0, int64_t p1) {
+  dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
+    constexpr CellKind kCell = decltype(c)::value;
+    constexpr Phase kPhase = decltype(ph)::value;
+    // The GEMM writes what the phase's kernel reads: dh (=) before kWhole / kO, dc (+=) before
+    // the WM kIFG phase.
+    constexpr bool kIntoDc = traits(kCell).two_phase && kPhase == Phase::kIFG;
+    backward_panels<kIntoDc>(
+        p, out, ldo, g, p0, p1,
+        [&](auto dy, auto prev, const LSTMBackwardStep<float>& q, int64_t b,
+            int64_t j) __attribute__((always_inline)) {
+          lstm_backward_element<kCell, kPhase, decltype(dy)::value, decltype(prev)::value>(q, b, j);
+        });
+  });
+}
+
+void gru_forward(const GRUForwardStep<float>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
+  dispatch_bool(p.bias_ih != nullptr, [&](auto bias) {
+    auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
+      const GRUForwardStep<float> q = p;
+      for_tile<kL>(r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
+        gru_forward_element<decltype(bias)::value>(q, b, j);
+      });
+    };
+    gemm_panels<3, false>(g, const_cast<float*>(p.hg), p.ld_hg, p0, p1, epi, no_tail);
+  });
+}
+
+void gru_backward(const GRUBackwardStep<float>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
+  backward_panels<true>(p, p.dh_state, p.H, g, p0, p1,
+                        [&](auto dy, auto prev, const GRUBackwardStep<float>& q, int64_t b,
+                            int64_t j) __attribute__((always_inline)) {
+                          gru_backward_element<decltype(dy)::value, decltype(prev)::value>(q, b, j);
+                        });
+}
+
+}  // namespace FUSEDRNN_ISA_NAMESPACE
+}  // namespace cpu
+}  // namespace fusedrnn
+
+#include "small_gemm.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace FUSEDRNN_ISA_NAMESPACE {
+
+// The transposing copy that packs the gated weights (FusedStepKernels::transpose): blocks of
+// kL columns of the kL source rows through the registers (Vec::transpose), the last columns
+// one by one.
+void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                    int64_t ldd) {
+  int64_t c = 0;
+  for (; c + kL <= cols; c += kL) {
+    typename Vec::Reg r[kL];
+#pragma GCC unroll 16
+    for (int i = 0; i < kL; ++i) r[i] = i < rows ? Vec::load(src + i * lds + c) : Vec::zero();
+    Vec::transpose(r);
+#pragma GCC unroll 16
+    for (int i = 0; i < kL; ++i) Vec::store(dst + (c + i) * ldd, r[i]);
+  }
+  for (; c < cols; ++c) {
+    for (int64_t i = 0; i < kL; ++i) dst[c * ldd + i] = i < rows ? src[i * lds + c] : 0.0f;
+  }
+}
+
+// Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
+constexpr FusedStepKernels kKernels{Vec::kName,     kL,
+                                    Vec::kPass3,    Vec::kPass4,
+                                    &lstm_forward,  &lstm_backward,
+                                    &gru_forward,   &gru_backward,
+                                    &small_gemm_nt, &small_gemm_nn,
+                                    &small_gemm_tn, &transpose_rows};
+
+}  // namespace FUSEDRNN_ISA_NAMESPACE
+}  // namespace cpu
+}  // namespace fusedrnn

@@ -1,0 +1,82 @@
+// The fused CPU steps for AVX2 + FMA: 8 floats per vector, 16 vector registers.
+#include "kernels/cpu/fused_isa.h"
+#include "kernels/cpu/step_table.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDRNN_ISA_NAMESPACE avx2
+#define FUSEDRNN_ISA_TARGET "avx2,fma"
+#include "isa_begin.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace avx2 {
+
+struct Vec {
+  static constexpr const char* kName = "avx2";
+  static constexpr int kRegisters = 16;
+  static constexpr int kLanes = 8;
+  // 4-vector tiles: 5 rows in passes of 2 vectors (5 x 2 accumulators, 2 b vectors and a
+  // broadcast in the 16 registers; with 6 rows gcc spills an accumulator in the inner loop).
+  // 3-vector tiles: 4 rows in one pass (12 accumulators, 3 b vectors and a broadcast).
+  static constexpr int kRows4 = 5;
+  static constexpr int kRows3 = 4;
+  static constexpr int kPass4 = 2;
+  static constexpr int kPass3 = 3;
+  using Reg = __m256;
+  using Mask = __m256i;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static Reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+  static float sum(Reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // lanes [0, count) of a vector, 0 <= count <= 8: lane l is set when l < count
+  static Mask first_lanes(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Reg load_masked(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void store_masked(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
+  // r[i] lane j <- r[j] lane i (an 8 x 8 block): interleave pairs of rows, then 2 x 2 blocks
+  // within the 128-bit halves, then the halves of rows 0-3 and 4-7.
+  static void transpose(Reg (&r)[8]) {
+    Reg t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1 | a5 ...
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+      r[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+  }
+};
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace fusedrnn
+
+#include "fused_tiles.h"
+#include "kernels/cpu/step_loops.h"
+#include "isa_end.h"
+
+const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() {
+  return &avx2::kKernels;
+}
+const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx2() { return &avx2::kStepKernels; }
+#else
+const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() { return nullptr; }
+const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx2() { return nullptr; }
+#endif

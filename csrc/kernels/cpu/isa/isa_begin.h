@@ -1,0 +1,37 @@
+// Opens a per-ISA translation unit (isa_avx2.cpp, isa_avx512.cpp); isa_end.h closes it. The
+// unit defines FUSEDRNN_ISA_NAMESPACE and FUSEDRNN_ISA_TARGET (a target attribute string), then
+// includes this header, defines `Vec`, includes fused_tiles.h, step_loops.h and isa_end.h.
+//
+// Only the code between the two headers is compiled for the ISA, through the compiler's target
+// pragma, not through command-line flags: the unit compiles with the same flags as the rest of the
+// library, the headers of the standard library, c10 and ATen are included here first (their inline
+// code and templates, at::parallel_for and c10::BFloat16's conversions included, are compiled for
+// the baseline, as everywhere else: a template takes the target of its definition), and what
+// follows lives in the ISA's own namespace (cells/common.h). So nothing compiled for AVX2 or
+// AVX-512 can be the linker's choice for portable code, and nothing of it runs at load time (the
+// kernel table is constant- initialised).
+#ifndef FUSEDRNN_ISA_NAMESPACE
+#error "define FUSEDRNN_ISA_NAMESPACE before including isa_begin.h"
+#endif
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#define FUSEDRNN_DO_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define FUSEDRNN_TARGET_PUSH(t) \
+  FUSEDRNN_DO_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+FUSEDRNN_TARGET_PUSH(FUSEDRNN_ISA_TARGET)
+#elif defined(__GNUC__)
+#define FUSEDRNN_TARGET_PUSH(t) FUSEDRNN_DO_PRAGMA(GCC target(t))
+#pragma GCC push_options
+FUSEDRNN_TARGET_PUSH(FUSEDRNN_ISA_TARGET)
+#endif

@@ -1,0 +1,246 @@
+// GEMMs of a few rows against a row-major weight, written once over a vector type and compiled
+// per instruction set (included by kernels/cpu/isa/isa_avx2.cpp and isa_avx512.cpp after
+// fused_tiles.h).
+//
+// A step of a cell call or of a small-batch layer multiplies 1-4 rows by a whole weight matrix:
+// the work is reading the weight (1 MB for H = 256), once, at the memory bandwidth the core
+// has. These kernels stream the weight in its own row-major layout (nothing is packed, so
+// nothing is prepared per call or kept between calls), every weight vector loaded once and used
+// for every row:
+// - gemm_nt: out (m x n) = [out +] a (m x k) W^T, W (n x k): the forward GEMMs (x W_ih^T,
+//   h W_hh^T, c W_ch^T, r W_hr^T). R weight rows at a time, m x R dot products in registers.
+// - gemm_nn: out (m x k) = [out +] a (m x n) W, W (n x k): the backward's dh = dgates W_hh and
+//   dx = dgates W_ih. R weight rows at a time, out's rows (in L1) updated once per R rows.
+// - gemm_tn: out (n x k) = [out +] a^T W, a (m x n), W (m x k): the weight gradients of a step
+//   of m rows, dW = dgates^T x (a rank-m update). Each output row written once, from m
+//   broadcast coefficients and the m rows of W (in L1): the work is writing out.
+#pragma once
+
+#ifndef FUSEDRNN_ISA_NAMESPACE
+#error "small_gemm.h is included by the per-ISA translation units only"
+#endif
+
+#include <cstdint>
+
+#include "kernels/cpu/fused_isa.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace FUSEDRNN_ISA_NAMESPACE {
+
+namespace small {
+
+constexpr int kL = Vec::kLanes;
+// The weight is read once, a block of R rows at a time: while a block is multiplied, the same
+// columns of the next block's rows are prefetched, one 64-byte line per row and line of the
+// block, so that the R streams are in cache when the next block starts (at H = 256 the rate of
+// scripts/small_gemm_rate.py went from 24.1 to 19.8 us for m = 1 in one session, within the
+// spread between sessions of this shared machine: not a verified gain, no loss).
+constexpr int64_t kLineFloats = 64 / sizeof(float);
+
+// At the first vector of each line (`col` counted from the block's first column): the line at
+// column `at` of each of the R rows from `next` (nullptr: no next block).
+template <int R>
+inline void prefetch_next(const float* next, int64_t ldw, int64_t col, int64_t at) {
+  if (next == nullptr || (col & (kLineFloats - 1)) != 0) return;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * ldw + at, 0, 3);
+}
+
+// m (<= kSmallGemmRows) rows, R weight rows per iteration.
+template <int M, int R>
+inline void nt_block(const SmallGemm& g, int64_t j0, int64_t j1) {
+  const int64_t k = g.k, kv = k / kL * kL;
+  const Vec::Mask tail = Vec::first_lanes(k - kv);
+  int64_t j = j0;
+  for (; j + R <= j1; j += R) {
+    Vec::Reg s[M][R];
+#pragma GCC unroll 4
+    for (int b = 0; b < M; ++b) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[b][r] = Vec::zero();
+    }
+    const float* w = g.w + j * g.ldw;
+    const float* next = j + 2 * R <= j1 ? w + R * g.ldw : nullptr;
+    for (int64_t q = 0; q < kv; q += kL) {
+      Vec::Reg wv[R];
+      prefetch_next<R>(next, g.ldw, q, q);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = Vec::load(w + r * g.ldw + q);
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        const Vec::Reg av = Vec::load(g.a + b * g.lda + q);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) s[b][r] = Vec::fma(av, wv[r], s[b][r]);
+      }
+    }
+    if (kv < k) {
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        const Vec::Reg av = Vec::load_masked(g.a + b * g.lda + kv, tail);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          s[b][r] = Vec::fma(av, Vec::load_masked(w + r * g.ldw + kv, tail), s[b][r]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < M; ++b) {
+      float* o = g.out + b * g.ldo + j;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float v = Vec::sum(s[b][r]);
+        o[r] = g.accumulate ? o[r] + v : v;
+      }
+    }
+  }
+  if constexpr (R > 1) {
+    if (j < j1) nt_block<M, 1>(g, j, j1);
+  }
+}
+
+// m rows of the nn product, columns [c0, c1) of out (a multiple of kL wide but for the last).
+template <int M, int R>
+inline void nn_block(const SmallGemm& g, int64_t c0, int64_t c1) {
+  const int64_t n = g.n;
+  for (int b = 0; b < M; ++b) {
+    float* o = g.out + b * g.ldo;
+    if (!g.accumulate) {
+      for (int64_t c = c0; c < c1; ++c) o[c] = 0.0f;
+    }
+  }
+  const int64_t cv = c0 + (c1 - c0) / kL * kL;
+  const Vec::Mask tail = Vec::first_lanes(c1 - cv);
+  int64_t j = 0;
+  for (; j + R <= n; j += R) {
+    Vec::Reg d[M][R];
+#pragma GCC unroll 4
+    for (int b = 0; b < M; ++b) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) d[b][r] = Vec::broadcast(g.a + b * g.lda + j + r);
+    }
+    const float* w = g.w + j * g.ldw;
+    const float* next = j + 2 * R <= n ? w + R * g.ldw : nullptr;
+    for (int64_t c = c0; c < cv; c += kL) {
+      Vec::Reg wv[R];
+      prefetch_next<R>(next, g.ldw, c - c0, c);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = Vec::load(w + r * g.ldw + c);
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        float* o = g.out + b * g.ldo + c;
+        Vec::Reg acc = Vec::load(o);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc = Vec::fma(d[b][r], wv[r], acc);
+        Vec::store(o, acc);
+      }
+    }
+    if (cv < c1) {
+      Vec::Reg wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = Vec::load_masked(w + r * g.ldw + cv, tail);
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        float* o = g.out + b * g.ldo + cv;
+        Vec::Reg acc = Vec::load_masked(o, tail);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc = Vec::fma(d[b][r], wv[r], acc);
+        Vec::store_masked(o, tail, acc);
+      }
+    }
+  }
+  // the last n % R weight rows, one at a time (out is already initialised)
+  for (; j < n; ++j) {
+    SmallGemm one = g;
+    one.a = g.a + j;
+    one.w = g.w + j * g.ldw;
+    one.n = 1;
+    one.accumulate = true;
+    nn_block<M, 1>(one, c0, c1);
+  }
+}
+
+// Output rows [i0, i1) of the tn product (rank M).
+template <int M>
+inline void tn_rows(const SmallGemm& g, int64_t i0, int64_t i1) {
+  const int64_t k = g.k, kv = k / kL * kL;
+  const Vec::Mask tail = Vec::first_lanes(k - kv);
+  for (int64_t i = i0; i < i1; ++i) {
+    Vec::Reg coef[M];
+#pragma GCC unroll 4
+    for (int b = 0; b < M; ++b) coef[b] = Vec::broadcast(g.a + b * g.lda + i);
+    float* o = g.out + i * g.ldo;
+    for (int64_t c = 0; c < kv; c += kL) {
+      Vec::Reg acc = g.accumulate ? Vec::load(o + c) : Vec::zero();
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) acc = Vec::fma(coef[b], Vec::load(g.w + b * g.ldw + c), acc);
+      Vec::store(o + c, acc);
+    }
+    if (kv < k) {
+      Vec::Reg acc = g.accumulate ? Vec::load_masked(o + kv, tail) : Vec::zero();
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        acc = Vec::fma(coef[b], Vec::load_masked(g.w + b * g.ldw + kv, tail), acc);
+      }
+      Vec::store_masked(o + kv, tail, acc);
+    }
+  }
+}
+
+// Registers: M x R accumulators (nt) or M x R broadcasts (nn), R weight vectors, a row vector.
+template <int M>
+constexpr int rows_per_pass() {
+  if constexpr (M == 1) return 8;
+  return (Vec::kRegisters >= 32 || M <= 2) ? 4 : 2;
+}
+
+template <int M>
+void nt_rows(const SmallGemm& g, int64_t j0, int64_t j1) {
+  nt_block<M, rows_per_pass<M>()>(g, j0, j1);
+}
+
+template <int M>
+void nn_rows(const SmallGemm& g, int64_t c0, int64_t c1) {
+  nn_block<M, rows_per_pass<M>()>(g, c0, c1);
+}
+
+template <typename Fn>
+void by_rows(int64_t m, Fn&& fn) {
+  switch (m) {
+    case 1:
+      fn(std::integral_constant<int, 1>{});
+      return;
+    case 2:
+      fn(std::integral_constant<int, 2>{});
+      return;
+    case 3:
+      fn(std::integral_constant<int, 3>{});
+      return;
+    case 4:
+      fn(std::integral_constant<int, 4>{});
+      return;
+    default:
+      bad_dispatch("small gemm: more rows than kSmallGemmRows");
+  }
+}
+
+}  // namespace small
+
+// Output rows [i0, i1) of the tn product; every column.
+inline void small_gemm_tn(const SmallGemm& g, int64_t i0, int64_t i1) {
+  small::by_rows(g.m, [&](auto m) { small::tn_rows<decltype(m)::value>(g, i0, i1); });
+}
+
+// Output columns [j0, j1) (weight rows) of the nt product; every row of g.
+inline void small_gemm_nt(const SmallGemm& g, int64_t j0, int64_t j1) {
+  small::by_rows(g.m, [&](auto m) { small::nt_rows<decltype(m)::value>(g, j0, j1); });
+}
+
+// Output columns [c0, c1) of the nn product; every row of g.
+inline void small_gemm_nn(const SmallGemm& g, int64_t c0, int64_t c1) {
+  small::by_rows(g.m, [&](auto m) { small::nn_rows<decltype(m)::value>(g, c0, c1); });
+}
+
+}  // namespace FUSEDRNN_ISA_NAMESPACE
+}  // namespace cpu
+}  // namespace fusedrnn

@@ -1,0 +1,246 @@
+// One element (row b, unit j) of each fused step kernel: loads from the step structs of
+// kernels/kernels.h, the cell math of cells/*.h, stores. Shared verbatim by the CPU loops
+// (kernels/cpu/kernels_cpu.cpp) and the CUDA kernels (kernels/cuda/kernels.cu).
+//
+// A cell is reached through its kind only: its math is CellMath<kCell>::type (declared by its
+// header), and what differs between the LSTM family's elements is a trait of cells/traits.h,
+// never a kind: the operands of the cell connections (none, the diagonal peepholes, the full
+// matrices' products) and whether the step runs in two phases around a GEMM of c_t.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "kernels.h"
+#define FUSEDRNN_CELL_MATH
+#include "cells/traits.h"  // the cells' math headers (see the end of traits.h)
+
+namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+// The math struct of a cell, checked against its row of the table.
+template <CellKind kCell, typename acc_t>
+struct MathOf {
+  using type = typename CellMath<kCell>::template type<acc_t>;
+  static_assert(type::kGates == traits(kCell).gates,
+                "a cell's gate count must be that of cells/traits.h");
+};
+template <CellKind kCell, typename acc_t>
+using math_of = typename MathOf<kCell, acc_t>::type;
+
+template <typename scalar_t>
+FUSEDRNN_HD acc_type<scalar_t> ld(const scalar_t* p, int64_t i) {
+  return static_cast<acc_type<scalar_t>>(p[i]);
+}
+
+// Options of an element that the caller may fix at compile time, so that the loop over a row's
+// units carries no branch (AVX2 code cannot vectorise one): kRuntime reads the step struct;
+// kOff / kOn fix the answer. A caller passing kOff / kOn must know it holds for every element it
+// runs: forward kSave = p.save_gates, kHState = p.h_state != nullptr; backward kDy =
+// p.dy != nullptr, kPrev = kOn when every row is below p.m_prev (its previous state is the
+// previous step's row), kOff when none is.
+constexpr int kRuntime = -1, kOff = 0, kOn = 1;
+
+// The state before this step of row b: the previous step's saved row where that step ran row b
+// (b < m_prev), else the initial state.
+template <int kPrev = kRuntime, typename scalar_t>
+FUSEDRNN_HD acc_type<scalar_t> prev_state(const scalar_t* prev, int64_t ld_prev,
+                                          const scalar_t* init, int64_t m_prev, int64_t H,
+                                          int64_t b, int64_t j) {
+  if constexpr (kPrev == kOn) return ld(prev + b * ld_prev, j);
+  if constexpr (kPrev == kOff) return ld(init + b * H, j);
+  return b < m_prev ? ld(prev + b * ld_prev, j) : ld(init + b * H, j);
+}
+
+// kHg false: p.hg is not read, p.gates holds the whole pre-activation (the fused CPU steps).
+template <CellKind kCell, Phase kPhase, bool kBias, bool kHg = true, int kSave = kRuntime,
+          int kHState = kRuntime, typename scalar_t>
+FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_t b, int64_t j) {
+  using acc_t = acc_type<scalar_t>;
+  const bool save = kSave == kRuntime ? p.save_gates : kSave == kOn;
+  const bool h_state = kHState == kRuntime ? p.h_state != nullptr : kHState == kOn;
+  const int64_t H = p.H;
+  scalar_t* a = p.gates + b * p.ld_gates + j;
+  const scalar_t* hg = kHg ? p.hg + b * 4 * H + j : nullptr;
+  auto pre = [&](int k) {
+    acc_t v = static_cast<acc_t>(a[k * H]);
+    if constexpr (kHg) v += static_cast<acc_t>(hg[k * H]);
+    if constexpr (kBias) v += ld(p.bias, k * H + j);
+    return v;
+  };
+  using Cell = math_of<kCell, acc_t>;
+  constexpr bool kTwoPhase = traits(kCell).two_phase;
+  constexpr WeightCh kWeightCh = traits(kCell).weight_ch;
+  static_assert(kTwoPhase == (kWeightCh == WeightCh::kFull),
+                "two phases are the full cell connections' (a GEMM of c_t inside the step)");
+  acc_t i, f, g, o, c, h;
+  const int64_t s = b * H + j;
+  if constexpr (!kTwoPhase && kWeightCh == WeightCh::kNone) {
+    Cell::forward(pre(0), pre(1), pre(2), pre(3), ld(p.c_state, s), i, f, g, o, c, h);
+  } else if constexpr (!kTwoPhase && kWeightCh == WeightCh::kDiagonal) {
+    Cell::forward(pre(0), pre(1), pre(2), pre(3), ld(p.c_state, s), ld(p.peephole, j),
+                  ld(p.peephole, H + j), ld(p.peephole, 2 * H + j), i, f, g, o, c, h);
+  } else if constexpr (kPhase == Phase::kIFG) {
+    acc_t u_i, u_f;
+    const scalar_t* pp = p.p + b * p.ld_p + j;
+    Cell::forward_ifg(pre(0), pre(1), pre(2), static_cast<acc_t>(pp[0]), static_cast<acc_t>(pp[H]),
+                      ld(p.c_state, s), i, f, g, c, u_i, u_f);
+    if (save) {
+      a[0] = static_cast<scalar_t>(i);
+      a[H] = static_cast<scalar_t>(f);
+      a[2 * H] = static_cast<scalar_t>(g);
+    }
+    p.c_state[s] = static_cast<scalar_t>(c);
+    p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
+    scalar_t* u = p.u + b * p.ld_u + j;
+    u[0] = static_cast<scalar_t>(u_i);
+    u[H] = static_cast<scalar_t>(u_f);
+    return;
+  } else {  // two phases, phase kO: c_state already holds c_t
+    acc_t u_o;
+    c = ld(p.c_state, s);
+    Cell::forward_o(pre(3), ld(p.p + b * p.ld_p, 2 * H + j), c, o, u_o, h);
+    if (save) a[3 * H] = static_cast<scalar_t>(o);
+    p.u[b * p.ld_u + 2 * H + j] = static_cast<scalar_t>(u_o);
+    p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
+    if (h_state) p.h_state[s] = static_cast<scalar_t>(h);
+    return;
+  }
+  // Stores of the one-phase cells. Under `if constexpr` so that the two-phase instantiations,
+  // which return above, do not contain this (unreachable) code: nvcc would warn that it reads
+  // gates those phases never set.
+  if constexpr (!kTwoPhase) {
+    if (save) {
+      a[0] = static_cast<scalar_t>(i);
+      a[H] = static_cast<scalar_t>(f);
+      a[2 * H] = static_cast<scalar_t>(g);
+      a[3 * H] = static_cast<scalar_t>(o);
+    }
+    p.c_state[s] = static_cast<scalar_t>(c);
+    p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
+    p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
+    if (h_state) p.h_state[s] = static_cast<scalar_t>(h);
+  }
+}
+
+template <CellKind kCell, Phase kPhase, int kDy = kRuntime, int kPrev = kRuntime, typename scalar_t>
+FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int64_t b, int64_t j) {
+  using acc_t = acc_type<scalar_t>;
+  const bool has_dy = kDy == kRuntime ? p.dy != nullptr : kDy == kOn;
+  const int64_t H = p.H;
+  const scalar_t* gt = p.gates + b * p.ld_gates + j;
+  scalar_t* da = p.dgates + b * p.ld_dgates + j;
+  const int64_t s = b * H + j;
+  auto dh_total = [&]() {
+    acc_t dh = ld(p.dh + b * p.ld_dh, j);
+    if (has_dy) dh += ld(p.dy + b * p.ld_dy, j);
+    return dh;
+  };
+  using Cell = math_of<kCell, acc_t>;
+  constexpr WeightCh kWeightCh = traits(kCell).weight_ch;
+  if constexpr (traits(kCell).two_phase) {
+    if constexpr (kPhase == Phase::kO) {
+      acc_t dc = ld(p.dc_state, s), da_o, dp_o;
+      Cell::backward_o(static_cast<acc_t>(gt[3 * H]), ld(p.u + b * p.ld_u, 2 * H + j),
+                       ld(p.c + b * p.ld_c, j), dh_total(), dc, da_o, dp_o);
+      da[3 * H] = static_cast<scalar_t>(da_o);
+      p.dp[b * p.ld_dp + 2 * H + j] = static_cast<scalar_t>(dp_o);
+      p.dp_saved[b * p.ld_dp_saved + 2 * H + j] = static_cast<scalar_t>(dp_o);
+      p.dc_state[s] = static_cast<scalar_t>(dc);
+    } else {
+      acc_t da_i, da_f, da_g, dp_i, dp_f, dc_prev;
+      const scalar_t* u = p.u + b * p.ld_u + j;
+      Cell::backward_ifg(static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]),
+                         static_cast<acc_t>(gt[2 * H]), static_cast<acc_t>(u[0]),
+                         static_cast<acc_t>(u[H]),
+                         prev_state<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j),
+                         ld(p.dc_state, s), da_i, da_f, da_g, dp_i, dp_f, dc_prev);
+      da[0] = static_cast<scalar_t>(da_i);
+      da[H] = static_cast<scalar_t>(da_f);
+      da[2 * H] = static_cast<scalar_t>(da_g);
+      scalar_t* dp = p.dp + b * p.ld_dp + j;
+      dp[0] = static_cast<scalar_t>(dp_i);
+      dp[H] = static_cast<scalar_t>(dp_f);
+      scalar_t* dps = p.dp_saved + b * p.ld_dp_saved + j;
+      dps[0] = static_cast<scalar_t>(dp_i);
+      dps[H] = static_cast<scalar_t>(dp_f);
+      p.dc_state[s] = static_cast<scalar_t>(dc_prev);
+    }
+  } else {
+    acc_t da_i, da_f, da_g, da_o, dc_prev;
+    const acc_t i = static_cast<acc_t>(gt[0]), f = static_cast<acc_t>(gt[H]),
+                g = static_cast<acc_t>(gt[2 * H]), o = static_cast<acc_t>(gt[3 * H]);
+    const acc_t c = ld(p.c + b * p.ld_c, j);
+    const acc_t c_prev = prev_state<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j);
+    if constexpr (kWeightCh == WeightCh::kNone) {
+      Cell::backward(i, f, g, o, c, c_prev, dh_total(), ld(p.dc_state, s), da_i, da_f, da_g, da_o,
+                     dc_prev);
+    } else {
+      static_assert(kWeightCh == WeightCh::kDiagonal, "one phase: no or diagonal connections");
+      Cell::backward(i, f, g, o, c, c_prev, ld(p.peephole, j), ld(p.peephole, H + j),
+                     ld(p.peephole, 2 * H + j), dh_total(), ld(p.dc_state, s), da_i, da_f, da_g,
+                     da_o, dc_prev);
+    }
+    da[0] = static_cast<scalar_t>(da_i);
+    da[H] = static_cast<scalar_t>(da_f);
+    da[2 * H] = static_cast<scalar_t>(da_g);
+    da[3 * H] = static_cast<scalar_t>(da_o);
+    p.dc_state[s] = static_cast<scalar_t>(dc_prev);
+  }
+}
+
+template <bool kBias, typename scalar_t>
+FUSEDRNN_HD void gru_forward_element(const GRUForwardStep<scalar_t>& p, int64_t b, int64_t j) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t H = p.H;
+  scalar_t* a = p.gates + b * p.ld_gates + j;
+  const scalar_t* hg = p.hg + b * p.ld_hg + j;
+  acc_t x[3], hh[3];
+  for (int k = 0; k < 3; ++k) {
+    x[k] = static_cast<acc_t>(a[k * H]);
+    hh[k] = static_cast<acc_t>(hg[k * H]);
+    if constexpr (kBias) {
+      x[k] += ld(p.bias_ih, k * H + j);
+      hh[k] += ld(p.bias_hh, k * H + j);
+    }
+  }
+  const int64_t s = b * H + j;
+  acc_t r, z, n, h;
+  GRUCell<acc_t>::forward(x[0], x[1], x[2], hh[0], hh[1], hh[2], ld(p.h_state, s), r, z, n, h);
+  a[0] = static_cast<scalar_t>(r);
+  a[H] = static_cast<scalar_t>(z);
+  a[2 * H] = static_cast<scalar_t>(n);
+  a[3 * H] = static_cast<scalar_t>(hh[2]);
+  p.h_state[s] = static_cast<scalar_t>(h);
+  p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
+}
+
+template <int kDy = kRuntime, int kPrev = kRuntime, typename scalar_t>
+FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_t b, int64_t j) {
+  using acc_t = acc_type<scalar_t>;
+  const bool has_dy = kDy == kRuntime ? p.dy != nullptr : kDy == kOn;
+  const int64_t H = p.H;
+  const scalar_t* gt = p.gates + b * p.ld_gates + j;
+  const int64_t s = b * H + j;
+  acc_t dh = ld(p.dh_state, s);
+  if (has_dy) dh += ld(p.dy + b * p.ld_dy, j);
+  acc_t dx_r, dx_z, dx_n, dh_n, dh_prev;
+  GRUCell<acc_t>::backward(static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]),
+                           static_cast<acc_t>(gt[2 * H]), static_cast<acc_t>(gt[3 * H]),
+                           prev_state<kPrev>(p.h_prev, p.ld_h_prev, p.h_init, p.m_prev, H, b, j),
+                           dh, dx_r, dx_z, dx_n, dh_n, dh_prev);
+  scalar_t* dx = p.dx + b * p.ld_dx + j;
+  scalar_t* dhg = p.dhg + b * p.ld_dhg + j;
+  dx[0] = static_cast<scalar_t>(dx_r);
+  dx[H] = static_cast<scalar_t>(dx_z);
+  dx[2 * H] = static_cast<scalar_t>(dx_n);
+  dhg[0] = static_cast<scalar_t>(dx_r);
+  dhg[H] = static_cast<scalar_t>(dx_z);
+  dhg[2 * H] = static_cast<scalar_t>(dh_n);
+  p.dh_state[s] = static_cast<scalar_t>(dh_prev);
+}
+
+FUSEDRNN_ISA_END
+}  // namespace fusedrnn

@@ -1,0 +1,36 @@
+// Argument checks of the layer ops: every tensor against the sizes, dtype and device the input
+// and weight_ih imply, with errors that name the argument, what was expected and what came.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "kernels/kernels.h"
+#include "recurrence/steps.h"
+
+namespace fusedrnn {
+namespace driver {
+
+using c10::optional;
+
+const char* cell_name(CellKind cell);
+
+// Sizes of one layer call, checked against every argument.
+struct Dims {
+  int64_t I = 0, H = 0, Hout = 0;
+};
+
+// `name` has the dtype and device of input and the given shape.
+void check_tensor(const char* op, const char* name, const Tensor& t, const Tensor& input,
+                  at::IntArrayRef shape);
+void check_opt(const char* op, const char* name, const optional<Tensor>& t, const Tensor& input,
+               at::IntArrayRef shape);
+
+Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
+                const optional<Tensor>& hx, const optional<Tensor>& cx, const Steps& s);
+
+}  // namespace driver
+}  // namespace fusedrnn

@@ -1,0 +1,111 @@
+// Operator schemas of fusedrnn (the contract of every backend) and the Python module stub.
+//
+// One layer, one direction per call. Input is time-major (T, B, I) with batch_sizes None, or
+// packed (sum(batch_sizes), I) with batch_sizes a 1-D int64 CPU tensor (non-increasing, as in
+// torch's PackedSequence); step t then processes the first batch_sizes[t] rows of the state.
+// `reverse` runs the steps from the last to the first. The workspace output holds what backward
+// needs (activated gates, cell states, ...); its layout is private to the implementation. The
+// forward ops' autograd is a C++ node (ops/autograd.cpp): when it records one (grad mode and an
+// argument that requires a gradient) the workspace is always kept; otherwise only with
+// need_workspace=True, and with need_workspace=False (inference) it is returned empty and the
+// forward uses less memory.
+// In backward, output_mask = (grad_input, weight gradients) says which of those to compute; the
+// gradients of absent optional arguments, and the ones the mask leaves out, are returned as
+// empty (0,) tensors. The state gradients are always computed.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cells/traits.h"
+#include "execution/gemm.h"
+#include "execution/step_device.h"
+#include "kernels/cpu/fused_step.h"
+#include "kernels/cpu/isa.h"
+
+extern "C" {
+// `import fusedrnn._C` loads this library, whose static initialisers register the operators.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedrnn, m) {
+  // LSTM family: lstm, peephole_lstm (weight_ch (3, H)), wm_lstm (weight_ch (3H, H)).
+  // weight_hr (P, H) is the optional projection (proj_size P); then hx is (B, P).
+  for (const fusedrnn::CellTraits& cell : fusedrnn::kCellTraits) {
+    if (!cell.has_cell_state) continue;
+    const std::string op(cell.name);
+    m.def((op + "_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+                "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, "
+                "Tensor? batch_sizes, bool reverse, bool need_workspace=True) -> (Tensor output, "
+                "Tensor hy, Tensor cy, Tensor workspace)")
+              .c_str());
+    m.def((op +
+           "_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
+           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+           "Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, Tensor? batch_sizes, "
+           "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask) -> "
+           "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor "
+           "grad_weight_hh, "
+           "Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_weight_ch, "
+           "Tensor grad_weight_hr)")
+              .c_str());
+  }
+  // The first-order gradients of a layer as a differentiable graph, for the node of
+  // ops/autograd.cpp under create_graph=True: `grads` flow into the forward op's
+  // differentiable outputs, `args` are its tensor arguments (batch_sizes last); one gradient per
+  // argument, empty where `needs` is false. Its kernel is Python (fusedrnn/_ops.py): the
+  // reference equations differentiated with create_graph=True.
+  m.def(
+      "_differentiable_backward(str cell, Tensor?[] grads, Tensor?[] args, bool reverse, "
+      "bool[] needs) -> Tensor[]");
+  m.def(
+      "gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+      "Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, bool reverse, "
+      "bool need_workspace=True) -> (Tensor output, Tensor hy, Tensor workspace)");
+  m.def(
+      "gru_backward(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, "
+      "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_hx, "
+      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+      "Tensor grad_bias_hh)");
+  // The facts of cells/traits.h of the cell named `cell`: [gates, weight_ch kind (0 none, 1
+  // (3, H), 2 (3H, H)), has_cell_state, two_phase, workspace_cols, proj_cols], for the tests
+  // that check fusedrnn/cells.py against them.
+  m.def("_cell_traits(str cell) -> int[]", [](const std::string& name) {
+    for (const fusedrnn::CellTraits& c : fusedrnn::kCellTraits) {
+      if (name == c.name) {
+        return std::vector<int64_t>{c.gates,          static_cast<int64_t>(c.weight_ch),
+                                    c.has_cell_state, c.two_phase,
+                                    c.workspace_cols, c.proj_cols};
+      }
+    }
+    TORCH_CHECK(false, "_cell_traits: no cell named '", name, "'");
+  });
+  // How CPU calls run (fusedrnn.build_info()): whether fp32 calls run the fused GEMM + cell
+  // steps (kernels/cpu/fused_step.h), the instruction set of the vectorised kernels in use and the
+  // best one available (kernels/cpu/isa.h), and whether large fp32 / bf16 GEMMs go through oneDNN.
+  m.def("cpu_fused_steps() -> bool", [] { return fusedrnn::cpu::fused_steps_available(); });
+  m.def("cpu_isa() -> str",
+        [] { return std::string(fusedrnn::cpu::isa_name(fusedrnn::cpu::current_isa())); });
+  m.def("cpu_isa_best() -> str",
+        [] { return std::string(fusedrnn::cpu::isa_name(fusedrnn::cpu::best_isa())); });
+  m.def("cpu_onednn_gemm() -> bool", [] { return fusedrnn::driver::onednn_gemm_enabled(); });
+  // Switches the ISA in use, returning the previous one (the tests run the fused paths under
+  // each ISA the machine has). Not thread-safe against concurrent layer calls: for tests.
+  m.def("_set_cpu_isa(str isa) -> str",
+        [](const std::string& isa) { return fusedrnn::cpu::set_isa(isa); });
+  // The raw GEMM of the step loops (execution/step_device.h), for the tests: c = beta * c +
+  // op(a) op(b) on the buffers of c, a and b read as row-major matrices with the given leading
+  // dimensions; on CUDA tensors the cuBLAS call the loops make. And how the step GEMMs of
+  // calls on tensors like `like` run: "cpu", "cublas", or "aten: <reason>".
+  m.def(
+      "_raw_gemm(Tensor(a!) c, Tensor a, Tensor b, int m, int n, int k, int lda, int ldb, "
+      "int ldc, bool trans_a, bool trans_b, float beta) -> ()",
+      &fusedrnn::driver::raw_gemm_op);
+  m.def("_gemm_backend(Tensor like) -> str", &fusedrnn::driver::gemm_backend);
+}

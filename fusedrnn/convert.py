@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
@@ -22,22 +23,27 @@ def _fused_copy(m: nn.Module) -> nn.Module:
     base = _base_type(m)
     w = next(m.parameters())
     factory = {"device": w.device, "dtype": w.dtype}
-    if base in _SEQUENCE:
-        kwargs = dict(
-            num_layers=m.num_layers,
-            bias=m.bias,
-            batch_first=m.batch_first,
-            dropout=m.dropout,
-            bidirectional=m.bidirectional,
-            **factory,
-        )
-        if base is nn.LSTM:
-            kwargs["proj_size"] = m.proj_size
-        with warnings.catch_warnings():  # torch.nn warned of a one-layer dropout already
-            warnings.filterwarnings("ignore", "dropout option adds dropout", UserWarning)
-            new = _SEQUENCE[base](m.input_size, m.hidden_size, **kwargs)
-    else:
-        new = _CELLS[base](m.input_size, m.hidden_size, bias=m.bias, **factory)
+    # The new module's random initialisation is overwritten by the old weights below; it must
+    # not advance the random generators either, or a seeded program would draw other dropout
+    # masks from then on than the same program with torch.nn.
+    devices = [w.device.index] if w.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=w.device.type if devices else "cuda"):
+        if base in _SEQUENCE:
+            kwargs = dict(
+                num_layers=m.num_layers,
+                bias=m.bias,
+                batch_first=m.batch_first,
+                dropout=m.dropout,
+                bidirectional=m.bidirectional,
+                **factory,
+            )
+            if base is nn.LSTM:
+                kwargs["proj_size"] = m.proj_size
+            with warnings.catch_warnings():  # torch.nn warned of a one-layer dropout already
+                warnings.filterwarnings("ignore", "dropout option adds dropout", UserWarning)
+                new = _SEQUENCE[base](m.input_size, m.hidden_size, **kwargs)
+        else:
+            new = _CELLS[base](m.input_size, m.hidden_size, bias=m.bias, **factory)
     # Hooks: the old-style torch.nn.utils.weight_norm is re-applied with the same name and dim
     # (it replaces the weight by weight_g / weight_v parameters and recomputes the weight before
     # every forward); any other hook is carried over as it is.

@@ -766,6 +766,21 @@ def test_convert_replaces_and_matches():
     assert type(fusedrnn.convert(seq)[0]) is fusedrnn.LSTMCell
 
 
+def test_convert_leaves_the_random_generator_as_it_was():
+    """Converting draws nothing from the random generators: a seeded program that converts its
+    model draws the same numbers (dropout masks, data order) afterwards as without converting,
+    as it would with torch.nn. The new modules' own initialisation is thrown away (the old
+    weights are loaded), so it must not advance the generator."""
+    torch.manual_seed(3)
+    model = _Model()
+    want = torch.rand(5)
+    torch.manual_seed(3)
+    model = _Model()
+    conv = fusedrnn.convert(model)
+    assert type(conv.lstm) is fusedrnn.LSTM and type(conv.cells[0]) is fusedrnn.LSTMCell
+    assert torch.equal(torch.rand(5), want)
+
+
 def test_convert_keeps_requires_grad():
     """Frozen parameters stay frozen: convert keeps the weights, requires_grad included."""
     model = nn.Sequential(nn.LSTM(I, H, proj_size=2), nn.GRUCell(I, H))

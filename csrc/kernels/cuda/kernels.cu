@@ -5,7 +5,8 @@
 // parameters, so the loop body has no run-time branches on them.
 //
 // Only light headers here (no <torch/extension.h>, no <ATen/ATen.h>): this file then compiles in
-// seconds. Tensor plumbing, streams and device guards are the driver's (csrc/driver/).
+// seconds. Tensor plumbing, streams and device guards live in csrc/recurrence/ and
+// csrc/execution/.
 #include <cuda_runtime.h>
 
 #include <c10/cuda/CUDAException.h>

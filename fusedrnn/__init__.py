@@ -49,6 +49,8 @@ def build_info() -> dict:
         "cpu_isa": None,
         "cpu_isa_best": None,
         "cpu_onednn_gemm": False,
+        "cpu_bf16_tiles": False,
+        "cpu_onednn_bf16_amx": False,
     }
     if _ops.HAS_C:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
@@ -64,4 +66,8 @@ def build_info() -> dict:
         info["cpu_isa_best"] = ops.cpu_isa_best()
         # whether large fp32 / bf16 CPU GEMMs go through oneDNN (AVX-512 only) or at::mm
         info["cpu_onednn_gemm"] = ops.cpu_onednn_gemm()
+        # bf16 CPU steps as the fused tiles: not where oneDNN's bf16 GEMMs run on AMX (faster
+        # there); FUSEDRNN_CPU_BF16_TILES=auto|on|off
+        info["cpu_bf16_tiles"] = ops.cpu_bf16_tiles() and info["cpu_fused_steps"]
+        info["cpu_onednn_bf16_amx"] = ops.cpu_onednn_bf16_amx()
     return info

@@ -6,6 +6,7 @@ layer and direction runs as one call of a fused whole-sequence op (see fusedrnn.
 the Python here only routes tensors, with no work proportional to the sequence length.
 """
 
+import functools
 import math
 import numbers
 import warnings
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _layer, cells
+from . import _layer, _ops, cells, reference
 from .reference import LayerArgs
 
 __all__ = [
@@ -30,22 +31,76 @@ __all__ = [
 ]
 
 
-def _check_positive_int(name: str, value) -> None:
+def _check_positive_int(name: str, value, zero_ok: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-    if value <= 0:
+    if zero_ok and value < 0:
+        raise ValueError(f"{name} must be greater than or equal to zero, got {value}")
+    if not zero_ok and value <= 0:
         raise ValueError(f"{name} must be greater than zero, got {value}")
 
 
 def _autocast_mixed_ok(a: Tensor, b: Tensor) -> bool:
     """Under autocast, a lower-precision tensor may meet float32 parameters or states: the
-    fused ops' autocast kernels cast them all to the autocast dtype (see _ops)."""
+    fused ops' autocast kernels cast them all to the autocast dtype (see _ops), or the module
+    runs them in the dtype torch.nn returns (_cpu_autocast_promoted)."""
     dev = a.device.type
     return (
         dev in ("cpu", "cuda")
         and torch.is_autocast_enabled(dev)
         and all(t.is_floating_point() and t.dtype != torch.float64 for t in (a, b))
     )
+
+
+def _cpu_autocast_promoted(input: Tensor, state: Tensor) -> Optional[torch.dtype]:
+    """Under CPU autocast (and a CPU input), the dtype torch.nn's CPU GRU, LSTMCell and
+    GRUCell return when it is not the autocast dtype; None when it is, or without CPU autocast
+    (the ops' autocast kernels then give the dtype torch.nn returns).
+
+    torch's CPU autocast lists the oneDNN LSTM that torch.nn.LSTM runs (aten::mkldnn_rnn_layer)
+    and the linear layers among its lower-precision ops, but not aten::gru, lstm_cell or
+    gru_cell (CUDA's lists have the cells: there everything runs in the autocast dtype). These
+    run their linear layers, the gates come out in the autocast dtype, and update the state
+    pointwise, which promotes the gates with the state: the result is
+    promote_types(autocast dtype, state dtype), the state being c in an LSTM cell, h in the GRU
+    (zeros of the input's dtype when none is given); a float32 state gives float32 results.
+    Each module follows the nearest torch.nn module: the GRU torch.nn.GRU, every LSTM-family
+    cell torch.nn.LSTMCell, every LSTM-family sequence module torch.nn.LSTM (the autocast dtype;
+    with a projection, which oneDNN's LSTM lacks, c_n in this dtype). Where this dtype is not
+    the autocast dtype the layers run in it (_run_promoted): the state is carried in it, as in
+    torch.nn, not rounded to the autocast dtype at every step."""
+    # in a cell's every step: first the cheapest test, the one torch.nn.RNNBase.check_input makes
+    # (half the cost of is_autocast_enabled("cpu"), a third of device.type)
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    if not torch.is_autocast_enabled("cpu") or not input.is_cpu:
+        return None
+    low = torch.get_autocast_dtype("cpu")
+    promoted = torch.promote_types(low, state.dtype)
+    return None if promoted == low else promoted
+
+
+def _run_promoted(cell: str, a: LayerArgs, exposed: bool, dtype: torch.dtype, run=_layer.run):
+    """`run` (_layer.run, or _run_empty) with the floating-point tensors cast to `dtype` and CPU
+    autocast off (the ops' autocast kernels would cast them to the autocast dtype)."""
+    a = LayerArgs(
+        *(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in a)
+    )
+    with torch.autocast("cpu", enabled=False):
+        return run(cell, a, exposed=exposed)
+
+
+def _run_empty(cell: str, a: LayerArgs, exposed: bool = False):
+    """A layer of hidden size 0, which torch.nn's cells allow and the ops do not: the reference
+    equations give the (B, 0) states, with autograd, for no work, in the dtype an op would give
+    (under autocast, the op's autocast kernel casts its arguments to the autocast dtype)."""
+    dev = a.input.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        a = LayerArgs(*(t.to(low) if _ops._autocast_eligible(t, dev) else t for t in a))
+        with torch.autocast(dev, enabled=False):
+            return reference.layer_of(cell, a)
+    return reference.layer_of(cell, a)
 
 
 def _fx_leaf(module: nn.Module, *args):
@@ -249,41 +304,42 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         )
 
     def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        """torch.nn.RNNBase.check_input: dtype, rank, input size, in its order, with its
+        exceptions and messages (code may match on them); then the device."""
         if not isinstance(input, Tensor):
             raise TypeError(
                 f"{self.mode}: input must be a Tensor or PackedSequence, got {type(input).__name__}"
-            )
-        expected = 2 if batch_sizes is not None else 3
-        if input.dim() != expected:
-            raise ValueError(
-                f"{self.mode}: input must have {expected} dimensions, got "
-                f"{input.dim()} (shape {tuple(input.shape)})"
-            )
-        if input.shape[-1] != self.input_size:
-            raise RuntimeError(
-                f"{self.mode}: input.size(-1) must be equal to input_size. "
-                f"Expected {self.input_size}, got {input.shape[-1]}"
             )
         w = self.weight_ih_l0
         if not input.is_floating_point() or (
             input.dtype != w.dtype and not _autocast_mixed_ok(input, w)
         ):
             raise ValueError(
-                f"{self.mode}: input dtype {input.dtype} does not match the "
-                f"parameters' dtype {w.dtype}"
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
+                f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})"
+            )
+        expected = 2 if batch_sizes is not None else 3
+        if input.dim() != expected:
+            raise RuntimeError(f"input must have {expected} dimensions, got {input.dim()}")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(
+                "input.size(-1) must be equal to input_size. "
+                f"Expected {self.input_size}, got {input.shape[-1]}"
             )
         if input.device != w.device:
             raise RuntimeError(
                 f"{self.mode}: input is on {input.device} but the parameters are on {w.device}"
             )
 
-    def _check_state(self, name: str, state: Tensor, shape: Tuple[int, ...], input: Tensor):
+    def _check_state(
+        self, name: str, label: str, state: Tensor, shape: Tuple[int, ...], input: Tensor
+    ):
+        """`name` h_0, c_0 or hx; `label` what torch.nn's message of a wrong size calls it:
+        hidden[0], hidden[1] (an LSTM's h_0, c_0) or hidden (a GRU's)."""
         if not isinstance(state, Tensor):
             raise TypeError(f"{self.mode}: {name} must be a Tensor, got {type(state).__name__}")
         if tuple(state.shape) != shape:
-            raise RuntimeError(
-                f"{self.mode}: expected {name} of size {list(shape)}, got {list(state.shape)}"
-            )
+            raise RuntimeError(f"Expected {label} size {shape}, got {list(state.shape)}")
         if state.dtype != input.dtype and not _autocast_mixed_ok(state, input):
             raise TypeError(
                 f"{self.mode}: {name} dtype {state.dtype} does not match input dtype {input.dtype}"
@@ -344,22 +400,36 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                 h0, c0 = hx
             else:
                 h0, c0 = hx, None
+            states = (h0, c0) if is_lstm else (h0,)
+            if not packed and all(isinstance(t, Tensor) for t in states):
+                rank = 2 if unbatched else 3  # torch.nn's check and message
+                if any(t.dim() != rank for t in states):
+                    kind = "unbatched 2-D" if unbatched else "batched 3-D"
+                    got = ", ".join(f"{t.dim()}-D" for t in states)
+                    raise RuntimeError(
+                        f"For {kind} input, hx and cx should also be {rank}-D but got ({got}) "
+                        "tensors"
+                        if is_lstm
+                        else f"For {kind} input, hx should also be {rank}-D but got {got} tensor"
+                    )
             if unbatched:
-                for name, t in (("h_0", h0), ("c_0", c0)):
-                    if t is not None and isinstance(t, Tensor) and t.dim() != 2:
-                        raise RuntimeError(
-                            f"{self.mode}: for unbatched 2-D input, {name} "
-                            f"should also be 2-D but got {t.dim()}-D tensor"
-                        )
-                h0 = h0.unsqueeze(1)
-                c0 = c0.unsqueeze(1) if c0 is not None else None
-            self._check_state("h_0" if is_lstm else "hx", h0, h_shape, input)
-            if c0 is not None:
-                self._check_state("c_0", c0, c_shape, input)
+                h0 = h0.unsqueeze(1) if isinstance(h0, Tensor) else h0
+                c0 = c0.unsqueeze(1) if isinstance(c0, Tensor) else c0
+            if is_lstm:
+                self._check_state("h_0", "hidden[0]", h0, h_shape, input)
+                self._check_state("c_0", "hidden[1]", c0, c_shape, input)
+            else:
+                self._check_state("hx", "hidden", h0, h_shape, input)
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
                 c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
+        # CPU autocast: the GRU family runs in the dtype torch.nn.GRU returns when that is not
+        # the autocast dtype (_cpu_autocast_promoted); the LSTM family runs in the autocast dtype
+        run = _layer.run
+        promoted = None if is_lstm else _cpu_autocast_promoted(input, h0)
+        if promoted is not None:
+            run = functools.partial(_run_promoted, dtype=promoted)
         layer_input = input
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -367,7 +437,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
             for direction in range(D):
                 k = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_ch, w_hr = self._layer_weights(layer, direction)
-                out, hy, cy = _layer.run(
+                out, hy, cy = run(
                     self._cell,
                     LayerArgs(
                         layer_input,
@@ -393,6 +463,12 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         output = layer_input
         h_n = torch.stack(h_n)
         c_n = torch.stack(c_n) if is_lstm else None
+        if is_lstm and self.proj_size > 0:
+            # torch.nn's LSTM with a projection (not oneDNN's) returns c_n promoted with c_0
+            # under CPU autocast, its output and h_n coming out of the projection's linear layer
+            c_promoted = _cpu_autocast_promoted(input, c0)
+            if c_promoted is not None:
+                c_n = c_n.to(c_promoted)
 
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -477,7 +553,8 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
     ) -> None:
         nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
+        # torch.nn's cells accept hidden_size 0: (B, 0) states (_run_empty)
+        _check_positive_int("hidden_size", hidden_size, zero_ok=True)
         factory = {"device": device, "dtype": dtype}
         spec = cells.CELLS[self._cell]
         G = spec.gates
@@ -535,10 +612,10 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         if dim not in (1, 2):
             got = f"{dim}-D" if dim is not None else type(input).__name__
             raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {got}")
-        if input.shape[-1] != self.input_size:
+        if input.shape[-1] != self.input_size:  # torch.nn's message
             raise RuntimeError(
-                f"{type(self).__name__}: input has inconsistent input_size: got "
-                f"{input.shape[-1]} expected {self.input_size}"
+                f"input has inconsistent input_size: got {input.shape[-1]} expected "
+                f"{self.input_size}"
             )
         w_ih, w_hh, b_ih, b_hh, w_ch = self._weights()
         dtype, device = input.dtype, input.device
@@ -556,7 +633,17 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
             h0 = input.new_zeros(B, H)
             c0 = input.new_zeros(B, H) if is_lstm else None
         else:
-            h0, c0 = hx if is_lstm else (hx, None)
+            if not is_lstm:
+                h0, c0 = hx, None
+            elif isinstance(hx, (tuple, list)) and len(hx) == 2:
+                h0, c0 = hx
+            elif isinstance(hx, (tuple, list)):
+                raise RuntimeError("lstm_cell expects two hidden states")  # torch.nn's
+            else:  # torch.nn raises a TypeError on a Tensor (not a tuple) too
+                raise TypeError(
+                    f"{type(self).__name__}: hx must be a tuple (h_0, c_0) of Tensors, "
+                    f"got {type(hx).__name__}"
+                )
             if unbatched:
                 h0 = h0.unsqueeze(0)
                 c0 = c0.unsqueeze(0) if c0 is not None else None
@@ -564,24 +651,52 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
                 if t is None:
                     continue
                 if t.shape != (B, H):
-                    raise RuntimeError(
-                        f"{type(self).__name__}: {sname} has shape "
-                        f"{tuple(t.shape)}, expected {(B, H)}"
-                    )
+                    self._raise_state_shape_error(hx if is_lstm else (hx,), B, H, unbatched)
                 if (t.dtype != dtype and not _autocast_mixed_ok(t, input)) or t.device != device:
                     raise TypeError(
                         f"{type(self).__name__}: {sname} ({t.dtype}, {t.device}) "
                         f"must match input ({dtype}, {device})"
                     )
-        _, hy, cy = _layer.run(
-            self._cell,
-            LayerArgs(input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, w_ch, None, h0, c0),
-            exposed=False,
-        )
+        a = LayerArgs(input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, w_ch, None, h0, c0)
+        run = _layer.run if H > 0 else _run_empty  # hidden_size 0, as torch.nn's cells allow
+        # CPU autocast: the dtype torch.nn.LSTMCell / GRUCell return, promoted with c / h
+        promoted = _cpu_autocast_promoted(input, c0 if is_lstm else h0)
+        if promoted is None:
+            _, hy, cy = run(self._cell, a, exposed=False)
+        else:
+            _, hy, cy = _run_promoted(self._cell, a, False, promoted, run)
         if unbatched:
             hy = hy.squeeze(0)
             cy = cy.squeeze(0) if cy is not None else None
         return (hy, cy) if is_lstm else hy
+
+    def _raise_state_shape_error(self, states, B: int, H: int, unbatched: bool):
+        """torch.nn.LSTMCell's / GRUCell's error on states of a wrong shape, with its exception
+        and message: first the rank of each state as given, then ATen's check of each (an
+        unbatched one with its batch dimension added): batch size, hidden size. A rank torch.nn
+        lets through to a failure of its own gets a message here."""
+        name = type(self).__name__
+        lstm_like = len(states) == 2
+        given = [(i, t) for i, t in enumerate(states) if isinstance(t, Tensor)]  # None: unchecked
+        for i, t in given:
+            if t.dim() not in (1, 2):
+                what = f"hx[{i}]" if lstm_like else "hidden"
+                raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {t.dim()}D instead")
+        for i, t in given:
+            t = t.unsqueeze(0) if unbatched else t
+            if t.shape[0] != B:
+                raise RuntimeError(
+                    f"Input batch size {B} doesn't match hidden{i} batch size {t.shape[0]}"
+                )
+            if t.dim() > 1 and t.shape[1] != H:
+                raise RuntimeError(
+                    f"hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H}"
+                )
+        rank = 1 if unbatched else 2
+        raise RuntimeError(
+            f"{name}: for {'unbatched' if unbatched else 'batched'} {rank}-D input, the states "
+            f"should also be {rank}-D, got shapes {[tuple(t.shape) for _, t in given]}"
+        )
 
 
 class LSTMCell(_CellBase, nn.LSTMCell):

@@ -405,7 +405,7 @@ def compare_modules(ref, fused, inp, hx, dtype, check_grads=True):
 # forced), so that an AVX-512 machine tests the AVX2 and baseline kernels too; the session fails
 # if such tests ran but not under every ISA the CPU has (a build that lost its AVX2 kernels, say),
 # see pytest_sessionfinish there.
-ISAS = ("baseline", "avx2", "avx512")
+ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 
 def cpu_flags() -> set:
@@ -421,13 +421,16 @@ def cpu_flags() -> set:
 
 
 def isas_of_cpu() -> list:
-    """The ISAs of ISAS this CPU supports (the library needs AVX2 + FMA, and AVX512F/BW/VL/DQ)."""
+    """The ISAs of ISAS this CPU supports (the library needs AVX2 + FMA, AVX512F/BW/VL/DQ, and
+    for avx512_bf16 also AVX512_BF16)."""
     f = cpu_flags()
     out = ["baseline"]
     if {"avx2", "fma"} <= f:
         out.append("avx2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= f:
             out.append("avx512")
+            if "avx512_bf16" in f:
+                out.append("avx512_bf16")
     return out
 
 

@@ -226,17 +226,17 @@ CATALOGUE = {
             _x(T, B, I), _lstm_state(Ld=2)
         ),
         RuntimeError,
-        r"h_0",
+        r"Expected hidden\[0\] size",
     ),
     "LSTM/h0-hidden-size-with-projection": _entry(
         _call_pair(nn.LSTM, fusedrnn.LSTM, lambda: (_x(T, B, I), _lstm_state(Hh=H)), proj_size=P),
         RuntimeError,
-        r"h_0",
+        r"Expected hidden\[0\] size",
     ),
     "GRU/hx-batch": _entry(
         _call_pair(nn.GRU, fusedrnn.GRU, lambda: (_x(T, B, I), _x(1, B + 1, H))),
         RuntimeError,
-        r"hx",
+        r"Expected hidden size",
     ),
     "PeepholeLSTM/c0-float32": Case(
         lambda: _mod(fusedrnn.PeepholeLSTM)(_x(T, B, I), (_x(1, B, H), _x(1, B, H, dtype=F32))),
@@ -336,9 +336,9 @@ CATALOGUE = {
         r"proj_size",
         lambda: nn.LSTM(I, H, proj_size=H + 1),
     ),
-    # torch.nn.LSTMCell accepts hidden_size=0 and fails on -1 with an incidental error about a
-    # negative tensor dimension; the fused cells reject both up front.
-    "LSTMCell(hidden_size=0)": Case(lambda: fusedrnn.LSTMCell(I, 0), ValueError, r"hidden_size"),
+    # torch.nn.LSTMCell accepts hidden_size=0 (so do the fused cells) and fails on -1 with an
+    # incidental error about a negative tensor dimension; the fused cells reject it up front.
+    "LSTMCell(hidden_size=-1)": Case(lambda: fusedrnn.LSTMCell(I, -1), ValueError, r"hidden_size"),
     "GRUCell(input_size=-1)": Case(lambda: fusedrnn.GRUCell(-1, H), ValueError, r"input_size"),
     "PeepholeLSTMCell(hidden_size='4')": Case(
         lambda: fusedrnn.PeepholeLSTMCell(I, "4"), TypeError, r"hidden_size"
@@ -353,12 +353,12 @@ CATALOGUE = {
     "GRUCell/hx-hidden-size": _entry(
         _call_pair(nn.GRUCell, fusedrnn.GRUCell, lambda: (_x(B, I), _x(B, H + 1))),
         RuntimeError,
-        r"hx",
+        r"hidden0 has inconsistent hidden_size",
     ),
     "LSTMCell/cx-batch": _entry(
         _call_pair(nn.LSTMCell, fusedrnn.LSTMCell, lambda: (_x(B, I), (_x(B, H), _x(B + 1, H)))),
         RuntimeError,
-        r"cx",
+        r"hidden1 batch size",
     ),
     "LSTMCell/int64-input": Case(
         lambda: _mod(fusedrnn.LSTMCell)(torch.randint(0, 3, (B, I))), TypeError, r"input.*int64"
@@ -372,7 +372,9 @@ CATALOGUE = {
         lambda: _mod(fusedrnn.GRUCell)(_x(B, I), _x(B, H, device="meta")), TypeError, r"hx.*meta"
     ),
     "PeepholeLSTMCell/unbatched-input-batched-state": Case(
-        lambda: _mod(fusedrnn.PeepholeLSTMCell)(_x(I), (_x(B, H), _x(B, H))), RuntimeError, r"hx"
+        lambda: _mod(fusedrnn.PeepholeLSTMCell)(_x(I), (_x(B, H), _x(B, H))),
+        RuntimeError,
+        r"hidden0 has inconsistent hidden_size",
     ),
     # -- forward ops: input ----------------------------------------------------------------------
     "lstm_forward/padded-input-rank-4": Case(

@@ -19,14 +19,16 @@ from fusedrnn.testing import (
     LSTM_FAMILY,
     assert_close,
     cast_weights,
+    cpu_flags,
     make_input,
     make_states,
     make_weights,
     max_err,
     run_layer,
+    within_tolerance,
 )
 
-F32, F64 = torch.float32, torch.float64
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,7 +55,8 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
     """Forward outputs and the gradients of every input, fp32 fused against the fp64 reference
     on the same (fp32-rounded) values. long_sums: the weight gradients are sums over so many rows
     (over a thousand) that fp32 rounding alone can exceed the 1e-5 of design.md §4; they are then
-    held to the larger of that and twice the error of the reference loop run in fp32."""
+    held to the larger of that and twice the error of the reference loop run in fp32 (as are
+    weight gradients that miss the rule, see below)."""
     # padded: enough steps for the fused path at every B (kernels/cpu/fused_step.h: at least 4 steps
     # and 32 rows; shorter calls run the unfused path)
     if T is None:
@@ -64,9 +67,8 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
     Bn = batch_sizes[0] if batch_sizes is not None else B
     hx64, cx64 = make_states(cell, Bn, H, proj) if with_state else (None, None)
     results = {}
-    runs = [(F32, functional.rnn_layer), (F64, reference.layer)]
-    if long_sums:
-        runs.append(("ref32", reference.layer))
+    # ref32: the reference loop in fp32, the comparator of the weight gradients below
+    runs = [(F32, functional.rnn_layer), (F64, reference.layer), ("ref32", reference.layer)]
     for dtype, fn in runs:
         key = dtype
         dtype = F32 if dtype == "ref32" else dtype
@@ -91,10 +93,19 @@ def _check(cell, B, H, I, proj, batch_sizes, reverse, with_state, long_sums=Fals
     for name, r in ref_g.items():
         if r is None:
             continue
-        if long_sums and name.startswith(("weight", "bias")):
+        if name.startswith(("weight", "bias")) and (
+            long_sums or not within_tolerance(got_g[name], r, F32)[0]
+        ):
+            # Weight gradients are sums over every step's rows of products carried back through
+            # the recurrence: on some CPUs (an Intel Xeon with AVX-512: the working-memory cell's
+            # weight_ih at B = 1, H = 70, 1.9e-5 against 1e-5) fp32 itself misses the
+            # elementwise rule there, the reference loop in fp32 as much as the fused path. They
+            # are then held to twice the error of that fp32 reference loop (and, for long sums,
+            # at least the rule's bound on the largest value).
             err = max_err(got_g[name], r)
             err32 = max_err(results["ref32"][1][name], r)
-            bound = max(2 * err32, 1e-5 * (1 + r.abs().max().item()))
+            floor = 1e-5 * (1 + r.abs().max().item()) if long_sums else 0.0
+            bound = max(2 * err32, floor)
             assert err <= bound, f"{cell} grad {name}: error {err:.3g} > {bound:.3g}"
         else:
             assert_close(got_g[name], r, F32, f"{cell} B={B} H={H} grad {name}")
@@ -194,3 +205,108 @@ def test_backward_in_chunks(cell, proj, reverse):
         with_state=True,
         long_sums=True,
     )
+
+
+# ---- bf16 -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bf16_tiles():
+    """bf16 calls run the tiles whatever the CPU (by default not where oneDNN's bf16 GEMMs run
+    on AMX: kernels/cpu/isa.h)."""
+    previous = torch.ops.fusedrnn._set_cpu_bf16_tiles("on")
+    try:
+        yield
+    finally:
+        torch.ops.fusedrnn._set_cpu_bf16_tiles(previous)
+
+
+def _check_bf16(cell, B, H, I, batch_sizes=None, reverse=False, T=None):
+    """A bf16 layer call long enough for the tiles (>= 4 steps, >= 32 rows): outputs and the
+    gradients of every input against the fp64 reference, by the half types' rule of design.md
+    §4 (at most twice the error of the reference run in bf16, plus the bf16 floor)."""
+    if T is None:
+        T = len(batch_sizes) if batch_sizes is not None else max(6, -(-32 // B))
+    bs = torch.tensor(batch_sizes, dtype=torch.int64) if batch_sizes is not None else None
+    w64 = make_weights(cell, I, H, 0, True, scale=0.5)
+    x64 = make_input(T, B, I, batch_sizes)
+    Bn = batch_sizes[0] if batch_sizes is not None else B
+    hx64, cx64 = make_states(cell, Bn, H, 0)
+    results = {}
+    for name, fn, dtype in (
+        ("fused", functional.rnn_layer, BF16),
+        ("ref_bf16", reference.layer, BF16),
+        ("ref64", reference.layer, F64),
+    ):
+        # the same bf16-rounded values for all three
+        def leaf(t):
+            return None if t is None else t.detach().to(BF16).to(dtype).requires_grad_()
+
+        x, hx, cx = leaf(x64), leaf(hx64), leaf(cx64)
+        w = {k: leaf(v) for k, v in w64.items()}
+        out = run_layer(fn, cell, x, w, hx, cx, bs, reverse)
+        gen = torch.Generator().manual_seed(3)
+        sum(
+            (o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum()
+            for o in out
+            if o is not None
+        ).backward()
+        grads = {"input": x.grad, "hx": hx.grad, "cx": cx.grad if cx is not None else None}
+        grads.update({k: v.grad for k, v in w.items() if v is not None})
+        results[name] = (out, grads)
+    (got, got_g), (lowp, lowp_g), (ref, ref_g) = (
+        results["fused"],
+        results["ref_bf16"],
+        results["ref64"],
+    )
+    for name, g, r, lo in zip(("output", "h_n", "c_n"), got, ref, lowp):
+        if r is not None:
+            assert_close(g, r, BF16, f"{cell} B={B} H={H} {name}", lo)
+    for name, r in ref_g.items():
+        if r is not None:
+            assert_close(got_g[name], r, BF16, f"{cell} B={B} H={H} grad {name}", lowp_g[name])
+
+
+# Tile remainders (rows, units), an odd and an even input size (the bf16 pairs of the dot-product
+# kernels: an odd K pairs its last element with a zero).
+@pytest.mark.parametrize("B,H,I", [(5, 5, 9), (7, 33, 10), (13, 70, 9), (6, 16, 1)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_tiles(cell, B, H, I, bf16_tiles):
+    _check_bf16(cell, B, H, I)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_packed_changing_row_counts(cell, reverse, bf16_tiles):
+    _check_bf16(cell, 13, 20, 7, batch_sizes=[13, 13, 9, 7, 2, 1], reverse=reverse)
+
+
+def test_bf16_tiles_choice(cpu_isa):
+    """By default bf16 calls run the tiles unless oneDNN's bf16 GEMMs run on AMX (the CPU has
+    AMX-BF16 and ONEDNN_MAX_CPU_ISA does not cap it): there ATen's GEMM per step is faster. The
+    switch changes the path: the tiles round the step's pre-activations once, the GEMM per step
+    its two products apiece, so the two results differ (both within the bf16 rule, above)."""
+    ops = torch.ops.fusedrnn
+    flags = cpu_flags()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    amx = {"amx_bf16", "amx_tile"} <= flags and (
+        not cap or cap.upper() in ("ALL", "DEFAULT") or "AMX" in cap.upper()
+    )
+    assert ops.cpu_onednn_bf16_amx() is amx
+    previous = ops._set_cpu_bf16_tiles("auto")
+    try:
+        assert ops.cpu_bf16_tiles() is (not amx)
+        fused = cpu_isa != "baseline" and os.environ.get("FUSEDRNN_CPU_FUSED") != "0"
+        assert fusedrnn.build_info()["cpu_bf16_tiles"] is (fused and not amx)
+        torch.manual_seed(0)
+        lstm = fusedrnn.LSTM(24, 40).bfloat16()
+        x = torch.randn(8, 8, 24).bfloat16()
+        outs = {}
+        for mode in ("on", "off"):
+            ops._set_cpu_bf16_tiles(mode)
+            assert ops.cpu_bf16_tiles() is (mode == "on")
+            with torch.no_grad():
+                outs[mode] = lstm(x)[0]
+        assert torch.equal(outs["on"], outs["off"]) is not fused
+    finally:
+        ops._set_cpu_bf16_tiles(previous)

@@ -56,8 +56,8 @@ def test_env_forces_an_isa(isa):
     name, fused, onednn = r.stdout.split()
     assert name == isa
     assert fused == str(isa != "baseline")
-    # oneDNN's matmul only where ATen accepts it (AVX512BW/VL/DQ), i.e. under avx512
-    assert onednn == "False" or isa == "avx512"
+    # oneDNN's matmul only where ATen accepts it (AVX512BW/VL/DQ), i.e. under avx512(_bf16)
+    assert onednn == "False" or isa in ("avx512", "avx512_bf16")
 
 
 @pytest.mark.parametrize("value", ["sse9", "AVX2", "avx-512"])
@@ -86,10 +86,10 @@ def test_set_isa_refuses_unknown_and_missing():
 
 
 def test_onednn_gemm_follows_the_isa(cpu_isa):
-    """The weak oneDNN matmul is only ever called under avx512 (ATen refuses it on CPUs without
-    AVX512BW/VL/DQ); under every other ISA the GEMMs go through at::mm, and a layer large enough
-    for the oneDNN size threshold runs and matches the reference."""
-    if cpu_isa != "avx512":
+    """The weak oneDNN matmul is only ever called under avx512 and avx512_bf16 (ATen refuses it on
+    CPUs without AVX512BW/VL/DQ); under every other ISA the GEMMs go through at::mm, and a layer
+    large enough for the oneDNN size threshold runs and matches the reference."""
+    if cpu_isa not in ("avx512", "avx512_bf16"):
         assert ops.cpu_onednn_gemm() is False
     torch.manual_seed(0)
     lstm = fusedrnn.LSTM(64, 64)

@@ -5,6 +5,7 @@ convert(), against torch.nn and a module-level reference built from fusedrnn.ref
 import copy
 import math
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -727,6 +728,167 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_cell_hidden_size_zero_like_torch(cell):
+    """torch.nn.LSTMCell / GRUCell accept hidden_size=0 and return (B, 0) states with autograd
+    (a zero input gradient, empty parameter gradients); so do the fused cells, the extended ones
+    as torch.nn.LSTMCell. Negative sizes stay refused, and the sequence modules refuse
+    hidden_size=0 as torch.nn's do (test_constructor_errors)."""
+    lstm_like = cells.CELLS[cell].has_cell_state
+    t = _torch_step(cell)(I, 0, dtype=F64)
+    f = CELL_OF[cell](I, 0, dtype=F64)
+    assert repr(f).split("(", 1)[1] == repr(t).split("(", 1)[1]
+    for name, p in t.named_parameters():
+        assert getattr(f, name).shape == p.shape, name
+    x = torch.randn(B, I, dtype=F64)
+    h = torch.zeros(B, 0, dtype=F64)
+    state = (h, h.clone()) if lstm_like else h
+    state1 = (h[0], h[0].clone()) if lstm_like else h[0]
+    for args in ((x,), (x, state), (x[0],), (x[0], state1)):
+        results = []
+        for m in (t, f):
+            m.zero_grad(set_to_none=True)
+            xl = args[0].clone().requires_grad_()
+            out = m(xl, *args[1:])
+            outs = list(out) if lstm_like else [out]
+            sum(o.sum() for o in outs).backward()
+            results.append((outs, xl.grad))
+        (o_t, gx_t), (o_f, gx_f) = results
+        assert [o.shape for o in o_f] == [o.shape for o in o_t]
+        assert all(o.dtype == F64 and o.requires_grad for o in o_f)
+        assert gx_f is not None and torch.equal(gx_f, gx_t)  # zeros
+        for name, p in f.named_parameters():
+            assert p.grad is not None and p.grad.shape == p.shape, name
+    t32, f32 = _torch_step(cell)(I, 0), CELL_OF[cell](I, 0)
+    for xa in (x.float(), x.bfloat16()):  # CPU autocast: torch.nn's dtypes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = _outputs(t32(xa), True), _outputs(f32(xa), True)
+        assert [o.dtype for o in got] == [o.dtype for o in want], xa.dtype
+    with pytest.raises(ValueError, match="hidden_size"):
+        CELL_OF[cell](I, -1)
+
+
+# ---- CPU autocast: the dtypes torch.nn returns --------------------------------------------------
+
+BF16 = torch.bfloat16
+
+
+def _cpu_autocast_rule(cell, step, proj, input_dtype, state_dtype):
+    """The dtypes torch.nn returns under torch.autocast("cpu", dtype=torch.bfloat16): (output,
+    h_n[, c_n]) of a sequence module, (h_1[, c_1]) of a cell, from torch's CPU autocast op lists
+    (their premises are checked by the test). torch.nn.LSTM without a projection runs oneDNN's
+    LSTM, aten::mkldnn_rnn_layer, a lower-precision op: all in bf16. aten::gru, lstm_cell and
+    gru_cell have no CPU autocast kernel (nor has the LSTM with a projection, which oneDNN
+    lacks): their linear layers give the gates in bf16, and the pointwise update promotes them
+    with the state, c in the LSTM family, h in the GRU's (zeros of the input's dtype when none
+    is given); with a projection h_n and the output come out of one more linear layer, bf16.
+    fusedrnn's extended modules and cells follow torch.nn.LSTM / LSTMCell."""
+    promoted = torch.promote_types(BF16, state_dtype or input_dtype)
+    lstm_like = cells.CELLS[cell].has_cell_state
+    if step:
+        return [promoted] * (2 if lstm_like else 1)
+    if lstm_like:
+        return [BF16, BF16, promoted if proj else BF16]
+    return [promoted, promoted]
+
+
+def _autocast_cases(cell, step):
+    """(parameter dtype, proj_size, input dtype, state dtypes or None): (h, c) in the LSTM
+    family."""
+    lstm_like = cells.CELLS[cell].has_cell_state
+    states = (
+        [(F32, F32), (BF16, BF16), (BF16, F32), (F32, BF16)] if lstm_like else [(F32,), (BF16,)]
+    )
+    cases = [(F32, F32, None), (F32, BF16, None), (BF16, F32, None)]
+    cases += [(F32, x, s) for x in (F32, BF16) for s in states]
+    projs = (0, 2) if lstm_like and not step else (0,)
+    return [(w, p, x, s) for p in projs for w, x, s in cases]
+
+
+def _outputs(res, step):
+    if step:
+        return list(res) if isinstance(res, tuple) else [res]
+    return flatten_result(res)
+
+
+def _to64(a):
+    return tuple(_to64(t) for t in a) if isinstance(a, tuple) else a.double()
+
+
+@pytest.mark.parametrize("step", [False, True], ids=["sequence", "cell"])
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_cpu_autocast_output_dtypes_like_torch(cell, step):
+    """Under CPU bf16 autocast every module returns the dtypes torch.nn's returns (the nearest
+    torch.nn module for the extended ones): float32, bfloat16 and mixed inputs, states and
+    parameters, with and without a projection; values within 2x torch.nn's own error against
+    fp64 plus one bf16 rounding (eps 2**-7) of the largest value."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("aten::mkldnn_rnn_layer", "AutocastCPU") and has("aten::linear", "AutocastCPU")
+    for op in ("aten::lstm.input", "aten::gru.input", "aten::lstm_cell", "aten::gru_cell"):
+        assert not has(op, "AutocastCPU"), op
+    lstm_like = cells.CELLS[cell].has_cell_state
+    # torch.nn's LSTM without a projection runs oneDNN's bf16 LSTM, which a CPU without
+    # AVX512-BF16 may lack ("could not create a primitive descriptor"): the rule is then the
+    # comparator (it equals torch.nn's dtypes wherever torch.nn runs, checked below)
+    onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    tcls = _torch_step(cell) if step else _torch_seq(cell)
+    fcls = CELL_OF[cell] if step else FUSED_OF[cell]
+    same_math = cells.CELLS[cell].in_torch_nn  # the values too can be compared with torch.nn's
+    for wdtype, proj, xdtype, sdtypes in _autocast_cases(cell, step):
+        case = f"params {wdtype}, proj_size {proj}, input {xdtype}, states {sdtypes}"
+        kw = dict(proj_size=proj) if proj else {}
+        if same_math:
+            t, f = make_pair(tcls, fcls, I, H, dtype=wdtype, **kw)
+        else:
+            t, f = tcls(I, H, dtype=wdtype, **kw), fcls(I, H, dtype=wdtype, **kw)
+        args = ((torch.randn(B, I) if step else torch.randn(T, B, I)).to(xdtype),)
+        if sdtypes:
+            shapes = [(B, H)] * 2 if step else [(1, B, proj or H), (1, B, H)]
+            st = tuple(torch.randn(s).to(d) for s, d in zip(shapes, sdtypes))
+            args += (st if lstm_like else st[0],)
+        rule = _cpu_autocast_rule(cell, step, proj, xdtype, sdtypes[-1] if sdtypes else None)
+        with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+            got = _outputs(f(*args), step)
+            expected = None
+            if step or proj or not lstm_like or onednn_bf16:
+                expected = _outputs(t(*args), step)
+        if expected is not None:
+            assert [o.dtype for o in expected] == rule, f"torch.nn: {case}"
+        assert [o.dtype for o in got] == rule, case
+        if expected is None or not same_math:
+            continue
+        with torch.no_grad():
+            exact = _outputs(copy.deepcopy(t).double()(*_to64(args)), step)
+        for a, b, e in zip(got, expected, exact):
+            # both round to bf16 (gates, and states carried in bf16), at different places: twice
+            # torch.nn's own error plus two bf16 roundings (eps 2**-7) of the largest value; a
+            # float32 result of the fused ops (the promoted runs) is well inside it
+            err_f, err_t = (a.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
+            assert err_f <= 2 * err_t + 2 * 2.0**-7 * e.abs().max().item(), (case, err_f, err_t)
+
+
+def test_cpu_autocast_output_dtypes_under_torch_compile():
+    """The CPU autocast dtype rule inside a compiled function (fullgraph): a GRU, a cell and a
+    projected LSTM on float32 input give torch.nn's dtypes, as in eager, bit for bit."""
+    for m, x in (
+        (fusedrnn.GRU(I, H, num_layers=2), torch.randn(T, B, I)),
+        (fusedrnn.LSTMCell(I, H), torch.randn(B, I)),
+        (fusedrnn.LSTM(I, H, proj_size=2), torch.randn(T, B, I)),
+    ):
+        step = isinstance(m, nn.RNNCellBase)
+        rule = _cpu_autocast_rule(m._cell, step, getattr(m, "proj_size", 0), F32, None)
+
+        def f(x):
+            with torch.autocast("cpu", dtype=BF16):
+                return m(x)
+
+        torch._dynamo.reset()
+        eager = _outputs(f(x), step)
+        compiled = _outputs(torch.compile(f, fullgraph=True, backend="aot_eager")(x), step)
+        assert [t.dtype for t in compiled] == [t.dtype for t in eager] == rule, type(m)
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled)), type(m)
+
+
 # ---- convert ----------------------------------------------------------------------------------
 
 
@@ -868,6 +1030,31 @@ def test_save_load_whole_module(cls, tmp_path):
     assert torch.equal(ta, tb)
 
 
+@pytest.mark.parametrize("cls", list(FUSED_OF.values()) + list(CELL_OF.values()))
+def test_torch_load_weights_only_like_torch(cls, tmp_path):
+    """A whole module saved with torch.save(module) loads under torch.load's weights_only=True
+    as torch.nn's does: refused while its class is not an allowed global (torch allows no
+    torch.nn module class by default either), loaded with the class alone allowed (the pickle
+    holds nothing else that needs allowing), with the same outputs."""
+    one_step = cls in CELL_OF.values()
+    kw = {} if one_step else dict(num_layers=2, bidirectional=True, dropout=0.25)
+    if not one_step and cells.CELLS[cls._cell].has_cell_state:
+        kw["proj_size"] = 2
+    tcls = (_torch_step if one_step else _torch_seq)(cls._cell)
+    x = torch.randn(B, I, dtype=F64) if one_step else torch.randn(T, B, I, dtype=F64)
+    for c in (tcls, cls):
+        m = c(I, H, dtype=F64, **kw).eval()
+        path = tmp_path / f"{c.__module__}.{c.__name__}.pt"
+        torch.save(m, path)
+        with pytest.raises(pickle.UnpicklingError, match=f"Unsupported global.*{c.__name__}"):
+            torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals([c]):
+            m2 = torch.load(path, weights_only=True)
+        assert type(m2) is c and repr(m2) == repr(m)
+        for a, b in zip(_outputs(m(x), one_step), _outputs(m2(x), one_step)):
+            assert torch.equal(a, b)
+
+
 # ---- torch.compile ------------------------------------------------------------------------------
 
 
@@ -969,19 +1156,19 @@ def _bad_calls(mode):
         "rank1": ((torch.randn(I, dtype=F64),), ("input", "2D or 3D")),
         "feature_size": ((torch.randn(T, B, I + 1, dtype=F64),), ("input_size",)),
         # input dtype differs from the parameters' (torch: ValueError "RNN input dtype ...")
-        "input_dtype": ((ok.float(),), ("dtype",)),
+        "input_dtype": ((ok.float(),), ("RNN input dtype (torch.float32)",)),
     }
     if cells.CELLS[mode].has_cell_state:
         cases["h0_shape"] = (
             (ok, (torch.zeros(1, B - 1, H, dtype=F64), torch.zeros(1, B, H, dtype=F64))),
-            ("h_0", "hidden[0]"),
+            ("Expected hidden[0] size",),
         )
         cases["c0_shape"] = (
             (ok, (torch.zeros(1, B, H, dtype=F64), torch.zeros(1, B, H + 1, dtype=F64))),
-            ("c_0", "hidden[1]"),
+            ("Expected hidden[1] size",),
         )
     else:
-        cases["hx_shape"] = ((ok, torch.zeros(2, B, H, dtype=F64)), ("hx", "hidden"))
+        cases["hx_shape"] = ((ok, torch.zeros(2, B, H, dtype=F64)), ("Expected hidden size",))
     return cases
 
 
@@ -1011,10 +1198,10 @@ def test_forward_errors_state_types():
     g = fusedrnn.GRU(I, H, dtype=F64)
     with pytest.raises(TypeError, match="hx"):
         g(ok, (torch.zeros(1, B, H, dtype=F64),))
-    with pytest.raises(RuntimeError, match="h_0"):  # unbatched input, batched state
+    with pytest.raises(RuntimeError, match="hx and cx"):  # unbatched input, batched state
         f(ok[:, 0], (torch.zeros(1, B, H, dtype=F64), torch.zeros(1, B, H, dtype=F64)))
     cell = fusedrnn.LSTMCell(I, H, dtype=F64)
-    with pytest.raises(RuntimeError, match="hx"):
+    with pytest.raises(RuntimeError, match="hidden0"):
         cell(
             torch.randn(2, I, dtype=F64),
             (torch.zeros(3, H, dtype=F64), torch.zeros(2, H, dtype=F64)),
@@ -1055,6 +1242,121 @@ def test_gru_has_no_proj_size():
         nn.GRU(I, H, proj_size=2)
     with pytest.raises(ValueError, match="proj_size"):
         fusedrnn.GRU(I, H, proj_size=2)
+
+
+def _seq_message_cases(lstm_like):
+    """name -> (module kwargs, forward args) of calls torch.nn rejects with a message code may
+    match on: wrong initial states and input dtypes."""
+    x = torch.randn(T, B, I, dtype=F64)
+
+    def z(*shape):
+        return torch.zeros(shape, dtype=F64)
+
+    if lstm_like:
+        cases = {
+            "h0-batch": ({}, (x, (z(1, B - 1, H), z(1, B, H)))),
+            "h0-proj_size": (dict(proj_size=2), (x, (z(1, B, H), z(1, B, H)))),
+            "h0-num_layers": (dict(num_layers=2), (x, (z(1, B, H), z(2, B, H)))),
+            "h0-batch_first": (
+                dict(batch_first=True),
+                (x.transpose(0, 1), (z(1, T, H), z(1, B, H))),
+            ),
+            "c0-hidden_size": ({}, (x, (z(1, B, H), z(1, B, H + 1)))),
+            "c0-proj_size": (dict(proj_size=2), (x, (z(1, B, 2), z(1, B, 2)))),
+            "c0-bidirectional": (dict(bidirectional=True), (x, (z(2, B, H), z(1, B, H)))),
+            "unbatched-h0": ({}, (x[:, 0], (z(1, H + 1), z(1, H)))),
+            "unbatched-c0": ({}, (x[:, 0], (z(1, H), z(2, H)))),
+            "unbatched-input-batched-states": ({}, (x[:, 0], (z(1, B, H), z(1, B, H)))),
+            "batched-input-2d-h0": ({}, (x, (z(B, H), z(1, B, H)))),
+        }
+    else:
+        cases = {
+            "h-num_layers": ({}, (x, z(2, B, H))),
+            "h-batch": (dict(num_layers=2), (x, z(2, B + 1, H))),
+            "h-bidirectional": (dict(bidirectional=True), (x, z(1, B, H))),
+            "h-batch_first": (dict(batch_first=True), (x.transpose(0, 1), z(1, T, H))),
+            "h-packed": ({}, (pack_padded_sequence(x, torch.tensor([4, 3, 1])), z(1, B - 1, H))),
+            "unbatched-h": ({}, (x[:, 0], z(1, H + 1))),
+            "unbatched-input-batched-h": ({}, (x[:, 0], z(1, B, H))),
+            "batched-input-2d-h": ({}, (x, z(B, H))),
+        }
+    cases["input-float32"] = ({}, (x.float(),))
+    cases["input-int64"] = ({}, (x.long(),))
+    cases["input-float32-bfloat16-params"] = (dict(dtype=torch.bfloat16), (x.float(),))
+    cases["input-float64-bfloat16-params-unbatched"] = (dict(dtype=torch.bfloat16), (x[:, 0],))
+    return cases
+
+
+def _exception_of(call):
+    with pytest.raises(Exception) as exc:
+        call()
+    return exc.value
+
+
+@pytest.mark.parametrize(
+    "cell,what",
+    [(c, w) for c in ALL_CELLS for w in _seq_message_cases(cells.CELLS[c].has_cell_state)],
+)
+def test_sequence_errors_have_torch_messages(cell, what):
+    """Wrong initial states (h_0 / c_0 of an LSTM, h of a GRU) and an input dtype other than the
+    parameters' raise torch.nn's exception with torch.nn's message, word for word (code may
+    match on it); the extended modules as torch.nn.LSTM."""
+    kw, args = _seq_message_cases(cells.CELLS[cell].has_cell_state)[what]
+    dtype = kw.pop("dtype", F64)
+    t = _torch_seq(cell)(I, H, dtype=dtype, **kw)
+    f = FUSED_OF[cell](I, H, dtype=dtype, **kw)
+    want, got = _exception_of(lambda: t(*args)), _exception_of(lambda: f(*args))
+    assert type(got) is type(want) and str(got) == str(want), f"{got!r} != {want!r}"
+
+
+def _cell_message_cases(lstm_like):
+    """name -> forward args of one-step calls torch.nn's cells reject: wrong states, input size."""
+    x = torch.randn(B, I, dtype=F64)
+
+    def z(*shape):
+        return torch.zeros(shape, dtype=F64)
+
+    ok = z(B, H)
+    if lstm_like:
+        return {
+            "hx-batch": (x, (z(B + 1, H), ok)),
+            "hx-hidden_size": (x, (z(B, H + 1), ok)),
+            "cx-batch": (x, (ok, z(B - 1, H))),
+            "cx-hidden_size": (x, (ok, z(B, H - 1))),
+            "hx-3d": (x, (z(1, B, H), ok)),
+            "cx-0d": (x, (ok, z())),
+            "unbatched-input-batched-states": (x[0], (ok, ok)),
+            "batched-input-1d-hx": (x, (z(H), ok)),
+            "one-state": (x, (ok,)),
+            "input_size": (torch.randn(B, I + 1, dtype=F64), (ok, ok)),
+        }
+    return {
+        "hx-batch": (x, z(B + 1, H)),
+        "hx-hidden_size": (x, z(B, H + 1)),
+        "hx-3d": (x, z(1, B, H)),
+        "hx-0d": (x, z()),
+        "unbatched-input-batched-hx": (x[0], ok),
+        "batched-input-1d-hx": (x, z(H)),
+        "input_size": (torch.randn(B, I + 1, dtype=F64), ok),
+    }
+
+
+@pytest.mark.parametrize(
+    "cell,what",
+    [(c, w) for c in ALL_CELLS for w in _cell_message_cases(cells.CELLS[c].has_cell_state)],
+)
+def test_cell_errors_have_torch_messages(cell, what):
+    """The cells raise torch.nn.LSTMCell's / GRUCell's exception and message on a wrong hx (its
+    rank, batch or hidden size, the number of states) or input size, word for word; where
+    torch.nn's message names its class (a rank error), the extended cells name theirs."""
+    args = _cell_message_cases(cells.CELLS[cell].has_cell_state)[what]
+    t, f = _torch_step(cell)(I, H, dtype=F64), CELL_OF[cell](I, H, dtype=F64)
+    want, got = _exception_of(lambda: t(*args)), _exception_of(lambda: f(*args))
+    prefix = type(t).__name__ + ": "
+    expected = str(want)
+    if expected.startswith(prefix):
+        expected = type(f).__name__ + ": " + expected[len(prefix) :]
+    assert type(got) is type(want) and str(got) == expected, f"{got!r} != {want!r}"
 
 
 # ---- fallback to the reference implementation --------------------------------------------------

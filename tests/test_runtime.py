@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
 from fusedrnn import cells, modules, reference
-from fusedrnn.testing import CELLS, backward_random_functional, flatten_result
+from fusedrnn.testing import CELLS, backward_random_functional, flatten_result, max_err
 
 F64 = torch.float64
 F32 = torch.float32
@@ -122,13 +122,26 @@ def test_set_num_threads_respected(cell):
             assert any("forward" in o for o in ops) and any("backward" in o for o in ops), ops
             assert all(k == n for _, k in mode.seen), mode.seen
             results[n] = [t.detach() for t in out] + [x.grad] + [p.grad for p in m.parameters()]
+        # the same call in fp64 (fused, 1e-10 of the exact result: design.md §4), one thread
+        torch.set_num_threads(1)
+        m64 = copy.deepcopy(m).double()
+        m64.zero_grad(set_to_none=True)
+        x64 = x.detach().double().requires_grad_()
+        out = flatten_result(m64(x64))
+        sum(t.sum() for t in out).backward()
+        ref = [t.detach() for t in out] + [x64.grad] + [p.grad for p in m64.parameters()]
     finally:
         torch.set_num_threads(old)
-    # Two threads split the GEMMs into other blocks, so the last bits may differ; the values
-    # are O(1) (gradients O(100) at most: sums over 512 rows of O(0.1) terms, compared relative)
-    # and 3 steps deep, so fp32 rounding (eps 1.2e-7) differences stay below 1e-6.
-    for a, b in zip(results[1], results[2]):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    # Two threads split the GEMMs into other blocks, so the last bits differ: the weight
+    # gradients are sums over 1536 rows, whose fp32 rounding depends on that order (on an Intel
+    # Xeon 1.9e-5 apart where values are O(1), against ~1e-7 for the outputs). What must hold is
+    # that two threads compute as well as one: each result's error against fp64 is at most twice
+    # the one-thread result's, plus fp32's rounding of the largest value (a race, a lost or
+    # doubled block, would be far off).
+    for a, b, r in zip(results[1], results[2], ref):
+        err1, err2 = max_err(a, r), max_err(b, r)
+        floor = 2 * torch.finfo(F32).eps * r.abs().max().item()
+        assert err2 <= 2 * err1 + floor, f"two threads: error {err2:.3g}, one thread {err1:.3g}"
 
 
 # ---- determinism ------------------------------------------------------------------------------

@@ -67,10 +67,51 @@ FUSEDRNN_HD float exp(float x) {
   return p * bits_to_float(e << 23);
 }
 
-FUSEDRNN_HD double exp(double x) { return ::exp(x); }
+// exp for double on the CPU, written like the float one so that the step loops vectorise
+// (::exp is a scalar libm call per element: an fp64 LSTM step spent most of its time there,
+// slower than torch.nn's vectorised ATen ops). Clamped to [-708, 709] (no denormal or inf
+// result; NaN stays NaN); n = round(x / ln 2) by the 1.5 * 2^52 trick, whose low bits are n
+// itself (read through the bits, as AVX2 has no double -> int64 conversion); r = x - n ln 2 in
+// two parts (Cody-Waite, fdlibm's split); exp(r) on |r| <= ln2/2 by its Taylor polynomial to
+// degree 13 (truncation < 5e-18 relative). A few ulp: the fp64 rule of docs/design.md §4 is
+// 1e-10. CUDA keeps its own exp.
+FUSEDRNN_HD double exp(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  x = x > 709.0 ? 709.0 : x;
+  x = x < -708.0 ? -708.0 : x;
+  const double shifter = 6755399441055744.0;  // 1.5 * 2^52
+  const double t = x * 1.4426950408889634 + shifter;
+  const double n = t - shifter;
+  double r = x - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  double p = 1.0 / 6227020800.0;  // 1 / 13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  int64_t tb, sb;
+  std::memcpy(&tb, &t, sizeof tb);
+  std::memcpy(&sb, &shifter, sizeof sb);
+  const int64_t e = (tb - sb + 1023) << 52;  // 2^n
+  double scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+#endif
+}
 
 FUSEDRNN_HD float sigmoid(float x) { return 1.0f / (1.0f + math::exp(-x)); }
-FUSEDRNN_HD double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
+FUSEDRNN_HD double sigmoid(double x) { return 1.0 / (1.0 + math::exp(-x)); }
 
 // tanh for float. For |x| >= 0.4: 1 - 2 / (exp(2|x|) + 1), whose cancellation costs at most
 // ~3e-7 relative there; below 0.4 the odd Taylor series to x^13 (next term < 5e-9 relative).
@@ -89,7 +130,27 @@ FUSEDRNN_HD float tanh(float x) {
   return ax < 0.4f ? small : big;
 }
 
-FUSEDRNN_HD double tanh(double x) { return ::tanh(x); }
+// tanh for double on the CPU (see exp): for |x| >= 0.1, 1 - 2 / (exp(2|x|) + 1), whose
+// cancellation costs at most a factor ~10 (~1e-15 relative); below, the odd Taylor series to
+// x^13 (next term < 2e-17 relative).
+FUSEDRNN_HD double tanh(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::tanh(x);
+#else
+  double ax = x < 0.0 ? -x : x;
+  double big = 1.0 - 2.0 / (math::exp(2.0 * ax) + 1.0);
+  big = x < 0.0 ? -big : big;
+  double x2 = x * x;
+  double s = 21844.0 / 6081075.0;
+  s = s * x2 - 1382.0 / 155925.0;
+  s = s * x2 + 62.0 / 2835.0;
+  s = s * x2 - 17.0 / 315.0;
+  s = s * x2 + 2.0 / 15.0;
+  s = s * x2 - 1.0 / 3.0;
+  double small = x + x * x2 * s;
+  return ax < 0.1 ? small : big;
+#endif
+}
 
 }  // namespace math
 // The math of each cell: CellMath<kind>::type<acc_t> is its struct (LSTMCell<acc_t>, ...),

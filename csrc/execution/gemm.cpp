@@ -150,7 +150,7 @@ bool onednn_gemm_enabled() {
     return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
            !(env && std::string(env) == "aten");
   }();
-  return available && cpu::current_isa() == cpu::Isa::kAVX512;
+  return available && cpu::current_isa() >= cpu::Isa::kAVX512;
 }
 
 void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta, bool small_ok) {

@@ -7,9 +7,8 @@
 //   so that a step costs the host a few microseconds (cublas.cpp; compiled, not verified on a
 //   GPU yet). Every dtype and device;
 // - kFusedTiles: the step's GEMM and its step kernel in one tiled pass (kernels/cpu/fused_step.h),
-// with
-//   the kernels of the ISA in use (kernels/cpu/isa.h); fp32 on the CPU, calls long enough to repay
-//   packing the weights.
+//   with the kernels of the ISA in use (kernels/cpu/isa.h); fp32 and bf16 on the CPU, calls long
+//   enough to repay packing the weights.
 // Adding an ISA touches cpu/ only; a new device strategy (a persistent CUDA kernel) is a third
 // executor chosen here.
 #pragma once
@@ -54,6 +53,17 @@ inline Plan plan_call(const at::Tensor& input, const Steps& s, TilesFor tiles) {
   }
   if (plan.kernels) plan.strategy = Strategy::kFusedTiles;
   return plan;
+}
+
+// fn(T{}) with T the element type of a kFusedTiles call: float or c10::BFloat16.
+template <typename Fn>
+void dispatch_tiles(at::ScalarType type, const Fn& fn) {
+  if (type == at::kBFloat16) {
+    fn(c10::BFloat16{});
+  } else {
+    TORCH_INTERNAL_ASSERT(type == at::kFloat, "fused tiles: float and bf16 only, got ", type);
+    fn(float{});
+  }
 }
 
 inline std::unique_ptr<c10::DeviceGuard> guard_for(const at::Tensor& t) {

@@ -10,6 +10,8 @@
 
 #include <ATen/OpMathType.h>
 
+#include <type_traits>
+
 #include "kernels.h"
 #define FUSEDRNN_CELL_MATH
 #include "cells/traits.h"  // the cells' math headers (see the end of traits.h)
@@ -41,7 +43,24 @@ FUSEDRNN_HD acc_type<scalar_t> ld(const scalar_t* p, int64_t i) {
 // runs: forward kSave = p.save_gates, kHState = p.h_state != nullptr; backward kDy =
 // p.dy != nullptr, kPrev = kOn when every row is below p.m_prev (its previous state is the
 // previous step's row), kOff when none is.
+// kDy has no run-time form: a step without an output gradient (dy null: every cell backward, a
+// layer whose loss reads only h_n) must not even form a load from dy. Left to the compiler, the
+// vectorised `if (has_dy) dh += dy[j]` became a masked load with every lane off from address 0,
+// which real CPUs suppress and emulators (QEMU user mode) fault on.
 constexpr int kRuntime = -1, kOff = 0, kOn = 1;
+
+template <int kValue>
+using IntTag = std::integral_constant<int, kValue>;
+
+// fn(IntTag<kOn>) or fn(IntTag<kOff>): an option fixed for a whole step (host code).
+template <typename Fn>
+inline void dispatch_on_off(bool on, const Fn& fn) {
+  if (on) {
+    fn(IntTag<kOn>{});
+  } else {
+    fn(IntTag<kOff>{});
+  }
+}
 
 // The state before this step of row b: the previous step's saved row where that step ran row b
 // (b < m_prev), else the initial state.
@@ -125,17 +144,17 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
   }
 }
 
-template <CellKind kCell, Phase kPhase, int kDy = kRuntime, int kPrev = kRuntime, typename scalar_t>
+template <CellKind kCell, Phase kPhase, int kDy, int kPrev = kRuntime, typename scalar_t>
 FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
-  const bool has_dy = kDy == kRuntime ? p.dy != nullptr : kDy == kOn;
+  static_assert(kDy == kOn || kDy == kOff, "kDy is fixed at compile time (see kRuntime)");
   const int64_t H = p.H;
   const scalar_t* gt = p.gates + b * p.ld_gates + j;
   scalar_t* da = p.dgates + b * p.ld_dgates + j;
   const int64_t s = b * H + j;
   auto dh_total = [&]() {
     acc_t dh = ld(p.dh + b * p.ld_dh, j);
-    if (has_dy) dh += ld(p.dy + b * p.ld_dy, j);
+    if constexpr (kDy == kOn) dh += ld(p.dy + b * p.ld_dy, j);
     return dh;
   };
   using Cell = math_of<kCell, acc_t>;
@@ -217,15 +236,15 @@ FUSEDRNN_HD void gru_forward_element(const GRUForwardStep<scalar_t>& p, int64_t 
   p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
 }
 
-template <int kDy = kRuntime, int kPrev = kRuntime, typename scalar_t>
+template <int kDy, int kPrev = kRuntime, typename scalar_t>
 FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
-  const bool has_dy = kDy == kRuntime ? p.dy != nullptr : kDy == kOn;
+  static_assert(kDy == kOn || kDy == kOff, "kDy is fixed at compile time (see kRuntime)");
   const int64_t H = p.H;
   const scalar_t* gt = p.gates + b * p.ld_gates + j;
   const int64_t s = b * H + j;
   acc_t dh = ld(p.dh_state, s);
-  if (has_dy) dh += ld(p.dy + b * p.ld_dy, j);
+  if constexpr (kDy == kOn) dh += ld(p.dy + b * p.ld_dy, j);
   acc_t dx_r, dx_z, dx_n, dh_n, dh_prev;
   GRUCell<acc_t>::backward(static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]),
                            static_cast<acc_t>(gt[2 * H]), static_cast<acc_t>(gt[3 * H]),

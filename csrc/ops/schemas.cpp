@@ -99,6 +99,12 @@ TORCH_LIBRARY(fusedrnn, m) {
   // each ISA the machine has). Not thread-safe against concurrent layer calls: for tests.
   m.def("_set_cpu_isa(str isa) -> str",
         [](const std::string& isa) { return fusedrnn::cpu::set_isa(isa); });
+  // Whether bf16 CPU layer calls run the fused tiles (kernels/cpu/isa.h), whether oneDNN's bf16
+  // GEMMs may run on AMX (what "auto" decides on), and the switch the tests force the tiles with.
+  m.def("cpu_bf16_tiles() -> bool", [] { return fusedrnn::cpu::bf16_tiles(); });
+  m.def("cpu_onednn_bf16_amx() -> bool", [] { return fusedrnn::cpu::onednn_bf16_amx(); });
+  m.def("_set_cpu_bf16_tiles(str mode) -> str",
+        [](const std::string& mode) { return fusedrnn::cpu::set_bf16_tiles(mode); });
   // The raw GEMM of the step loops (execution/step_device.h), for the tests: c = beta * c +
   // op(a) op(b) on the buffers of c, a and b read as row-major matrices with the given leading
   // dimensions; on CUDA tensors the cuBLAS call the loops make. And how the step GEMMs of

@@ -50,8 +50,9 @@ class ForwardGemmStep {
   scalar_t* const hg_;
 };
 
-// Tiles forward (fp32 CPU), as in the LSTM forward: the step writes h_t into the state, so the
-// GEMM reads h_{t-1} from the previous step's output rows or a copy.
+// Tiles forward (fp32 and bf16 CPU), as in the LSTM forward: the step writes h_t into the state,
+// so the GEMM reads h_{t-1} from the previous step's output rows or a copy.
+template <typename scalar_t>
 class ForwardTiles {
  public:
   ForwardTiles(const ForwardCall& c, const cpu::FusedStepKernels& k)
@@ -59,15 +60,15 @@ class ForwardTiles {
         f_(k),
         w_hh_(cpu::pack_weight(c.w_hh, 3, k)),
         h_prev_(at::empty({c.s.B, c.d.H}, c.x.options())) {}
-  void step(int64_t k, GRUForwardStep<float>& p) {
+  void step(int64_t k, GRUForwardStep<scalar_t>& p) {
     const Steps& s = c_.s;
     const int64_t H = c_.d.H;
-    const float* a;
+    const scalar_t* a;
     if (k > 0 && s.n[s.at(k - 1)] >= p.n) {
-      a = ptr<float>(c_.out) + s.off[s.at(k - 1)] * H;
+      a = ptr<scalar_t>(c_.out) + s.off[s.at(k - 1)] * H;
     } else {
-      std::memcpy(ptr<float>(h_prev_), ptr<float>(c_.hy), sizeof(float) * p.n * H);
-      a = ptr<float>(h_prev_);
+      std::memcpy(ptr<scalar_t>(h_prev_), ptr<scalar_t>(c_.hy), sizeof(scalar_t) * p.n * H);
+      a = ptr<scalar_t>(h_prev_);
     }
     f_.gru_forward(p, a, H, w_hh_);
   }
@@ -132,18 +133,19 @@ class BackwardGemmStep {
   scalar_t* const dh_state_;
 };
 
-// Tiles backward (fp32 CPU): dh_t += dhg(next processed step) W_hh, tile by tile, each tile's
-// step kernel after it; the last processed step's W_hh part of dh_{t-1} after its kernel.
+// Tiles backward (fp32 and bf16 CPU): dh_t += dhg(next processed step) W_hh, tile by tile, each
+// tile's step kernel after it; the last processed step's W_hh part of dh_{t-1} after its kernel.
+template <typename scalar_t>
 class BackwardTiles {
  public:
   BackwardTiles(const BackwardCall& c, const cpu::FusedStepKernels& k)
       : c_(c), f_(k), w_hh_(cpu::pack_plain(c.w_hh, k)) {}
-  void step(int64_t k, const GRUBackwardStep<float>& p, int64_t r0) {
+  void step(int64_t k, const GRUBackwardStep<scalar_t>& p, int64_t r0) {
     const Steps& s = c_.s;
     if (k + 1 < s.T) {
       const int64_t t_next = s.at(k + 1);
       f_.gru_backward(p,
-                      {ptr<float>(c_.sc.rows_of(c_.dhg_buf, k + 1, s.off[t_next], s.n[t_next])),
+                      {ptr<scalar_t>(c_.sc.rows_of(c_.dhg_buf, k + 1, s.off[t_next], s.n[t_next])),
                        3 * c_.d.H, &w_hh_},
                       s.n[t_next]);
     } else {
@@ -229,8 +231,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_family_forward(
   InputProjection xproj(s, c.x, w_ih_t, need_workspace ? c.ws : Tensor(), 4 * H, opts);
   const Plan plan = plan_call(input, s, TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
-    ForwardTiles exec(c, *plan.kernels);
-    forward_loop<float>(c, xproj, exec);
+    dispatch_tiles(input.scalar_type(), [&](auto type) {
+      ForwardTiles<decltype(type)> exec(c, *plan.kernels);
+      forward_loop<decltype(type)>(c, xproj, exec);
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_forward",
                                     [&] {
@@ -309,8 +313,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_family_backward(
   };
   const Plan plan = plan_call(input, s, TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
-    BackwardTiles exec(c, *plan.kernels);
-    backward_loop<float>(c, workspace, exec, finish_chunk);
+    dispatch_tiles(input.scalar_type(), [&](auto type) {
+      BackwardTiles<decltype(type)> exec(c, *plan.kernels);
+      backward_loop<decltype(type)>(c, workspace, exec, finish_chunk);
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "gru_backward",
                                     [&] {

@@ -46,12 +46,13 @@ struct ForwardCall {
 // hold h_{t-1} of every row of this step when that step ran at least as many rows (every step
 // but the first of padded and forward-packed input), and this step does not write them; otherwise
 // (the first step; reverse-packed steps whose batch grows) a copy of the state in `copy`.
-const float* fused_h_prev(const Steps& s, int64_t k, const Tensor& out, const Tensor& state,
-                          const Tensor& copy, int64_t width) {
+template <typename T>
+const T* fused_h_prev(const Steps& s, int64_t k, const Tensor& out, const Tensor& state,
+                      const Tensor& copy, int64_t width) {
   const int64_t n = s.n[s.at(k)];
-  if (k > 0 && s.n[s.at(k - 1)] >= n) return ptr<float>(out) + s.off[s.at(k - 1)] * width;
-  std::memcpy(ptr<float>(copy), ptr<float>(state), sizeof(float) * n * width);
-  return ptr<float>(copy);
+  if (k > 0 && s.n[s.at(k - 1)] >= n) return ptr<T>(out) + s.off[s.at(k - 1)] * width;
+  std::memcpy(ptr<T>(copy), ptr<T>(state), sizeof(T) * n * width);
+  return ptr<T>(copy);
 }
 
 // GemmStep forward: the input projection before the loop (or per chunk of steps), then per step
@@ -110,7 +111,8 @@ class ForwardGemmStep {
 // before the loop). The LSTM / peephole step writes h_t into the state its GEMM reads h_{t-1}
 // from, so that GEMM reads the previous step's output rows or a copy (fused_h_prev); the WM step
 // writes h_t in its second phase only, after the GEMMs, and with a projection the step writes
-// r_t, projected into the state after the GEMM.
+// r_t, projected into the state after the GEMM. fp32 and bf16.
+template <typename scalar_t>
 class ForwardTiles {
  public:
   ForwardTiles(const ForwardCall& c, const cpu::FusedStepKernels& k)
@@ -121,21 +123,22 @@ class ForwardTiles {
     if (!c.wm && !c.proj) h_prev_ = at::empty({c.s.B, c.d.Hout}, c.x.options());
   }
   // The step's gate rows: the workspace's (training) or a scratch buffer.
-  float* gates(int64_t, int64_t, int64_t r0) {
-    return c_.need_workspace ? ptr<float>(c_.ws.gates) + r0 * 4 * c_.d.H : ptr<float>(c_.hg);
+  scalar_t* gates(int64_t, int64_t, int64_t r0) {
+    return c_.need_workspace ? ptr<scalar_t>(c_.ws.gates) + r0 * 4 * c_.d.H : ptr<scalar_t>(c_.hg);
   }
-  void step(int64_t k, LSTMForwardStep<float>& p) {
+  void step(int64_t k, LSTMForwardStep<scalar_t>& p) {
     const int64_t H = c_.d.H, Hout = c_.d.Hout, r0 = c_.s.off[c_.s.at(k)];
     p.hg = nullptr;  // the GEMM tile is the whole pre-activation, written into p.gates
-    const cpu::GemmSource x_src{ptr<float>(x_rows_) + r0 * c_.d.I, c_.d.I, &w_ih_};
+    const cpu::GemmSource x_src{ptr<scalar_t>(x_rows_) + r0 * c_.d.I, c_.d.I, &w_ih_};
     if (c_.wm) {
       f_.lstm_forward(c_.cell, Phase::kIFG, p, p.gates, 4 * H, x_src,
-                      {ptr<float>(c_.hy), Hout, &w_hh_});
-      f_.lstm_forward(c_.cell, Phase::kO, p, ptr<float>(c_.p_buf), 3 * H,
-                      {ptr<float>(c_.cy), H, &w_ch_});
+                      {ptr<scalar_t>(c_.hy), Hout, &w_hh_});
+      f_.lstm_forward(c_.cell, Phase::kO, p, ptr<scalar_t>(c_.p_buf), 3 * H,
+                      {ptr<scalar_t>(c_.cy), H, &w_ch_});
     } else {
-      const float* h_src = h_prev_.defined() ? fused_h_prev(c_.s, k, c_.out, c_.hy, h_prev_, Hout)
-                                             : ptr<float>(c_.hy);
+      const scalar_t* h_src = h_prev_.defined()
+                                  ? fused_h_prev<scalar_t>(c_.s, k, c_.out, c_.hy, h_prev_, Hout)
+                                  : ptr<scalar_t>(c_.hy);
       f_.lstm_forward(c_.cell, Phase::kWhole, p, p.gates, 4 * H, x_src, {h_src, Hout, &w_hh_});
     }
   }
@@ -262,7 +265,8 @@ class BackwardGemmStep {
 // on its rows and units; for the WM cell likewise the GEMM that carries dc back through
 // weight_ch, followed by the kIFG phase. That phase writes the dp_i, dp_f the next step's GEMM
 // reads while this step's GEMM still reads the previous ones: it writes them into a second dp
-// buffer (`dp_next`), and the two swap after each step.
+// buffer (`dp_next`), and the two swap after each step. fp32 and bf16.
+template <typename scalar_t>
 class BackwardTiles {
  public:
   BackwardTiles(BackwardCall& c, const cpu::FusedStepKernels& k) : c_(c), f_(k) {
@@ -274,23 +278,23 @@ class BackwardTiles {
   }
   // The phase that reads dh_t (kWhole; WM kO): dh_t = dgates(next processed step) W_hh tile by
   // tile, each tile's step kernel after it; the first processed step's dh_t is already there.
-  void dh_phase(int64_t k, Phase phase, const LSTMBackwardStep<float>& p) {
+  void dh_phase(int64_t k, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
     const Steps& s = c_.s;
     if (k + 1 < s.T) {
       const int64_t t_next = s.at(k + 1);
       f_.lstm_backward(
-          c_.cell, phase, p, ptr<float>(c_.dh_state), c_.d.Hout,
-          {ptr<float>(c_.dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * c_.d.H, &w_hh_},
+          c_.cell, phase, p, ptr<scalar_t>(c_.dh_state), c_.d.Hout,
+          {ptr<scalar_t>(c_.dgates_rows(k + 1, s.off[t_next], s.n[t_next])), 4 * c_.d.H, &w_hh_},
           s.n[t_next]);
     } else {
       cpu::lstm_backward_step(c_.cell, phase, p);
     }
   }
-  void dc_phase(int64_t k, LSTMBackwardStep<float>& p) {
+  void dc_phase(int64_t k, LSTMBackwardStep<scalar_t>& p) {
     const int64_t H = c_.d.H, n = p.n;
-    p.dp = ptr<float>(dp_next_);
-    f_.lstm_backward(c_.cell, Phase::kIFG, p, ptr<float>(c_.dc_state), H,
-                     {ptr<float>(c_.dp), 3 * H, &w_ch_}, n);
+    p.dp = ptr<scalar_t>(dp_next_);
+    f_.lstm_backward(c_.cell, Phase::kIFG, p, ptr<scalar_t>(c_.dc_state), H,
+                     {ptr<scalar_t>(c_.dp), 3 * H, &w_ch_}, n);
     // Rows the next processed step does not run keep this step's dp_i, dp_f for good (the
     // gradient of c0 adds them after the loop): both buffers must hold them.
     const int64_t n_next = k > 0 ? c_.s.n[c_.s.at(k - 1)] : n;
@@ -301,9 +305,9 @@ class BackwardTiles {
     }
     std::swap(c_.dp, dp_next_);
   }
-  float* dp() const { return ptr<float>(c_.dp); }  // swapped after every step (dc_phase)
+  scalar_t* dp() const { return ptr<scalar_t>(c_.dp); }  // swapped after every step (dc_phase)
   // dh_{t-1}'s W_hh part is computed in the next processed step's call; the last one's here.
-  void finish_step(int64_t k, const LSTMBackwardStep<float>& p) {
+  void finish_step(int64_t k, const LSTMBackwardStep<scalar_t>& p) {
     if (k == 0) {
       gemm(rows(c_.dh_state, 0, p.n), c_.dgates_rows(k, c_.s.off[c_.s.at(k)], p.n), c_.w_hh);
     }
@@ -432,8 +436,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
 
   const Plan plan = plan_call(input, s, TilesFor::kAlsoWideShortCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
-    ForwardTiles exec(c, *plan.kernels);
-    forward_loop<float>(c, dev, exec);
+    dispatch_tiles(input.scalar_type(), [&](auto type) {
+      ForwardTiles<decltype(type)> exec(c, *plan.kernels);
+      forward_loop<decltype(type)>(c, dev, exec);
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_forward",
                                     [&] {
@@ -548,8 +554,10 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
 
   const Plan plan = plan_call(input, s, proj ? TilesFor::kNone : TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
-    BackwardTiles exec(c, *plan.kernels);
-    backward_loop<float>(c, dev, exec, c_all, finish_chunk);
+    dispatch_tiles(input.scalar_type(), [&](auto type) {
+      BackwardTiles<decltype(type)> exec(c, *plan.kernels);
+      backward_loop<decltype(type)>(c, dev, exec, c_all, finish_chunk);
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_backward",
                                     [&] {

@@ -27,8 +27,10 @@ const FusedStepKernels* fused_kernels_for(const at::Tensor& t, int64_t steps, in
                                           int64_t step_rows, bool wide_short_calls) {
   const bool long_enough =
       steps >= kFusedMinSteps || (wide_short_calls && steps >= 1 && step_rows >= kFusedOneStepRows);
-  if (!(t.device().is_cpu() && t.scalar_type() == at::kFloat && long_enough &&
-        rows >= kFusedMinRows && fused_steps_available())) {
+  const bool dtype_ok =
+      t.scalar_type() == at::kFloat || (t.scalar_type() == at::kBFloat16 && bf16_tiles());
+  if (!(t.device().is_cpu() && dtype_ok && long_enough && rows >= kFusedMinRows &&
+        fused_steps_available())) {
     return nullptr;
   }
   return fused_kernels();
@@ -127,14 +129,15 @@ PanelGemm panel_gemm(int64_t rows, const GemmSource* sources, int nsrc, const Fu
   g.unit_block = w0.unit_block;
   g.col_stride = w0.col_stride;
   g.pass_vectors = w0.pass_vectors;
+  g.pairs = w0.pairs;
   TORCH_INTERNAL_ASSERT(w0.lanes == k.lanes && w0.pass_vectors == (w0.NV == 3 ? k.pass3 : k.pass4),
                         "fused step: weight packed for other kernels than ", k.isa);
   for (int q = 0; q < nsrc; ++q) {
     const PackedWeight& w = *sources[q].w;
     TORCH_INTERNAL_ASSERT(w.NV == w0.NV && w.H == w0.H && w.G == w0.G && w.lanes == w0.lanes &&
-                              w.pass_vectors == w0.pass_vectors,
+                              w.pass_vectors == w0.pass_vectors && w.pairs == w0.pairs,
                           "fused step: operands packed in different layouts");
-    g.src[q] = {sources[q].a, sources[q].lda, w.data.data(), w.K};
+    g.src[q] = {sources[q].a, sources[q].lda, w.data.data(), w.K, w.ka};
   }
   return g;
 }
@@ -151,9 +154,24 @@ void for_panels(const PanelGemm& g, int64_t n, const Fn& fn) {
   at::parallel_for(0, g.panels(), grain, fn);
 }
 
-}  // namespace
+// A bf16 weight as the kernels read it: converted to float, or (bf16_pairs) with every two
+// consecutive elements of a row of `m` as one 32-bit element: `m` (R, C) becomes a float-typed
+// (R, ceil(C / 2)) view of its bf16 pairs (a zero appended to odd rows).
+at::Tensor as_pairs(const at::Tensor& m) {
+  at::Tensor b = m.contiguous();
+  if (b.size(1) % 2 != 0) b = at::constant_pad_nd(b, {0, 1});
+  return b.view(at::kFloat);
+}
 
-PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels& kernels) {
+at::Tensor for_kernels(const at::Tensor& w, const FusedStepKernels& kernels, bool& pairs) {
+  TORCH_INTERNAL_ASSERT(
+      w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+      "fused step: expected a float or bf16 matrix, got ", w.sizes());
+  pairs = w.scalar_type() == at::kBFloat16 && kernels.bf16_pairs;
+  return w.scalar_type() == at::kBFloat16 && !pairs ? w.to(at::kFloat) : w;
+}
+
+PackedWeight pack_gated(const at::Tensor& w, int64_t G, const FusedStepKernels& kernels) {
   TORCH_INTERNAL_ASSERT(G == 3 || G == 4, "pack_weight: G must be 3 or 4, got ", G);
   TORCH_INTERNAL_ASSERT(w.dim() == 2 && w.size(0) % G == 0 && w.scalar_type() == at::kFloat,
                         "pack_weight: expected a float (G * H, K) weight, got ", w.sizes());
@@ -175,7 +193,7 @@ PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels&
   return pw;
 }
 
-PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& kernels) {
+PackedWeight pack_columns(const at::Tensor& b, const FusedStepKernels& kernels) {
   TORCH_INTERNAL_ASSERT(b.dim() == 2 && b.scalar_type() == at::kFloat,
                         "pack_plain: expected a float (K, N) matrix, got ", b.sizes());
   const at::Tensor bc = b.contiguous();
@@ -199,17 +217,49 @@ PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& kernels) {
   return pw;
 }
 
-void FusedSteps::lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<float>& p,
-                              float* out, int64_t ldo, GemmSource s0, GemmSource s1) const {
+}  // namespace
+
+PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels& kernels) {
+  bool pairs = false;
+  const at::Tensor m = for_kernels(w, kernels, pairs);
+  // B = w^T, so B's rows 2k, 2k + 1 are the pairs of each row of w: w's rows as pairs are
+  // transposed like floats.
+  PackedWeight pw = pack_gated(pairs ? as_pairs(m) : m, G, kernels);
+  pw.ka = w.size(1);
+  pw.pairs = pairs;
+  return pw;
+}
+
+PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& kernels) {
+  bool pairs = false;
+  const at::Tensor m = for_kernels(b, kernels, pairs);
+  PackedWeight pw;
+  if (pairs) {
+    // B's rows 2k, 2k + 1 interleaved, column by column: (K, N) -> pairs of (N, K)'s rows,
+    // transposed back to (ceil(K / 2), N) 32-bit elements.
+    pw = pack_columns(as_pairs(m.t()).t(), kernels);
+  } else {
+    pw = pack_columns(m, kernels);
+  }
+  pw.ka = b.size(0);
+  pw.pairs = pairs;
+  return pw;
+}
+
+template <typename T>
+void FusedSteps::lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* out,
+                              int64_t ldo, GemmSource s0, GemmSource s1) const {
   if (p.n == 0) return;
   const GemmSource sources[2] = {s0, s1};
   const PanelGemm g = panel_gemm(p.n, sources, s1.w ? 2 : 1, k_);
-  for_panels(g, p.n,
-             [&](int64_t p0, int64_t p1) { k_.lstm_forward(cell, phase, p, out, ldo, g, p0, p1); });
+  for_panels(g, p.n, [&](int64_t p0, int64_t p1) {
+    k_.of<T>().lstm_forward(cell, phase, p, out, ldo, g, p0, p1);
+  });
 }
 
-void FusedSteps::lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<float>& p,
-                               float* out, int64_t ldo, GemmSource src, int64_t gemm_rows) const {
+template <typename T>
+void FusedSteps::lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<T>& p, T* out,
+                               int64_t ldo, GemmSource src, int64_t gemm_rows) const {
   const bool into_dc = traits(cell).two_phase && phase == Phase::kIFG;
   TORCH_INTERNAL_ASSERT(
       into_dc ? (out == p.dc_state && ldo == p.H) : (out == p.dh && ldo == p.ld_dh),
@@ -217,25 +267,39 @@ void FusedSteps::lstm_backward(CellKind cell, Phase phase, const LSTMBackwardSte
   TORCH_INTERNAL_ASSERT(src.w->G == 1, "fused backward step: weight must be packed plain");
   const PanelGemm g = panel_gemm(gemm_rows, &src, 1, k_);
   for_panels(g, p.n, [&](int64_t p0, int64_t p1) {
-    k_.lstm_backward(cell, phase, p, out, ldo, g, p0, p1);
+    k_.of<T>().lstm_backward(cell, phase, p, out, ldo, g, p0, p1);
   });
 }
 
-void FusedSteps::gru_forward(const GRUForwardStep<float>& p, const float* a, int64_t lda,
+template <typename T>
+void FusedSteps::gru_forward(const GRUForwardStep<T>& p, const T* a, int64_t lda,
                              const PackedWeight& w) const {
   if (p.n == 0) return;
   TORCH_INTERNAL_ASSERT((p.bias_ih == nullptr) == (p.bias_hh == nullptr));
   const GemmSource source{a, lda, &w};
   const PanelGemm g = panel_gemm(p.n, &source, 1, k_);
-  for_panels(g, p.n, [&](int64_t p0, int64_t p1) { k_.gru_forward(p, g, p0, p1); });
+  for_panels(g, p.n, [&](int64_t p0, int64_t p1) { k_.of<T>().gru_forward(p, g, p0, p1); });
 }
 
-void FusedSteps::gru_backward(const GRUBackwardStep<float>& p, GemmSource src,
+template <typename T>
+void FusedSteps::gru_backward(const GRUBackwardStep<T>& p, GemmSource src,
                               int64_t gemm_rows) const {
   TORCH_INTERNAL_ASSERT(src.w->G == 1, "fused backward step: weight must be packed plain");
   const PanelGemm g = panel_gemm(gemm_rows, &src, 1, k_);
-  for_panels(g, p.n, [&](int64_t p0, int64_t p1) { k_.gru_backward(p, g, p0, p1); });
+  for_panels(g, p.n, [&](int64_t p0, int64_t p1) { k_.of<T>().gru_backward(p, g, p0, p1); });
 }
+
+#define FUSEDRNN_INSTANTIATE(T)                                                               \
+  template void FusedSteps::lstm_forward<T>(CellKind, Phase, const LSTMForwardStep<T>&, T*,   \
+                                            int64_t, GemmSource, GemmSource) const;           \
+  template void FusedSteps::lstm_backward<T>(CellKind, Phase, const LSTMBackwardStep<T>&, T*, \
+                                             int64_t, GemmSource, int64_t) const;             \
+  template void FusedSteps::gru_forward<T>(const GRUForwardStep<T>&, const T*, int64_t,       \
+                                           const PackedWeight&) const;                        \
+  template void FusedSteps::gru_backward<T>(const GRUBackwardStep<T>&, GemmSource, int64_t) const;
+FUSEDRNN_INSTANTIATE(float)
+FUSEDRNN_INSTANTIATE(c10::BFloat16)
+#undef FUSEDRNN_INSTANTIATE
 
 }  // namespace cpu
 }  // namespace fusedrnn

@@ -1,7 +1,7 @@
-// Fused recurrent steps for the CPU (fp32): the step's GEMM and its pointwise kernel in one
-// tiled pass (kernels/cpu/isa/fused_tiles.h, compiled per ISA). This header is the portable side:
-// weights packed once per call into the panel layout of the ISA in use, and the calls that split a
-// step's panels between threads and run the ISA's kernel on each share.
+// Fused recurrent steps for the CPU (fp32 and bf16): the step's GEMM and its pointwise kernel in
+// one tiled pass (kernels/cpu/isa/fused_tiles.h, compiled per ISA). This header is the portable
+// side: weights packed once per call into the panel layout of the ISA in use, and the calls that
+// split a step's panels between threads and run the ISA's kernel on each share.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,10 +52,15 @@ class PanelBuffer {
 //   weight_hh and weight_ch are laid out. A panel is `lanes` units of every gate (vector v =
 //   gate v, output columns v * H + j), so that one tile holds all the gates of its units.
 // - plain (pack_plain): B (K, N) as it is; a panel is 4 * lanes consecutive output columns.
+// bf16 weights are packed for the kernels' bf16 steps (FusedStepKernels::bf16_pairs): as pairs
+// of bf16 (B's rows 2k and 2k + 1 in one 32-bit element, K = ceil(ka / 2) rows of pairs), or
+// converted to floats.
 struct PackedWeight {
-  PanelBuffer data;  // panels x (K * NV * lanes) floats
+  PanelBuffer data;  // panels x (K * NV * lanes) 32-bit elements (floats or pairs of bf16)
   int64_t panels = 0;
   int64_t K = 0;
+  int64_t ka = 0;            // B's rows: the columns of the rows it multiplies
+  bool pairs = false;        // bf16 pairs
   int64_t H = 0;             // units: output columns per gate (gated), all columns (plain)
   int64_t G = 0;             // gates; 1 for plain
   int64_t NV = 0;            // vectors per panel row
@@ -65,13 +70,13 @@ struct PackedWeight {
   int64_t col_stride = 0;    // output column distance of consecutive vectors
 };
 
-// Whether fp32 steps are fused: the ISA in use has fused kernels (not baseline) and
+// Whether fp32 and bf16 steps are fused: the ISA in use has fused kernels (not baseline) and
 // FUSEDRNN_CPU_FUSED is not "0".
 bool fused_steps_available();
 
 // The fused kernels for a layer call on `t` of `steps` steps, `rows` rows in all and at most
-// `step_rows` a step, or nullptr: available, CPU, float32, and long enough to repay packing the
-// weights (a copy of every weight per call). Packing transposes through the registers
+// `step_rows` a step, or nullptr: available, CPU, float32 or bfloat16, and long enough to repay
+// packing the weights (a copy of every weight per call). Packing transposes through the registers
 // (FusedStepKernels::transpose): an H = 256 LSTM's W_ih and W_hh (2 MB) in 70-200 us on one
 // Zen 4 core (the element-by-element loop before it took 440-900 us), about a fifth of a
 // 32-row step; the fused steps save ~15% of a step. Hence at least kFusedMinSteps steps and
@@ -88,15 +93,16 @@ constexpr int64_t kFusedOneStepRows = 32;
 const FusedStepKernels* fused_kernels_for(const at::Tensor& t, int64_t steps, int64_t rows,
                                           int64_t step_rows, bool wide_short_calls);
 
-// Packs B = w^T for w (G * H, K), G in {3, 4}, for the kernels k.
+// Packs B = w^T for w (G * H, K), G in {3, 4}, for the kernels k (float or bf16 w).
 PackedWeight pack_weight(const at::Tensor& w, int64_t G, const FusedStepKernels& k);
 
-// Packs B (K, N) as it is.
+// Packs B (K, N) as it is (float or bf16).
 PackedWeight pack_plain(const at::Tensor& b, const FusedStepKernels& k);
 
-// One operand of a fused step's GEMM: rows [0, n) of `a` (row stride lda) times W^T.
+// One operand of a fused step's GEMM: rows [0, n) of `a` (row stride lda, elements of the step's
+// type) times W^T.
 struct GemmSource {
-  const float* a = nullptr;
+  const void* a = nullptr;
   int64_t lda = 0;
   const PackedWeight* w = nullptr;
 };
@@ -113,8 +119,9 @@ class FusedSteps {
   // whole pre-activation). WM kO: source c_t with weight_ch (G = 3), out = p.p. No source may
   // be written by the step kernel (the h_t it writes must be another buffer than the h_{t-1}
   // read).
-  void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<float>& p, float* out,
-                    int64_t ldo, GemmSource s0, GemmSource s1 = {}) const;
+  template <typename T>
+  void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* out, int64_t ldo,
+                    GemmSource s0, GemmSource s1 = {}) const;
 
   // LSTM-family backward step phase: out[0:gemm_rows] (row stride ldo) = src.a @ B, then the
   // phase's backward kernel on each tile's rows below p.n, and on rows [gemm_rows, p.n) after
@@ -123,17 +130,20 @@ class FusedSteps {
   // out = p.dh. WM kIFG: out = p.dc_state (+= instead of =), B = weight_ch packed plain,
   // src.a = the gradients of the cell-connection pre-activations (next step's i, f; this
   // step's o).
-  void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<float>& p, float* out,
-                     int64_t ldo, GemmSource src, int64_t gemm_rows) const;
+  template <typename T>
+  void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<T>& p, T* out, int64_t ldo,
+                     GemmSource src, int64_t gemm_rows) const;
 
   // GRU: out = p.hg (ld p.ld_hg) = a @ weight_hh^T (G = 3), then the GRU step kernel per tile.
-  void gru_forward(const GRUForwardStep<float>& p, const float* a, int64_t lda,
+  template <typename T>
+  void gru_forward(const GRUForwardStep<T>& p, const T* a, int64_t lda,
                    const PackedWeight& w) const;
 
   // GRU backward step: p.dh_state[0:gemm_rows] += src.a @ B (the next processed step's
   // gradients of the h-side pre-activations times weight_hh, packed plain), then the backward
   // step kernel as for the LSTM.
-  void gru_backward(const GRUBackwardStep<float>& p, GemmSource src, int64_t gemm_rows) const;
+  template <typename T>
+  void gru_backward(const GRUBackwardStep<T>& p, GemmSource src, int64_t gemm_rows) const;
 
  private:
   const FusedStepKernels& k_;

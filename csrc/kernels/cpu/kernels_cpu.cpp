@@ -26,6 +26,7 @@ namespace {
 
 const StepKernels& table() {
   switch (current_isa()) {
+    case Isa::kAVX512BF16:  // the unfused steps have no use for the bf16 dot products
     case Isa::kAVX512:
       return *step_kernels_avx512();
     case Isa::kAVX2:

@@ -36,12 +36,21 @@ void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
   });
 }
 
+// The backward loops fix per step whether there is an output gradient (kDy: a step without one
+// forms no load from the null dy) and per row whether its previous state is the previous step's
+// row (kPrev).
 template <CellKind kCell, Phase kPhase, typename scalar_t>
 void lstm_backward_rows(const LSTMBackwardStep<scalar_t>& p) {
-  for_each_row(p.n, p.H, [&](int64_t b) {
-    const LSTMBackwardStep<scalar_t> q = p;
+  dispatch_on_off(p.dy != nullptr, [&](auto dy) {
+    for_each_row(p.n, p.H, [&](int64_t b) {
+      const LSTMBackwardStep<scalar_t> q = p;
+      dispatch_on_off(b < q.m_prev, [&](auto prev) {
 #pragma GCC ivdep
-    for (int64_t j = 0; j < q.H; ++j) lstm_backward_element<kCell, kPhase>(q, b, j);
+        for (int64_t j = 0; j < q.H; ++j) {
+          lstm_backward_element<kCell, kPhase, decltype(dy)::value, decltype(prev)::value>(q, b, j);
+        }
+      });
+    });
   });
 }
 
@@ -75,10 +84,16 @@ void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
 
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p) {
-  for_each_row(p.n, p.H, [&](int64_t b) {
-    const GRUBackwardStep<scalar_t> q = p;
+  dispatch_on_off(p.dy != nullptr, [&](auto dy) {
+    for_each_row(p.n, p.H, [&](int64_t b) {
+      const GRUBackwardStep<scalar_t> q = p;
+      dispatch_on_off(b < q.m_prev, [&](auto prev) {
 #pragma GCC ivdep
-    for (int64_t j = 0; j < q.H; ++j) gru_backward_element(q, b, j);
+        for (int64_t j = 0; j < q.H; ++j) {
+          gru_backward_element<decltype(dy)::value, decltype(prev)::value>(q, b, j);
+        }
+      });
+    });
   });
 }
 

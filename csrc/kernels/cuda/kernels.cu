@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LSTMForwar
   }
 }
 
-template <CellKind kCell, Phase kPhase, typename scalar_t>
+template <CellKind kCell, Phase kPhase, int kDy, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     lstm_backward_kernel(const LSTMBackwardStep<scalar_t> p) {
   const int64_t total = p.n * p.H;
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
     const int64_t b = idx / p.H;
-    lstm_backward_element<kCell, kPhase>(p, b, idx - b * p.H);
+    lstm_backward_element<kCell, kPhase, kDy>(p, b, idx - b * p.H);
   }
 }
 
@@ -68,14 +68,14 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GRUForwardS
   }
 }
 
-template <typename scalar_t>
+template <int kDy, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GRUBackwardStep<scalar_t> p) {
   const int64_t total = p.n * p.H;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
     const int64_t b = idx / p.H;
-    gru_backward_element(p, b, idx - b * p.H);
+    gru_backward_element<kDy>(p, b, idx - b * p.H);
   }
 }
 
@@ -117,7 +117,11 @@ template <typename scalar_t>
 void lstm_backward_step(CellKind cell, Phase phase, const LSTMBackwardStep<scalar_t>& p,
                         void* stream) {
   dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
-    launch(lstm_backward_kernel<decltype(c)::value, decltype(ph)::value, scalar_t>, p, stream);
+    dispatch_on_off(p.dy != nullptr, [&](auto dy) {
+      launch(lstm_backward_kernel<decltype(c)::value, decltype(ph)::value, decltype(dy)::value,
+                                  scalar_t>,
+             p, stream);
+    });
   });
 }
 
@@ -131,7 +135,9 @@ void gru_forward_step(const GRUForwardStep<scalar_t>& p, void* stream) {
 
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p, void* stream) {
-  launch(gru_backward_kernel<scalar_t>, p, stream);
+  dispatch_on_off(p.dy != nullptr, [&](auto dy) {
+    launch(gru_backward_kernel<decltype(dy)::value, scalar_t>, p, stream);
+  });
 }
 
 template <typename scalar_t>

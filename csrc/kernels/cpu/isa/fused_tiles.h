@@ -1,8 +1,14 @@
 // The fused CPU steps, written once over a vector type and compiled once per instruction set:
-// kernels/cpu/isa/isa_avx2.cpp and kernels/cpu/isa/isa_avx512.cpp each define
+// kernels/cpu/isa/isa_avx2.cpp, isa_avx512.cpp and isa_avx512_bf16.cpp each define
 // FUSEDRNN_ISA_NAMESPACE, switch on their target, define `Vec` (the ISA's float vector: lanes,
-// loads, stores, fma, masks) and the tile heights, and then include this file, which defines that
-// ISA's FusedStepKernels table.
+// loads, stores, fma, masks, bf16 conversions) and the tile heights, and then include this file,
+// which defines that ISA's FusedStepKernels table.
+//
+// The steps run in fp32 and in bf16. bf16 steps accumulate in float and run the cell math in
+// float (step_elements.h); their GEMM reads the bf16 rows of x_t and h_{t-1} and stores the
+// pre-activations as bf16. With AVX512_BF16 (Vec::kBf16Dot) the weights are packed as bf16 pairs
+// and multiplied by the dot-product instruction (two products per float lane); elsewhere they
+// are packed as floats and the bf16 rows converted as they are broadcast.
 //
 // A step's GEMM is computed tile by tile, MR rows by NV vectors, from weights packed into panels
 // (fused_step.h); each tile is handed at once to the step kernel of kernels/step_elements.h (the
@@ -32,19 +38,108 @@ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
 constexpr int kL = Vec::kLanes;
 
-// A GEMM operand resolved for one panel.
+// The element types of the tiles' activations T (the GEMM's rows `a` and its output `out`):
+// float, or c10::BFloat16 converted to and from float in the loads and stores (the accumulation
+// and the cell math are in float). `count` lanes of a vector exist (mask: the same lanes).
+template <typename T>
+struct Act;
+
+template <>
+struct Act<float> {
+  static Vec::Reg broadcast(const float* p) { return Vec::broadcast(p); }
+  static Vec::Reg load(const float* p, int64_t, Vec::Mask mask) {
+    return Vec::load_masked(p, mask);
+  }
+  static void store(float* p, int64_t count, Vec::Mask mask, Vec::Reg v) {
+    if (count == kL) {
+      Vec::store(p, v);
+    } else {
+      Vec::store_masked(p, mask, v);
+    }
+  }
+};
+
+template <>
+struct Act<c10::BFloat16> {
+  using T = c10::BFloat16;
+  static const uint16_t* bits(const T* p) { return reinterpret_cast<const uint16_t*>(p); }
+  static uint16_t* bits(T* p) { return reinterpret_cast<uint16_t*>(p); }
+  static Vec::Reg broadcast(const T* p) {
+    const float f = static_cast<float>(*p);
+    return Vec::broadcast(&f);
+  }
+  // A partial vector goes through a float buffer, element by element (the last vector of a
+  // panel whose units do not fill it).
+  static Vec::Reg load(const T* p, int64_t count, Vec::Mask) {
+    if (count == kL) return Vec::load_bf16(bits(p));
+    alignas(64) float buf[kL] = {};
+    for (int64_t l = 0; l < count; ++l) buf[l] = static_cast<float>(p[l]);
+    return Vec::load(buf);
+  }
+  static void store(T* p, int64_t count, Vec::Mask, Vec::Reg v) {
+    if (count == kL) {
+      Vec::store_bf16(bits(p), v);
+      return;
+    }
+    alignas(64) float buf[kL];
+    Vec::store(buf, v);
+    for (int64_t l = 0; l < count; ++l) p[l] = static_cast<T>(buf[l]);
+  }
+};
+
+// A GEMM operand resolved for one panel: `a` of the step's type T, K rows of the panels (pairs
+// of bf16 where Vec::kBf16Dot and T is bf16, else floats), ka columns of a.
+template <typename T>
 struct PanelSource {
-  const float* a;
+  const T* a;
   int64_t lda;
   const float* panel;
   int64_t K;
+  int64_t ka;
 };
+
+// Whether the tiles of T read bf16 pairs (the dot-product instructions) rather than floats.
+template <typename T>
+constexpr bool kPairs = std::is_same_v<T, c10::BFloat16> && Vec::kBf16Dot;
+
+// acc += rows [0, MR) of a (bf16, ka columns) times the K pair rows of a panel pass of NV
+// vectors: per pair row, each row's two elements broadcast as one 32-bit value and a dot
+// product of pairs per vector (V: the ISA's Vec; a template parameter, so that only ISAs with
+// the instructions instantiate it). With odd ka, the last element is paired with a zero.
+template <int NV, int MR, typename V>
+inline void accumulate_pairs(const c10::BFloat16* a, int64_t lda, const float* panel, int64_t K,
+                             int64_t ka, typename V::Reg (&acc)[MR][NV]) {
+  const uint16_t* ab = reinterpret_cast<const uint16_t*>(a);
+  const int64_t whole = ka / 2;
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < whole; ++k) {
+    const float* b = panel + k * (NV * kL);
+    typename V::Reg bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * kL);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const typename V::Pair av = V::broadcast_pair(ab + r * lda + 2 * k);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
+    }
+  }
+  if (whole < K) {
+    const float* b = panel + whole * (NV * kL);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const typename V::Pair av = V::broadcast_low(ab + r * lda + 2 * whole);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, V::load(b + v * kL));
+    }
+  }
+}
 
 // One pass over an output tile: MR rows x NV vectors, summed over the sources, from the pass's
 // part of the panels (K rows of NV vectors, fused_step.h). Vector v of row r is stored at out + r *
 // ldo + v * col_stride, its first count[v] lanes (the units that exist).
-template <int NV, int MR, bool kAcc>
-inline void gemm_pass(const PanelSource* src, int nsrc, int64_t row0, float* out, int64_t ldo,
+template <int NV, int MR, bool kAcc, typename T>
+inline void gemm_pass(const PanelSource<T>* src, int nsrc, int64_t row0, T* out, int64_t ldo,
                       int64_t col_stride, const int64_t* count, const Vec::Mask* mask) {
   Vec::Reg acc[MR][NV];
 #pragma GCC unroll 16
@@ -53,29 +148,35 @@ inline void gemm_pass(const PanelSource* src, int nsrc, int64_t row0, float* out
     for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
   }
   for (int q = 0; q < nsrc; ++q) {
-    const float* a = src[q].a + row0 * src[q].lda;
+    const T* a = src[q].a + row0 * src[q].lda;
     const int64_t lda = src[q].lda, K = src[q].K;
     const float* panel = src[q].panel;
+    if constexpr (kPairs<T>) {
+      accumulate_pairs<NV, MR, Vec>(a, lda, panel, K, src[q].ka, acc);
+    } else {
 #pragma GCC unroll 2
-    for (int64_t k = 0; k < K; ++k) {
-      const float* b = panel + k * (NV * kL);
-      Vec::Reg bv[NV];
+      for (int64_t k = 0; k < K; ++k) {
+        const float* b = panel + k * (NV * kL);
+        Vec::Reg bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + v * kL);
+        for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + v * kL);
 #pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const Vec::Reg av = Vec::broadcast(a + r * lda + k);
+        for (int r = 0; r < MR; ++r) {
+          const Vec::Reg av = Act<T>::broadcast(a + r * lda + k);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fma(av, bv[v], acc[r][v]);
+          for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fma(av, bv[v], acc[r][v]);
+        }
       }
     }
   }
   if constexpr (kAcc) {  // out += the product
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
+      if (count[v] == 0) continue;
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
-        acc[r][v] = Vec::add(acc[r][v], Vec::load_masked(out + r * ldo + v * col_stride, mask[v]));
+        acc[r][v] =
+            Vec::add(acc[r][v], Act<T>::load(out + r * ldo + v * col_stride, count[v], mask[v]));
       }
     }
   }
@@ -83,14 +184,10 @@ inline void gemm_pass(const PanelSource* src, int nsrc, int64_t row0, float* out
   // once are then served from the store buffer.
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    if (count[v] == kL) {
+    if (count[v] == 0) continue;
 #pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) Vec::store(out + r * ldo + v * col_stride, acc[r][v]);
-    } else if (count[v] > 0) {
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        Vec::store_masked(out + r * ldo + v * col_stride, mask[v], acc[r][v]);
-      }
+    for (int r = 0; r < MR; ++r) {
+      Act<T>::store(out + r * ldo + v * col_stride, count[v], mask[v], acc[r][v]);
     }
   }
 }
@@ -99,13 +196,13 @@ inline void gemm_pass(const PanelSource* src, int nsrc, int64_t row0, float* out
 // most kPass vectors: AVX2's 16 registers hold 5 rows x 2 vectors of accumulators, so its
 // 4-vector tiles take two passes over the (L1-resident) rows of the sources. Each pass reads its
 // own contiguous part of the panel.
-template <int NV, int kPass, int MR, bool kAcc>
-inline void gemm_tile(const PanelSource* src, int nsrc, int64_t row0, float* out, int64_t ldo,
+template <int NV, int kPass, int MR, bool kAcc, typename T>
+inline void gemm_tile(const PanelSource<T>* src, int nsrc, int64_t row0, T* out, int64_t ldo,
                       int64_t col_stride, const int64_t* count, const Vec::Mask* mask) {
   constexpr int kNow = NV < kPass ? NV : kPass;
   gemm_pass<kNow, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
   if constexpr (NV > kNow) {
-    PanelSource rest[2];
+    PanelSource<T> rest[2];
     for (int q = 0; q < nsrc; ++q) {
       rest[q] = src[q];
       rest[q].panel += kNow * src[q].K * kL;
@@ -116,8 +213,8 @@ inline void gemm_tile(const PanelSource* src, int nsrc, int64_t row0, float* out
 }
 
 // A tile of `rows` < MR rows, by recursion on the tile height (each height is its own kernel).
-template <int NV, int kPass, int MR, bool kAcc>
-inline void gemm_tail(int rows, const PanelSource* src, int nsrc, int64_t row0, float* out,
+template <int NV, int kPass, int MR, bool kAcc, typename T>
+inline void gemm_tail(int rows, const PanelSource<T>* src, int nsrc, int64_t row0, T* out,
                       int64_t ldo, int64_t col_stride, const int64_t* count,
                       const Vec::Mask* mask) {
   if constexpr (MR > 0) {
@@ -131,13 +228,14 @@ inline void gemm_tail(int rows, const PanelSource* src, int nsrc, int64_t row0, 
 
 // Panels [p0, p1) of out = (kAcc: +=) the GEMM g, for rows [0, g.rows); epi(r0, rows, j0, units)
 // runs after each tile, tail(j0, units) after the panel's last tile.
-template <int NV, bool kAcc, typename Epi, typename Tail>
-void gemm_panels(const PanelGemm& g, float* out, int64_t ldo, int64_t p0, int64_t p1,
-                 const Epi& epi, const Tail& tail) {
+template <int NV, bool kAcc, typename T, typename Epi, typename Tail>
+void gemm_panels(const PanelGemm& g, T* out, int64_t ldo, int64_t p0, int64_t p1, const Epi& epi,
+                 const Tail& tail) {
   constexpr int MR = NV == 4 ? Vec::kRows4 : Vec::kRows3;
   constexpr int kPass = NV == 4 ? Vec::kPass4 : Vec::kPass3;
   static_assert(NV == 3 || NV == 4, "panels hold 3 or 4 vectors");
-  if (g.nv != NV || g.lanes != kL || g.pass_vectors != kPass || g.nsrc < 1 || g.nsrc > 2) {
+  if (g.nv != NV || g.lanes != kL || g.pass_vectors != kPass || g.nsrc < 1 || g.nsrc > 2 ||
+      g.pairs != kPairs<T>) {
     bad_dispatch("fused step: operands packed for another kernel");
   }
   const int64_t n = g.rows, panel_floats = NV * kL;  // per row k of a panel
@@ -150,10 +248,10 @@ void gemm_panels(const PanelGemm& g, float* out, int64_t ldo, int64_t p0, int64_
       count[v] = imax(0, imin(kL, g.gates == 1 ? units - v * kL : units));
       mask[v] = Vec::first_lanes(count[v]);
     }
-    PanelSource src[2];
+    PanelSource<T> src[2];
     for (int q = 0; q < g.nsrc; ++q) {
-      src[q] = {g.src[q].a, g.src[q].lda, g.src[q].panels + pb * g.src[q].K * panel_floats,
-                g.src[q].K};
+      src[q] = {static_cast<const T*>(g.src[q].a), g.src[q].lda,
+                g.src[q].panels + pb * g.src[q].K * panel_floats, g.src[q].K, g.src[q].ka};
     }
     int64_t r = 0;
     for (; r + MR <= n; r += MR) {
@@ -194,29 +292,17 @@ __attribute__((always_inline)) inline void for_tile(int64_t r0, int64_t rows, in
 
 inline void no_tail(int64_t, int64_t) {}
 
-template <int kValue>
-using IntTag = std::integral_constant<int, kValue>;
-
-// fn(IntTag<kOn or kOff>) for a flag that holds for a whole step.
-template <typename Fn>
-void dispatch_flag(bool on, const Fn& fn) {
-  if (on) {
-    fn(IntTag<kOn>{});
-  } else {
-    fn(IntTag<kOff>{});
-  }
-}
-
-void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<float>& p, float* out,
-                  int64_t ldo, const PanelGemm& g, int64_t p0, int64_t p1) {
+template <typename T>
+void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* out, int64_t ldo,
+                  const PanelGemm& g, int64_t p0, int64_t p1) {
   dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
     constexpr CellKind kCell = decltype(c)::value;
     constexpr Phase kPhase = decltype(ph)::value;
     dispatch_bool(p.bias != nullptr, [&](auto bias) {
-      dispatch_flag(p.save_gates, [&](auto save) {
-        dispatch_flag(p.h_state != nullptr, [&](auto h_state) {
+      dispatch_on_off(p.save_gates, [&](auto save) {
+        dispatch_on_off(p.h_state != nullptr, [&](auto h_state) {
           auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
-            const LSTMForwardStep<float> q = p;  // a local copy: stores cannot alias its pointers
+            const LSTMForwardStep<T> q = p;  // a local copy: stores cannot alias its pointers
             for_tile<kL>(
                 r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
                   lstm_forward_element<kCell, kPhase, decltype(bias)::value, /*kHg=*/false,
@@ -238,11 +324,11 @@ void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<float>& p, f
 // element(dy, prev, q, b, j) on each tile's rows below p.n; then, per panel, on rows
 // [g.rows, p.n), whose input the GEMM does not produce (it is already in place). dy and prev are
 // the kDy / kPrev tags of kernels/step_elements.h, fixed per step and per tile.
-template <bool kAcc, typename Step, typename Element>
-void backward_panels(const Step& p, float* out, int64_t ldo, const PanelGemm& g, int64_t p0,
-                     int64_t p1, const Element& element) {
+template <bool kAcc, typename T, typename Step, typename Element>
+void backward_panels(const Step& p, T* out, int64_t ldo, const PanelGemm& g, int64_t p0, int64_t p1,
+                     const Element& element) {
   constexpr int64_t kBlock = 4 * kL;  // plain panels: 4 vectors of consecutive units
-  dispatch_flag(p.dy != nullptr, [&](auto dy) {
+  dispatch_on_off(p.dy != nullptr, [&](auto dy) {
     // rows [r0, r0 + rows) of units [j0, j0 + units)
     auto run = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
       const Step q = p;  // a local copy: stores cannot alias its pointers
@@ -277,8 +363,9 @@ void backward_panels(const Step& p, float* out, int64_t ldo, const PanelGemm& g,
   });
 }
 
-void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<float>& p, float* out,
-                   int64_t ldo, const PanelGemm& g, int64_t p0, int64_t p1) {
+template <typename T>
+void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<T>& p, T* out, int64_t ldo,
+                   const PanelGemm& g, int64_t p0, int64_t p1) {
   dispatch_lstm_family(cell, phase, [&](auto c, auto ph) {
     constexpr CellKind kCell = decltype(c)::value;
     constexpr Phase kPhase = decltype(ph)::value;
@@ -287,28 +374,30 @@ void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<float>& p,
     constexpr bool kIntoDc = traits(kCell).two_phase && kPhase == Phase::kIFG;
     backward_panels<kIntoDc>(
         p, out, ldo, g, p0, p1,
-        [&](auto dy, auto prev, const LSTMBackwardStep<float>& q, int64_t b,
+        [&](auto dy, auto prev, const LSTMBackwardStep<T>& q, int64_t b,
             int64_t j) __attribute__((always_inline)) {
           lstm_backward_element<kCell, kPhase, decltype(dy)::value, decltype(prev)::value>(q, b, j);
         });
   });
 }
 
-void gru_forward(const GRUForwardStep<float>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
+template <typename T>
+void gru_forward(const GRUForwardStep<T>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
   dispatch_bool(p.bias_ih != nullptr, [&](auto bias) {
     auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
-      const GRUForwardStep<float> q = p;
+      const GRUForwardStep<T> q = p;
       for_tile<kL>(r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
         gru_forward_element<decltype(bias)::value>(q, b, j);
       });
     };
-    gemm_panels<3, false>(g, const_cast<float*>(p.hg), p.ld_hg, p0, p1, epi, no_tail);
+    gemm_panels<3, false>(g, const_cast<T*>(p.hg), p.ld_hg, p0, p1, epi, no_tail);
   });
 }
 
-void gru_backward(const GRUBackwardStep<float>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
+template <typename T>
+void gru_backward(const GRUBackwardStep<T>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
   backward_panels<true>(p, p.dh_state, p.H, g, p0, p1,
-                        [&](auto dy, auto prev, const GRUBackwardStep<float>& q, int64_t b,
+                        [&](auto dy, auto prev, const GRUBackwardStep<T>& q, int64_t b,
                             int64_t j) __attribute__((always_inline)) {
                           gru_backward_element<decltype(dy)::value, decltype(prev)::value>(q, b, j);
                         });
@@ -343,13 +432,28 @@ void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, f
   }
 }
 
+template <typename T>
+constexpr FusedFns<T> fused_fns() {
+  FusedFns<T> f;
+  f.lstm_forward = &lstm_forward<T>;
+  f.lstm_backward = &lstm_backward<T>;
+  f.gru_forward = &gru_forward<T>;
+  f.gru_backward = &gru_backward<T>;
+  return f;
+}
+
 // Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
-constexpr FusedStepKernels kKernels{Vec::kName,     kL,
-                                    Vec::kPass3,    Vec::kPass4,
-                                    &lstm_forward,  &lstm_backward,
-                                    &gru_forward,   &gru_backward,
-                                    &small_gemm_nt, &small_gemm_nn,
-                                    &small_gemm_tn, &transpose_rows};
+constexpr FusedStepKernels kKernels{Vec::kName,
+                                    kL,
+                                    Vec::kPass3,
+                                    Vec::kPass4,
+                                    /*bf16_pairs=*/Vec::kBf16Dot,
+                                    fused_fns<float>(),
+                                    fused_fns<c10::BFloat16>(),
+                                    &small_gemm_nt,
+                                    &small_gemm_nn,
+                                    &small_gemm_tn,
+                                    &transpose_rows};
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu

@@ -43,6 +43,26 @@ struct Vec {
   }
   static Reg load_masked(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
   static void store_masked(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
+  // bf16 tiles: fp32 panels, the activations converted in the tiles' loads and stores.
+  static constexpr bool kBf16Dot = false;
+  // 8 bf16 (their bits) widened to floats: the bits are the high half of the float's.
+  static Reg load_bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  // 8 floats rounded to bf16 as c10::BFloat16 rounds (to nearest even; a NaN to 0x7FC0).
+  static void store_bf16(uint16_t* p, Reg v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    // the eight 32-bit lanes' low halves: pack (within 128-bit halves), then join the halves
+    const __m256i packed = _mm256_packus_epi32(r, r);
+    const __m256i joined = _mm256_permute4x64_epi64(packed, 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(joined));
+  }
   // r[i] lane j <- r[j] lane i (an 8 x 8 block): interleave pairs of rows, then 2 x 2 blocks
   // within the 128-bit halves, then the halves of rows 0-3 and 4-7.
   static void transpose(Reg (&r)[8]) {

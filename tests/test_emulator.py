@@ -70,3 +70,37 @@ def test_avx2_backward_without_output_gradient_under_emulator():
     )
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     assert r.stdout.strip().endswith("cases 40"), r.stdout
+
+
+def test_avx2_backward_loops_have_no_masked_loads():
+    """The instantiation of the step loops, read off the library: the AVX2 backward loops (the
+    LSTM family's rows, the GRU's step; every dtype and cell) contain no masked vector moves
+    (`vmaskmovps` / `vpmaskmovd` ...). gcc 12 if-converted `if (has_dy) dh += dy[j]` into masked
+    loads there while has_dy was a run-time value (34 of them in these loops in the build before
+    kDy became a compile-time option); with kDy and kPrev fixed per step and row, the loops have
+    none. Needs objdump (binutils, which the build's compiler comes with)."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    import fusedrnn._C as ext
+
+    r = subprocess.run(
+        [objdump, "-d", "-C", "--no-show-raw-insn", ext.__file__],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    loops, masked, name = set(), [], None
+    for line in r.stdout.splitlines():
+        if line.endswith(">:"):
+            is_loop = "avx2::" in line and (
+                "lstm_backward_rows<" in line or "gru_backward_step<" in line
+            )
+            name = line if is_loop else None
+            if is_loop:
+                loops.add(line)
+        elif name is not None and "maskmov" in line:
+            masked.append((name[:160], line.strip()))
+    assert loops, "no AVX2 backward step loop found in the library's disassembly"
+    assert not masked, masked[:5]

@@ -41,12 +41,18 @@ FUSEDRNN_HD float bits_to_float(int32_t i) {
 #endif
 }
 
-// exp for float, ~1 ulp on the clamped range. The argument is clamped to [-87, 88] so that the
-// result never becomes a denormal or inf (denormals make CPU arithmetic ~100x slower); the clamp
-// is written as comparisons so that a NaN argument stays NaN.
+// exp for the cells' sigmoid and tanh (their only callers), ~1 ulp on the clamped range. The
+// argument is clamped to [-50, 50] (float) / [-500, 500] (double), written as comparisons so
+// that a NaN argument stays NaN. Beyond the clamp tanh is 1 and sigmoid 1 or its floor, 2e-22 /
+// 7e-218: absolutely far below every tolerance (docs/design.md §4). The clamp is that narrow so
+// that no value in reach is a denormal, which makes CPU arithmetic ~100x slower: gcc vectorises
+// a select by computing its constant arm on every lane and blending, and with the clamp at exp's
+// range (88 / 709) the cell loops computed f * c_{t-1} with f = 1 / (1 + exp(88)), a denormal,
+// on every vector of every step (a microcode assist each; AVX2 steps ran ~2x slower, AVX-512
+// masks those lanes off). tests/test_denormals.py checks that no step meets a denormal.
 FUSEDRNN_HD float exp(float x) {
-  x = x > 88.0f ? 88.0f : x;
-  x = x < -87.0f ? -87.0f : x;
+  x = x > 50.0f ? 50.0f : x;
+  x = x < -50.0f ? -50.0f : x;
   // n = round(x / ln 2) via the 1.5 * 2^23 trick (exact round-to-nearest for |t| < 2^22).
   const float shifter = 12582912.0f;
   float t = x * 1.44269504088896341f + shifter;
@@ -69,18 +75,18 @@ FUSEDRNN_HD float exp(float x) {
 
 // exp for double on the CPU, written like the float one so that the step loops vectorise
 // (::exp is a scalar libm call per element: an fp64 LSTM step spent most of its time there,
-// slower than torch.nn's vectorised ATen ops). Clamped to [-708, 709] (no denormal or inf
-// result; NaN stays NaN); n = round(x / ln 2) by the 1.5 * 2^52 trick, whose low bits are n
-// itself (read through the bits, as AVX2 has no double -> int64 conversion); r = x - n ln 2 in
-// two parts (Cody-Waite, fdlibm's split); exp(r) on |r| <= ln2/2 by its Taylor polynomial to
-// degree 13 (truncation < 5e-18 relative). A few ulp: the fp64 rule of docs/design.md §4 is
-// 1e-10. CUDA keeps its own exp.
+// slower than torch.nn's vectorised ATen ops). Clamped to [-500, 500] (see the float one);
+// n = round(x / ln 2) by the 1.5 * 2^52 trick, whose low bits are n itself (read through the
+// bits, as AVX2 has no double -> int64 conversion); r = x - n ln 2 in two parts (Cody-Waite,
+// fdlibm's split); exp(r) on |r| <= ln2/2 by its Taylor polynomial to degree 13 (truncation
+// < 5e-18 relative). A few ulp: the fp64 rule of docs/design.md §4 is 1e-10. CUDA keeps its
+// own exp.
 FUSEDRNN_HD double exp(double x) {
 #if defined(__CUDA_ARCH__)
   return ::exp(x);
 #else
-  x = x > 709.0 ? 709.0 : x;
-  x = x < -708.0 ? -708.0 : x;
+  x = x > 500.0 ? 500.0 : x;
+  x = x < -500.0 ? -500.0 : x;
   const double shifter = 6755399441055744.0;  // 1.5 * 2^52
   const double t = x * 1.4426950408889634 + shifter;
   const double n = t - shifter;

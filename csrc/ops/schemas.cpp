@@ -15,8 +15,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cfenv>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "cells/traits.h"
 #include "execution/gemm.h"
@@ -105,6 +110,23 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def("cpu_onednn_bf16_amx() -> bool", [] { return fusedrnn::cpu::onednn_bf16_amx(); });
   m.def("_set_cpu_bf16_tiles(str mode) -> str",
         [](const std::string& mode) { return fusedrnn::cpu::set_bf16_tiles(mode); });
+  // Whether floating-point arithmetic on the calling thread met a denormal (an operand, or a
+  // result that underflowed) since the flags were last cleared, clearing them if asked: the
+  // tests run a layer call between two of these to show that no step kernel computes with
+  // denormals from ordinary states, not even in vector lanes it then discards (cells/common.h,
+  // exp's clamp). x86: MXCSR's DE and UE flags; elsewhere the underflow flag of <cfenv>.
+  m.def("_cpu_denormal_flags(bool clear) -> bool", [](bool clear) {
+#if defined(__x86_64__) || defined(__i386__)
+    constexpr unsigned kDenormalOperand = 0x02, kUnderflow = 0x10;
+    const unsigned csr = _mm_getcsr();
+    if (clear) _mm_setcsr(csr & ~(kDenormalOperand | kUnderflow));
+    return (csr & (kDenormalOperand | kUnderflow)) != 0;
+#else
+    const bool raised = std::fetestexcept(FE_UNDERFLOW) != 0;
+    if (clear) std::feclearexcept(FE_UNDERFLOW);
+    return raised;
+#endif
+  });
   // The raw GEMM of the step loops (execution/step_device.h), for the tests: c = beta * c +
   // op(a) op(b) on the buffers of c, a and b read as row-major matrices with the given leading
   // dimensions; on CUDA tensors the cuBLAS call the loops make. And how the step GEMMs of

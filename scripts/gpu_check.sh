@@ -460,7 +460,8 @@ publish 0
 # ---- benchmark --------------------------------------------------------------------------------------
 if ((DRY_RUN)); then
   # one tiny shape (the GPU run has two): every code path, in seconds
-  BENCH_DEV=(--device cpu --shapes "4,4,8,8" --repeats 2)
+  # (one thread: a CPU run's default, one thread and every core, would write a folder per count)
+  BENCH_DEV=(--device cpu --shapes "4,4,8,8" --repeats 2 --threads 1)
   COMPILE_ARGS=(--compile-backend eager)  # the compiled-loop path without code generation
 else
   BENCH_DEV=(--device cuda --shapes "100,64,512,512;100,8,512,512")
@@ -539,7 +540,7 @@ publish 0
 LEFT=$((DEADLINE - SECONDS))
 if ((LEFT >= COMPILE_MIN_S)); then
   if ((DRY_RUN)); then
-    COMPILED_SHAPE=(--shapes "4,4,8,8" --repeats 2)
+    COMPILED_SHAPE=(--shapes "4,4,8,8" --repeats 2 --threads 1)
   else
     COMPILED_SHAPE=(--fastrnns)
   fi

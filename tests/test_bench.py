@@ -17,7 +17,7 @@ from fusedrnn import cells
 from fusedrnn.bench import cli, env, impls, measure, plot
 from fusedrnn.bench.cases import CELLS, QUICK_SHAPE_CPU, build_cases, slow_repeats
 
-TINY = ["--device", "cpu", "--shapes", "3,2,4,5", "--repeats", "2"]
+TINY = ["--device", "cpu", "--shapes", "3,2,4,5", "--repeats", "2", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -88,8 +88,13 @@ def test_import_graph_is_the_documented_one_without_cycles():
         (["--shapes", "3,2"], "four positive integers, got '3,2'"),
         (["--shapes", "3,2,4,x"], "four positive integers"),
         (["--shapes", "3,2,4,0"], "four positive integers"),
-        (["--threads", "0"], "--threads: must be a positive integer, got 0"),
-        (["--threads", "two"], "--threads: must be a positive integer"),
+        (
+            ["--threads", "0"],
+            "--threads: must be positive integers or 'all', comma-separated, got 0",
+        ),
+        (["--threads", "two"], "--threads: must be positive integers or 'all'"),
+        (["--threads", "1,"], "--threads: must be positive integers or 'all'"),
+        (["--serving", "--threads", "1,2"], "the serving group runs at one thread count"),
         (["--repeats", "0"], "--repeats: must be a positive integer"),
         (["--dtype", "float16", "--device", "cpu"], "float16 is not supported on the CPU"),
         (["--dtype", "int8"], "invalid choice"),
@@ -103,6 +108,20 @@ def test_bad_arguments_exit_with_one_line(capsys, argv, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_unavailable(capsys):
     assert "CUDA is not available" in _error(capsys, ["--device", "cuda"])
+
+
+def test_thread_counts():
+    """--threads takes a list; the default is one thread and every core on a CPU (one thread for
+    the serving group), torch's own setting on a GPU."""
+    cores = cli.all_cores()
+    assert cores >= 1
+    assert cli.parse_args(["--threads", "4,1,all,4"]).threads == sorted({1, 4, cores})
+    cpu = torch.device("cpu")
+    assert cli.thread_counts(cli.parse_args(["--device", "cpu"]), cpu) == sorted({1, cores})
+    assert cli.thread_counts(cli.parse_args(["--device", "cpu", "--threads", "3"]), cpu) == [3]
+    assert cli.thread_counts(cli.parse_args(["--serving"]), cpu) == [1]
+    args = cli.parse_args(["--device", "cpu"])
+    assert cli.thread_counts(args, torch.device("cuda")) == [None]
 
 
 def test_parse_presets():
@@ -517,3 +536,35 @@ def test_serving_refuses_other_devices_and_dtypes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--serving", "--dtype", "bfloat16"])
     assert "the serving group runs on the CPU in float32" in capsys.readouterr().err
+
+
+def test_two_thread_counts_write_a_folder_each_and_the_scaling(tmp_path, capsys):
+    """Several --threads counts: one complete run per count in threads-<N>/, and the scaling
+    report, whose ratios are the two runs' medians divided."""
+    out = tmp_path / "scale"
+    argv = TINY[:-2] + ["--threads", "2,1", "--cells", "lstm", "--no-compile", "--no-memory"]
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    docs = [json.loads((out / f"threads-{n}" / "results.json").read_text()) for n in (1, 2)]
+    for n, doc in zip((1, 2), docs):
+        assert doc["complete"] and doc["settings"]["threads"] == n and doc["env"]["threads"] == n
+        assert (out / f"threads-{n}" / "table.txt").read_text().startswith("cell")
+    assert (out / "speedups_compare.png").stat().st_size > 0
+    report = json.loads((out / "scaling.json").read_text())
+    assert report["threads"] == [1, 2]
+    assert len(report["rows"]) == len(docs[1]["results"]) > 0
+    one = {(r["label"], r["pass"]): r for r in docs[0]["results"]}
+    for row in report["rows"]:
+        before = one[(row["label"], row["pass"])]["impls"]
+        after = next(
+            r for r in docs[1]["results"] if (r["label"], r["pass"]) == (row["label"], row["pass"])
+        )["impls"]
+        assert (row["threads_from"], row["threads_to"]) == (1, 2)
+        for impl, ratio in row["scaling"].items():
+            assert ratio == pytest.approx(before[impl]["median_ms"] / after[impl]["median_ms"])
+        if "torch" in row["scaling"]:
+            assert row["fused_over_torch"] == pytest.approx(
+                row["scaling"]["fused"] / row["scaling"]["torch"]
+            )
+    text = (out / "scaling.txt").read_text()
+    assert text.startswith("thread scaling") and "1 -> 2" in text
+    assert text.strip() in capsys.readouterr().out

@@ -8,13 +8,13 @@ import shlex
 import signal
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 import fusedrnn
 
-from . import measure, plot, serving, throughput
+from . import measure, plot, scaling, serving, throughput
 from .argparser import Parser
 from .cases import (
     CELLS,
@@ -66,6 +66,38 @@ def _positive(name: str):
 
     parse.__name__ = name
     return parse
+
+
+def all_cores() -> int:
+    """The cores this process may run on (its CPU affinity; os.cpu_count() where that is not
+    known): the thread count of "all" in --threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parse_threads(text: str) -> List[int]:
+    """'N[,N...]' with positive integers or "all" (every core this process may use): the thread
+    counts to run the suite at, ascending, without repeats."""
+    counts = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == "all":
+            counts.append(all_cores())
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be positive integers or 'all', comma-separated, got {text!r}"
+            )
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"must be positive integers or 'all', comma-separated, got {value}"
+            )
+        counts.append(value)
+    return sorted(set(counts))
 
 
 def parse_cells(text: str) -> List[str]:
@@ -169,11 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_positive("threads"),
+        type=parse_threads,
         default=None,
-        metavar="N",
-        help="torch.set_num_threads(N) (default: 1 on a CPU, which the result "
-        "records; with N > 1 set OMP_WAIT_POLICY=PASSIVE in the environment)",
+        metavar="N[,N...]",
+        help="run the suite at each thread count (torch.set_num_threads), 'all' = every core "
+        "this process may use; with several, a folder per count and the scaling report "
+        "(default on a CPU: 1,all; the serving group: 1; on a GPU: torch's setting)",
     )
     p.add_argument(
         "--repeats",
@@ -239,6 +272,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(
             "--serving / --serving-grid: the serving group runs on the CPU in float32 "
             f"(got --device {args.device} --dtype {args.dtype})"
+        )
+    if (args.serving or args.serving_grid) and args.threads and len(args.threads) > 1:
+        parser.error(
+            "--serving / --serving-grid: the serving group runs at one thread count "
+            f"(got --threads {','.join(map(str, args.threads))})"
         )
     if args.grid:
         args.shape_list, args.shape_preset = grid_shapes(), "grid"
@@ -335,21 +373,34 @@ def _write_json(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def thread_counts(args: argparse.Namespace, device: torch.device) -> List[Optional[int]]:
+    """The thread counts of the run: --threads, or by default one thread and every core on a
+    CPU (the serving group: one thread) and torch's setting (None) on a GPU."""
+    if args.threads:
+        return list(args.threads)
+    if device.type != "cpu":
+        return [None]
+    if args.serving or args.serving_grid:
+        return [1]
+    return sorted({1, all_cores()})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    elif args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    counts = thread_counts(args, device)
     err = sys.stderr
-    if device.type == "cpu" and threads > 1 and os.environ.get("OMP_WAIT_POLICY") is None:
+    if (
+        device.type == "cpu"
+        and max(c or 1 for c in counts) > 1
+        and os.environ.get("OMP_WAIT_POLICY") is None
+    ):
         print(
-            f"warning: {threads} threads without OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waiting "
-            "can make small GEMMs many times slower on small machines; set it in the "
-            "environment before starting Python",
+            "note: more than one thread with OpenMP's default wait policy (what torch users get "
+            "by default; the run records it). On small or shared machines its spin-waiting can "
+            "make small GEMMs many times slower; OMP_WAIT_POLICY=PASSIVE, set before Python "
+            "starts, measures without it",
             file=err,
         )
     info = fusedrnn.build_info()
@@ -364,17 +415,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"warning: this fusedrnn build has no {device.type} kernels; the fused runs will fail",
             file=err,
         )
+    out_dir = args.out or _default_out(device.type)
     with tf32(args.tf32), _stop_on_sigterm():
         if args.serving or args.serving_grid:
-            return _run_serving(args, argv, device, threads, err)
-        return _run(args, argv, device, threads, err)
+            _set_threads(counts[0])
+            return _run_serving(args, argv, device, torch.get_num_threads(), err, out_dir)
+        codes, docs = [], []
+        for n in counts:
+            _set_threads(n)
+            sub = out_dir if len(counts) == 1 else os.path.join(out_dir, f"threads-{n}")
+            code, doc = _run(args, argv, device, torch.get_num_threads(), err, sub)
+            codes.append(code)
+            docs.append(doc)
+            if doc["interrupted"]:  # stopped by a signal: no further thread count
+                return code
+        if len(docs) > 1:
+            _write_scaling(docs, out_dir, err)
+        return next((c for c in codes if c), 0)
+
+
+def _set_threads(n: Optional[int]) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+def _write_scaling(docs: List[dict], out_dir: str, err) -> None:
+    """scaling.json / scaling.txt (printed too) and, for two thread counts, the two plots side
+    by side (speedups_compare.png) in the run's folder."""
+    report = scaling.scaling(docs)
+    _write_json(os.path.join(out_dir, "scaling.json"), report)
+    text = scaling.format_scaling(report)
+    with open(os.path.join(out_dir, "scaling.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    if len(docs) == 2:
+        names = [f"{d['settings']['threads']} thread(s)" for d in docs]
+        try:
+            plot.plot_results(docs, os.path.join(out_dir, "speedups_compare.png"), names)
+        except Exception as exc:  # the measurements are saved; a plotting problem only warns
+            print(
+                f"warning: could not draw speedups_compare.png: {type(exc).__name__}: {exc}",
+                file=err,
+            )
+    print(f"thread scaling in {os.path.abspath(out_dir)}")
 
 
 def _run_serving(
-    args: argparse.Namespace, argv: List[str], device: torch.device, threads: int, err
+    args: argparse.Namespace, argv: List[str], device: torch.device, threads: int, err, out_dir: str
 ) -> int:
     env = environment(device, torch.float32)
-    out_dir = args.out or _default_out(device.type)
     os.makedirs(out_dir, exist_ok=True)
     header = (
         f"{env['device_name']}, fusedrnn CPU kernels: "
@@ -428,7 +517,16 @@ def _exit_status(failed: List[str], err) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, argv: List[str], device: torch.device, threads: int, err) -> int:
+def _run(
+    args: argparse.Namespace,
+    argv: List[str],
+    device: torch.device,
+    threads: int,
+    err,
+    out_dir: str,
+) -> Tuple[int, dict]:
+    """The layer suite at the current thread count, written to out_dir: (exit status, the
+    results document)."""
     settings = Settings(
         device=device,
         dtype=DTYPES[args.dtype],
@@ -441,7 +539,6 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
     )
     cases = build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
     env = environment(device, settings.dtype)
-    out_dir = args.out or _default_out(device.type)
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.json")
     tf32_note = "TF32 on (--tf32)" if args.tf32 else "TF32 off"
@@ -559,10 +656,10 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
             print(f"warning: could not draw speedups.png: {type(exc).__name__}: {exc}", file=err)
     print(f"wall time {wall:.1f} s; results in {os.path.abspath(out_dir)}")
     if stopped:
-        return exit_code
+        return exit_code, doc
     # A row that errors is a failure of what the benchmark measures (skips on purpose are not):
     # the command fails, so that CI and scripts see it.
-    return _exit_status(
+    code = _exit_status(
         [
             f"{rec['label']} {rec['shape_str']} {rec['pass']} {impl}: {e.get('reason')}"
             for rec in results
@@ -571,3 +668,4 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, thread
         ],
         err,
     )
+    return code, doc

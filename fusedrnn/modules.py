@@ -1,7 +1,8 @@
 """Drop-in modules: LSTM, GRU, PeepholeLSTM, WorkingMemoryLSTM and their one-step cells.
 
 Parameter names, shapes, registration order, initialisation, arguments and return values are
-torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules unchanged. Every
+torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules unchanged. One
+keyword argument torch.nn lacks, `dropconnect=p`: DropConnect on weight_hh (design.md §1.5). Every
 layer and direction runs as one call of a fused whole-sequence op (see fusedrnn._layer.run);
 the Python here only routes tensors, with no work proportional to the sequence length.
 """
@@ -38,6 +39,15 @@ def _check_positive_int(name: str, value, zero_ok: bool = False) -> None:
         raise ValueError(f"{name} must be greater than or equal to zero, got {value}")
     if not zero_ok and value <= 0:
         raise ValueError(f"{name} must be greater than zero, got {value}")
+
+
+def _check_dropconnect(value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError(
+            "dropconnect should be a number in range [0, 1] representing the probability of "
+            f"a recurrent weight (weight_hh) being zeroed, got {value!r}"
+        )
+    return float(value)
 
 
 def _autocast_mixed_ok(a: Tensor, b: Tensor) -> bool:
@@ -142,6 +152,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
     """
 
     _cell = "lstm"
+    dropconnect = 0.0  # (a class default too: modules pickled before it existed load)
 
     def __init__(
         self,
@@ -155,11 +166,14 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        dropconnect: float = 0.0,
     ) -> None:
         nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         _check_positive_int("num_layers", num_layers)
+        dropconnect = _check_dropconnect(dropconnect)
         if (
             not isinstance(dropout, numbers.Number)
             or isinstance(dropout, bool)
@@ -198,6 +212,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         self.bias = bias
         self.batch_first = batch_first
         self.dropout = float(dropout)
+        self.dropconnect = dropconnect
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         factory = {"device": device, "dtype": dtype}
@@ -288,6 +303,8 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.dropconnect != 0:
+            s += ", dropconnect={dropconnect}"
         return s.format(**self.__dict__)
 
     # forward ---------------------------------------------------------------------------------
@@ -437,6 +454,8 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
             for direction in range(D):
                 k = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_ch, w_hr = self._layer_weights(layer, direction)
+                # one mask per call, shared by every step of this layer and direction
+                w_hh = reference.dropconnect(w_hh, self.dropconnect, self.training)
                 out, hy, cy = run(
                     self._cell,
                     LayerArgs(
@@ -519,6 +538,8 @@ class GRU(_RNNBase):
         bidirectional: bool = False,
         device=None,
         dtype=None,
+        *,
+        dropconnect: float = 0.0,
         **kwargs,
     ) -> None:
         if "proj_size" in kwargs:  # torch.nn.GRU's error
@@ -538,6 +559,7 @@ class GRU(_RNNBase):
             0,
             device,
             dtype,
+            dropconnect=dropconnect,
         )
 
 
@@ -547,12 +569,21 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
     torch.nn.RNNCellBase.__init__ is not run: the parameters are created here."""
 
     _cell = "lstm"
+    dropconnect = 0.0  # (a class default too: modules pickled before it existed load)
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        dropconnect: float = 0.0,
     ) -> None:
         nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
+        self.dropconnect = _check_dropconnect(dropconnect)
         # torch.nn's cells accept hidden_size 0: (B, 0) states (_run_empty)
         _check_positive_int("hidden_size", hidden_size, zero_ok=True)
         factory = {"device": device, "dtype": dtype}
@@ -584,6 +615,8 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
             s += ", bias={bias}"
+        if self.dropconnect != 0:
+            s += ", dropconnect={dropconnect}"
         return s.format(**self.__dict__)
 
     def _weights(self):
@@ -618,6 +651,8 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
                 f"{self.input_size}"
             )
         w_ih, w_hh, b_ih, b_hh, w_ch = self._weights()
+        if self.dropconnect and self.training:  # a fresh mask per call: each call is a step
+            w_hh = reference.dropconnect(w_hh, self.dropconnect, True)
         dtype, device = input.dtype, input.device
         if (dtype != w_ih.dtype and not _autocast_mixed_ok(input, w_ih)) or device != w_ih.device:
             raise TypeError(

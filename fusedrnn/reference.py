@@ -180,3 +180,13 @@ def layer_of(cell: str, a: LayerArgs) -> Tuple[Tensor, Tensor, Optional[Tensor]]
     if batch_sizes is None:
         output = output.reshape(input.shape[0], input.shape[1], H_out)
     return output, h, c
+
+
+def dropconnect(weight_hh: Tensor, p: float, training: bool) -> Tensor:
+    """DropConnect on the recurrent weight (design.md §1.5): in training, weight_hh ⊙ m / (1 − p)
+    with one Bernoulli(1 − p) mask m per call, which every step of that call shares (AWD-LSTM's
+    weight drop); the weight itself in eval or at p = 0 (no random number drawn). The gradient
+    reaches weight_hh through the mask."""
+    if not training or p == 0:
+        return weight_hh
+    return torch.nn.functional.dropout(weight_hh, p, True)

@@ -190,3 +190,60 @@ def dropconnect(weight_hh: Tensor, p: float, training: bool) -> Tensor:
     if not training or p == 0:
         return weight_hh
     return torch.nn.functional.dropout(weight_hh, p, True)
+
+
+# Layer normalisation and zoneout (design.md §1.6, §1.7): the equations of the regularised layers
+# to come, step by step, as the oracle their fused ops will be tested against. Not cells of
+# fusedrnn.cells yet: no module or fused op runs them.
+
+
+def layer_norm(v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:
+    """LN(v; γ, β): each row of v normalised over its features (mean and biased variance,
+    eps 1e-5), then scaled by γ and shifted by β (either may be None: 1 and 0)."""
+    return torch.nn.functional.layer_norm(v, v.shape[-1:], weight, bias, 1e-5)
+
+
+def layer_norm_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c, w_hr=None):
+    """The layer-normalised LSTM step (Ba et al. 2016): the two products normalised apart over
+    all 4H gate columns of a row (gains g_ih, g_hh (4H,), no shift: the biases are the shift),
+    h_t = o ⊙ tanh(LN(c_t; g_c, b_c)); c_t itself, not normalised, is the carried state.
+    Returns (h_t, c_t)."""
+    a = layer_norm(x @ w_ih.t(), g_ih) + layer_norm(h @ w_hh.t(), g_hh)
+    if b_ih is not None:
+        a = a + b_ih + b_hh
+    a_i, a_f, a_g, a_o = a.chunk(4, 1)
+    i, f, g, o = a_i.sigmoid(), a_f.sigmoid(), a_g.tanh(), a_o.sigmoid()
+    c = f * c + i * g
+    h = o * layer_norm(c, g_c, b_c).tanh()
+    return (h if w_hr is None else h @ w_hr.t()), c
+
+
+def layer_norm_gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh):
+    """The layer-normalised GRU step: each product normalised over its 3H columns (gains g_ih,
+    g_hh (3H,)), the biases added after; then torch.nn.GRU's step (the reset multiplies the
+    normalised h_n). Returns h_t."""
+    xs, hs = layer_norm(x @ w_ih.t(), g_ih), layer_norm(h @ w_hh.t(), g_hh)
+    if b_ih is not None:
+        xs, hs = xs + b_ih, hs + b_hh
+    x_r, x_z, x_n = xs.chunk(3, 1)
+    h_r, h_z, h_n = hs.chunk(3, 1)
+    r = (x_r + h_r).sigmoid()
+    z = (x_z + h_z).sigmoid()
+    n = (x_n + r * h_n).tanh()
+    return (1 - z) * n + z * h
+
+
+def zoneout(prev: Tensor, new: Tensor, keep) -> Tensor:
+    """Zoneout of one state (Krueger et al. 2016): `keep` is the step's mask d (a bool tensor
+    shaped like the state: True keeps the previous value) in training, or the rate p (a float)
+    in eval, which mixes the expectation p ⊙ prev + (1 − p) ⊙ new."""
+    if isinstance(keep, Tensor):
+        return torch.where(keep, prev, new)
+    return new if keep == 0 else keep * prev + (1 - keep) * new
+
+
+def zoneout_masks(rows: int, hidden: int, p: float, like: Tensor) -> Tensor:
+    """The training masks of one state over a layer call: (rows, hidden) bool, True with
+    probability p, one per row of the call's output (T * B, or sum(batch_sizes) packed), drawn
+    from torch's generator in one call, so that a seed fixes them."""
+    return torch.rand(rows, hidden, device=like.device) < p

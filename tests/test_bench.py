@@ -15,7 +15,7 @@ import torch
 import fusedrnn.bench
 from fusedrnn import cells
 from fusedrnn.bench import cli, env, impls, measure, plot
-from fusedrnn.bench.cases import CELLS, QUICK_SHAPE_CPU, build_cases, slow_repeats
+from fusedrnn.bench.cases import CELLS, QUICK_SHAPE_CPU, Settings, build_cases, slow_repeats
 
 TINY = ["--device", "cpu", "--shapes", "3,2,4,5", "--repeats", "2", "--threads", "1"]
 
@@ -133,7 +133,15 @@ def test_parse_presets():
     args = cli.parse_args(["--shapes", "3,2,4,5; 6,7,8,9", "--cells", "gru,lstm,gru"])
     assert args.shape_list == [(3, 2, 4, 5), (6, 7, 8, 9)] and args.cells == ["gru", "lstm"]
     cases = build_cases(["lstm", "wm_lstm"], [(3, 2, 4, 5)])
-    assert [c.label for c in cases] == ["lstm", "wm_lstm", "lstm +dx", "lstm 3-layer bidir"]
+    assert [c.label for c in cases] == [
+        "lstm",
+        "wm_lstm",
+        "lstm +dx",
+        "lstm 3-layer bidir",
+        "lstm dropconnect",
+    ]
+    assert cases[4].dropconnect > 0 and cases[4].passes == ("fwd+bwd",)
+    assert "compiled" not in cases[4].impls
     assert "torch" not in cases[1].impls and cases[2].passes == ("fwd+bwd",)
     assert slow_repeats(10) == 3 and slow_repeats(2) == 2
 
@@ -179,6 +187,7 @@ def test_tiny_run_writes_json_table_and_png(tiny_run):
         assert (cell, "fwd") in labels and (cell, "fwd+bwd") in labels
     assert ("lstm 3-layer bidir", "fwd+bwd") in labels
     assert ("lstm +dx", "fwd+bwd") in labels
+    assert ("lstm dropconnect", "fwd+bwd") in labels
     for rec in results:
         # the stacked row and its single-layer "+dx" comparison run at half the sequence length
         # (the stacked row is the slowest)
@@ -192,8 +201,9 @@ def test_tiny_run_writes_json_table_and_png(tiny_run):
         assert (
             rec["impls"]["compiled"]["status"] == "skipped"
             if "compiled" in rec["impls"]
-            else stack_rows
+            else stack_rows or rec["label"] == "lstm dropconnect"
         )
+        assert rec["dropconnect"] == (0.5 if rec["label"] == "lstm dropconnect" else 0.0)
         if "torch" in rec["impls"]:
             assert rec["impls"]["torch"]["kernel"] in ("oneDNN", "ATen")
             assert rec["speedup"]["torch"] > 0
@@ -214,7 +224,8 @@ def test_memory_and_compiled_loop(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["input_grad"] is True and doc["settings"]["memory_method"]
     train = [r for r in doc["results"] if r["pass"] == "fwd+bwd"]
-    assert len(train) == 2
+    # lstm, lstm 3-layer bidir, lstm dropconnect (--input-grad: no "+dx" row)
+    assert [r["label"] for r in train] == ["lstm", "lstm 3-layer bidir", "lstm dropconnect"]
     for rec in train:
         for impl, entry in rec["impls"].items():
             assert entry["status"] == "ok", entry
@@ -285,17 +296,22 @@ def test_failed_fused_row_fails_the_command(tmp_path, capsys, monkeypatch):
 
 
 def test_throughput_report(tiny_run):
-    """results.json holds the GEMM rate measured in the same run and each single-layer fused
-    row's matrix-product rate against it."""
+    """results.json holds the GEMM rate measured in the same run, in the run's dtype, and each
+    single-layer fused row's matrix-product rate against the best rate of its own shapes."""
     report = json.loads((tiny_run / "results.json").read_text())["throughput"]
     assert report["gemm"] and all(g["gflops"] > 0 for g in report["gemm"])
     assert report["gemm_best_gflops"] == max(g["gflops"] for g in report["gemm"])
     labels = {(r["label"], r["pass"]) for r in report["rows"]}
     assert ("lstm", "fwd") in labels and ("gru", "fwd+bwd") in labels
+    assert report["dtype"] == "float32"
+    rates = {(g["m"], g["k"], g["n"]): g["gflops"] for g in report["gemm"]}
     for r in report["rows"]:
-        assert (
-            r["fused_gflops"] > 0 and r["of_gemm"] == r["fused_gflops"] / report["gemm_best_gflops"]
-        )
+        # TINY is T,B,I,H = 3,2,4,5 (T = 1 for the "+dx" row): the row's own two shapes
+        T = 1 if r["label"] == "lstm +dx" else 3
+        G = 15 if r["label"] == "gru" else 20
+        own = max(rates[(2, 5, G)], rates[(T * 2, 4, G)])
+        assert r["gemm_gflops"] == own and r["fused_gflops"] > 0
+        assert r["of_gemm"] == r["fused_gflops"] / own
 
 
 # --- TF32, interruption, progress -----------------------------------------------------------
@@ -392,14 +408,15 @@ def test_results_rewritten_after_every_case(tmp_path, monkeypatch):
         cli.main(TINY + ["--cells", "lstm,gru", "--no-memory", "--no-compile", "--out", str(out)])
         == 0
     )
-    assert seen[0] is None and len(seen) == 4  # lstm, gru, lstm +dx, lstm 3-layer bidir
+    # lstm, gru, lstm +dx, lstm 3-layer bidir, lstm dropconnect
+    assert seen[0] is None and len(seen) == 5
     for k, doc in enumerate(seen[1:], start=1):
         assert doc["complete"] is False and doc["interrupted"] is False
-        assert doc["cases_done"] == k and doc["cases_total"] == 4
+        assert doc["cases_done"] == k and doc["cases_total"] == 5
         assert len(doc["results"]) == 2 * k if k <= 2 else len(doc["results"]) == 4 + (k - 2)
         assert doc["throughput"] is None
     final = json.loads((out / "results.json").read_text())
-    assert final["complete"] is True and final["cases_done"] == 4 and final["throughput"]
+    assert final["complete"] is True and final["cases_done"] == 5 and final["throughput"]
 
 
 def test_sigterm_keeps_what_was_measured(tmp_path, monkeypatch):
@@ -568,3 +585,20 @@ def test_two_thread_counts_write_a_folder_each_and_the_scaling(tmp_path, capsys)
     text = (out / "scaling.txt").read_text()
     assert text.startswith("thread scaling") and "1 -> 2" in text
     assert text.strip() in capsys.readouterr().out
+
+
+def test_dropconnect_row_drops_the_same_weight_in_every_implementation():
+    """The "lstm dropconnect" row: under one seed, fused, torch.nn and the eager loop compute the
+    same training output (each drops weight_hh with torch's dropout once per call)."""
+    case = next(c for c in build_cases(["lstm"], [(3, 2, 4, 5)]) if c.dropconnect)
+    work = impls.Workload(case, Settings(torch.device("cpu"), torch.float64))
+    outs = {}
+    for impl in case.impls:
+        forward, _ = work.get(impl)
+        torch.manual_seed(1)
+        outs[impl] = forward()
+    # fp64, the same dropped weight: rounding only
+    torch.testing.assert_close(outs["fused"], outs["torch"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs["fused"], outs["eager"], rtol=1e-10, atol=1e-12)
+    torch.manual_seed(2)
+    assert not torch.equal(work.get("fused")[0](), outs["fused"])

@@ -810,6 +810,9 @@ class _Export(nn.Module):
         *[(n, {}, c.onnx) for n, c in cells.CELLS.items()],
         # a projection has no ONNX LSTM operator
         ("lstm", dict(proj_size=2), None),
+        # DropConnect drops nothing in eval: the same operators, the module's weights
+        ("lstm", dict(dropconnect=0.5), "LSTM"),
+        ("gru", dict(dropconnect=0.5), "GRU"),
     ],
     ids=lambda v: str(v),
 )

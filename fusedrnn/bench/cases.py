@@ -50,6 +50,7 @@ DTYPES = {
 FASTRNNS_SHAPE = (100, 64, 512, 512)
 QUICK_SHAPE_CPU = (100, 64, 256, 256)
 STACK_LAYERS = 3
+DROPCONNECT = 0.5  # the rate of the "lstm dropconnect" row
 WARMUP = {"cpu": 1, "cuda": 3}  # warm-up runs of fused and torch.nn
 
 Shape = Tuple[int, int, int, int]
@@ -88,6 +89,9 @@ class Case:
     bidirectional: bool = False
     # whether the input requires grad; None: as the settings say (--input-grad)
     input_grad: Optional[bool] = None
+    # DropConnect rate of the recurrent weight (training rows only; torch.nn and the eager loop
+    # drop the same weight with torch's dropout, as a weight-drop wrapper does)
+    dropconnect: float = 0.0
 
     @property
     def label(self) -> str:
@@ -96,6 +100,8 @@ class Case:
             label += f" {self.layers}-layer" + (" bidir" if self.bidirectional else "")
         if self.input_grad:
             label += " +dx"
+        if self.dropconnect:
+            label += " dropconnect"
         return label
 
     def needs_input_grad(self, settings: "Settings") -> bool:
@@ -134,7 +140,9 @@ def build_cases(
     and beside it the single layer with an input that requires grad ("+dx"): the layers of a
     stack above the first must compute the input gradient, which the first layer of a model (and
     the single-layer rows) skip, so this is the single layer to compare the stack with. With
-    `input_grad` (--input-grad) every row computes it and the "+dx" row is left out."""
+    `input_grad` (--input-grad) every row computes it and the "+dx" row is left out. Last, when
+    LSTM is asked, its training pass with DropConnect ("lstm dropconnect", fwd+bwd: in eval
+    there is no mask) against torch.nn's LSTM and the eager loop on the same dropped weight."""
     cells = list(cells)
     cases = []
     for shape in shapes:
@@ -152,6 +160,18 @@ def build_cases(
                 )
             cases.append(
                 Case("lstm", stacked_shape, ("fwd+bwd",), ("fused", "torch"), STACK_LAYERS, True)
+            )
+        if "lstm" in cells:
+            # DropConnect's cost: the LSTM row's training pass with dropconnect=0.5, against
+            # torch.nn's LSTM and the eager loop with the same dropped weight
+            cases.append(
+                Case(
+                    "lstm",
+                    shape,
+                    ("fwd+bwd",),
+                    ("fused", "torch", "eager"),
+                    dropconnect=DROPCONNECT,
+                )
             )
     return cases
 

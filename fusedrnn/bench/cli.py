@@ -398,9 +398,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ):
         print(
             "note: more than one thread with OpenMP's default wait policy (what torch users get "
-            "by default; the run records it). On small or shared machines its spin-waiting can "
-            "make small GEMMs many times slower; OMP_WAIT_POLICY=PASSIVE, set before Python "
-            "starts, measures without it",
+            "by default; the run records it). OMP_WAIT_POLICY=PASSIVE, set before Python "
+            "starts, measures the other policy; which is faster depends on the machine "
+            "(bench/README.md, protocol, threads)",
             file=err,
         )
     info = fusedrnn.build_info()

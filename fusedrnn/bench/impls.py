@@ -6,6 +6,10 @@
   cuDNN on a GPU, oneDNN (or ATen) on a CPU. The kernel actually used is read from a profile of
   the first call and recorded.
 - ``eager``: ``fusedrnn.reference.layer``, the step-by-step PyTorch loop of the same cell.
+
+With DropConnect (the "lstm dropconnect" row) the fused module has ``dropconnect=p``; torch.nn's
+LSTM and the eager loop get the recurrent weight dropped by ``fusedrnn.reference.dropconnect``
+(torch's dropout) before each call, as a weight-drop wrapper does.
 - ``compiled``: the *step* function of the same cell (``fusedrnn.reference.*_cell``) compiled
   with ``torch.compile(dynamic=False, fullgraph=True)`` and called from a Python loop over time
   (a "compiled step loop"; compiling the whole unrolled loop takes minutes on a CPU).
@@ -20,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from fusedrnn import cells, reference
 
@@ -44,7 +49,13 @@ class Workload:
         torch.manual_seed(settings.seed)
         D = 2 if case.bidirectional else 1
         self.module = FUSED_MODULES[case.cell](
-            I, H, num_layers=case.layers, bidirectional=case.bidirectional, device=dev, dtype=dt
+            I,
+            H,
+            num_layers=case.layers,
+            bidirectional=case.bidirectional,
+            device=dev,
+            dtype=dt,
+            dropconnect=case.dropconnect,
         )
         self.x = torch.randn(T, B, I, device=dev, dtype=dt).requires_grad_(
             case.needs_input_grad(settings)
@@ -81,11 +92,29 @@ class Workload:
         )
         t.load_state_dict(self.module.state_dict())
         x = self.x
-        return (lambda: t(x)[0]), list(t.parameters())
+        p = c.dropconnect
+        if not p:
+            return (lambda: t(x)[0]), list(t.parameters())
+        params = dict(t.named_parameters())
+        dropped = [n for n in params if n.startswith("weight_hh")]
+
+        def forward():  # a weight-drop wrapper's work: the dropped weights, then the module
+            weights = dict(params)
+            for n in dropped:
+                weights[n] = reference.dropconnect(params[n], p, True)
+            return functional_call(t, weights, (x,))[0]
+
+        return forward, list(t.parameters())
 
     def _build_eager(self):
         cell, x, w = self.case.cell, self.x, self._layer0()
-        return (lambda: reference.layer(cell, x, *w)[0]), list(self.module.parameters())
+        p = self.case.dropconnect
+
+        def forward():
+            w_ih, w_hh, *rest = w
+            return reference.layer(cell, x, w_ih, reference.dropconnect(w_hh, p, True), *rest)[0]
+
+        return forward, list(self.module.parameters())
 
     def _build_compiled(self):
         cell, x = self.case.cell, self.x

@@ -197,6 +197,7 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
             "bidirectional": case.bidirectional,
             "pass": pass_,
             "input_grad": case.needs_input_grad(settings),
+            "dropconnect": case.dropconnect,
             "impls": {},
             "speedup": {},
             "memory": None,

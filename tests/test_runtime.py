@@ -225,9 +225,9 @@ def test_no_memory_growth_over_many_iterations():
 
 
 class _Net(nn.Module):
-    def __init__(self):
+    def __init__(self, dropconnect=0.0):
         super().__init__()
-        self.rnn = fusedrnn.LSTM(3, 6, batch_first=True, dtype=F64)
+        self.rnn = fusedrnn.LSTM(3, 6, batch_first=True, dtype=F64, dropconnect=dropconnect)
         self.head = nn.Linear(6, 1, dtype=F64)
 
     def forward(self, x):
@@ -240,8 +240,11 @@ STEPS, LR = 3, 0.5
 
 def _train(model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for _ in range(STEPS):
+    for step in range(STEPS):
         opt.zero_grad()
+        # the same seed per step in every process: with DropConnect, every rank and the single
+        # process draw the same mask (one per call, for the whole batch)
+        torch.manual_seed(100 + step)
         # mean over the batch: DDP averages the ranks' gradients, so the mean over each half,
         # averaged over the two halves, is the mean over the whole batch
         loss = nn.functional.mse_loss(model(x), y)
@@ -249,7 +252,7 @@ def _train(model, x, y):
         opt.step()
 
 
-def _ddp_worker(rank, world, store_path, init_path, data_path, out_path):
+def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropconnect):
     torch.set_num_threads(1)
     # a FileStore: no TCP store server on rank 0 that rank 1 depends on, and no port to race for
     dist.init_process_group(
@@ -260,7 +263,7 @@ def _ddp_worker(rank, world, store_path, init_path, data_path, out_path):
         timeout=datetime.timedelta(seconds=30),
     )
     try:
-        model = _Net()
+        model = _Net(dropconnect)
         model.load_state_dict(torch.load(init_path))
         ddp = nn.parallel.DistributedDataParallel(model)
         x, y = torch.load(data_path)
@@ -279,13 +282,15 @@ def _ddp_worker(rank, world, store_path, init_path, data_path, out_path):
         gc.collect()
 
 
-def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropconnect", [0.0, 0.5])
+def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch, dropconnect):
     """Two processes (spawn, gloo) train fusedrnn.LSTM + Linear under DistributedDataParallel for
     3 SGD steps, each on half of a fixed batch; the parameters equal those of one process
     training on the whole batch from the same initial state_dict (fp64; 1e-10 allows only the
-    different summation order of the gradient average)."""
+    different summation order of the gradient average). With DropConnect every process seeds
+    each step alike, so all draw the same mask."""
     torch.manual_seed(0)
-    init = _Net()
+    init = _Net(dropconnect)
     x = torch.randn(4, 5, 3, dtype=F64)
     y = torch.randn(4, dtype=F64)
     store_path, init_path, data_path, out_path = (
@@ -297,7 +302,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ctx = mp.start_processes(
         _ddp_worker,
-        args=(2, store_path, init_path, data_path, out_path),
+        args=(2, store_path, init_path, data_path, out_path, dropconnect),
         nprocs=2,
         join=False,
         start_method="spawn",
@@ -312,7 +317,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch)
                 p.kill()
     assert all(p.exitcode == 0 for p in ctx.processes)
 
-    single = _Net()
+    single = _Net(dropconnect)
     single.load_state_dict(torch.load(init_path))
     _train(single, x, y)
     got = torch.load(out_path)
@@ -325,6 +330,11 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch)
         )
         moved = max(moved, (exp[k] - init.state_dict()[k]).abs().max().item())
     assert moved > 1e-3  # the training steps changed the parameters: the comparison means something
+    if dropconnect:  # and the masks changed the training
+        plain = _Net()
+        plain.load_state_dict(torch.load(init_path))
+        _train(plain, x, y)
+        assert not torch.allclose(plain.rnn.weight_hh_l0, single.rnn.weight_hh_l0)
 
 
 # ---- a large shape ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedrnn  # noqa: E402
+from fusedrnn.bench.cli import all_cores  # noqa: E402
 from fusedrnn.bench.env import cpu_name  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     T, B, I, H = (int(v) for v in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
-    cores = len(os.sched_getaffinity(0))
+    cores = all_cores()
     counts = (1, cores)
     torch.manual_seed(0)
     x = torch.randn(T, B, I, dtype=dtype)

@@ -1,5 +1,5 @@
-"""fusedrnn: fused C++/CUDA kernels for LSTM, GRU, peephole-LSTM and working-memory-LSTM layers,
-drop-in for torch.nn.LSTM / torch.nn.GRU."""
+"""fusedrnn: fused C++/CUDA kernels for LSTM, GRU, peephole-LSTM, working-memory-LSTM and
+layer-normalised LSTM / GRU layers, drop-in for torch.nn.LSTM / torch.nn.GRU."""
 
 import torch
 
@@ -11,6 +11,10 @@ from .modules import (
     GRU,
     LSTM,
     GRUCell,
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
     LSTMCell,
     PeepholeLSTM,
     PeepholeLSTMCell,
@@ -27,6 +31,10 @@ __all__ = [
     "GRUCell",
     "PeepholeLSTMCell",
     "WorkingMemoryLSTMCell",
+    "LayerNormLSTM",
+    "LayerNormGRU",
+    "LayerNormLSTMCell",
+    "LayerNormGRUCell",
     "cells",
     "functional",
     "reference",

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _layer, _ops, cells, reference
+from . import _layer, _layer_norm, _ops, cells, reference
 from .reference import LayerArgs
 
 __all__ = [
@@ -29,6 +29,10 @@ __all__ = [
     "GRUCell",
     "PeepholeLSTMCell",
     "WorkingMemoryLSTMCell",
+    "LayerNormLSTM",
+    "LayerNormGRU",
+    "LayerNormLSTMCell",
+    "LayerNormGRUCell",
 ]
 
 
@@ -126,6 +130,17 @@ def _is_proxy(*args) -> bool:
     )
 
 
+def _init_depth(cls) -> int:
+    """How many classes of cls's method resolution order before _RNNBase define __init__:
+    the frames between a module's caller and _RNNBase.__init__."""
+    depth = 0
+    for c in cls.__mro__:
+        if c is _RNNBase:
+            break
+        depth += "__init__" in c.__dict__
+    return depth
+
+
 class _NotScriptable:
     """torch.jit.script compiles a module's forward from its Python source; the fused modules'
     forward (PackedSequence routing, custom-op calls with optional arguments) is not
@@ -152,6 +167,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
     """
 
     _cell = "lstm"
+    _layer_norm = False  # the layer-normalised cell of _cell's family (LayerNormLSTM / GRU)
     dropconnect = 0.0  # (a class default too: modules pickled before it existed load)
 
     def __init__(
@@ -202,8 +218,8 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                 "dropout option adds dropout after all but last recurrent layer, so "
                 "non-zero dropout expects num_layers greater than 1, but got "
                 f"dropout={dropout} and num_layers={num_layers}",
-                # the caller's line: one frame more behind a subclass's __init__
-                stacklevel=2 if type(self).__init__ is _RNNBase.__init__ else 3,
+                # the caller's line: one frame more per __init__ of a subclass in between
+                stacklevel=2 + _init_depth(type(self)),
             )
         self.mode = type(self).__name__
         self.input_size = input_size
@@ -442,9 +458,10 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                 c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
         # CPU autocast: the GRU family runs in the dtype torch.nn.GRU returns when that is not
-        # the autocast dtype (_cpu_autocast_promoted); the LSTM family runs in the autocast dtype
+        # the autocast dtype (_cpu_autocast_promoted); the LSTM family, and the layer-normalised
+        # layers (which torch.nn lacks), run in the autocast dtype
         run = _layer.run
-        promoted = None if is_lstm else _cpu_autocast_promoted(input, h0)
+        promoted = None if is_lstm or self._layer_norm else _cpu_autocast_promoted(input, h0)
         if promoted is not None:
             run = functools.partial(_run_promoted, dtype=promoted)
         layer_input = input
@@ -456,23 +473,27 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                 w_ih, w_hh, b_ih, b_hh, w_ch, w_hr = self._layer_weights(layer, direction)
                 # one mask per call, shared by every step of this layer and direction
                 w_hh = reference.dropconnect(w_hh, self.dropconnect, self.training)
-                out, hy, cy = run(
-                    self._cell,
-                    LayerArgs(
-                        layer_input,
-                        w_ih,
-                        w_hh,
-                        b_ih,
-                        b_hh,
-                        w_ch,
-                        w_hr,
-                        h0[k],
-                        c0[k] if c0 is not None else None,
-                        batch_sizes,
-                        direction == 1,
-                    ),
-                    exposed=D == 1 and layer == self.num_layers - 1,
+                args = LayerArgs(
+                    layer_input,
+                    w_ih,
+                    w_hh,
+                    b_ih,
+                    b_hh,
+                    w_ch,
+                    w_hr,
+                    h0[k],
+                    c0[k] if c0 is not None else None,
+                    batch_sizes,
+                    direction == 1,
                 )
+                if self._layer_norm:
+                    out, hy, cy = _layer_norm.run(
+                        self._cell, args, self._ln_params(layer, direction)
+                    )
+                else:
+                    out, hy, cy = run(
+                        self._cell, args, exposed=D == 1 and layer == self.num_layers - 1
+                    )
                 outputs.append(out)
                 h_n.append(hy)
                 c_n.append(cy)
@@ -482,7 +503,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         output = layer_input
         h_n = torch.stack(h_n)
         c_n = torch.stack(c_n) if is_lstm else None
-        if is_lstm and self.proj_size > 0:
+        if is_lstm and self.proj_size > 0 and not self._layer_norm:
             # torch.nn's LSTM with a projection (not oneDNN's) returns c_n promoted with c_0
             # under CPU autocast, its output and h_n coming out of the projection's linear layer
             c_promoted = _cpu_autocast_promoted(input, c0)
@@ -522,10 +543,9 @@ class WorkingMemoryLSTM(_RNNBase):
     _cell = "wm_lstm"
 
 
-class GRU(_RNNBase):
-    """Drop-in for torch.nn.GRU (same arguments, parameters and outputs), fused."""
-
-    _cell = "gru"
+class _GRUArguments:
+    """torch.nn.GRU's constructor: torch.nn.LSTM's arguments without proj_size, refused with
+    torch.nn.GRU's error."""
 
     def __init__(
         self,
@@ -546,7 +566,8 @@ class GRU(_RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if kwargs:
             raise TypeError(
-                f"GRU.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
+                f"{type(self).__name__}.__init__() got an unexpected keyword argument "
+                f"{next(iter(kwargs))!r}"
             )
         super().__init__(
             input_size,
@@ -563,12 +584,19 @@ class GRU(_RNNBase):
         )
 
 
+class GRU(_GRUArguments, _RNNBase):
+    """Drop-in for torch.nn.GRU (same arguments, parameters and outputs), fused."""
+
+    _cell = "gru"
+
+
 class _CellBase(_NotScriptable, nn.RNNCellBase):
     """One step of a cell, as torch.nn.LSTMCell / GRUCell, run through the fused ops (T = 1).
     A torch.nn.RNNCellBase (LSTMCell / GRUCell also subclass torch.nn's) whose
     torch.nn.RNNCellBase.__init__ is not run: the parameters are created here."""
 
     _cell = "lstm"
+    _layer_norm = False  # the layer-normalised cell of _cell's family (LayerNormLSTMCell / GRU)
     dropconnect = 0.0  # (a class default too: modules pickled before it existed load)
 
     def __init__(
@@ -693,6 +721,12 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
                         f"must match input ({dtype}, {device})"
                     )
         a = LayerArgs(input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, w_ch, None, h0, c0)
+        if self._layer_norm:
+            _, hy, cy = _layer_norm.run(self._cell, a, self._ln_params())
+            if unbatched:
+                hy = hy.squeeze(0)
+                cy = cy.squeeze(0) if cy is not None else None
+            return (hy, cy) if is_lstm else hy
         run = _layer.run if H > 0 else _run_empty  # hidden_size 0, as torch.nn's cells allow
         # CPU autocast: the dtype torch.nn.LSTMCell / GRUCell return, promoted with c / h
         promoted = _cpu_autocast_promoted(input, c0 if is_lstm else h0)
@@ -756,6 +790,132 @@ class WorkingMemoryLSTMCell(_CellBase):
     """One step of the working-memory LSTM; parameter names as LSTMCell plus weight_ch."""
 
     _cell = "wm_lstm"
+
+
+# ---- the layer-normalised cells (design.md §1.6) -------------------------------------------------
+
+# Per family: the LayerNorm parameters of a layer, in the ops' order: (name, size in units of
+# hidden_size, initial value). γ_ih and γ_hh scale the normalised products (no shift: the biases
+# shift them); γ_c and β_c the LSTM's normalised cell state.
+_LN_PARAMS = {
+    "lstm": (("ln_weight_ih", 4, 1.0), ("ln_weight_hh", 4, 1.0), ("ln_weight_c", 1, 1.0),
+             ("ln_bias_c", 1, 0.0)),
+    "gru": (("ln_weight_ih", 3, 1.0), ("ln_weight_hh", 3, 1.0)),
+}  # fmt: skip
+
+
+class _LayerNormParams:
+    """The LayerNorm parameters of a layer-normalised module: created after torch.nn's (whose
+    names, shapes and initialisation stay torch.nn's), named like them with the layer and
+    direction suffix, γ = 1 and β = 0 at initialisation."""
+
+    def _make_ln_params(self, suffixes, factory) -> List[List[str]]:
+        names = []
+        for sfx in suffixes:
+            group = []
+            for name, units, _ in _LN_PARAMS[self._cell]:
+                shape = (units * self.hidden_size,)
+                setattr(self, name + sfx, nn.Parameter(torch.empty(shape, **factory)))
+                group.append(name + sfx)
+            names.append(group)
+        self._reset_ln(suffixes)
+        return names
+
+    def _reset_ln(self, suffixes) -> None:
+        with torch.no_grad():
+            for sfx in suffixes:
+                for name, _, value in _LN_PARAMS[self._cell]:
+                    p = getattr(self, name + sfx, None)
+                    if p is not None:
+                        p.fill_(value)
+
+
+class _LayerNormRNN(_LayerNormParams, _RNNBase):
+    """A layer-normalised sequence module: torch.nn's arguments and parameters, plus the
+    LayerNorm parameters of each layer and direction (ln_weight_ih_l{k}[_reverse], ...)."""
+
+    _layer_norm = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        w = self.weight_ih_l0
+        ln_names = self._make_ln_params(self._suffixes(), {"device": w.device, "dtype": w.dtype})
+        for names, extra in zip(self._all_weights, ln_names):
+            names.extend(extra)
+        self._flat_weights_names = [n for names in self._all_weights for n in names]
+
+    def _suffixes(self) -> List[str]:
+        D = 2 if self.bidirectional else 1
+        return [
+            f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            for layer in range(self.num_layers)
+            for direction in range(D)
+        ]
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_ln(self._suffixes())
+
+    def _ln_params(self, layer: int, direction: int) -> Tuple[Tensor, ...]:
+        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        return tuple(getattr(self, name + sfx) for name, _, _ in _LN_PARAMS[self._cell])
+
+
+class LayerNormLSTM(_LayerNormRNN):
+    """Layer-normalised LSTM (Ba et al. 2016; design.md §1.6): torch.nn.LSTM's arguments and
+    parameters, plus per layer and direction the LayerNorm gains ln_weight_ih, ln_weight_hh (4H)
+    of the two gate products and ln_weight_c, ln_bias_c (H) of the cell state's normalisation.
+    Fused on the CPU; other devices run the reference equations."""
+
+    _cell = "lstm"
+
+
+class LayerNormGRU(_GRUArguments, _LayerNormRNN):
+    """Layer-normalised GRU (design.md §1.6): torch.nn.GRU's arguments and parameters, plus per
+    layer and direction the LayerNorm gains ln_weight_ih, ln_weight_hh (3H) of the two gate
+    products. Fused on the CPU; other devices run the reference equations."""
+
+    _cell = "gru"
+
+
+class _LayerNormCell(_LayerNormParams, _CellBase):
+    """A layer-normalised one-step cell: torch.nn's cell parameters plus the LayerNorm ones
+    (ln_weight_ih, ...). hidden_size must be positive: a normalisation over no feature is
+    undefined."""
+
+    _layer_norm = True
+
+    def __init__(self, input_size: int, hidden_size: int, *args, **kwargs) -> None:
+        _check_positive_int("hidden_size", hidden_size)
+        super().__init__(input_size, hidden_size, *args, **kwargs)
+        w = self.weight_ih
+        self._make_ln_params([""], {"device": w.device, "dtype": w.dtype})
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_ln([""])
+
+    def _ln_params(self) -> Tuple[Tensor, ...]:
+        return tuple(getattr(self, name) for name, _, _ in _LN_PARAMS[self._cell])
+
+
+class LayerNormLSTMCell(_LayerNormCell):
+    """One step of the layer-normalised LSTM; parameters as torch.nn.LSTMCell plus
+    ln_weight_ih, ln_weight_hh (4H), ln_weight_c, ln_bias_c (H)."""
+
+    _cell = "lstm"
+
+
+class LayerNormGRUCell(_LayerNormCell):
+    """One step of the layer-normalised GRU; parameters as torch.nn.GRUCell plus
+    ln_weight_ih, ln_weight_hh (3H)."""
+
+    _cell = "gru"
+
+
+# The layer-normalised modules, keyed by their family's cell name.
+LAYER_NORM_MODULES = {m._cell: m for m in (LayerNormLSTM, LayerNormGRU)}
+LAYER_NORM_CELL_MODULES = {m._cell: m for m in (LayerNormLSTMCell, LayerNormGRUCell)}
 
 
 # The modules of each cell of fusedrnn.cells, keyed by its name: the sequence module and the

@@ -149,9 +149,14 @@ def layer(cell: str, *args, **kwargs) -> Tuple[Tensor, Tensor, Optional[Tensor]]
 layer.__signature__ = layer_signature()
 
 
-def layer_of(cell: str, a: LayerArgs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """`layer` over arguments already bound."""
-    spec, step = _cells.get(cell), STEPS[cell]
+def layer_of(
+    cell: str, a: LayerArgs, ln: Tuple[Tensor, ...] = ()
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """`layer` over arguments already bound. With `ln`, the layer-normalised cell of `cell`'s
+    family (LAYER_NORM_STEPS): ln is its gains and shifts, (ln_weight_ih, ln_weight_hh,
+    ln_weight_c, ln_bias_c) for the LSTM, (ln_weight_ih, ln_weight_hh) for the GRU."""
+    spec = _cells.get(cell)
+    step = LAYER_NORM_STEPS[cell] if ln else STEPS[cell]
     input, batch_sizes = a.input, a.batch_sizes
     H = a.weight_ih.shape[0] // spec.gates
     H_out = a.weight_hr.shape[0] if a.weight_hr is not None else H
@@ -161,7 +166,7 @@ def layer_of(cell: str, a: LayerArgs) -> Tuple[Tensor, Tensor, Optional[Tensor]]
     c = None
     if spec.has_cell_state:
         c = a.cx if a.cx is not None else input.new_zeros(B, H)
-    weights = (a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh)
+    weights = (a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, *ln)
     outs = [None] * len(steps)
     for t, r0, n in reversed(steps) if a.reverse else steps:
         x = x2[r0 : r0 + n]
@@ -192,9 +197,9 @@ def dropconnect(weight_hh: Tensor, p: float, training: bool) -> Tensor:
     return torch.nn.functional.dropout(weight_hh, p, True)
 
 
-# Layer normalisation and zoneout (design.md §1.6, §1.7): the equations of the regularised layers
-# to come, step by step, as the oracle their fused ops will be tested against. Not cells of
-# fusedrnn.cells yet: no module or fused op runs them.
+# Layer normalisation and zoneout (design.md §1.6, §1.7), step by step: the oracle of the fused
+# layer-normalised ops (fusedrnn.LayerNormLSTM / LayerNormGRU run them through `layer_of` with
+# `ln`) and of zoneout, which no module runs yet.
 
 
 def layer_norm(v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:
@@ -247,3 +252,8 @@ def zoneout_masks(rows: int, hidden: int, p: float, like: Tensor) -> Tensor:
     probability p, one per row of the call's output (T * B, or sum(batch_sizes) packed), drawn
     from torch's generator in one call, so that a seed fixes them."""
     return torch.rand(rows, hidden, device=like.device) < p
+
+
+# The layer-normalised step of each cell family that has one, keyed by the plain cell's name:
+# (x, h, [c,] w_ih, w_hh, b_ih, b_hh, *ln, [w_hr]) as `layer_of` calls it.
+LAYER_NORM_STEPS = {"lstm": layer_norm_lstm_cell, "gru": layer_norm_gru_cell}

@@ -22,12 +22,14 @@ from fusedrnn import reference as _reference
 CELLS = tuple(_cells.CELLS)
 GATES = {name: c.gates for name, c in _cells.CELLS.items()}  # gate blocks per cell; throughput
 FUSED_MODULES = dict(_modules.SEQUENCE_MODULES)
+LAYER_NORM_MODULES = dict(_modules.LAYER_NORM_MODULES)  # the layer-normalised ones, by family
 TORCH_MODULES = {
     name: nn.LSTM if c.has_cell_state else nn.GRU
     for name, c in _cells.CELLS.items()
     if c.in_torch_nn
 }
 STEP_FUNCTIONS = dict(_reference.STEPS)
+LAYER_NORM_STEP_FUNCTIONS = dict(_reference.LAYER_NORM_STEPS)
 # FLOPs per row of the cell-connection GEMM beside the gates' (throughput): the full weight_ch
 WEIGHT_CH_GEMM = {name: c.weight_ch == "full" for name, c in _cells.CELLS.items()}
 
@@ -92,10 +94,13 @@ class Case:
     # DropConnect rate of the recurrent weight (training rows only; torch.nn and the eager loop
     # drop the same weight with torch's dropout, as a weight-drop wrapper does)
     dropconnect: float = 0.0
+    # the layer-normalised cell of the family (LayerNormLSTM / GRU): fused against the eager
+    # loop (torch.nn.functional.layer_norm per step) and the compiled step loop
+    layer_norm: bool = False
 
     @property
     def label(self) -> str:
-        label = self.cell
+        label = ("layer-norm " if self.layer_norm else "") + self.cell
         if self.layers > 1 or self.bidirectional:
             label += f" {self.layers}-layer" + (" bidir" if self.bidirectional else "")
         if self.input_grad:
@@ -142,7 +147,9 @@ def build_cases(
     the single-layer rows) skip, so this is the single layer to compare the stack with. With
     `input_grad` (--input-grad) every row computes it and the "+dx" row is left out. Last, when
     LSTM is asked, its training pass with DropConnect ("lstm dropconnect", fwd+bwd: in eval
-    there is no mask) against torch.nn's LSTM and the eager loop on the same dropped weight."""
+    there is no mask) against torch.nn's LSTM and the eager loop on the same dropped weight; and
+    the layer-normalised LSTM / GRU of the families asked ("layer-norm lstm", fwd and fwd+bwd)
+    against their eager loop and compiled step loop (torch.nn has no such layer)."""
     cells = list(cells)
     cases = []
     for shape in shapes:
@@ -173,6 +180,10 @@ def build_cases(
                     dropconnect=DROPCONNECT,
                 )
             )
+        for cell in ("lstm", "gru"):
+            if cell in cells:
+                cases.append(Case(cell, shape, PASSES, ("fused", "eager", "compiled"),
+                                  layer_norm=True))  # fmt: skip
     return cases
 
 

@@ -5,7 +5,8 @@
 - ``torch``: ``torch.nn.LSTM`` / ``torch.nn.GRU`` with the same weights (LSTM and GRU only);
   cuDNN on a GPU, oneDNN (or ATen) on a CPU. The kernel actually used is read from a profile of
   the first call and recorded.
-- ``eager``: ``fusedrnn.reference.layer``, the step-by-step PyTorch loop of the same cell.
+- ``eager``: ``fusedrnn.reference.layer``, the step-by-step PyTorch loop of the same cell
+  (for the layer-normalised rows, ``torch.nn.functional.layer_norm`` per step).
 
 With DropConnect (the "lstm dropconnect" row) the fused module has ``dropconnect=p``; torch.nn's
 LSTM and the eager loop get the recurrent weight dropped by ``fusedrnn.reference.dropconnect``
@@ -28,7 +29,15 @@ from torch.func import functional_call
 
 from fusedrnn import cells, reference
 
-from .cases import FUSED_MODULES, STEP_FUNCTIONS, TORCH_MODULES, Case, Settings
+from .cases import (
+    FUSED_MODULES,
+    LAYER_NORM_MODULES,
+    LAYER_NORM_STEP_FUNCTIONS,
+    STEP_FUNCTIONS,
+    TORCH_MODULES,
+    Case,
+    Settings,
+)
 
 COMPILE_MODE = "compiled step loop"
 COMPILE_NOTE = (
@@ -48,7 +57,8 @@ class Workload:
         dev, dt = settings.device, settings.dtype
         torch.manual_seed(settings.seed)
         D = 2 if case.bidirectional else 1
-        self.module = FUSED_MODULES[case.cell](
+        modules = LAYER_NORM_MODULES if case.layer_norm else FUSED_MODULES
+        self.module = modules[case.cell](
             I,
             H,
             num_layers=case.layers,
@@ -75,6 +85,10 @@ class Workload:
             getattr(m, n + "_l0", None)
             for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ch")
         ]
+
+    def _ln0(self) -> Tuple[Tensor, ...]:
+        """The LayerNorm parameters of layer 0 (layer-normalised rows), in the ops' order."""
+        return self.module._ln_params(0, 0) if self.case.layer_norm else ()
 
     def _build_fused(self):
         m, x = self.module, self.x
@@ -110,9 +124,12 @@ class Workload:
         cell, x, w = self.case.cell, self.x, self._layer0()
         p = self.case.dropconnect
 
+        ln = self._ln0()
+
         def forward():
             w_ih, w_hh, *rest = w
-            return reference.layer(cell, x, w_ih, reference.dropconnect(w_hh, p, True), *rest)[0]
+            w_hh = reference.dropconnect(w_hh, p, True)
+            return reference.layer_of(cell, reference.LayerArgs(x, w_ih, w_hh, *rest), ln)[0]
 
         return forward, list(self.module.parameters())
 
@@ -120,8 +137,10 @@ class Workload:
         cell, x = self.case.cell, self.x
         T, B, _, H = self.case.shape
         w_ih, w_hh, b_ih, b_hh, w_ch = self._layer0()
+        ln = self._ln0()
+        steps = LAYER_NORM_STEP_FUNCTIONS if self.case.layer_norm else STEP_FUNCTIONS
         step = torch.compile(
-            STEP_FUNCTIONS[cell],
+            steps[cell],
             backend=self.settings.compile_backend,
             dynamic=False,
             fullgraph=True,
@@ -137,11 +156,11 @@ class Workload:
             def forward():
                 h, outs = zeros(), []
                 for t in range(T):
-                    h = step(x[t], h, w_ih, w_hh, b_ih, b_hh)
+                    h = step(x[t], h, w_ih, w_hh, b_ih, b_hh, *ln)
                     outs.append(h)
                 return torch.stack(outs)
         else:
-            extra = () if cells.CELLS[cell].weight_ch is None else (w_ch,)
+            extra = ln + (() if cells.CELLS[cell].weight_ch is None else (w_ch,))
 
             def forward():
                 h, c, outs = zeros(), zeros(), []

@@ -125,9 +125,10 @@ def format_report(report: dict) -> str:
             for g in report["gemm"]
         )
     ]
+    width = max([14] + [len(r["label"]) for r in report["rows"]])
     for r in report["rows"]:
         lines.append(
-            f"  {r['label']:<14} {r['shape_str']:<15} {r['pass']:<8} fused "
+            f"  {r['label']:<{width}} {r['shape_str']:<15} {r['pass']:<8} fused "
             f"{r['fused_gflops']:6.1f} GFLOP/s = {100 * r['of_gemm']:3.0f}% of its shapes' "
             f"best GEMM rate, {r['gemm_gflops']:.1f} GFLOP/s ({r['gflop']:.2f} GFLOP)"
         )

@@ -1,0 +1,217 @@
+// The layer-normalised cells (design.md §1.6), one row of one step at a time: LN-LSTM and LN-GRU,
+// forward and backward, with the row statistics of the step computed inside the step.
+//
+// A row's step needs the mean and variance of its whole recurrent product h_{t-1} W_hh^T (4H or
+// 3H columns) before any unit's gates, and the LN-LSTM the statistics of its whole c_t before any
+// unit's output, so the unit of work is a row (not an element, as in the other cells): a few
+// passes over the row's columns, each a loop that gcc vectorises. The input side LN(x W_ih^T)
+// does not depend on the recurrence: it is normalised for every row of the call at once before
+// the step loop (recurrence/layer_norm.cpp), and its backward runs after the loop.
+//
+// The training workspace of a row (acc_t, the op-math type: fp32 for the half types) keeps
+// what the backward reads: the normalised products x̂ and ĥ, the activated gates, the states
+// before the step, c_t and its normalisation ĉ (LN-LSTM), and the reciprocal standard deviations.
+#pragma once
+
+#include "common.h"
+
+namespace fusedrnn {
+FUSEDRNN_ISA_BEGIN
+namespace layer_norm {
+
+constexpr double kEps = 1e-5;  // torch.nn.LayerNorm's default, as the reference
+
+// Mean and reciprocal standard deviation (biased variance, eps) of v[0, n), two passes: the
+// second sums squared deviations from the mean, which does not cancel as E[v²] - E[v]² would.
+template <typename acc_t, typename T>
+inline void row_stats(const T* v, int64_t n, acc_t& mean, acc_t& rstd) {
+  acc_t s = 0;
+  for (int64_t k = 0; k < n; ++k) s += static_cast<acc_t>(v[k]);
+  mean = s / static_cast<acc_t>(n);
+  acc_t q = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t d = static_cast<acc_t>(v[k]) - mean;
+    q += d * d;
+  }
+  rstd = acc_t(1) / std::sqrt(q / static_cast<acc_t>(n) + static_cast<acc_t>(kEps));
+}
+
+// dv = rstd (g - mean(g) - v̂ mean(g v̂)): the gradient of v through v̂ = (v - mean) rstd, given
+// g = dL/dv̂ (biased variance). g and dv may alias.
+template <typename acc_t>
+inline void norm_backward(const acc_t* g, const acc_t* vhat, acc_t rstd, int64_t n, acc_t* dv) {
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    s1 += g[k];
+    s2 += g[k] * vhat[k];
+  }
+  const acc_t m1 = s1 / static_cast<acc_t>(n), m2 = s2 / static_cast<acc_t>(n);
+  for (int64_t k = 0; k < n; ++k) dv[k] = rstd * (g[k] - m1 - vhat[k] * m2);
+}
+
+// The columns of a row of the workspace blocks (each block is its own (N, width) matrix).
+struct LSTMRow {
+  // blocks: xhat 4H | hhat 4H | gates 4H (i, f, g, o) | c_prev H | c H | chat H | h_prev Hout |
+  // [r H: o * tanh(LN(c)) before the projection] | stats 3 (rstd_x, rstd_h, rstd_c)
+  template <typename acc_t>
+  struct Ptrs {
+    const acc_t* xhat;
+    acc_t *hhat, *gates, *c_prev, *c, *chat, *h_prev, *r, *stats;
+  };
+};
+
+// Forward of one row of an LN-LSTM step. `hg` (4H) is the row's h_{t-1} W_hh^T; `xhat` its
+// normalised input product; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in: c_{t-1}, out:
+// c_t; h_prev (Hout) the row's state before the step (saved). Writes h_t = o tanh(LN(c_t)) to
+// `h_out` (and `h_copy` when not null), as scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const scalar_t* h_prev,
+                             const scalar_t* g_ih, const scalar_t* g_hh, const scalar_t* bias,
+                             const scalar_t* g_c, const scalar_t* b_c, acc_t* c_state,
+                             const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out, scalar_t* h_copy) {
+  const int64_t G = 4 * H;
+  for (int64_t k = 0; k < Hout; ++k) w.h_prev[k] = static_cast<acc_t>(h_prev[k]);
+  acc_t mean, rstd_h;
+  row_stats<acc_t>(hg, G, mean, rstd_h);
+  for (int64_t k = 0; k < G; ++k) {
+    const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
+    w.hhat[k] = hh;
+    acc_t a = static_cast<acc_t>(g_ih[k]) * w.xhat[k] + static_cast<acc_t>(g_hh[k]) * hh;
+    if (bias) a += static_cast<acc_t>(bias[k]);
+    w.gates[k] = a;
+  }
+  acc_t* gt = w.gates;
+  for (int64_t j = 0; j < H; ++j) {
+    const acc_t i = math::sigmoid(gt[j]), f = math::sigmoid(gt[H + j]);
+    const acc_t g = math::tanh(gt[2 * H + j]), o = math::sigmoid(gt[3 * H + j]);
+    gt[j] = i;
+    gt[H + j] = f;
+    gt[2 * H + j] = g;
+    gt[3 * H + j] = o;
+    const acc_t cp = c_state[j];
+    w.c_prev[j] = cp;
+    const acc_t c = f * cp + i * g;
+    w.c[j] = c;
+    c_state[j] = c;
+  }
+  acc_t mean_c, rstd_c;
+  row_stats<acc_t>(w.c, H, mean_c, rstd_c);
+  for (int64_t j = 0; j < H; ++j) {
+    const acc_t ch = (w.c[j] - mean_c) * rstd_c;
+    w.chat[j] = ch;
+    const acc_t h =
+        gt[3 * H + j] * math::tanh(static_cast<acc_t>(g_c[j]) * ch + static_cast<acc_t>(b_c[j]));
+    if (w.r) w.r[j] = h;
+    h_out[j] = static_cast<scalar_t>(h);
+    if (h_copy) h_copy[j] = static_cast<scalar_t>(h);
+  }
+  w.stats[1] = rstd_h;
+  w.stats[2] = rstd_c;
+}
+
+// Backward of one row of an LN-LSTM step. dh (H): the gradient of o tanh(LN(c_t)) (after the
+// projection's backward); dc_state (H) in: dL/dc_t from later steps, out: dL/dc_{t-1}. Writes
+// da (4H, the gradient of the pre-activation a = γ_ih x̂ + γ_hh ĥ + b), dyc (H, the gradient of
+// γ_c ĉ + β_c) and dhg (4H, the gradient of h_{t-1} W_hh^T).
+template <typename scalar_t, typename acc_t>
+inline void lstm_backward_row(int64_t H, const acc_t* dh, const scalar_t* g_hh, const scalar_t* g_c,
+                              const scalar_t* b_c, acc_t* dc_state, const LSTMRow::Ptrs<acc_t>& w,
+                              acc_t* da, acc_t* dyc, acc_t* dhg) {
+  const acc_t one(1);
+  const acc_t* gt = w.gates;
+  for (int64_t j = 0; j < H; ++j) {
+    const acc_t o = gt[3 * H + j];
+    const acc_t ty =
+        math::tanh(static_cast<acc_t>(g_c[j]) * w.chat[j] + static_cast<acc_t>(b_c[j]));
+    dyc[j] = dh[j] * o * (one - ty * ty);
+    da[3 * H + j] = dh[j] * ty * o * (one - o);
+    dhg[j] = dyc[j] * static_cast<acc_t>(g_c[j]);  // dL/dĉ, in dhg's first H as scratch
+  }
+  norm_backward<acc_t>(dhg, w.chat, w.stats[2], H, dhg);  // dL/dc_t through LN(c_t)
+  for (int64_t j = 0; j < H; ++j) {
+    const acc_t i = gt[j], f = gt[H + j], g = gt[2 * H + j];
+    const acc_t dc = dhg[j] + dc_state[j];
+    da[j] = dc * g * i * (one - i);
+    da[H + j] = dc * w.c_prev[j] * f * (one - f);
+    da[2 * H + j] = dc * i * (one - g * g);
+    dc_state[j] = dc * f;
+  }
+  const int64_t G = 4 * H;
+  for (int64_t k = 0; k < G; ++k) dhg[k] = da[k] * static_cast<acc_t>(g_hh[k]);
+  norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
+}
+
+struct GRURow {
+  // blocks: xhat 3H | hhat 3H | gates 3H (r, z, n) | h_prev H | stats 2 (rstd_x, rstd_h)
+  template <typename acc_t>
+  struct Ptrs {
+    const acc_t* xhat;
+    acc_t *hhat, *gates, *h_prev, *stats;
+  };
+};
+
+// Forward of one row of an LN-GRU step: hg (3H) the row's h_{t-1} W_hh^T, h_state (H) in:
+// h_{t-1}, out: h_t (also written to h_out).
+template <typename scalar_t, typename acc_t>
+inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
+                            const scalar_t* g_hh, const scalar_t* b_ih, const scalar_t* b_hh,
+                            scalar_t* h_state, const GRURow::Ptrs<acc_t>& w, scalar_t* h_out) {
+  const int64_t G = 3 * H;
+  acc_t mean, rstd_h;
+  row_stats<acc_t>(hg, G, mean, rstd_h);
+  for (int64_t k = 0; k < G; ++k) w.hhat[k] = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
+  auto xs = [&](int64_t k) {
+    acc_t v = static_cast<acc_t>(g_ih[k]) * w.xhat[k];
+    return b_ih ? v + static_cast<acc_t>(b_ih[k]) : v;
+  };
+  auto hs = [&](int64_t k) {
+    acc_t v = static_cast<acc_t>(g_hh[k]) * w.hhat[k];
+    return b_hh ? v + static_cast<acc_t>(b_hh[k]) : v;
+  };
+  for (int64_t j = 0; j < H; ++j) {
+    const acc_t r = math::sigmoid(xs(j) + hs(j));
+    const acc_t z = math::sigmoid(xs(H + j) + hs(H + j));
+    const acc_t n = math::tanh(xs(2 * H + j) + r * hs(2 * H + j));
+    const acc_t hp = static_cast<acc_t>(h_state[j]);
+    w.h_prev[j] = hp;
+    w.gates[j] = r;
+    w.gates[H + j] = z;
+    w.gates[2 * H + j] = n;
+    const acc_t h = (acc_t(1) - z) * n + z * hp;
+    h_state[j] = static_cast<scalar_t>(h);
+    h_out[j] = static_cast<scalar_t>(h);
+  }
+  w.stats[1] = rstd_h;
+}
+
+// Backward of one row of an LN-GRU step: dh (H) in: dL/dh_t, out: the direct part of
+// dL/dh_{t-1} (z ⊙ dh; the W_hh part is a GEMM of dhg). Writes dxs (3H, the gradient of
+// γ_ih x̂ + b_ih), dhs (3H, of γ_hh ĥ + b_hh) and dhg (3H, of h_{t-1} W_hh^T).
+template <typename scalar_t, typename acc_t>
+inline void gru_backward_row(int64_t H, const scalar_t* g_hh, const scalar_t* b_hh, acc_t* dh,
+                             const GRURow::Ptrs<acc_t>& w, acc_t* dxs, acc_t* dhs, acc_t* dhg) {
+  const acc_t one(1);
+  for (int64_t j = 0; j < H; ++j) {
+    const acc_t r = w.gates[j], z = w.gates[H + j], n = w.gates[2 * H + j];
+    acc_t hn = static_cast<acc_t>(g_hh[2 * H + j]) * w.hhat[2 * H + j];
+    if (b_hh) hn += static_cast<acc_t>(b_hh[2 * H + j]);
+    const acc_t d = dh[j];
+    const acc_t dan = d * (one - z) * (one - n * n);
+    const acc_t dar = dan * hn * r * (one - r);
+    const acc_t daz = d * (w.h_prev[j] - n) * z * (one - z);
+    dxs[j] = dar;
+    dxs[H + j] = daz;
+    dxs[2 * H + j] = dan;
+    dhs[j] = dar;
+    dhs[H + j] = daz;
+    dhs[2 * H + j] = dan * r;
+    dh[j] = d * z;
+  }
+  const int64_t G = 3 * H;
+  for (int64_t k = 0; k < G; ++k) dhg[k] = dhs[k] * static_cast<acc_t>(g_hh[k]);
+  norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
+}
+
+}  // namespace layer_norm
+FUSEDRNN_ISA_END
+}  // namespace fusedrnn

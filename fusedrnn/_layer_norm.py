@@ -1,0 +1,245 @@
+"""The layer-normalised LSTM and GRU (design.md §1.6): where a layer call runs, and the Python
+side of their ops fusedrnn::layer_norm_{lstm,gru}_{forward,backward} (csrc/ops/schemas.cpp,
+csrc/recurrence/layer_norm.cpp): fake kernels, autograd, autocast.
+
+`run` is the one entry of fusedrnn.LayerNormLSTM / LayerNormGRU and their cells. CPU calls run
+the fused ops; calls on other devices, inside a torch.func transform, with forward-mode dual
+tensors, during an ONNX export, or without the compiled extension run the reference equations
+(fusedrnn.reference.layer_of with the LayerNorm parameters): correct, not fused. The CUDA
+kernels of these cells are not written yet.
+
+The ops' autograd is registered here with torch.library.register_autograd: one node per layer
+call whose backward is the fused backward op; under create_graph=True (double backward) it
+differentiates the reference equations instead, as the other cells' node does.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _layer, _ops, reference
+from .reference import LayerArgs
+
+# Per cell family: the op name, the number of LayerNorm tensors and the op's arguments after
+# (input, weight_ih, weight_hh, bias_ih, bias_hh, *ln).
+_OPS = {"lstm": "layer_norm_lstm", "gru": "layer_norm_gru"}
+N_LN = {"lstm": 4, "gru": 2}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def workspace_row(cell: str, hidden_size: int, hidden_out: int, proj: bool) -> int:
+    """Values per input row of the training workspace (recurrence/layer_norm.cpp's blocks)."""
+    H = hidden_size
+    if cell == "lstm":
+        return 15 * H + hidden_out + (H if proj else 0) + 3
+    return 10 * H + 2
+
+
+def _rows(input: Tensor) -> int:
+    return input.shape[0] * (input.shape[1] if input.dim() == 3 else 1)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("fusedrnn::layer_norm_lstm_forward")
+    def _fake_lstm_forward(
+        input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh, g_c, b_c, weight_hr, hx, cx,
+        batch_sizes, reverse, need_workspace=True,
+    ):  # fmt: skip
+        _ops._check_fake_devices(
+            "layer_norm_lstm_forward", input, batch_sizes, weight_ih=weight_ih,
+            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, ln_weight_ih=g_ih,
+            ln_weight_hh=g_hh, ln_weight_c=g_c, ln_bias_c=b_c, weight_hr=weight_hr, hx=hx, cx=cx,
+        )  # fmt: skip
+        H = weight_ih.shape[0] // 4
+        H_out = weight_hr.shape[0] if weight_hr is not None else H
+        B = _ops._batch(input, hx, batch_sizes)
+        cols = workspace_row("lstm", H, H_out, weight_hr is not None)
+        n = _rows(input) * cols if need_workspace else 0
+        return (
+            input.new_empty(*input.shape[:-1], H_out),
+            input.new_empty(B, H_out),
+            input.new_empty(B, H),
+            input.new_empty(n, dtype=_acc_dtype(input.dtype)),
+        )
+
+    @torch.library.register_fake("fusedrnn::layer_norm_lstm_backward")
+    def _fake_lstm_backward(
+        grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh,
+        g_c, b_c, weight_hr, hx, cx, batch_sizes, reverse, workspace, output_mask,
+    ):  # fmt: skip
+        H = weight_ih.shape[0] // 4
+        H_out = weight_hr.shape[0] if weight_hr is not None else H
+        B = _ops._batch(input, hx, batch_sizes)
+        weights = [weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh, g_c, b_c, weight_hr]
+        return (
+            _ops._grad_like(input, output_mask[0], input),
+            input.new_empty(B, H_out),
+            input.new_empty(B, H),
+            *(_ops._grad_like(w, output_mask[1], input) for w in weights),
+        )
+
+    @torch.library.register_fake("fusedrnn::layer_norm_gru_forward")
+    def _fake_gru_forward(
+        input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh, hx, batch_sizes, reverse,
+        need_workspace=True,
+    ):  # fmt: skip
+        _ops._check_fake_devices(
+            "layer_norm_gru_forward", input, batch_sizes, weight_ih=weight_ih,
+            weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, ln_weight_ih=g_ih,
+            ln_weight_hh=g_hh, hx=hx,
+        )  # fmt: skip
+        H = weight_ih.shape[0] // 3
+        B = _ops._batch(input, hx, batch_sizes)
+        n = _rows(input) * workspace_row("gru", H, H, False) if need_workspace else 0
+        return (
+            input.new_empty(*input.shape[:-1], H),
+            input.new_empty(B, H),
+            input.new_empty(n, dtype=_acc_dtype(input.dtype)),
+        )
+
+    @torch.library.register_fake("fusedrnn::layer_norm_gru_backward")
+    def _fake_gru_backward(
+        grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh, hx,
+        batch_sizes, reverse, workspace, output_mask,
+    ):  # fmt: skip
+        H = weight_ih.shape[0] // 3
+        B = _ops._batch(input, hx, batch_sizes)
+        weights = [weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh]
+        return (
+            _ops._grad_like(input, output_mask[0], input),
+            input.new_empty(B, H),
+            *(_ops._grad_like(w, output_mask[1], input) for w in weights),
+        )
+
+
+# The forward ops' arguments, in order: the LSTM's and the GRU's tensors and where each sits in
+# (LayerArgs' tensors + ln); batch_sizes, reverse and need_workspace follow.
+_LSTM_TENSORS = 12  # input .. cx
+_GRU_TENSORS = 8  # input .. hx
+
+
+def _op_args(cell: str, a: LayerArgs, ln: Tuple[Tensor, ...]) -> tuple:
+    head = (a.input, a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, *ln)
+    if cell == "lstm":
+        return (*head, a.weight_hr, a.hx, a.cx, a.batch_sizes, a.reverse)
+    return (*head, a.hx, a.batch_sizes, a.reverse)
+
+
+def _layer_args(cell: str, tensors) -> Tuple[LayerArgs, Tuple[Tensor, ...]]:
+    """Inverse of _op_args over the op's tensor arguments (batch_sizes last, reverse apart)."""
+    input, w_ih, w_hh, b_ih, b_hh = tensors[:5]
+    if cell == "lstm":
+        ln = tuple(tensors[5:9])
+        w_hr, hx, cx = tensors[9:12]
+        return LayerArgs(input, w_ih, w_hh, b_ih, b_hh, None, w_hr, hx, cx), ln
+    ln = tuple(tensors[5:7])
+    return LayerArgs(input, w_ih, w_hh, b_ih, b_hh, None, None, tensors[7]), ln
+
+
+def _make_autograd(cell: str) -> None:
+    n = _LSTM_TENSORS if cell == "lstm" else _GRU_TENSORS
+    n_out = 3 if cell == "lstm" else 2  # differentiable outputs: output, hy[, cy]
+    backward_op = getattr(torch.ops.fusedrnn, f"{_OPS[cell]}_backward").default
+
+    def setup_context(ctx, inputs, output):
+        tensors, batch_sizes, reverse = inputs[:n], inputs[n], inputs[n + 1]
+        ctx.save_for_backward(*tensors, batch_sizes, output[-1])
+        ctx.reverse = reverse
+        ctx.mark_non_differentiable(output[-1])
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, batch_sizes, workspace = saved[:n], saved[n], saved[n + 1]
+        needs = ctx.needs_input_grad[:n]
+        grads = grads[:n_out]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable graph
+            return (*_differentiable_backward(cell, grads, tensors, batch_sizes, ctx.reverse,
+                                              needs), None, None, None)  # fmt: skip
+        if workspace.numel() == 0 and tensors[0].numel() > 0:
+            raise RuntimeError(
+                f"fusedrnn::{_OPS[cell]}_forward: the backward needs the workspace; call the op "
+                "with need_workspace=True when a gradient is recorded"
+            )
+        mask = [bool(needs[0]), any(needs[1:])]
+        out = backward_op(*grads, *tensors, batch_sizes, ctx.reverse, workspace, mask)
+        if cell == "lstm":
+            # out: grad_input, grad_hx, grad_cx, w_ih, w_hh, b_ih, b_hh, 4 ln, w_hr
+            by_arg = (*out[:1], *out[3:11], out[11], out[1], out[2])
+        else:
+            # out: grad_input, grad_hx, w_ih, w_hh, b_ih, b_hh, 2 ln
+            by_arg = (out[0], *out[2:8], out[1])
+        result = tuple(g if need and t is not None else None
+                       for g, need, t in zip(by_arg, needs, tensors))  # fmt: skip
+        return (*result, None, None, None)
+
+    torch.library.register_autograd(
+        f"fusedrnn::{_OPS[cell]}_forward", backward, setup_context=setup_context
+    )
+
+
+def _differentiable_backward(cell, grads, tensors, batch_sizes, reverse, needs):
+    """The first-order gradients as a differentiable graph (create_graph=True): the reference
+    equations recomputed from the saved arguments and differentiated with create_graph=True."""
+    wanted = [i for i, t in enumerate(tensors) if needs[i] and t is not None]
+    result = [None] * len(tensors)
+    if not wanted:
+        return result
+    a, ln = _layer_args(cell, tensors)
+    a = a._replace(batch_sizes=batch_sizes, reverse=reverse)
+    outs = reference.layer_of(cell, a, ln)
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
+    got = torch.autograd.grad(
+        [o for o, _ in pairs],
+        [tensors[i] for i in wanted],
+        [g for _, g in pairs],
+        create_graph=True,
+        allow_unused=True,
+    )
+    for i, g in zip(wanted, got):
+        result[i] = g if g is not None else torch.zeros_like(tensors[i])
+    return result
+
+
+_FORWARD = {}
+if _ops.HAS_C:
+    _register_fakes()
+    for _cell, _name in _OPS.items():
+        _FORWARD[_cell] = getattr(torch.ops.fusedrnn, f"{_name}_forward").default
+        _make_autograd(_cell)
+        _ops._register_autocast(_ops._LIB, f"{_name}_forward")
+
+
+def _reference(cell: str, a: LayerArgs, ln: Tuple[Tensor, ...]):
+    if torch.onnx.is_in_onnx_export() and a.batch_sizes is not None:
+        raise NotImplementedError(
+            "fusedrnn: torch.onnx.export of a PackedSequence input is not supported; export "
+            "the model with a padded (T, B, I) / (B, T, I) tensor input instead"
+        )
+    return reference.layer_of(cell, a, ln)
+
+
+def run(cell: str, a: LayerArgs, ln: Tuple[Tensor, ...]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer-normalised layer, one direction: (output, h_n, c_n), c_n None for the GRU.
+    `cell` is the family ("lstm" or "gru"), `ln` its LayerNorm parameters in the op's order."""
+    if not _ops.HAS_C:
+        _layer._warn_fallback()
+        return reference.layer_of(cell, a, ln)
+    if a.input.device.type != "cpu":
+        return reference.layer_of(cell, a, ln)
+    staged = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if staged:
+        if torch.onnx.is_in_onnx_export():
+            return _reference(cell, a, ln)
+    elif _layer._needs_reference((*a.tensors, *ln)):
+        return reference.layer_of(cell, a, ln)
+    need_workspace = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*a.tensors, *ln)
+    )
+    res = _FORWARD[cell](*_op_args(cell, a, ln), need_workspace)
+    if cell == "lstm":
+        return res[0], res[1], res[2]
+    return res[0], res[1], None

@@ -139,9 +139,13 @@ def test_parse_presets():
         "lstm +dx",
         "lstm 3-layer bidir",
         "lstm dropconnect",
+        "layer-norm lstm",
     ]
     assert cases[4].dropconnect > 0 and cases[4].passes == ("fwd+bwd",)
     assert "compiled" not in cases[4].impls
+    # the layer-normalised LSTM: no torch.nn module, both passes
+    assert cases[5].layer_norm and "torch" not in cases[5].impls and len(cases[5].passes) == 2
+    assert [c.label for c in build_cases(["gru"], [(3, 2, 4, 5)])] == ["gru", "layer-norm gru"]
     assert "torch" not in cases[1].impls and cases[2].passes == ("fwd+bwd",)
     assert slow_repeats(10) == 3 and slow_repeats(2) == 2
 
@@ -224,8 +228,13 @@ def test_memory_and_compiled_loop(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["input_grad"] is True and doc["settings"]["memory_method"]
     train = [r for r in doc["results"] if r["pass"] == "fwd+bwd"]
-    # lstm, lstm 3-layer bidir, lstm dropconnect (--input-grad: no "+dx" row)
-    assert [r["label"] for r in train] == ["lstm", "lstm 3-layer bidir", "lstm dropconnect"]
+    # lstm, lstm 3-layer bidir, lstm dropconnect, layer-norm lstm (--input-grad: no "+dx" row)
+    assert [r["label"] for r in train] == [
+        "lstm",
+        "lstm 3-layer bidir",
+        "lstm dropconnect",
+        "layer-norm lstm",
+    ]
     for rec in train:
         for impl, entry in rec["impls"].items():
             assert entry["status"] == "ok", entry
@@ -308,7 +317,7 @@ def test_throughput_report(tiny_run):
     for r in report["rows"]:
         # TINY is T,B,I,H = 3,2,4,5 (T = 1 for the "+dx" row): the row's own two shapes
         T = 1 if r["label"] == "lstm +dx" else 3
-        G = 15 if r["label"] == "gru" else 20
+        G = 15 if r["label"].endswith("gru") else 20  # the GRU and the layer-norm GRU
         own = max(rates[(2, 5, G)], rates[(T * 2, 4, G)])
         assert r["gemm_gflops"] == own and r["fused_gflops"] > 0
         assert r["of_gemm"] == r["fused_gflops"] / own
@@ -408,15 +417,17 @@ def test_results_rewritten_after_every_case(tmp_path, monkeypatch):
         cli.main(TINY + ["--cells", "lstm,gru", "--no-memory", "--no-compile", "--out", str(out)])
         == 0
     )
-    # lstm, gru, lstm +dx, lstm 3-layer bidir, lstm dropconnect
-    assert seen[0] is None and len(seen) == 5
+    # lstm, gru, lstm +dx, lstm 3-layer bidir, lstm dropconnect, layer-norm lstm, layer-norm gru,
+    # with 2, 2, 1, 1, 1, 2 and 2 rows (passes)
+    rows = [2, 2, 1, 1, 1, 2, 2]
+    assert seen[0] is None and len(seen) == len(rows)
     for k, doc in enumerate(seen[1:], start=1):
         assert doc["complete"] is False and doc["interrupted"] is False
-        assert doc["cases_done"] == k and doc["cases_total"] == 5
-        assert len(doc["results"]) == 2 * k if k <= 2 else len(doc["results"]) == 4 + (k - 2)
+        assert doc["cases_done"] == k and doc["cases_total"] == len(rows)
+        assert len(doc["results"]) == sum(rows[:k])
         assert doc["throughput"] is None
     final = json.loads((out / "results.json").read_text())
-    assert final["complete"] is True and final["cases_done"] == 5 and final["throughput"]
+    assert final["complete"] is True and final["cases_done"] == len(rows) and final["throughput"]
 
 
 def test_sigterm_keeps_what_was_measured(tmp_path, monkeypatch):

@@ -225,9 +225,10 @@ def test_no_memory_growth_over_many_iterations():
 
 
 class _Net(nn.Module):
-    def __init__(self, dropconnect=0.0):
+    def __init__(self, dropconnect=0.0, kind="LSTM"):
         super().__init__()
-        self.rnn = fusedrnn.LSTM(3, 6, batch_first=True, dtype=F64, dropconnect=dropconnect)
+        rnn = getattr(fusedrnn, kind)  # a fusedrnn sequence module's class name
+        self.rnn = rnn(3, 6, batch_first=True, dtype=F64, dropconnect=dropconnect)
         self.head = nn.Linear(6, 1, dtype=F64)
 
     def forward(self, x):
@@ -252,7 +253,7 @@ def _train(model, x, y):
         opt.step()
 
 
-def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropconnect):
+def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropconnect, kind):
     torch.set_num_threads(1)
     # a FileStore: no TCP store server on rank 0 that rank 1 depends on, and no port to race for
     dist.init_process_group(
@@ -263,7 +264,7 @@ def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropcon
         timeout=datetime.timedelta(seconds=30),
     )
     try:
-        model = _Net(dropconnect)
+        model = _Net(dropconnect, kind)
         model.load_state_dict(torch.load(init_path))
         ddp = nn.parallel.DistributedDataParallel(model)
         x, y = torch.load(data_path)
@@ -282,15 +283,19 @@ def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropcon
         gc.collect()
 
 
-@pytest.mark.parametrize("dropconnect", [0.0, 0.5])
-def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch, dropconnect):
-    """Two processes (spawn, gloo) train fusedrnn.LSTM + Linear under DistributedDataParallel for
+@pytest.mark.parametrize(
+    "dropconnect,kind",
+    [(0.0, "LSTM"), (0.5, "LSTM"), (0.0, "LayerNormLSTM"), (0.5, "LayerNormGRU")],
+)
+def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch, dropconnect, kind):
+    """Two processes (spawn, gloo) train a fusedrnn module (LSTM, the layer-normalised LSTM and
+    GRU, whose ops' autograd is registered in Python) + Linear under DistributedDataParallel for
     3 SGD steps, each on half of a fixed batch; the parameters equal those of one process
     training on the whole batch from the same initial state_dict (fp64; 1e-10 allows only the
     different summation order of the gradient average). With DropConnect every process seeds
     each step alike, so all draw the same mask."""
     torch.manual_seed(0)
-    init = _Net(dropconnect)
+    init = _Net(dropconnect, kind)
     x = torch.randn(4, 5, 3, dtype=F64)
     y = torch.randn(4, dtype=F64)
     store_path, init_path, data_path, out_path = (
@@ -302,7 +307,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ctx = mp.start_processes(
         _ddp_worker,
-        args=(2, store_path, init_path, data_path, out_path, dropconnect),
+        args=(2, store_path, init_path, data_path, out_path, dropconnect, kind),
         nprocs=2,
         join=False,
         start_method="spawn",
@@ -317,7 +322,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch,
                 p.kill()
     assert all(p.exitcode == 0 for p in ctx.processes)
 
-    single = _Net(dropconnect)
+    single = _Net(dropconnect, kind)
     single.load_state_dict(torch.load(init_path))
     _train(single, x, y)
     got = torch.load(out_path)
@@ -331,7 +336,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch,
         moved = max(moved, (exp[k] - init.state_dict()[k]).abs().max().item())
     assert moved > 1e-3  # the training steps changed the parameters: the comparison means something
     if dropconnect:  # and the masks changed the training
-        plain = _Net()
+        plain = _Net(0.0, kind)
         plain.load_state_dict(torch.load(init_path))
         _train(plain, x, y)
         assert not torch.allclose(plain.rnn.weight_hh_l0, single.rnn.weight_hh_l0)

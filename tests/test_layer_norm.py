@@ -391,3 +391,43 @@ def test_normalised_products_ignore_the_weight_scale():
     # eps / variance ~1e-6 relative in the normalised products, carried through a few steps
     torch.testing.assert_close(m(x)[0], out, rtol=1e-5, atol=1e-5)
     assert (t(x)[0] - out_t).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("isa", fusedrnn.testing.isas_of_cpu())
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_isa_of_this_cpu(isa, cell, dtype):
+    """The row loops are compiled once per ISA (kernels/cpu/layer_norm_rows.h): each one this CPU
+    has, forced, forward and backward against the fp64 reference under the tolerance rule,
+    packed and with a projection."""
+    previous = torch.ops.fusedrnn._set_cpu_isa(isa)
+    try:
+        assert torch.ops.fusedrnn.cpu_isa() == isa
+        for layout in (dict(packed=True, reverse=True), dict(proj=P)):
+            a, ln = _layer_case(cell, dtype, **layout)
+            got = _results(_layer_norm.run, cell, a, ln)
+            a64 = LayerArgs(
+                *(
+                    t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                    for t in a
+                )
+            )  # noqa: E501
+            ref = _results(reference.layer_of, cell, a64, tuple(t.double() for t in ln))
+            lowp = _results(reference.layer_of, cell, a, ln) if dtype in HALF_TYPES else ref
+            for i, (g, r, lp) in enumerate(zip(got, ref, lowp)):
+                assert_close(g, r, dtype, f"{isa} result {i}", lowp=lp)
+    finally:
+        torch.ops.fusedrnn._set_cpu_isa(previous)
+
+
+def test_inference_and_training_forward_agree():
+    """Inference keeps only the step's rows of the workspace blocks (x̂ excepted): its outputs
+    equal a training forward's exactly."""
+    for cell in ("lstm", "gru"):
+        a, ln = _layer_case(cell, torch.float32, packed=True)
+        op = getattr(torch.ops.fusedrnn, f"layer_norm_{cell}_forward")
+        train = op(*_layer_norm._op_args(cell, a, ln), True)
+        infer = op(*_layer_norm._op_args(cell, a, ln), False)
+        assert infer[-1].numel() == 0 and train[-1].numel() > 0
+        for t, i in zip(train[:-1], infer[:-1]):
+            torch.testing.assert_close(i, t, rtol=0, atol=0)

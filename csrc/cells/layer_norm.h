@@ -1,6 +1,11 @@
 // The layer-normalised cells (design.md §1.6), one row of one step at a time: LN-LSTM and LN-GRU,
 // forward and backward, with the row statistics of the step computed inside the step.
 //
+// The loops over a row's columns carry `#pragma GCC ivdep` (within a row every array written is a
+// separate buffer, or the element read) and the sums `omp simd` reductions, so that gcc
+// vectorises them (a float sum is otherwise kept in order, one lane at a time); they are compiled
+// once per ISA (kernels/cpu/layer_norm_rows.h).
+//
 // A row's step needs the mean and variance of its whole recurrent product h_{t-1} W_hh^T (4H or
 // 3H columns) before any unit's gates, and the LN-LSTM the statistics of its whole c_t before any
 // unit's output, so the unit of work is a row (not an element, as in the other cells): a few
@@ -26,9 +31,11 @@ constexpr double kEps = 1e-5;  // torch.nn.LayerNorm's default, as the reference
 template <typename acc_t, typename T>
 inline void row_stats(const T* v, int64_t n, acc_t& mean, acc_t& rstd) {
   acc_t s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < n; ++k) s += static_cast<acc_t>(v[k]);
   mean = s / static_cast<acc_t>(n);
   acc_t q = 0;
+#pragma omp simd reduction(+ : q)
   for (int64_t k = 0; k < n; ++k) {
     const acc_t d = static_cast<acc_t>(v[k]) - mean;
     q += d * d;
@@ -41,11 +48,13 @@ inline void row_stats(const T* v, int64_t n, acc_t& mean, acc_t& rstd) {
 template <typename acc_t>
 inline void norm_backward(const acc_t* g, const acc_t* vhat, acc_t rstd, int64_t n, acc_t* dv) {
   acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
   for (int64_t k = 0; k < n; ++k) {
     s1 += g[k];
     s2 += g[k] * vhat[k];
   }
   const acc_t m1 = s1 / static_cast<acc_t>(n), m2 = s2 / static_cast<acc_t>(n);
+#pragma GCC ivdep
   for (int64_t k = 0; k < n; ++k) dv[k] = rstd * (g[k] - m1 - vhat[k] * m2);
 }
 
@@ -70,9 +79,11 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
                              const scalar_t* g_c, const scalar_t* b_c, acc_t* c_state,
                              const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out, scalar_t* h_copy) {
   const int64_t G = 4 * H;
+#pragma GCC ivdep
   for (int64_t k = 0; k < Hout; ++k) w.h_prev[k] = static_cast<acc_t>(h_prev[k]);
   acc_t mean, rstd_h;
   row_stats<acc_t>(hg, G, mean, rstd_h);
+#pragma GCC ivdep
   for (int64_t k = 0; k < G; ++k) {
     const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
     w.hhat[k] = hh;
@@ -81,6 +92,7 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
     w.gates[k] = a;
   }
   acc_t* gt = w.gates;
+#pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t i = math::sigmoid(gt[j]), f = math::sigmoid(gt[H + j]);
     const acc_t g = math::tanh(gt[2 * H + j]), o = math::sigmoid(gt[3 * H + j]);
@@ -96,6 +108,7 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
   }
   acc_t mean_c, rstd_c;
   row_stats<acc_t>(w.c, H, mean_c, rstd_c);
+#pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t ch = (w.c[j] - mean_c) * rstd_c;
     w.chat[j] = ch;
@@ -119,6 +132,7 @@ inline void lstm_backward_row(int64_t H, const acc_t* dh, const scalar_t* g_hh, 
                               acc_t* da, acc_t* dyc, acc_t* dhg) {
   const acc_t one(1);
   const acc_t* gt = w.gates;
+#pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t o = gt[3 * H + j];
     const acc_t ty =
@@ -128,6 +142,7 @@ inline void lstm_backward_row(int64_t H, const acc_t* dh, const scalar_t* g_hh, 
     dhg[j] = dyc[j] * static_cast<acc_t>(g_c[j]);  // dL/dĉ, in dhg's first H as scratch
   }
   norm_backward<acc_t>(dhg, w.chat, w.stats[2], H, dhg);  // dL/dc_t through LN(c_t)
+#pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t i = gt[j], f = gt[H + j], g = gt[2 * H + j];
     const acc_t dc = dhg[j] + dc_state[j];
@@ -137,6 +152,7 @@ inline void lstm_backward_row(int64_t H, const acc_t* dh, const scalar_t* g_hh, 
     dc_state[j] = dc * f;
   }
   const int64_t G = 4 * H;
+#pragma GCC ivdep
   for (int64_t k = 0; k < G; ++k) dhg[k] = da[k] * static_cast<acc_t>(g_hh[k]);
   norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
 }
@@ -159,6 +175,7 @@ inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
   const int64_t G = 3 * H;
   acc_t mean, rstd_h;
   row_stats<acc_t>(hg, G, mean, rstd_h);
+#pragma GCC ivdep
   for (int64_t k = 0; k < G; ++k) w.hhat[k] = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
   auto xs = [&](int64_t k) {
     acc_t v = static_cast<acc_t>(g_ih[k]) * w.xhat[k];
@@ -168,6 +185,7 @@ inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
     acc_t v = static_cast<acc_t>(g_hh[k]) * w.hhat[k];
     return b_hh ? v + static_cast<acc_t>(b_hh[k]) : v;
   };
+#pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t r = math::sigmoid(xs(j) + hs(j));
     const acc_t z = math::sigmoid(xs(H + j) + hs(H + j));
@@ -191,6 +209,7 @@ template <typename scalar_t, typename acc_t>
 inline void gru_backward_row(int64_t H, const scalar_t* g_hh, const scalar_t* b_hh, acc_t* dh,
                              const GRURow::Ptrs<acc_t>& w, acc_t* dxs, acc_t* dhs, acc_t* dhg) {
   const acc_t one(1);
+#pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t r = w.gates[j], z = w.gates[H + j], n = w.gates[2 * H + j];
     acc_t hn = static_cast<acc_t>(g_hh[2 * H + j]) * w.hhat[2 * H + j];
@@ -208,6 +227,7 @@ inline void gru_backward_row(int64_t H, const scalar_t* g_hh, const scalar_t* b_
     dh[j] = d * z;
   }
   const int64_t G = 3 * H;
+#pragma GCC ivdep
   for (int64_t k = 0; k < G; ++k) dhg[k] = dhs[k] * static_cast<acc_t>(g_hh[k]);
   norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
 }

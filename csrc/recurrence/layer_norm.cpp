@@ -18,17 +18,23 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "buffers.h"
-#include "cells/layer_norm.h"
 #include "execution/gemm.h"
 #include "execution/step_device.h"
+#include "kernels/cpu/isa.h"
+#include "kernels/cpu/layer_norm_rows.h"
 #include "ops/args.h"
 #include "steps.h"
 
@@ -37,10 +43,10 @@ namespace driver {
 namespace {
 
 using c10::optional;
-namespace ln = fusedrnn::layer_norm;
+namespace ln = fusedrnn::layer_norm;  // the row math (cells/layer_norm.h)
 
-// The workspace: one flat buffer of the op-math type, blocks of `rows` rows one after the other,
-// block i of widths[i] columns.
+// The workspace: one flat buffer of the op-math type, blocks one after the other, block i of
+// widths[i] columns.
 struct Blocks {
   std::vector<int64_t> widths;
   int64_t row_values() const {
@@ -48,16 +54,22 @@ struct Blocks {
     for (int64_t x : widths) w += x;
     return w;
   }
-  // element offset of row r of block i in a buffer of `rows` rows
-  int64_t at(size_t i, int64_t rows, int64_t r) const {
-    int64_t off = 0;
-    for (size_t k = 0; k < i; ++k) off += widths[k] * rows;
+  // Values of a buffer whose first block (x̂) has N rows and the others `rows`: N in training;
+  // in inference the others hold only the step being run (B rows).
+  int64_t numel(int64_t N, int64_t rows) const {
+    return N * widths[0] + rows * (row_values() - widths[0]);
+  }
+  // element offset of row r of block i in such a buffer
+  int64_t at(size_t i, int64_t N, int64_t rows, int64_t r) const {
+    if (i == 0) return r * widths[0];
+    int64_t off = N * widths[0];
+    for (size_t k = 1; k < i; ++k) off += widths[k] * rows;
     return off + r * widths[i];
   }
+  int64_t at(size_t i, int64_t N, int64_t r) const { return at(i, N, N, r); }
 };
 
-enum LSTMBlock : size_t { kXhat, kHhat, kGates, kCPrev, kC, kChat, kHPrev, kR, kLSTMStats };
-enum GRUBlock : size_t { kGXhat, kGHhat, kGGates, kGHPrev, kGRUStats };
+using namespace cpu;  // NOLINT: the workspace blocks' names (kernels/cpu/layer_norm_table.h)
 
 Blocks lstm_blocks(int64_t H, int64_t Hout, bool proj) {
   return {{4 * H, 4 * H, 4 * H, H, H, H, Hout, proj ? H : 0, 3}};
@@ -66,6 +78,28 @@ Blocks gru_blocks(int64_t H) { return {{3 * H, 3 * H, 3 * H, H, 2}}; }
 
 // Rows per task of the row loops: enough columns of work per task to repay a task.
 int64_t row_grain(int64_t G) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(G, 1)); }
+
+// What every step of a call shares: sizes and the workspace blocks' places (`rows` rows in each
+// block but the first, which has N: see Blocks).
+template <typename scalar_t>
+LNStep<scalar_t> step_base(int64_t H, int64_t Hout, const Blocks& blocks, int64_t N, int64_t rows,
+                           at::opmath_type<scalar_t>* ws) {
+  LNStep<scalar_t> p;
+  p.H = H;
+  p.Hout = Hout;
+  p.ws = ws;
+  for (size_t i = 0; i < blocks.widths.size(); ++i) {
+    p.off[i] = blocks.at(i, N, rows, 0);
+    p.width[i] = blocks.widths[i];
+  }
+  return p;
+}
+
+// fn(b0, b1) over the rows [0, n) of a step, in tasks of enough columns of work each.
+template <typename Fn>
+void for_rows(int64_t n, int64_t G, const Fn& fn) {
+  at::parallel_for(0, n, row_grain(G), fn);
+}
 
 at::ScalarType acc_dtype(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
@@ -82,20 +116,30 @@ void check_gain(const char* op, const char* name, const Tensor& t, const Tensor&
 }
 
 // The input side, for every row: xhat = (x W_ih^T - mean) * rstd per row, into the workspace
-// block `xhat` (N x G) and column 0 of `stats`.
+// block `xhat` (N x G; the product itself is computed there when the dtype is the op-math type)
+// and column 0 of `stats` (training; null in inference, whose other blocks have the step's rows
+// only).
 template <typename scalar_t, typename acc_t>
-void normalise_input(const Tensor& x, const Tensor& w_ih, int64_t G, acc_t* xhat, acc_t* stats,
+void normalise_input(const Tensor& x, const Tensor& w_ih, const Tensor& xhat, acc_t* stats,
                      int64_t stats_cols) {
-  const Tensor xp = at::mm(x, w_ih.t()).contiguous();
+  const int64_t N = xhat.size(0), G = xhat.size(1);
+  Tensor xp;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    xp = xhat;  // normalised in place
+    at::mm_out(xp, x, w_ih.t());
+  } else {
+    xp = at::mm(x, w_ih.t()).contiguous();
+  }
   const scalar_t* p = xp.const_data_ptr<scalar_t>();
-  const int64_t N = xp.size(0);
+  acc_t* const out = xhat.data_ptr<acc_t>();
   at::parallel_for(0, N, row_grain(G), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       acc_t mean, rstd;
       ln::row_stats<acc_t>(p + r * G, G, mean, rstd);
-      acc_t* out = xhat + r * G;
-      for (int64_t k = 0; k < G; ++k) out[k] = (static_cast<acc_t>(p[r * G + k]) - mean) * rstd;
-      stats[r * stats_cols] = rstd;
+      for (int64_t k = 0; k < G; ++k) {
+        out[r * G + k] = (static_cast<acc_t>(p[r * G + k]) - mean) * rstd;
+      }
+      if (stats) stats[r * stats_cols] = rstd;
     }
   });
 }
@@ -117,6 +161,57 @@ Tensor input_side_backward(const Tensor& g, const Tensor& g_ih, const acc_t* xha
 }
 
 Tensor none_like(const Tensor& input) { return at::empty({0}, input.options()); }
+
+// A fresh CPU buffer of `numel` values, backed by transparent huge pages where the kernel allows
+// them on request (madvise mode): the workspace and the backward's per-row buffers are large
+// (~100 MB at T=100, B=64, H=256) and fresh on every call (torch's CPU allocator keeps nothing),
+// so with 4 KiB pages a call spent a third of its time in page faults. Nothing is touched here.
+Tensor large_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  Tensor t = at::empty(shape, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + t.nbytes()) & ~(kHuge - 1);
+  if (t.device().is_cpu() && hi > lo) {
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice: failure is harmless
+  }
+#endif
+  return t;
+}
+
+// The column sums of the weight gradients in one pass over a (N, G): s0 = Σ_r a[r], and, where
+// given, s1 = Σ_r a[r] ⊙ b1[r], s2 = Σ_r a[r] ⊙ b2[r]; no (N, G) temporary.
+template <typename acc_t>
+void column_sums(const acc_t* a, const acc_t* b1, const acc_t* b2, int64_t N, int64_t G, acc_t* s0,
+                 acc_t* s1, acc_t* s2) {
+  constexpr int64_t kCols = 64;
+  at::parallel_for(0, (G + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t cb = c0; cb < c1; ++cb) {
+      const int64_t lo = cb * kCols, w = std::min(kCols, G - lo);
+      acc_t t0[kCols] = {}, t1[kCols] = {}, t2[kCols] = {};
+      for (int64_t r = 0; r < N; ++r) {
+        const acc_t* ar = a + r * G + lo;
+#pragma GCC ivdep
+        for (int64_t c = 0; c < w; ++c) t0[c] += ar[c];
+        if (b1) {
+          const acc_t* br = b1 + r * G + lo;
+#pragma GCC ivdep
+          for (int64_t c = 0; c < w; ++c) t1[c] += ar[c] * br[c];
+        }
+        if (b2) {
+          const acc_t* br = b2 + r * G + lo;
+#pragma GCC ivdep
+          for (int64_t c = 0; c < w; ++c) t2[c] += ar[c] * br[c];
+        }
+      }
+      for (int64_t c = 0; c < w; ++c) {
+        s0[lo + c] = t0[c];
+        if (s1) s1[lo + c] = t1[c];
+        if (s2) s2[lo + c] = t2[c];
+      }
+    }
+  });
+}
 
 // Block i of the workspace as an (N, width) matrix.
 Tensor block_of(const Tensor& ws, const Blocks& blocks, size_t i, int64_t N) {
@@ -175,7 +270,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
   const at::ScalarType acc_st = acc_dtype(input.scalar_type());
   const auto acc_opts = opts.dtype(acc_st);
   const Blocks blocks = lstm_blocks(H, Hout, proj);
-  const Tensor ws = at::empty({s.N * blocks.row_values()}, acc_opts);
+  // training: every row's blocks; inference: x̂ of every row and the step's rows of the others
+  const int64_t rows = need_workspace ? s.N : s.B;
+  const Tensor ws = large_buffer({blocks.numel(s.N, rows)}, acc_opts);
   const Tensor output = at::empty(out_shape(input, Hout), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, Hout);
   const Tensor c_state =
@@ -194,35 +291,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
         const int64_t N = s.N;
-        normalise_input<scalar_t, acc_t>(input.reshape({N, d.I}), w_ih, G,
-                                         w + blocks.at(kXhat, N, 0),
-                                         w + blocks.at(kLSTMStats, N, 0), 3);
+        normalise_input<scalar_t, acc_t>(
+            input.reshape({N, d.I}), w_ih, ws.narrow(0, 0, N * G).view({N, G}),
+            need_workspace ? w + blocks.at(kLSTMStats, N, 0) : nullptr, 3);
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
         acc_t* const cs = c_state.data_ptr<acc_t>();
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
         scalar_t* const rp = proj ? r_buf.data_ptr<scalar_t>() : nullptr;
-        const scalar_t* const bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+        LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, rows, w);
+        base.g_ih = gi.const_data_ptr<scalar_t>();
+        base.g_hh = gh.const_data_ptr<scalar_t>();
+        base.g_c = gc.const_data_ptr<scalar_t>();
+        base.b_c = bc.const_data_ptr<scalar_t>();
+        base.bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+        base.hg = hgp;
+        base.h_state = hs;
+        base.c_state = cs;
+        base.r_out = rp;
+        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           dev.gemm(n, G, Hout, hs, Hout, false, w_hh_c.const_data_ptr<scalar_t>(), Hout, true, hgp,
                    G, 0.0f);
-          at::parallel_for(0, n, row_grain(G), [&](int64_t b0, int64_t b1) {
-            for (int64_t b = b0; b < b1; ++b) {
-              const int64_t r = r0 + b;
-              ln::LSTMRow::Ptrs<acc_t> p{
-                  w + blocks.at(kXhat, N, r),     w + blocks.at(kHhat, N, r),
-                  w + blocks.at(kGates, N, r),    w + blocks.at(kCPrev, N, r),
-                  w + blocks.at(kC, N, r),        w + blocks.at(kChat, N, r),
-                  w + blocks.at(kHPrev, N, r),    proj ? w + blocks.at(kR, N, r) : nullptr,
-                  w + blocks.at(kLSTMStats, N, r)};
-              ln::lstm_forward_row<scalar_t, acc_t>(
-                  H, Hout, hgp + b * G, hs + b * Hout, gi.const_data_ptr<scalar_t>(),
-                  gh.const_data_ptr<scalar_t>(), bp, gc.const_data_ptr<scalar_t>(),
-                  bc.const_data_ptr<scalar_t>(), cs + b * H, p, proj ? rp + b * H : out + r * Hout,
-                  proj ? nullptr : hs + b * Hout);
-            }
-          });
+          LNStep<scalar_t> p = base;
+          p.r0 = need_workspace ? r0 : 0;
+          p.xr0 = r0;
+          p.out = out + r0 * Hout;
+          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.lstm_forward(p, b0, b1); });
           if (proj) {
             dev.gemm(n, Hout, H, rp, H, false, w_hr_c.const_data_ptr<scalar_t>(), H, true,
                      out + r0 * Hout, Hout, 0.0f);
@@ -272,11 +368,13 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
   };
   const Tensor dh_state = acc_state(grad_hy, Hout), dc_state = acc_state(grad_cy, H);
   const Tensor dy = has_dy ? grad_output->reshape({N, Hout}).to(acc_st).contiguous() : Tensor();
-  const Tensor da = at::empty({N, G}, acc_opts), dhg = at::empty({N, G}, acc_opts),
-               dyc = at::empty({N, H}, acc_opts);
+  const Tensor da = large_buffer({N, G}, acc_opts), dhg = large_buffer({N, G}, acc_opts),
+               dyc = large_buffer({N, H}, acc_opts);
   const Tensor dho = proj ? at::empty({N, Hout}, acc_opts) : Tensor();
   const Tensor dr = proj ? at::empty({s.B, H}, acc_opts) : Tensor();
-  const Tensor w_hh_a = w_hh.to(acc_st).contiguous();
+  // W_hh^T (Hout, G), so that the per-step dh_{t-1} = dhg W_hh reads it transposed, as the
+  // forward's GEMM reads W_hh (a plain W_hh made MKL repack it on every step)
+  const Tensor w_hh_t = w_hh.to(acc_st).t().contiguous();
   const Tensor w_hr_a = proj ? w_hr->to(acc_st).contiguous() : Tensor();
   const Tensor gh = g_hh.contiguous(), gc = g_c.contiguous(), bc = b_c.contiguous();
   const StepDevice dev(dh_state);
@@ -296,6 +394,15 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         acc_t* const dhgp = dhg.data_ptr<acc_t>();
         acc_t* const dycp = dyc.data_ptr<acc_t>();
         acc_t* const drp = proj ? dr.data_ptr<acc_t>() : nullptr;
+        LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, N, w);
+        base.g_hh = gh.const_data_ptr<scalar_t>();
+        base.g_c = gc.const_data_ptr<scalar_t>();
+        base.b_c = bc.const_data_ptr<scalar_t>();
+        base.dc_state = dcs;
+        base.da = dap;
+        base.dyc = dycp;
+        base.dhg = dhgp;
+        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           if (dyp) {
@@ -308,22 +415,12 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
                      0.0f);
           }
           const acc_t* const dh_in = proj ? drp : dhs;
-          at::parallel_for(0, n, row_grain(G), [&](int64_t b0, int64_t b1) {
-            for (int64_t b = b0; b < b1; ++b) {
-              const int64_t r = r0 + b;
-              ln::LSTMRow::Ptrs<acc_t> p{
-                  w + blocks.at(kXhat, N, r),     w + blocks.at(kHhat, N, r),
-                  w + blocks.at(kGates, N, r),    w + blocks.at(kCPrev, N, r),
-                  w + blocks.at(kC, N, r),        w + blocks.at(kChat, N, r),
-                  w + blocks.at(kHPrev, N, r),    proj ? w + blocks.at(kR, N, r) : nullptr,
-                  w + blocks.at(kLSTMStats, N, r)};
-              ln::lstm_backward_row<scalar_t, acc_t>(
-                  H, dh_in + b * H, gh.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-                  bc.const_data_ptr<scalar_t>(), dcs + b * H, p, dap + r * G, dycp + r * H,
-                  dhgp + r * G);
-            }
-          });
-          dev.gemm(n, Hout, G, dhgp + r0 * G, G, false, w_hh_a.const_data_ptr<acc_t>(), Hout, false,
+          LNStep<scalar_t> p = base;
+          p.r0 = r0;
+          p.xr0 = r0;
+          p.dh = const_cast<acc_t*>(dh_in);
+          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.lstm_backward(p, b0, b1); });
+          dev.gemm(n, Hout, G, dhgp + r0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
                    dhs, Hout, 0.0f);
         }
         auto block = [&](size_t i) { return block_of(workspace, blocks, i, N); };
@@ -332,14 +429,20 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         if (output_mask[1]) {
           const auto dt = input.scalar_type();
           grad_w_hh = at::mm(dhg.t(), block(kHPrev)).to(dt);
+          const Tensor sums = at::empty({5, G}, acc_opts);  // Σda, Σda x̂, Σda ĥ, Σdyc, Σdyc ĉ
+          acc_t* const sp = sums.data_ptr<acc_t>();
+          column_sums<acc_t>(dap, w + blocks.at(kXhat, N, 0), w + blocks.at(kHhat, N, 0), N, G, sp,
+                             sp + G, sp + 2 * G);
+          column_sums<acc_t>(dycp, w + blocks.at(kChat, N, 0), nullptr, N, H, sp + 3 * G,
+                             sp + 4 * G, nullptr);
           if (b_ih.has_value()) {
-            grad_b_ih = da.sum(0).to(dt);
+            grad_b_ih = sums[0].to(dt);
             grad_b_hh = grad_b_ih.clone();
           }
-          grad_g_ih = (da * block(kXhat)).sum(0).to(dt);
-          grad_g_hh = (da * block(kHhat)).sum(0).to(dt);
-          grad_g_c = (dyc * block(kChat)).sum(0).to(dt);
-          grad_b_c = dyc.sum(0).to(dt);
+          grad_g_ih = sums[1].to(dt);
+          grad_g_hh = sums[2].to(dt);
+          grad_b_c = sums[3].narrow(0, 0, H).to(dt);
+          grad_g_c = sums[4].narrow(0, 0, H).to(dt);
           if (proj) grad_w_hr = at::mm(dho.t(), block(kR)).to(dt);
         }
       });
@@ -388,7 +491,8 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
   const at::ScalarType acc_st = acc_dtype(input.scalar_type());
   const auto acc_opts = opts.dtype(acc_st);
   const Blocks blocks = gru_blocks(H);
-  const Tensor ws = at::empty({s.N * blocks.row_values()}, acc_opts);
+  const int64_t rows = need_workspace ? s.N : s.B;  // as in the LSTM
+  const Tensor ws = large_buffer({blocks.numel(s.N, rows)}, acc_opts);
   const Tensor output = at::empty(out_shape(input, H), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, H);
   const Tensor hg = at::empty({s.B, G}, opts);
@@ -402,28 +506,30 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
         const int64_t N = s.N;
-        normalise_input<scalar_t, acc_t>(input.reshape({N, d.I}), w_ih, G,
-                                         w + blocks.at(kGXhat, N, 0),
-                                         w + blocks.at(kGRUStats, N, 0), 2);
+        normalise_input<scalar_t, acc_t>(
+            input.reshape({N, d.I}), w_ih, ws.narrow(0, 0, N * G).view({N, G}),
+            need_workspace ? w + blocks.at(kGRUStats, N, 0) : nullptr, 2);
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
         const scalar_t* const bip = bi.defined() ? bi.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* const bhp = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
+        LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, rows, w);
+        base.g_ih = gi.const_data_ptr<scalar_t>();
+        base.g_hh = gh.const_data_ptr<scalar_t>();
+        base.b_ih = bip;
+        base.b_hh = bhp;
+        base.hg = hgp;
+        base.h_state = hs;
+        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           dev.gemm(n, G, H, hs, H, false, w_hh_c.const_data_ptr<scalar_t>(), H, true, hgp, G, 0.0f);
-          at::parallel_for(0, n, row_grain(G), [&](int64_t b0, int64_t b1) {
-            for (int64_t b = b0; b < b1; ++b) {
-              const int64_t r = r0 + b;
-              ln::GRURow::Ptrs<acc_t> p{w + blocks.at(kGXhat, N, r), w + blocks.at(kGHhat, N, r),
-                                        w + blocks.at(kGGates, N, r), w + blocks.at(kGHPrev, N, r),
-                                        w + blocks.at(kGRUStats, N, r)};
-              ln::gru_forward_row<scalar_t, acc_t>(H, hgp + b * G, gi.const_data_ptr<scalar_t>(),
-                                                   gh.const_data_ptr<scalar_t>(), bip, bhp,
-                                                   hs + b * H, p, out + r * H);
-            }
-          });
+          LNStep<scalar_t> p = base;
+          p.r0 = need_workspace ? r0 : 0;
+          p.xr0 = r0;
+          p.out = out + r0 * H;
+          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.gru_forward(p, b0, b1); });
         }
       });
   return {output, h_state, need_workspace ? ws : at::empty({0}, acc_opts)};
@@ -458,9 +564,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
                               ? grad_hy->to(acc_st).contiguous().clone()
                               : at::zeros({s.B, H}, acc_opts);
   const Tensor dy = has_dy ? grad_output->reshape({N, H}).to(acc_st).contiguous() : Tensor();
-  const Tensor dxs = at::empty({N, G}, acc_opts), dhs = at::empty({N, G}, acc_opts),
-               dhg = at::empty({N, G}, acc_opts);
-  const Tensor w_hh_a = w_hh.to(acc_st).contiguous();
+  const Tensor dxs = large_buffer({N, G}, acc_opts), dhs = large_buffer({N, G}, acc_opts),
+               dhg = large_buffer({N, G}, acc_opts);
+  const Tensor w_hh_t = w_hh.to(acc_st).t().contiguous();  // as in the LSTM's backward
   const Tensor gh = g_hh.contiguous();
   const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
   const StepDevice dev(dh_state);
@@ -477,25 +583,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         acc_t* const dxsp = dxs.data_ptr<acc_t>();
         acc_t* const dhsb = dhs.data_ptr<acc_t>();
         acc_t* const dhgp = dhg.data_ptr<acc_t>();
-        const scalar_t* const bhp = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
+        LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, N, w);
+        base.g_hh = gh.const_data_ptr<scalar_t>();
+        base.b_hh = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
+        base.dh = dhsp;
+        base.da = dxsp;
+        base.dhs = dhsb;
+        base.dhg = dhgp;
+        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           if (dyp) {
             const acc_t* src = dyp + r0 * H;
             for (int64_t i = 0; i < n * H; ++i) dhsp[i] += src[i];
           }
-          at::parallel_for(0, n, row_grain(G), [&](int64_t b0, int64_t b1) {
-            for (int64_t b = b0; b < b1; ++b) {
-              const int64_t r = r0 + b;
-              ln::GRURow::Ptrs<acc_t> p{w + blocks.at(kGXhat, N, r), w + blocks.at(kGHhat, N, r),
-                                        w + blocks.at(kGGates, N, r), w + blocks.at(kGHPrev, N, r),
-                                        w + blocks.at(kGRUStats, N, r)};
-              ln::gru_backward_row<scalar_t, acc_t>(H, gh.const_data_ptr<scalar_t>(), bhp,
-                                                    dhsp + b * H, p, dxsp + r * G, dhsb + r * G,
-                                                    dhgp + r * G);
-            }
-          });
-          dev.gemm(n, H, G, dhgp + r0 * G, G, false, w_hh_a.const_data_ptr<acc_t>(), H, false, dhsp,
+          LNStep<scalar_t> p = base;
+          p.r0 = r0;
+          p.xr0 = r0;
+          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.gru_backward(p, b0, b1); });
+          dev.gemm(n, H, G, dhgp + r0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true, dhsp,
                    H, 1.0f);
         }
         auto block = [&](size_t i) { return block_of(workspace, blocks, i, N); };
@@ -504,12 +610,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         if (output_mask[1]) {
           const auto dt = input.scalar_type();
           grad_w_hh = at::mm(dhg.t(), block(kGHPrev)).to(dt);
+          const Tensor sums = at::empty({4, G}, acc_opts);  // Σdxs, Σdxs x̂, Σdhs, Σdhs ĥ
+          acc_t* const sp = sums.data_ptr<acc_t>();
+          column_sums<acc_t>(dxsp, w + blocks.at(kGXhat, N, 0), nullptr, N, G, sp, sp + G, nullptr);
+          column_sums<acc_t>(dhsb, w + blocks.at(kGHhat, N, 0), nullptr, N, G, sp + 2 * G,
+                             sp + 3 * G, nullptr);
           if (b_ih.has_value()) {
-            grad_b_ih = dxs.sum(0).to(dt);
-            grad_b_hh = dhs.sum(0).to(dt);
+            grad_b_ih = sums[0].to(dt);
+            grad_b_hh = sums[2].to(dt);
           }
-          grad_g_ih = (dxs * block(kGXhat)).sum(0).to(dt);
-          grad_g_hh = (dhs * block(kGHhat)).sum(0).to(dt);
+          grad_g_ih = sums[1].to(dt);
+          grad_g_hh = sums[3].to(dt);
         }
       });
   if (N == 0) {
@@ -529,6 +640,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
 
 }  // namespace
 }  // namespace driver
+
+const cpu::LayerNormKernels& cpu::layer_norm_kernels() {
+  switch (current_isa()) {
+    case Isa::kAVX512BF16:  // the row loops have no use for the bf16 dot products
+    case Isa::kAVX512:
+      return *layer_norm_kernels_avx512();
+    case Isa::kAVX2:
+      return *layer_norm_kernels_avx2();
+    case Isa::kBaseline:
+      break;
+  }
+  return portable::kLayerNormKernels;
+}
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("layer_norm_lstm_forward", &driver::ln_lstm_forward);

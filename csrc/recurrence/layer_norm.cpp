@@ -180,37 +180,48 @@ Tensor large_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
 }
 
 // The column sums of the weight gradients in one pass over a (N, G): s0 = Σ_r a[r], and, where
-// given, s1 = Σ_r a[r] ⊙ b1[r], s2 = Σ_r a[r] ⊙ b2[r]; no (N, G) temporary.
+// given, s1 = Σ_r a[r] ⊙ b1[r], s2 = Σ_r a[r] ⊙ b2[r]; no (N, G) temporary. Rows are streamed
+// in order (contiguous), each of a few row ranges into its own partial sums (one per thread),
+// which are added in range order: the result depends on the thread count only.
 template <typename acc_t>
 void column_sums(const acc_t* a, const acc_t* b1, const acc_t* b2, int64_t N, int64_t G, acc_t* s0,
                  acc_t* s1, acc_t* s2) {
-  constexpr int64_t kCols = 64;
-  at::parallel_for(0, (G + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t cb = c0; cb < c1; ++cb) {
-      const int64_t lo = cb * kCols, w = std::min(kCols, G - lo);
-      acc_t t0[kCols] = {}, t1[kCols] = {}, t2[kCols] = {};
-      for (int64_t r = 0; r < N; ++r) {
-        const acc_t* ar = a + r * G + lo;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 64));
+  std::vector<acc_t> partial(static_cast<size_t>(parts * 3 * G), acc_t(0));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) {
+      acc_t* t0 = partial.data() + part * 3 * G;
+      acc_t* t1 = t0 + G;
+      acc_t* t2 = t1 + G;
+      for (int64_t r = N * part / parts; r < N * (part + 1) / parts; ++r) {
+        const acc_t* ar = a + r * G;
 #pragma GCC ivdep
-        for (int64_t c = 0; c < w; ++c) t0[c] += ar[c];
+        for (int64_t c = 0; c < G; ++c) t0[c] += ar[c];
         if (b1) {
-          const acc_t* br = b1 + r * G + lo;
+          const acc_t* br = b1 + r * G;
 #pragma GCC ivdep
-          for (int64_t c = 0; c < w; ++c) t1[c] += ar[c] * br[c];
+          for (int64_t c = 0; c < G; ++c) t1[c] += ar[c] * br[c];
         }
         if (b2) {
-          const acc_t* br = b2 + r * G + lo;
+          const acc_t* br = b2 + r * G;
 #pragma GCC ivdep
-          for (int64_t c = 0; c < w; ++c) t2[c] += ar[c] * br[c];
+          for (int64_t c = 0; c < G; ++c) t2[c] += ar[c] * br[c];
         }
-      }
-      for (int64_t c = 0; c < w; ++c) {
-        s0[lo + c] = t0[c];
-        if (s1) s1[lo + c] = t1[c];
-        if (s2) s2[lo + c] = t2[c];
       }
     }
   });
+  for (int64_t c = 0; c < G; ++c) {
+    acc_t u0 = 0, u1 = 0, u2 = 0;
+    for (int64_t part = 0; part < parts; ++part) {
+      const acc_t* t = partial.data() + part * 3 * G;
+      u0 += t[c];
+      u1 += t[G + c];
+      u2 += t[2 * G + c];
+    }
+    s0[c] = u0;
+    if (s1) s1[c] = u1;
+    if (s2) s2[c] = u2;
+  }
 }
 
 // Block i of the workspace as an (N, width) matrix.

@@ -2,7 +2,9 @@
 """Working-memory connections in practice: LSTM, peephole LSTM, LSTM-WM and GRU, all fused.
 
 Trains `fusedrnn.LSTM`, `fusedrnn.PeepholeLSTM`, `fusedrnn.WorkingMemoryLSTM` and `fusedrnn.GRU`
-(one layer, hidden 64, a linear head on the last hidden state, Adam, gradient clipping) on
+(one layer, hidden 64, a linear head on the last hidden state, Adam, gradient clipping), and on
+request (`--models LSTM,LayerNormLSTM+DC`) the regularised LSTM: `fusedrnn.LayerNormLSTM` with
+`dropconnect=0.25`, on
 
 * sequential digits: scikit-learn's bundled 8x8 digits read pixel by pixel (T = 64, one feature
   per step, scaled to [0, 1]), plain and with one fixed (seeded) pixel permutation, with a fixed
@@ -45,12 +47,26 @@ except ImportError:  # run from a checkout without PYTHONPATH: the package is on
     import fusedrnn
 from fusedrnn import reference
 
+DROPCONNECT = 0.25  # the recurrent weight's DropConnect rate of the regularised LSTM
+
+
+class RegularisedLSTM(fusedrnn.LayerNormLSTM):
+    """The layer-normalised LSTM (Ba et al. 2016) with DropConnect on its recurrent weight
+    (AWD-LSTM's weight drop): the regularised layer to compare with the plain LSTM."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__(input_size, hidden_size, dropconnect=DROPCONNECT)
+
+
 MODELS = {  # display name -> (cell name of the fused ops / fusedrnn.reference, module class)
     "LSTM": ("lstm", fusedrnn.LSTM),
     "PeepholeLSTM": ("peephole_lstm", fusedrnn.PeepholeLSTM),
     "WorkingMemoryLSTM": ("wm_lstm", fusedrnn.WorkingMemoryLSTM),
     "GRU": ("gru", fusedrnn.GRU),
+    "LayerNormLSTM+DC": ("lstm", RegularisedLSTM),
 }
+# The models of a run without --models: the four cells (the regularised LSTM on request).
+DEFAULT_MODELS = ("LSTM", "PeepholeLSTM", "WorkingMemoryLSTM", "GRU")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "working_memory")
 TRIVIAL_ADDING_MSE = 1.0 / 6.0
 
@@ -86,7 +102,7 @@ class Config:
     denormal_batch: int = 64
     denormal_repeats: int = 9
     # run
-    models: tuple = tuple(MODELS)
+    models: tuple = DEFAULT_MODELS
     tasks: tuple = ()  # () -> digits, pdigits, adding<T> for every T
     threads: int = 1
     flush_denormal: bool = True
@@ -136,15 +152,18 @@ class EagerRNN(nn.Module):
 
     def forward(self, x):
         r = self.fused
-        out, h, c = reference.layer(
-            self.cell,
+        # DropConnect as the module draws it: one mask per call (none at rate 0 or in eval)
+        w_hh = reference.dropconnect(r.weight_hh_l0, r.dropconnect, r.training)
+        args = reference.LayerArgs(
             x,
             r.weight_ih_l0,
-            r.weight_hh_l0,
+            w_hh,
             getattr(r, "bias_ih_l0", None),
             getattr(r, "bias_hh_l0", None),
             getattr(r, "weight_ch_l0", None),
         )
+        ln = r._ln_params(0, 0) if r._layer_norm else ()  # the layer-normalised equations
+        out, h, c = reference.layer_of(self.cell, args, ln)
         return (out, h[None]) if c is None else (out, (h[None], c[None]))
 
 
@@ -462,6 +481,7 @@ def eager_speedup(cfg: Config, digits: dict, models) -> dict:
         eager_model = eager_copy(fused_model)
         grads = []
         for model in (fused_model, eager_model):
+            torch.manual_seed(0)  # the same DropConnect mask for both
             batch_loss(model, batches[0]).backward()
             grads.append([p.grad.clone() for p in model.parameters()])
             model.zero_grad(set_to_none=True)
@@ -711,8 +731,7 @@ def plot_curves(runs: List[dict], tasks: List[str], models, path: str) -> None:
     axes[0][0].legend(fontsize=8)
     n_seeds = len({r["seed"] for r in runs})
     fig.suptitle(
-        f"fusedrnn: LSTM / peephole / working-memory LSTM / GRU, hidden 64; line: mean "
-        f"over {n_seeds} seeds, band: min to max",
+        f"fusedrnn: {' / '.join(models)}; line: mean over {n_seeds} seeds, band: min to max",
         fontsize=10,
     )
     fig.tight_layout()

@@ -190,17 +190,7 @@ def _differentiable_backward(cell, grads, tensors, batch_sizes, reverse, needs):
         return result
     a, ln = _layer_args(cell, tensors)
     a = a._replace(batch_sizes=batch_sizes, reverse=reverse)
-    outs = reference.layer_of(cell, a, ln)
-    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
-    got = torch.autograd.grad(
-        [o for o, _ in pairs],
-        [tensors[i] for i in wanted],
-        [g for _, g in pairs],
-        create_graph=True,
-        allow_unused=True,
-    )
-    for i, g in zip(wanted, got):
-        result[i] = g if g is not None else torch.zeros_like(tensors[i])
+    _ops.reference_grads(reference.layer_of(cell, a, ln), grads, tensors, wanted, result)
     return result
 
 

@@ -92,17 +92,25 @@ def _differentiable_backward(cell: str, grads, args, reverse: bool, needs):
         return result
     with torch.enable_grad():
         outs = reference.layer(cell, *tensors, args[-1], reverse)
-        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
-        got = torch.autograd.grad(
-            [o for o, _ in pairs],
-            [args[i] for i in wanted],
-            [g for _, g in pairs],
-            create_graph=True,
-            allow_unused=True,
-        )
+        reference_grads(outs, grads, args, wanted, result)
+    return result
+
+
+def reference_grads(outs, grads, args, wanted, result) -> None:
+    """result[i] = d(outs · grads)/d args[i] for i in `wanted`, as a differentiable graph
+    (create_graph=True): zeros for an argument the outputs do not depend on, as the fused
+    backward gives. The double backward of every op family: `outs` are its layer recomputed
+    with the reference equations."""
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
+    got = torch.autograd.grad(
+        [o for o, _ in pairs],
+        [args[i] for i in wanted],
+        [g for _, g in pairs],
+        create_graph=True,
+        allow_unused=True,
+    )
     for i, g in zip(wanted, got):
         result[i] = g if g is not None else torch.zeros_like(args[i])
-    return result
 
 
 def _register_fakes(cell: str) -> None:

@@ -3,8 +3,8 @@
 
 Trains `fusedrnn.LSTM`, `fusedrnn.PeepholeLSTM`, `fusedrnn.WorkingMemoryLSTM` and `fusedrnn.GRU`
 (one layer, hidden 64, a linear head on the last hidden state, Adam, gradient clipping), and on
-request (`--models LSTM,LayerNormLSTM+DC`) the regularised LSTM: `fusedrnn.LayerNormLSTM` with
-`dropconnect=0.25`, on
+request (`--models LSTM,LayerNormLSTM+DC,LayerNormLSTM+DC+ZO`) the regularised LSTMs:
+`fusedrnn.LayerNormLSTM` with `dropconnect=0.25`, and with `zoneout=0.1` besides, on
 
 * sequential digits: scikit-learn's bundled 8x8 digits read pixel by pixel (T = 64, one feature
   per step, scaled to [0, 1]), plain and with one fixed (seeded) pixel permutation, with a fixed
@@ -47,7 +47,8 @@ except ImportError:  # run from a checkout without PYTHONPATH: the package is on
     import fusedrnn
 from fusedrnn import reference
 
-DROPCONNECT = 0.25  # the recurrent weight's DropConnect rate of the regularised LSTM
+DROPCONNECT = 0.25  # the recurrent weight's DropConnect rate of the regularised LSTMs
+ZONEOUT = 0.1  # both states' zoneout rate of the zoned one (Tacotron 2's)
 
 
 class RegularisedLSTM(fusedrnn.LayerNormLSTM):
@@ -58,12 +59,20 @@ class RegularisedLSTM(fusedrnn.LayerNormLSTM):
         super().__init__(input_size, hidden_size, dropconnect=DROPCONNECT)
 
 
+class ZonedLSTM(fusedrnn.LayerNormLSTM):
+    """The regularised LSTM with zoneout (Krueger et al. 2016) on both states besides."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__(input_size, hidden_size, dropconnect=DROPCONNECT, zoneout=ZONEOUT)
+
+
 MODELS = {  # display name -> (cell name of the fused ops / fusedrnn.reference, module class)
     "LSTM": ("lstm", fusedrnn.LSTM),
     "PeepholeLSTM": ("peephole_lstm", fusedrnn.PeepholeLSTM),
     "WorkingMemoryLSTM": ("wm_lstm", fusedrnn.WorkingMemoryLSTM),
     "GRU": ("gru", fusedrnn.GRU),
     "LayerNormLSTM+DC": ("lstm", RegularisedLSTM),
+    "LayerNormLSTM+DC+ZO": ("lstm", ZonedLSTM),
 }
 # The models of a run without --models: the four cells (the regularised LSTM on request).
 DEFAULT_MODELS = ("LSTM", "PeepholeLSTM", "WorkingMemoryLSTM", "GRU")
@@ -163,7 +172,13 @@ class EagerRNN(nn.Module):
             getattr(r, "weight_ch_l0", None),
         )
         ln = r._ln_params(0, 0) if r._layer_norm else ()  # the layer-normalised equations
-        out, h, c = reference.layer_of(self.cell, args, ln)
+        keep = None
+        if r.zoneout and not r.training:  # zoneout in eval: the expectation
+            keep = (r.zoneout, r.zoneout)
+        elif r.zoneout:  # the masks as the module draws them: the cell state's, then h's
+            rows, H = x.shape[0] * x.shape[1], r.hidden_size
+            keep = tuple(reference.zoneout_masks(rows, H, r.zoneout, x) for _ in range(2))
+        out, h, c = reference.layer_of(self.cell, args, ln, keep)
         return (out, h[None]) if c is None else (out, (h[None], c[None]))
 
 

@@ -52,30 +52,57 @@ def _needs_reference(tensors) -> bool:
     return False
 
 
-def run(cell: str, a: LayerArgs, exposed: bool = True) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+# The cells whose ops zone their states (the plain LSTM without projection, and the GRU); the
+# modules run the others' zoneout through the reference equations.
+ZONED_CELLS = ("lstm", "gru")
+
+
+def _zone_weights(cell: str, a: LayerArgs, keep) -> Tuple[Optional[Tensor], Tensor]:
+    """The ops' zoneout arguments (zoneout_c, zoneout_h) from `keep` (see
+    reference.layer_of): a mask as weights of the input's dtype, a rate as one row of it, an
+    unzoned state of the LSTM as a row of zeros; zoneout_c None for the GRU."""
+    H = a.weight_ih.shape[0] // (4 if cell == "lstm" else 3)
+
+    def weights(k) -> Tensor:
+        if isinstance(k, Tensor):
+            return k.to(a.input.dtype)
+        return a.input.new_full((1, H), float(k or 0.0))
+
+    return (weights(keep[0]) if cell == "lstm" else None), weights(keep[1])
+
+
+def run(
+    cell: str, a: LayerArgs, exposed: bool = True, keep=None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer, one direction: (output, h_n, c_n), c_n None for a cell without a cell state.
 
     `exposed`: the output is handed to the caller as it is (not only to another layer): when
     the op recorded an autograd node, the output is then a copy of the tensor the backward
     saves, so that an in-place operation on it (relu_) does not invalidate the backward, as
-    with torch.nn."""
+    with torch.nn.
+
+    `keep`: zoneout's (keep_c, keep_h) as reference.layer_of takes them, for a cell of
+    ZONED_CELLS without projection; None without zoneout."""
     if not _ops.HAS_C:
         _warn_fallback()
-        return reference.layer_of(cell, a)
+        return reference.layer_of(cell, a, keep=keep)
     tracing = torch.jit.is_tracing()
     # An ONNX export runs under torch.jit.trace (the TorchScript exporter) or torch.export
     # (dynamo=True, where torch.compiler.is_compiling() holds): eager calls skip the check.
     staged = tracing or torch.compiler.is_compiling()
     if staged:
         if torch.onnx.is_in_onnx_export():
+            if keep is not None:  # the ONNX RNN operators have no zoneout
+                return reference.layer_of(cell, a, keep=keep)
             from . import _onnx
 
             return _onnx.layer(cell, a)
     elif _needs_reference(a.tensors):
-        return reference.layer_of(cell, a)
+        return reference.layer_of(cell, a, keep=keep)
     # One op call, eager or staged: its autograd (a C++ node, csrc/ops/autograd.cpp) keeps
     # the workspace the backward reads exactly when it records a node.
-    out, hy, cy = _ops.forward(cell, a)
+    zone = _zone_weights(cell, a, keep) if keep is not None else None
+    out, hy, cy = _ops.forward(cell, a, zone=zone)
     if exposed:
         if tracing:
             # A trace is one graph for every grad mode (torch.jit.trace checks it under

@@ -75,14 +75,16 @@ def _differentiable_backward(cell: str, grads, args, reverse: bool, needs):
     The fused backward op has no derivative of its own; the node of csrc/ops/autograd.cpp
     calls this op instead when grad mode is on during its backward. The layer is recomputed
     with the reference equations from the saved arguments (`args`: the forward op's tensor
-    arguments, batch_sizes last) and differentiated with create_graph=True against `grads`
-    (the gradients of its differentiable outputs). One gradient per entry of `needs`: zeros for
-    an argument the outputs do not depend on, as the fused backward gives; empty where `needs`
-    is false."""
+    arguments, batch_sizes and then its zoneout weights last) and differentiated with
+    create_graph=True against `grads` (the gradients of its differentiable outputs). One
+    gradient per entry of `needs`: zeros for an argument the outputs do not depend on, as the
+    fused backward gives; empty where `needs` is false."""
     if cells.CELLS[cell].has_cell_state:
         position = list(range(9))  # the op's arguments are LayerArgs' first nine
+        keep = (*args[10:12], None, None)[:2]  # zoneout_c, zoneout_h (absent: None)
     else:  # (input, weight_ih, weight_hh, bias_ih, bias_hh, hx): no weight_ch, weight_hr, cx
         position = [0, 1, 2, 3, 4, 7]
+        keep = (None, args[7] if len(args) > 7 else None)  # zoneout_h
     tensors = [None] * 9
     for i, p in enumerate(position):
         tensors[p] = args[i]
@@ -90,8 +92,10 @@ def _differentiable_backward(cell: str, grads, args, reverse: bool, needs):
     result = [args[0].new_empty(0) for _ in needs]
     if not wanted:
         return result
+    batch_sizes = args[len(position)]
     with torch.enable_grad():
-        outs = reference.layer(cell, *tensors, args[-1], reverse)
+        a = reference.LayerArgs(*tensors, batch_sizes, reverse)
+        outs = reference.layer_of(cell, a, keep=keep if keep[1] is not None else None)
         reference_grads(outs, grads, args, wanted, result)
     return result
 
@@ -131,6 +135,8 @@ def _register_fakes(cell: str) -> None:
         batch_sizes,
         reverse,
         need_workspace=True,
+        zoneout_c=None,
+        zoneout_h=None,
     ):
         _check_fake_devices(
             f"{cell}_forward",
@@ -144,6 +150,8 @@ def _register_fakes(cell: str) -> None:
             weight_hr=weight_hr,
             hx=hx,
             cx=cx,
+            zoneout_c=zoneout_c,
+            zoneout_h=zoneout_h,
         )
         H, H_out, cols = _lstm_dims(weight_ih, weight_hr, cell)
         B = _batch(input, hx, batch_sizes)
@@ -179,11 +187,15 @@ def _register_fakes(cell: str) -> None:
         output,
         workspace,
         output_mask,
+        zoneout_c=None,
+        zoneout_h=None,
     ):
         _check_fake_devices(
             f"{cell}_backward",
             input,
             batch_sizes,
+            zoneout_c=zoneout_c,
+            zoneout_h=zoneout_h,
             grad_output=grad_output,
             grad_hy=grad_hy,
             grad_cy=grad_cy,
@@ -215,12 +227,22 @@ def _register_fakes_hidden_only(cell: str) -> None:
 
     @torch.library.register_fake(f"fusedrnn::{cell}_forward")
     def _fake_forward(
-        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, batch_sizes, reverse, need_workspace=True
+        input,
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        hx,
+        batch_sizes,
+        reverse,
+        need_workspace=True,
+        zoneout_h=None,
     ):
         _check_fake_devices(
             f"{cell}_forward",
             input,
             batch_sizes,
+            zoneout_h=zoneout_h,
             weight_ih=weight_ih,
             weight_hh=weight_hh,
             bias_ih=bias_ih,
@@ -251,11 +273,13 @@ def _register_fakes_hidden_only(cell: str) -> None:
         output,
         workspace,
         output_mask,
+        zoneout_h=None,
     ):
         _check_fake_devices(
             f"{cell}_backward",
             input,
             batch_sizes,
+            zoneout_h=zoneout_h,
             grad_output=grad_output,
             grad_hy=grad_hy,
             weight_ih=weight_ih,
@@ -324,14 +348,16 @@ if HAS_C:
 
 
 def forward(
-    cell: str, a: reference.LayerArgs, need_workspace: bool = False
+    cell: str, a: reference.LayerArgs, need_workspace: bool = False, zone=None
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(output, h_n, c_n) of the forward op of `cell` (c_n None for a cell without a cell
     state). Its autograd (csrc/ops/autograd.cpp) records a node, and keeps the workspace the
     backward reads, when grad mode is on and an argument requires a gradient; `need_workspace`
-    asks for the workspace without a node too (the tests of the ops)."""
+    asks for the workspace without a node too (the tests of the ops). `zone`: the op's zoneout
+    weights (zoneout_c, zoneout_h), zoneout_c None for a cell without a cell state."""
+    zone_c, zone_h = zone if zone is not None else (None, None)
     if _HAS_CELL_STATE[cell]:
-        out, hy, cy, _ = _FORWARD_OPS[cell](*a, need_workspace)
+        out, hy, cy, _ = _FORWARD_OPS[cell](*a, need_workspace, zone_c, zone_h)
         return out, hy, cy
     out, hy, _ = _FORWARD_OPS[cell](
         a.input,
@@ -343,5 +369,6 @@ def forward(
         a.batch_sizes,
         a.reverse,
         need_workspace,
+        zone_h,
     )
     return out, hy, None

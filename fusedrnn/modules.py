@@ -1,10 +1,12 @@
 """Drop-in modules: LSTM, GRU, PeepholeLSTM, WorkingMemoryLSTM and their one-step cells.
 
 Parameter names, shapes, registration order, initialisation, arguments and return values are
-torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules unchanged. One
-keyword argument torch.nn lacks, `dropconnect=p`: DropConnect on weight_hh (design.md §1.5). Every
-layer and direction runs as one call of a fused whole-sequence op (see fusedrnn._layer.run);
-the Python here only routes tensors, with no work proportional to the sequence length.
+torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules unchanged. Two
+keyword arguments torch.nn lacks: `dropconnect=p`, DropConnect on weight_hh (design.md §1.5), and
+`zoneout=p`, zoneout of the states (§1.7). Every layer and direction runs as one call of a fused
+whole-sequence op (see fusedrnn._layer.run); the Python here only routes tensors, with no work
+proportional to the sequence length. Zoneout is fused in the plain LSTM's (without projection)
+and the GRU's ops; the other cells' zoned layers run the reference equations.
 """
 
 import functools
@@ -54,6 +56,54 @@ def _check_dropconnect(value) -> float:
     return float(value)
 
 
+_ZONEOUT_RATE = (
+    "zoneout should be a number in range [0, 1] representing the probability of a state element "
+    "keeping its previous value"
+)
+
+
+def _check_zoneout(value, pair_ok: bool):
+    """A zoneout argument: one rate, or (LSTM family, pair_ok) a pair (p_c, p_h) of the cell
+    and the hidden state's rates. Returned as floats, in the form given."""
+
+    def rate(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= 1
+
+    if isinstance(value, (tuple, list)):
+        if not pair_ok:
+            raise ValueError(
+                f"{_ZONEOUT_RATE}; a GRU has one state (h), so one rate, not a pair: got {value!r}"
+            )
+        if len(value) != 2 or not all(rate(v) for v in value):
+            raise ValueError(
+                f"{_ZONEOUT_RATE}, or a pair (p_c, p_h) of such numbers for the cell and the "
+                f"hidden state, got {value!r}"
+            )
+        return (float(value[0]), float(value[1]))
+    if not rate(value):
+        pair = ", or a pair (p_c, p_h) of such numbers" if pair_ok else ""
+        raise ValueError(f"{_ZONEOUT_RATE}{pair}, got {value!r}")
+    return float(value)
+
+
+def _zoneout_keep(zoneout, training: bool, rows: int, width_c: Optional[int], width_h: int, like):
+    """What a layer call of `rows` output rows zones (design.md §1.7): (keep_c, keep_h) for
+    fusedrnn.reference.layer_of, or None when neither state is zoned. In training one bool mask
+    per zoned state, (rows, width), drawn with reference.zoneout_masks, the cell state's first;
+    in eval the rate (the expectation); None for a state at rate 0 (no random number drawn) or
+    without a cell state (width_c None)."""
+    p_c, p_h = zoneout if isinstance(zoneout, tuple) else (zoneout, zoneout)
+    keeps = []
+    for p, width in ((p_c, width_c), (p_h, width_h)):
+        if p == 0 or width is None:
+            keeps.append(None)
+        elif training:
+            keeps.append(reference.zoneout_masks(rows, width, p, like))
+        else:
+            keeps.append(p)
+    return None if keeps[0] is None and keeps[1] is None else tuple(keeps)
+
+
 def _autocast_mixed_ok(a: Tensor, b: Tensor) -> bool:
     """Under autocast, a lower-precision tensor may meet float32 parameters or states: the
     fused ops' autocast kernels cast them all to the autocast dtype (see _ops), or the module
@@ -94,27 +144,37 @@ def _cpu_autocast_promoted(input: Tensor, state: Tensor) -> Optional[torch.dtype
     return None if promoted == low else promoted
 
 
-def _run_promoted(cell: str, a: LayerArgs, exposed: bool, dtype: torch.dtype, run=_layer.run):
-    """`run` (_layer.run, or _run_empty) with the floating-point tensors cast to `dtype` and CPU
-    autocast off (the ops' autocast kernels would cast them to the autocast dtype)."""
+def _run_promoted(
+    cell: str, a: LayerArgs, exposed: bool, dtype: torch.dtype, run=_layer.run, **kwargs
+):
+    """`run` (_layer.run, or _run_reference) with the floating-point tensors cast to `dtype` and
+    CPU autocast off (the ops' autocast kernels would cast them to the autocast dtype)."""
     a = LayerArgs(
         *(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in a)
     )
     with torch.autocast("cpu", enabled=False):
-        return run(cell, a, exposed=exposed)
+        return run(cell, a, exposed=exposed, **kwargs)
 
 
-def _run_empty(cell: str, a: LayerArgs, exposed: bool = False):
-    """A layer of hidden size 0, which torch.nn's cells allow and the ops do not: the reference
-    equations give the (B, 0) states, with autograd, for no work, in the dtype an op would give
-    (under autocast, the op's autocast kernel casts its arguments to the autocast dtype)."""
+def _run_reference(cell: str, a: LayerArgs, exposed: bool = False, ln=(), keep=None):
+    """A layer call the fused ops do not serve, through the reference equations with autograd,
+    in the dtype an op would give (under autocast, the op's autocast kernel casts its arguments
+    to the autocast dtype): a layer of hidden size 0, which torch.nn's cells allow and the ops
+    do not ((B, 0) states for no work), and a zoned layer (`keep`, see _zoneout_keep; `ln` the
+    LayerNorm parameters of a layer-normalised one)."""
     dev = a.input.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
         a = LayerArgs(*(t.to(low) if _ops._autocast_eligible(t, dev) else t for t in a))
+        ln = tuple(t.to(low) if _ops._autocast_eligible(t, dev) else t for t in ln)
         with torch.autocast(dev, enabled=False):
-            return reference.layer_of(cell, a)
-    return reference.layer_of(cell, a)
+            return reference.layer_of(cell, a, ln, keep)
+    return reference.layer_of(cell, a, ln, keep)
+
+
+def _layer_norm_run(cell: str, a: LayerArgs, exposed: bool = False, ln=()):
+    """_layer_norm.run in the signature of _layer.run."""
+    return _layer_norm.run(cell, a, ln)
 
 
 def _fx_leaf(module: nn.Module, *args):
@@ -169,6 +229,12 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
     _cell = "lstm"
     _layer_norm = False  # the layer-normalised cell of _cell's family (LayerNormLSTM / GRU)
     dropconnect = 0.0  # (a class default too: modules pickled before it existed load)
+    zoneout = 0.0  # a rate, or (p_c, p_h) in the LSTM family; a class default as dropconnect
+
+    @property
+    def _zone_fused(self) -> bool:
+        """Whether the fused ops zone this module's layers (without projection)."""
+        return self._cell in _layer.ZONED_CELLS
 
     def __init__(
         self,
@@ -184,12 +250,14 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         dtype=None,
         *,
         dropconnect: float = 0.0,
+        zoneout: Union[float, Tuple[float, float]] = 0.0,
     ) -> None:
         nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         _check_positive_int("num_layers", num_layers)
         dropconnect = _check_dropconnect(dropconnect)
+        zoneout = _check_zoneout(zoneout, cells.CELLS[self._cell].has_cell_state)
         if (
             not isinstance(dropout, numbers.Number)
             or isinstance(dropout, bool)
@@ -229,6 +297,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.dropconnect = dropconnect
+        self.zoneout = zoneout
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         factory = {"device": device, "dtype": dtype}
@@ -321,6 +390,8 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
             s += ", bidirectional={bidirectional}"
         if self.dropconnect != 0:
             s += ", dropconnect={dropconnect}"
+        if self.zoneout != 0:
+            s += ", zoneout={zoneout}"
         return s.format(**self.__dict__)
 
     # forward ---------------------------------------------------------------------------------
@@ -465,6 +536,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
         if promoted is not None:
             run = functools.partial(_run_promoted, dtype=promoted)
         layer_input = input
+        rows = input.shape[0] if packed else input.shape[0] * input.shape[1]
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
@@ -486,14 +558,27 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                     batch_sizes,
                     direction == 1,
                 )
-                if self._layer_norm:
-                    out, hy, cy = _layer_norm.run(
-                        self._cell, args, self._ln_params(layer, direction)
+                # zoneout's masks (training) or rates (eval), None when no state is zoned
+                keep = None
+                if self.zoneout != 0:
+                    keep = _zoneout_keep(
+                        self.zoneout, self.training, rows, H if is_lstm else None, H_out, input
                     )
+                ln = self._ln_params(layer, direction) if self._layer_norm else ()
+                exposed = D == 1 and layer == self.num_layers - 1
+                if keep is not None and (ln or w_hr is not None or not self._zone_fused):
+                    # zoneout the ops do not fuse: the reference equations
+                    zoned = functools.partial(_run_reference, ln=ln, keep=keep)
+                    if promoted is not None:
+                        out, hy, cy = _run_promoted(self._cell, args, False, promoted, zoned)
+                    else:
+                        out, hy, cy = zoned(self._cell, args)
+                elif self._layer_norm:
+                    out, hy, cy = _layer_norm.run(self._cell, args, ln)
+                elif keep is not None:
+                    out, hy, cy = run(self._cell, args, exposed=exposed, keep=keep)
                 else:
-                    out, hy, cy = run(
-                        self._cell, args, exposed=D == 1 and layer == self.num_layers - 1
-                    )
+                    out, hy, cy = run(self._cell, args, exposed=exposed)
                 outputs.append(out)
                 h_n.append(hy)
                 c_n.append(cy)
@@ -560,6 +645,7 @@ class _GRUArguments:
         dtype=None,
         *,
         dropconnect: float = 0.0,
+        zoneout: float = 0.0,
         **kwargs,
     ) -> None:
         if "proj_size" in kwargs:  # torch.nn.GRU's error
@@ -581,6 +667,7 @@ class _GRUArguments:
             device,
             dtype,
             dropconnect=dropconnect,
+            zoneout=zoneout,
         )
 
 
@@ -598,6 +685,12 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
     _cell = "lstm"
     _layer_norm = False  # the layer-normalised cell of _cell's family (LayerNormLSTMCell / GRU)
     dropconnect = 0.0  # (a class default too: modules pickled before it existed load)
+    zoneout = 0.0  # a rate, or (p_c, p_h) in the LSTM family; a class default as dropconnect
+
+    @property
+    def _zone_fused(self) -> bool:
+        """Whether the fused ops zone this module's layers (without projection)."""
+        return self._cell in _layer.ZONED_CELLS
 
     def __init__(
         self,
@@ -608,10 +701,12 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         dtype=None,
         *,
         dropconnect: float = 0.0,
+        zoneout: Union[float, Tuple[float, float]] = 0.0,
     ) -> None:
         nn.Module.__init__(self)
         _check_positive_int("input_size", input_size)
         self.dropconnect = _check_dropconnect(dropconnect)
+        self.zoneout = _check_zoneout(zoneout, cells.CELLS[self._cell].has_cell_state)
         # torch.nn's cells accept hidden_size 0: (B, 0) states (_run_empty)
         _check_positive_int("hidden_size", hidden_size, zero_ok=True)
         factory = {"device": device, "dtype": dtype}
@@ -645,6 +740,8 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
             s += ", bias={bias}"
         if self.dropconnect != 0:
             s += ", dropconnect={dropconnect}"
+        if self.zoneout != 0:
+            s += ", zoneout={zoneout}"
         return s.format(**self.__dict__)
 
     def _weights(self):
@@ -721,15 +818,21 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
                         f"must match input ({dtype}, {device})"
                     )
         a = LayerArgs(input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, w_ch, None, h0, c0)
-        if self._layer_norm:
-            _, hy, cy = _layer_norm.run(self._cell, a, self._ln_params())
-            if unbatched:
-                hy = hy.squeeze(0)
-                cy = cy.squeeze(0) if cy is not None else None
-            return (hy, cy) if is_lstm else hy
-        run = _layer.run if H > 0 else _run_empty  # hidden_size 0, as torch.nn's cells allow
-        # CPU autocast: the dtype torch.nn.LSTMCell / GRUCell return, promoted with c / h
-        promoted = _cpu_autocast_promoted(input, c0 if is_lstm else h0)
+        run = _layer.run if H > 0 else _run_reference  # hidden_size 0, as torch.nn's cells allow
+        keep = None
+        if self.zoneout != 0:  # one call is one step: fresh masks (training) per call
+            keep = _zoneout_keep(self.zoneout, self.training, B, H if is_lstm else None, H, input)
+        if keep is not None and H > 0 and not self._layer_norm and self._zone_fused:
+            run = functools.partial(_layer.run, keep=keep)
+        elif keep is not None:
+            ln = self._ln_params() if self._layer_norm else ()
+            run = functools.partial(_run_reference, ln=ln, keep=keep)
+        elif self._layer_norm:
+            run = functools.partial(_layer_norm_run, ln=self._ln_params())
+        # CPU autocast: the dtype torch.nn.LSTMCell / GRUCell return, promoted with c / h (the
+        # layer-normalised cells, which torch.nn lacks, run in the autocast dtype)
+        state = c0 if is_lstm else h0
+        promoted = None if self._layer_norm else _cpu_autocast_promoted(input, state)
         if promoted is None:
             _, hy, cy = run(self._cell, a, exposed=False)
         else:

@@ -150,11 +150,18 @@ layer.__signature__ = layer_signature()
 
 
 def layer_of(
-    cell: str, a: LayerArgs, ln: Tuple[Tensor, ...] = ()
+    cell: str, a: LayerArgs, ln: Tuple[Tensor, ...] = (), keep: Optional[tuple] = None
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """`layer` over arguments already bound. With `ln`, the layer-normalised cell of `cell`'s
     family (LAYER_NORM_STEPS): ln is its gains and shifts, (ln_weight_ih, ln_weight_hh,
-    ln_weight_c, ln_bias_c) for the LSTM, (ln_weight_ih, ln_weight_hh) for the GRU."""
+    ln_weight_c, ln_bias_c) for the LSTM, (ln_weight_ih, ln_weight_hh) for the GRU.
+
+    With `keep` = (keep_c, keep_h), zoneout (design.md §1.7) of the cell state and of the
+    hidden state after every step: each None (that state is not zoned), a rate p (eval: the
+    expectation), a bool mask (rows, width) with one row per output row, as `zoneout_masks`
+    draws it (training: True keeps the previous value), or the fused ops' form of either: a
+    floating-point (rows, width) or (1, width) tensor of weights d of the previous value.
+    keep_c is ignored by a cell without a cell state. The output at t is the zoned h_t."""
     spec = _cells.get(cell)
     step = LAYER_NORM_STEPS[cell] if ln else STEPS[cell]
     input, batch_sizes = a.input, a.batch_sizes
@@ -167,6 +174,15 @@ def layer_of(
     if spec.has_cell_state:
         c = a.cx if a.cx is not None else input.new_zeros(B, H)
     weights = (a.weight_ih, a.weight_hh, a.bias_ih, a.bias_hh, *ln)
+    keep_c, keep_h = keep if keep is not None else (None, None)
+
+    def zoned(prev: Tensor, new: Tensor, d, r0: int, n: int) -> Tensor:
+        if d is None:
+            return new
+        if isinstance(d, Tensor) and d.shape[0] != 1:  # (1, width): one row for every row
+            d = d[r0 : r0 + n]
+        return zoneout(prev, new, d)
+
     outs = [None] * len(steps)
     for t, r0, n in reversed(steps) if a.reverse else steps:
         x = x2[r0 : r0 + n]
@@ -175,7 +191,9 @@ def layer_of(
         else:
             extra = (a.weight_hr,) if spec.weight_ch is None else (a.weight_ch, a.weight_hr)
             h_new, c_new = step(x, h[:n], c[:n], *weights, *extra)
+            c_new = zoned(c[:n], c_new, keep_c, r0, n)
             c = torch.cat([c_new, c[n:]]) if n < c.shape[0] else c_new
+        h_new = zoned(h[:n], h_new, keep_h, r0, n)
         h = torch.cat([h_new, h[n:]]) if n < h.shape[0] else h_new
         outs[t] = h_new
     if outs:
@@ -199,7 +217,7 @@ def dropconnect(weight_hh: Tensor, p: float, training: bool) -> Tensor:
 
 # Layer normalisation and zoneout (design.md §1.6, §1.7), step by step: the oracle of the fused
 # layer-normalised ops (fusedrnn.LayerNormLSTM / LayerNormGRU run them through `layer_of` with
-# `ln`) and of zoneout, which no module runs yet.
+# `ln`) and of zoneout (`layer_of` with `keep`).
 
 
 def layer_norm(v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:
@@ -241,9 +259,12 @@ def layer_norm_gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh):
 def zoneout(prev: Tensor, new: Tensor, keep) -> Tensor:
     """Zoneout of one state (Krueger et al. 2016): `keep` is the step's mask d (a bool tensor
     shaped like the state: True keeps the previous value) in training, or the rate p (a float)
-    in eval, which mixes the expectation p ⊙ prev + (1 − p) ⊙ new."""
-    if isinstance(keep, Tensor):
+    in eval, which mixes the expectation p ⊙ prev + (1 − p) ⊙ new; a floating-point tensor
+    is the weights d themselves (the fused ops' form, 0 / 1 or p), d ⊙ prev + (1 − d) ⊙ new."""
+    if isinstance(keep, Tensor) and keep.dtype == torch.bool:
         return torch.where(keep, prev, new)
+    if isinstance(keep, Tensor):
+        return keep * prev + (1 - keep) * new
     return new if keep == 0 else keep * prev + (1 - keep) * new
 
 

@@ -139,12 +139,16 @@ def test_parse_presets():
         "lstm +dx",
         "lstm 3-layer bidir",
         "lstm dropconnect",
+        "lstm zoneout",
         "layer-norm lstm",
     ]
     assert cases[4].dropconnect > 0 and cases[4].passes == ("fwd+bwd",)
     assert "compiled" not in cases[4].impls
+    # zoneout: training only, against the eager loop (torch.nn has none)
+    assert cases[5].zoneout > 0 and cases[5].passes == ("fwd+bwd",)
+    assert cases[5].impls == ("fused", "eager")
     # the layer-normalised LSTM: no torch.nn module, both passes
-    assert cases[5].layer_norm and "torch" not in cases[5].impls and len(cases[5].passes) == 2
+    assert cases[6].layer_norm and "torch" not in cases[6].impls and len(cases[6].passes) == 2
     assert [c.label for c in build_cases(["gru"], [(3, 2, 4, 5)])] == ["gru", "layer-norm gru"]
     assert "torch" not in cases[1].impls and cases[2].passes == ("fwd+bwd",)
     assert slow_repeats(10) == 3 and slow_repeats(2) == 2
@@ -192,6 +196,7 @@ def test_tiny_run_writes_json_table_and_png(tiny_run):
     assert ("lstm 3-layer bidir", "fwd+bwd") in labels
     assert ("lstm +dx", "fwd+bwd") in labels
     assert ("lstm dropconnect", "fwd+bwd") in labels
+    assert ("lstm zoneout", "fwd+bwd") in labels
     for rec in results:
         # the stacked row and its single-layer "+dx" comparison run at half the sequence length
         # (the stacked row is the slowest)
@@ -205,9 +210,10 @@ def test_tiny_run_writes_json_table_and_png(tiny_run):
         assert (
             rec["impls"]["compiled"]["status"] == "skipped"
             if "compiled" in rec["impls"]
-            else stack_rows or rec["label"] == "lstm dropconnect"
+            else stack_rows or rec["label"] in ("lstm dropconnect", "lstm zoneout")
         )
         assert rec["dropconnect"] == (0.5 if rec["label"] == "lstm dropconnect" else 0.0)
+        assert rec["zoneout"] == (0.1 if rec["label"] == "lstm zoneout" else 0.0)
         if "torch" in rec["impls"]:
             assert rec["impls"]["torch"]["kernel"] in ("oneDNN", "ATen")
             assert rec["speedup"]["torch"] > 0
@@ -228,11 +234,13 @@ def test_memory_and_compiled_loop(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["input_grad"] is True and doc["settings"]["memory_method"]
     train = [r for r in doc["results"] if r["pass"] == "fwd+bwd"]
-    # lstm, lstm 3-layer bidir, lstm dropconnect, layer-norm lstm (--input-grad: no "+dx" row)
+    # lstm, lstm 3-layer bidir, lstm dropconnect, lstm zoneout, layer-norm lstm (--input-grad:
+    # no "+dx" row)
     assert [r["label"] for r in train] == [
         "lstm",
         "lstm 3-layer bidir",
         "lstm dropconnect",
+        "lstm zoneout",
         "layer-norm lstm",
     ]
     for rec in train:
@@ -417,9 +425,9 @@ def test_results_rewritten_after_every_case(tmp_path, monkeypatch):
         cli.main(TINY + ["--cells", "lstm,gru", "--no-memory", "--no-compile", "--out", str(out)])
         == 0
     )
-    # lstm, gru, lstm +dx, lstm 3-layer bidir, lstm dropconnect, layer-norm lstm, layer-norm gru,
-    # with 2, 2, 1, 1, 1, 2 and 2 rows (passes)
-    rows = [2, 2, 1, 1, 1, 2, 2]
+    # lstm, gru, lstm +dx, lstm 3-layer bidir, lstm dropconnect, lstm zoneout, layer-norm lstm,
+    # layer-norm gru, with 2, 2, 1, 1, 1, 1, 2 and 2 rows (passes)
+    rows = [2, 2, 1, 1, 1, 1, 2, 2]
     assert seen[0] is None and len(seen) == len(rows)
     for k, doc in enumerate(seen[1:], start=1):
         assert doc["complete"] is False and doc["interrupted"] is False
@@ -610,6 +618,22 @@ def test_dropconnect_row_drops_the_same_weight_in_every_implementation():
         outs[impl] = forward()
     # fp64, the same dropped weight: rounding only
     torch.testing.assert_close(outs["fused"], outs["torch"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs["fused"], outs["eager"], rtol=1e-10, atol=1e-12)
+    torch.manual_seed(2)
+    assert not torch.equal(work.get("fused")[0](), outs["fused"])
+
+
+def test_zoneout_row_zones_alike_in_both_implementations():
+    """The "lstm zoneout" row: under one seed, fused and the eager loop draw the same masks and
+    compute the same training output."""
+    case = next(c for c in build_cases(["lstm"], [(3, 2, 4, 5)]) if c.zoneout)
+    work = impls.Workload(case, Settings(torch.device("cpu"), torch.float64))
+    outs = {}
+    for impl in case.impls:
+        forward, _ = work.get(impl)
+        torch.manual_seed(1)
+        outs[impl] = forward()
+    # fp64, the same masks: rounding only
     torch.testing.assert_close(outs["fused"], outs["eager"], rtol=1e-10, atol=1e-12)
     torch.manual_seed(2)
     assert not torch.equal(work.get("fused")[0](), outs["fused"])

@@ -43,6 +43,13 @@ struct LSTMForwardStep {
   int64_t ld_p = 0;
   scalar_t* u = nullptr;  // WM: [n, 3H] saved tanh(p) for [i | f | o]
   int64_t ld_u = 0;
+  // Zoneout (plain LSTM without projection): the weights d of the previous state in c_t and
+  // h_t (design.md §1.7), [n, H] each: 0 / 1 masks in training, the rate p in eval (row
+  // stride 0: one row for every row). Both set or both nullptr (no zoneout).
+  const scalar_t* zone_c = nullptr;
+  int64_t ld_zone_c = 0;
+  const scalar_t* zone_h = nullptr;
+  int64_t ld_zone_h = 0;
 };
 
 template <typename scalar_t>
@@ -70,6 +77,15 @@ struct LSTMBackwardStep {
   int64_t ld_dp = 0;
   scalar_t* dp_saved = nullptr;  // WM: [n, 3H] second copy of dp (kept for weight grads)
   int64_t ld_dp_saved = 0;
+  // Zoneout: the forward's weights (LSTMForwardStep), both set or both nullptr. With them the
+  // kernel writes the direct part of dh_{t-1}, d_h * dL/dh_t, into dh_carry [n, H] (ld H), and
+  // the GEMM of dh_{t-1}'s W_hh part accumulates onto it; `c` holds the zoned c_t, and the
+  // kernel recomputes the cell's new state f * c_{t-1} + i * g from the gates.
+  const scalar_t* zone_c = nullptr;
+  int64_t ld_zone_c = 0;
+  const scalar_t* zone_h = nullptr;
+  int64_t ld_zone_h = 0;
+  scalar_t* dh_carry = nullptr;
 };
 
 template <typename scalar_t>
@@ -84,6 +100,8 @@ struct GRUForwardStep {
   scalar_t* h_state = nullptr;        // [n, H] (ld H) in: h_{t-1}; out: h_t
   scalar_t* h_out = nullptr;          // [n, H] layer output rows
   int64_t ld_h_out = 0;
+  const scalar_t* zone_h = nullptr;  // zoneout: [n, H] weights of h_{t-1} in h_t (as the
+  int64_t ld_zone_h = 0;             // LSTM's), or nullptr
 };
 
 template <typename scalar_t>
@@ -103,6 +121,8 @@ struct GRUBackwardStep {
   int64_t ld_dx = 0;
   scalar_t* dhg = nullptr;  // [n, 3H] out: gradients of h-side pre-activations
   int64_t ld_dhg = 0;
+  const scalar_t* zone_h = nullptr;  // zoneout: the forward's weights, or nullptr; the direct
+  int64_t ld_zone_h = 0;             // part of dh_{t-1} then includes d * dL/dh_t
 };
 
 // Phases of a step. The WM cell runs its forward as kIFG then kO, its backward as kO then kIFG.

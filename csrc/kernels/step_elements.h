@@ -43,6 +43,7 @@ FUSEDRNN_HD acc_type<scalar_t> ld(const scalar_t* p, int64_t i) {
 // runs: forward kSave = p.save_gates, kHState = p.h_state != nullptr; backward kDy =
 // p.dy != nullptr, kPrev = kOn when every row is below p.m_prev (its previous state is the
 // previous step's row), kOff when none is.
+// kZone = kOn when the step zones its states (p.zone_h set), kOff when not.
 // kDy has no run-time form: a step without an output gradient (dy null: every cell backward, a
 // layer whose loss reads only h_n) must not even form a load from dy. Left to the compiler, the
 // vectorised `if (has_dy) dh += dy[j]` became a masked load with every lane off from address 0,
@@ -62,6 +63,21 @@ inline void dispatch_on_off(bool on, const Fn& fn) {
   }
 }
 
+// Whether an LSTM-family cell's kernels zone: the plain LSTM's (the GRU's always can).
+template <CellKind kCell>
+constexpr bool kZoneable = traits(kCell).weight_ch == WeightCh::kNone;
+
+// fn(IntTag<kOn>) when a step zones its states, else fn(IntTag<kOff>) (host code); kCan false
+// (a cell without zoneout) compiles the kOff case only.
+template <bool kCan, typename Fn>
+inline void dispatch_zone(bool on, const Fn& fn) {
+  if constexpr (kCan) {
+    dispatch_on_off(on, fn);
+  } else {
+    fn(IntTag<kOff>{});
+  }
+}
+
 // The state before this step of row b: the previous step's saved row where that step ran row b
 // (b < m_prev), else the initial state.
 template <int kPrev = kRuntime, typename scalar_t>
@@ -73,9 +89,24 @@ FUSEDRNN_HD acc_type<scalar_t> prev_state(const scalar_t* prev, int64_t ld_prev,
   return b < m_prev ? ld(prev + b * ld_prev, j) : ld(init + b * H, j);
 }
 
+// Zoneout's update of one state element (design.md §1.7): d * prev + (1 - d) * next, d the
+// step's weight of the previous value (a 0 / 1 mask, or the rate in eval). Written so, not as
+// next + d * (prev - next), so that d = 1 keeps prev and d = 0 takes next exactly.
+template <typename acc_t>
+FUSEDRNN_HD acc_t zoned(acc_t d, acc_t prev, acc_t next) {
+  return d * prev + (acc_t(1) - d) * next;
+}
+
+template <int kZone, typename Step>
+FUSEDRNN_HD bool zones(const Step& p) {
+  return kZone == kRuntime ? p.zone_h != nullptr : kZone == kOn;
+}
+
 // kHg false: p.hg is not read, p.gates holds the whole pre-activation (the fused CPU steps).
+// Zoneout (p.zone_c / zone_h) is the plain LSTM's only: the peephole and working-memory cells
+// would need the un-zoned c_t saved as well, for their connections' gradients.
 template <CellKind kCell, Phase kPhase, bool kBias, bool kHg = true, int kSave = kRuntime,
-          int kHState = kRuntime, typename scalar_t>
+          int kHState = kRuntime, int kZone = kRuntime, typename scalar_t>
 FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
   const bool save = kSave == kRuntime ? p.save_gates : kSave == kOn;
@@ -97,7 +128,12 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
   acc_t i, f, g, o, c, h;
   const int64_t s = b * H + j;
   if constexpr (!kTwoPhase && kWeightCh == WeightCh::kNone) {
-    Cell::forward(pre(0), pre(1), pre(2), pre(3), ld(p.c_state, s), i, f, g, o, c, h);
+    const acc_t c_prev = ld(p.c_state, s);
+    Cell::forward(pre(0), pre(1), pre(2), pre(3), c_prev, i, f, g, o, c, h);
+    if (zones<kZone>(p)) {  // h_state holds h_{t-1} (no projection) until the store below
+      c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
+      h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
+    }
   } else if constexpr (!kTwoPhase && kWeightCh == WeightCh::kDiagonal) {
     Cell::forward(pre(0), pre(1), pre(2), pre(3), ld(p.c_state, s), ld(p.peephole, j),
                   ld(p.peephole, H + j), ld(p.peephole, 2 * H + j), i, f, g, o, c, h);
@@ -144,7 +180,8 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
   }
 }
 
-template <CellKind kCell, Phase kPhase, int kDy, int kPrev = kRuntime, typename scalar_t>
+template <CellKind kCell, Phase kPhase, int kDy, int kPrev = kRuntime, int kZone = kRuntime,
+          typename scalar_t>
 FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
   static_assert(kDy == kOn || kDy == kOff, "kDy is fixed at compile time (see kRuntime)");
@@ -191,11 +228,23 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
     acc_t da_i, da_f, da_g, da_o, dc_prev;
     const acc_t i = static_cast<acc_t>(gt[0]), f = static_cast<acc_t>(gt[H]),
                 g = static_cast<acc_t>(gt[2 * H]), o = static_cast<acc_t>(gt[3 * H]);
-    const acc_t c = ld(p.c + b * p.ld_c, j);
+    acc_t c = ld(p.c + b * p.ld_c, j);
     const acc_t c_prev = prev_state<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j);
     if constexpr (kWeightCh == WeightCh::kNone) {
-      Cell::backward(i, f, g, o, c, c_prev, dh_total(), ld(p.dc_state, s), da_i, da_f, da_g, da_o,
-                     dc_prev);
+      acc_t dh = dh_total(), dc = ld(p.dc_state, s);
+      if (zones<kZone>(p)) {
+        // the cell's own new state, before zoneout; the gradients of h_t and c_t split between
+        // it (1 - d) and the previous state (d)
+        c = f * c_prev + i * g;
+        const acc_t d_c = ld(p.zone_c + b * p.ld_zone_c, j);
+        const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
+        Cell::backward(i, f, g, o, c, c_prev, (acc_t(1) - d_h) * dh, (acc_t(1) - d_c) * dc, da_i,
+                       da_f, da_g, da_o, dc_prev);
+        dc_prev += d_c * dc;
+        p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
+      } else {
+        Cell::backward(i, f, g, o, c, c_prev, dh, dc, da_i, da_f, da_g, da_o, dc_prev);
+      }
     } else {
       static_assert(kWeightCh == WeightCh::kDiagonal, "one phase: no or diagonal connections");
       Cell::backward(i, f, g, o, c, c_prev, ld(p.peephole, j), ld(p.peephole, H + j),
@@ -210,7 +259,7 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
   }
 }
 
-template <bool kBias, typename scalar_t>
+template <bool kBias, int kZone = kRuntime, typename scalar_t>
 FUSEDRNN_HD void gru_forward_element(const GRUForwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
   const int64_t H = p.H;
@@ -227,7 +276,9 @@ FUSEDRNN_HD void gru_forward_element(const GRUForwardStep<scalar_t>& p, int64_t 
   }
   const int64_t s = b * H + j;
   acc_t r, z, n, h;
-  GRUCell<acc_t>::forward(x[0], x[1], x[2], hh[0], hh[1], hh[2], ld(p.h_state, s), r, z, n, h);
+  const acc_t h_prev = ld(p.h_state, s);
+  GRUCell<acc_t>::forward(x[0], x[1], x[2], hh[0], hh[1], hh[2], h_prev, r, z, n, h);
+  if (zones<kZone>(p)) h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), h_prev, h);
   a[0] = static_cast<scalar_t>(r);
   a[H] = static_cast<scalar_t>(z);
   a[2 * H] = static_cast<scalar_t>(n);
@@ -236,7 +287,7 @@ FUSEDRNN_HD void gru_forward_element(const GRUForwardStep<scalar_t>& p, int64_t 
   p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
 }
 
-template <int kDy, int kPrev = kRuntime, typename scalar_t>
+template <int kDy, int kPrev = kRuntime, int kZone = kRuntime, typename scalar_t>
 FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_t b, int64_t j) {
   using acc_t = acc_type<scalar_t>;
   static_assert(kDy == kOn || kDy == kOff, "kDy is fixed at compile time (see kRuntime)");
@@ -245,11 +296,14 @@ FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_
   const int64_t s = b * H + j;
   acc_t dh = ld(p.dh_state, s);
   if constexpr (kDy == kOn) dh += ld(p.dy + b * p.ld_dy, j);
-  acc_t dx_r, dx_z, dx_n, dh_n, dh_prev;
+  acc_t dx_r, dx_z, dx_n, dh_n, dh_prev, d = 0;
+  if (zones<kZone>(p)) d = ld(p.zone_h + b * p.ld_zone_h, j);
   GRUCell<acc_t>::backward(static_cast<acc_t>(gt[0]), static_cast<acc_t>(gt[H]),
                            static_cast<acc_t>(gt[2 * H]), static_cast<acc_t>(gt[3 * H]),
                            prev_state<kPrev>(p.h_prev, p.ld_h_prev, p.h_init, p.m_prev, H, b, j),
-                           dh, dx_r, dx_z, dx_n, dh_n, dh_prev);
+                           zones<kZone>(p) ? (acc_t(1) - d) * dh : dh, dx_r, dx_z, dx_n, dh_n,
+                           dh_prev);
+  if (zones<kZone>(p)) dh_prev += d * dh;
   scalar_t* dx = p.dx + b * p.ld_dx + j;
   scalar_t* dhg = p.dhg + b * p.ld_dhg + j;
   dx[0] = static_cast<scalar_t>(dx_r);

@@ -26,6 +26,39 @@ void check_opt(const char* op, const char* name, const optional<Tensor>& t, cons
   if (t.has_value()) check_tensor(op, name, *t, input, shape);
 }
 
+Zone check_zone(const char* op, const char* name, const optional<Tensor>& z, const Tensor& input,
+                int64_t N, int64_t width) {
+  if (!z.has_value()) return {};
+  const Tensor& t = *z;
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name,
+              " must have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on the device of input (",
+              input.device(), "), got ", t.device());
+  TORCH_CHECK(t.dim() == 2 && (t.size(0) == N || t.size(0) == 1) && t.size(1) == width, op, ": ",
+              name, " must have shape (", N, ", ", width, ") (one row per input row) or (1, ",
+              width, ") (one row for all), got ", t.sizes());
+  const Tensor c = t.contiguous();
+  return {c, c.size(0) == 1 ? 0 : width};
+}
+
+std::pair<Zone, Zone> check_lstm_zones(CellKind cell, const optional<Tensor>& zoneout_c,
+                                       const optional<Tensor>& zoneout_h, const Tensor& input,
+                                       bool proj, int64_t N, int64_t H) {
+  const char* op = cell_name(cell);
+  if (!zoneout_c.has_value() && !zoneout_h.has_value()) return {};
+  TORCH_CHECK(zoneout_c.has_value() && zoneout_h.has_value(), op,
+              ": zoneout_c and zoneout_h must be given together (a state at rate 0: a (1, H) "
+              "row of zeros)");
+  TORCH_CHECK(cell == CellKind::kLSTM, op,
+              ": zoneout_c / zoneout_h are supported by the plain LSTM only; the modules run "
+              "other cells' zoneout through the reference equations");
+  TORCH_CHECK(!proj, op,
+              ": zoneout_c / zoneout_h are not supported with weight_hr (a projection); the "
+              "modules run it through the reference equations");
+  return {check_zone(op, "zoneout_c", zoneout_c, input, N, H),
+          check_zone(op, "zoneout_h", zoneout_h, input, N, H)};
+}
+
 Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
                 const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
                 const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,

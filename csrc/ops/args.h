@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 
 #include "kernels/kernels.h"
 #include "recurrence/steps.h"
@@ -26,6 +27,22 @@ void check_tensor(const char* op, const char* name, const Tensor& t, const Tenso
                   at::IntArrayRef shape);
 void check_opt(const char* op, const char* name, const optional<Tensor>& t, const Tensor& input,
                at::IntArrayRef shape);
+
+// Zoneout's weights of one state (design.md §1.7), checked: `t` contiguous (N, width) (one row
+// per input row: training's 0 / 1 masks) or (1, width) (one row for all: eval's rate), with
+// the dtype and device of input; `ld` its row stride (0 for one row). Undefined when absent.
+struct Zone {
+  Tensor t;
+  int64_t ld = 0;
+};
+Zone check_zone(const char* op, const char* name, const optional<Tensor>& z, const Tensor& input,
+                int64_t N, int64_t width);
+
+// The zoneout weights (zoneout_c, zoneout_h) of an LSTM-family call: both or neither, and
+// only for the plain LSTM without projection.
+std::pair<Zone, Zone> check_lstm_zones(CellKind cell, const optional<Tensor>& zoneout_c,
+                                       const optional<Tensor>& zoneout_h, const Tensor& input,
+                                       bool proj, int64_t N, int64_t H);
 
 Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
                 const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,

@@ -17,6 +17,8 @@
 //   its own, so the node's backward then calls `_differentiable_backward`, whose kernel
 //   (fusedrnn/_ops.py) recomputes the layer with the reference equations and differentiates
 //   them with create_graph=True (design.md §3, "Autograd").
+// - Zoneout's weights (zoneout_c, zoneout_h) are saved and passed to the backward as they are:
+//   no gradient reaches them (masks and rates are not parameters).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -75,8 +77,8 @@ using DifferentiableBackwardSig = std::vector<Tensor>(const std::string&,
 
 // The first-order gradients of the layer as a differentiable graph (create_graph=True):
 // `grads` flow into the forward's differentiable outputs, `args` are its saved tensor arguments
-// (batch_sizes last). Returns one tensor per argument (undefined where `needs` is false) and
-// `n_total` entries in all, as a node's backward returns.
+// (batch_sizes, then the zoneout weights, last). Returns one tensor per argument (undefined where
+// `needs` is false) and `n_total` entries in all, as a node's backward returns.
 variable_list differentiable_backward(const char* cell, const variable_list& grads,
                                       const variable_list& args, bool reverse,
                                       const std::vector<bool>& needs, size_t n_total) {
@@ -97,13 +99,13 @@ variable_list differentiable_backward(const char* cell, const variable_list& gra
 using LstmForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-    bool);
+    bool, const OptTensor&, const OptTensor&);
 using LstmBackwardSig =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
         const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
         const OptTensor&, const OptTensor&, const OptTensor&, bool, const Tensor&, const Tensor&,
-        std::array<bool, 2>);
+        std::array<bool, 2>, const OptTensor&, const OptTensor&);
 
 template <CellKind kCell>
 const c10::TypedOperatorHandle<LstmForwardSig>& lstm_forward_op() {
@@ -118,18 +120,22 @@ const c10::TypedOperatorHandle<LstmBackwardSig>& lstm_backward_op() {
 }
 
 // Saved: the 10 tensor arguments (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-// weight_hr, hx, cx, batch_sizes; absent ones undefined), then the output and the workspace.
+// weight_hr, hx, cx, batch_sizes; absent ones undefined), then the output and the workspace,
+// then zoneout_c and zoneout_h.
 template <CellKind kCell>
 struct LSTMFamilyFunction : public torch::autograd::Function<LSTMFamilyFunction<kCell>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih,
                                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                const OptTensor& w_ch, const OptTensor& w_hr, const OptTensor& hx,
-                               const OptTensor& cx, const OptTensor& batch_sizes, bool reverse) {
+                               const OptTensor& cx, const OptTensor& batch_sizes, bool reverse,
+                               const OptTensor& zone_c, const OptTensor& zone_h) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, hy, cy, ws] = lstm_forward_op<kCell>().call(
-        input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, batch_sizes, reverse, true);
+    auto [out, hy, cy, ws] =
+        lstm_forward_op<kCell>().call(input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx,
+                                      batch_sizes, reverse, true, zone_c, zone_h);
     ctx->save_for_backward({input, w_ih, w_hh, value(b_ih), value(b_hh), value(w_ch), value(w_hr),
-                            value(hx), value(cx), value(batch_sizes), out, ws});
+                            value(hx), value(cx), value(batch_sizes), out, ws, value(zone_c),
+                            value(zone_h)});
     ctx->saved_data["reverse"] = reverse;
     ctx->mark_non_differentiable({ws});
     ctx->set_materialize_grads(false);
@@ -141,8 +147,11 @@ struct LSTMFamilyFunction : public torch::autograd::Function<LSTMFamilyFunction<
     const std::vector<bool> needs = needs_grad(ctx, s, 9);
     const bool reverse = ctx->saved_data["reverse"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      return differentiable_backward(traits(kCell).name, {grads[0], grads[1], grads[2]},
-                                     variable_list(s.begin(), s.begin() + 10), reverse, needs, 11);
+      variable_list args(s.begin(), s.begin() + 10);
+      args.push_back(s[12]);
+      args.push_back(s[13]);
+      return differentiable_backward(traits(kCell).name, {grads[0], grads[1], grads[2]}, args,
+                                     reverse, needs, 13);
     }
     at::AutoDispatchBelowADInplaceOrView below;
     const bool weights = needs[1] || needs[2] || needs[3] || needs[4] || needs[5] || needs[6];
@@ -150,9 +159,9 @@ struct LSTMFamilyFunction : public torch::autograd::Function<LSTMFamilyFunction<
         lstm_backward_op<kCell>().call(opt(grads[0]), opt(grads[1]), opt(grads[2]), s[0], s[1],
                                        s[2], opt(s[3]), opt(s[4]), opt(s[5]), opt(s[6]), opt(s[7]),
                                        opt(s[8]), opt(s[9]), reverse, s[10], s[11],
-                                       {needs[0], weights});
+                                       {needs[0], weights}, opt(s[12]), opt(s[13]));
     const Tensor g[9] = {g_in, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_ch, g_w_hr, g_hx, g_cx};
-    variable_list result(11);  // + batch_sizes, reverse: none
+    variable_list result(13);  // + batch_sizes, reverse, zoneout_c, zoneout_h: none
     for (size_t i = 0; i < 9; ++i) {
       if (needs[i]) result[i] = g[i];
     }
@@ -164,15 +173,16 @@ template <CellKind kCell>
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd(
     const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
     const OptTensor& b_hh, const OptTensor& w_ch, const OptTensor& w_hr, const OptTensor& hx,
-    const OptTensor& cx, const OptTensor& batch_sizes, bool reverse, bool need_workspace) {
+    const OptTensor& cx, const OptTensor& batch_sizes, bool reverse, bool need_workspace,
+    const OptTensor& zone_c, const OptTensor& zone_h) {
   if (!(at::GradMode::is_enabled() &&
         any_wants_grad(input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx))) {
     at::AutoDispatchBelowADInplaceOrView below;
     return lstm_forward_op<kCell>().call(input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx,
-                                         batch_sizes, reverse, need_workspace);
+                                         batch_sizes, reverse, need_workspace, zone_c, zone_h);
   }
   variable_list r = LSTMFamilyFunction<kCell>::apply(input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx,
-                                                     cx, batch_sizes, reverse);
+                                                     cx, batch_sizes, reverse, zone_c, zone_h);
   return {r[0], r[1], r[2], r[3]};
 }
 
@@ -181,11 +191,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd(
 using GruForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
                                                          const Tensor&, const OptTensor&,
                                                          const OptTensor&, const OptTensor&,
-                                                         const OptTensor&, bool, bool);
+                                                         const OptTensor&, bool, bool,
+                                                         const OptTensor&);
 using GruBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, const Tensor&,
-    const Tensor&, std::array<bool, 2>);
+    const Tensor&, std::array<bool, 2>, const OptTensor&);
 
 template <CellKind kCell>
 const c10::TypedOperatorHandle<GruForwardSig>& gru_forward_op() {
@@ -200,17 +211,18 @@ const c10::TypedOperatorHandle<GruBackwardSig>& gru_backward_op() {
 }
 
 // Saved: the 7 tensor arguments (input, weight_ih, weight_hh, bias_ih, bias_hh, hx,
-// batch_sizes), then the output and the workspace.
+// batch_sizes), then the output and the workspace, then zoneout_h.
 template <CellKind kCell>
 struct GRUFamilyFunction : public torch::autograd::Function<GRUFamilyFunction<kCell>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih,
                                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                               const OptTensor& hx, const OptTensor& batch_sizes, bool reverse) {
+                               const OptTensor& hx, const OptTensor& batch_sizes, bool reverse,
+                               const OptTensor& zone_h) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, hy, ws] =
-        gru_forward_op<kCell>().call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, true);
-    ctx->save_for_backward(
-        {input, w_ih, w_hh, value(b_ih), value(b_hh), value(hx), value(batch_sizes), out, ws});
+    auto [out, hy, ws] = gru_forward_op<kCell>().call(input, w_ih, w_hh, b_ih, b_hh, hx,
+                                                      batch_sizes, reverse, true, zone_h);
+    ctx->save_for_backward({input, w_ih, w_hh, value(b_ih), value(b_hh), value(hx),
+                            value(batch_sizes), out, ws, value(zone_h)});
     ctx->saved_data["reverse"] = reverse;
     ctx->mark_non_differentiable({ws});
     ctx->set_materialize_grads(false);
@@ -222,16 +234,18 @@ struct GRUFamilyFunction : public torch::autograd::Function<GRUFamilyFunction<kC
     const std::vector<bool> needs = needs_grad(ctx, s, 6);
     const bool reverse = ctx->saved_data["reverse"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      return differentiable_backward(traits(kCell).name, {grads[0], grads[1]},
-                                     variable_list(s.begin(), s.begin() + 7), reverse, needs, 8);
+      variable_list args(s.begin(), s.begin() + 7);
+      args.push_back(s[9]);
+      return differentiable_backward(traits(kCell).name, {grads[0], grads[1]}, args, reverse, needs,
+                                     9);
     }
     at::AutoDispatchBelowADInplaceOrView below;
     const bool weights = needs[1] || needs[2] || needs[3] || needs[4];
     auto [g_in, g_hx, g_w_ih, g_w_hh, g_b_ih, g_b_hh] = gru_backward_op<kCell>().call(
         opt(grads[0]), opt(grads[1]), s[0], s[1], s[2], opt(s[3]), opt(s[4]), opt(s[5]), opt(s[6]),
-        reverse, s[7], s[8], {needs[0], weights});
+        reverse, s[7], s[8], {needs[0], weights}, opt(s[9]));
     const Tensor g[6] = {g_in, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_hx};
-    variable_list result(8);  // + batch_sizes, reverse: none
+    variable_list result(9);  // + batch_sizes, reverse, zoneout_h: none
     for (size_t i = 0; i < 6; ++i) {
       if (needs[i]) result[i] = g[i];
     }
@@ -244,14 +258,15 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_autograd(const Tensor& input, con
                                                         const Tensor& w_hh, const OptTensor& b_ih,
                                                         const OptTensor& b_hh, const OptTensor& hx,
                                                         const OptTensor& batch_sizes, bool reverse,
-                                                        bool need_workspace) {
+                                                        bool need_workspace,
+                                                        const OptTensor& zone_h) {
   if (!(at::GradMode::is_enabled() && any_wants_grad(input, w_ih, w_hh, b_ih, b_hh, hx))) {
     at::AutoDispatchBelowADInplaceOrView below;
     return gru_forward_op<kCell>().call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse,
-                                        need_workspace);
+                                        need_workspace, zone_h);
   }
-  variable_list r =
-      GRUFamilyFunction<kCell>::apply(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse);
+  variable_list r = GRUFamilyFunction<kCell>::apply(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes,
+                                                    reverse, zone_h);
   return {r[0], r[1], r[2]};
 }
 

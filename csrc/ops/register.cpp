@@ -18,9 +18,10 @@ struct Kernels {
       const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
       const optional<Tensor>& b_hh, const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
       const optional<Tensor>& hx, const optional<Tensor>& cx, const optional<Tensor>& batch_sizes,
-      bool reverse, bool need_workspace) {
+      bool reverse, bool need_workspace, const optional<Tensor>& zoneout_c,
+      const optional<Tensor>& zoneout_h) {
     return lstm_family_forward(kCell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx,
-                               batch_sizes, reverse, need_workspace);
+                               batch_sizes, reverse, need_workspace, zoneout_c, zoneout_h);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -30,28 +31,29 @@ struct Kernels {
                 const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
                 const optional<Tensor>& hx, const optional<Tensor>& cx,
                 const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output,
-                const Tensor& workspace, std::array<bool, 2> output_mask) {
+                const Tensor& workspace, std::array<bool, 2> output_mask,
+                const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
     return lstm_family_backward(kCell, grad_output, grad_hy, grad_cy, input, w_ih, w_hh, b_ih, b_hh,
                                 w_ch, w_hr, hx, cx, batch_sizes, reverse, output, workspace,
-                                output_mask);
+                                output_mask, zoneout_c, zoneout_h);
   }
 
   static std::tuple<Tensor, Tensor, Tensor> gru_forward(
       const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
       const optional<Tensor>& b_hh, const optional<Tensor>& hx, const optional<Tensor>& batch_sizes,
-      bool reverse, bool need_workspace) {
+      bool reverse, bool need_workspace, const optional<Tensor>& zoneout_h) {
     return gru_family_forward(kCell, input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse,
-                              need_workspace);
+                              need_workspace, zoneout_h);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       const optional<Tensor>& grad_output, const optional<Tensor>& grad_hy, const Tensor& input,
       const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
       const optional<Tensor>& b_hh, const optional<Tensor>& hx, const optional<Tensor>& batch_sizes,
-      bool reverse, const Tensor& output, const Tensor& workspace,
-      std::array<bool, 2> output_mask) {
+      bool reverse, const Tensor& output, const Tensor& workspace, std::array<bool, 2> output_mask,
+      const optional<Tensor>& zoneout_h) {
     return gru_family_backward(kCell, grad_output, grad_hy, input, w_ih, w_hh, b_ih, b_hh, hx,
-                               batch_sizes, reverse, output, workspace, output_mask);
+                               batch_sizes, reverse, output, workspace, output_mask, zoneout_h);
   }
 };
 

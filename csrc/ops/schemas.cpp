@@ -12,6 +12,11 @@
 // In backward, output_mask = (grad_input, weight gradients) says which of those to compute; the
 // gradients of absent optional arguments, and the ones the mask leaves out, are returned as
 // empty (0,) tensors. The state gradients are always computed.
+// Zoneout (design.md §1.7; the plain LSTM without projection, and the GRU): zoneout_c and
+// zoneout_h are the weights d of the previous cell / hidden state in the new one, d * prev +
+// (1 - d) * new after every step, in input's dtype: (N, H) with a row per input row (training:
+// 0 / 1 masks) or (1, H) (eval: the rate); the LSTM takes both or neither. The backward takes
+// the forward's.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -45,14 +50,16 @@ TORCH_LIBRARY(fusedrnn, m) {
     const std::string op(cell.name);
     m.def((op + "_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
                 "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, "
-                "Tensor? batch_sizes, bool reverse, bool need_workspace=True) -> (Tensor output, "
+                "Tensor? batch_sizes, bool reverse, bool need_workspace=True, "
+                "Tensor? zoneout_c=None, Tensor? zoneout_h=None) -> (Tensor output, "
                 "Tensor hy, Tensor cy, Tensor workspace)")
               .c_str());
     m.def((op +
            "_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
            "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
            "Tensor? weight_ch, Tensor? weight_hr, Tensor? hx, Tensor? cx, Tensor? batch_sizes, "
-           "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask) -> "
+           "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask, "
+           "Tensor? zoneout_c=None, Tensor? zoneout_h=None) -> "
            "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor "
            "grad_weight_hh, "
            "Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_weight_ch, "
@@ -70,12 +77,13 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def(
       "gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
       "Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, bool reverse, "
-      "bool need_workspace=True) -> (Tensor output, Tensor hy, Tensor workspace)");
+      "bool need_workspace=True, Tensor? zoneout_h=None) -> (Tensor output, Tensor hy, "
+      "Tensor workspace)");
   m.def(
       "gru_backward(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? hx, Tensor? batch_sizes, "
-      "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask) -> (Tensor grad_input, "
-      "Tensor grad_hx, "
+      "bool reverse, Tensor output, Tensor workspace, bool[2] output_mask, "
+      "Tensor? zoneout_h=None) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh)");
   // The layer-normalised LSTM and GRU (design.md §1.6; recurrence/layer_norm.cpp), CPU kernels:

@@ -23,6 +23,7 @@ struct ForwardCall {
   Dims d;
   bool need_workspace;
   Tensor w_ih, w_hh, x, ws, out, hy, hg, bias_ih, bias_hh;
+  Zone zone_h;  // zoneout's weights (design.md §1.7), undefined without
 };
 
 // GemmStep forward: hg = h_{t-1} W_hh^T (the state's n rows times W_hh (3H x H) transposed),
@@ -94,13 +95,16 @@ void forward_loop(const ForwardCall& c, InputProjection& xproj, Exec& exec) {
   base.bias_hh = opt_ptr<scalar_t>(c.bias_hh);
   base.h_state = ptr<scalar_t>(c.hy);
   base.ld_h_out = H;
+  base.ld_zone_h = c.zone_h.ld;
   scalar_t* const out = ptr<scalar_t>(c.out);
+  const scalar_t* const zone_h = opt_ptr<scalar_t>(c.zone_h.t);
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
     GRUForwardStep<scalar_t> p = base;
     p.n = n;
     p.gates = xproj.rows_for<scalar_t>(k);
     p.h_out = out + r0 * H;
+    if (zone_h != nullptr) p.zone_h = zone_h + r0 * c.zone_h.ld;
     exec.step(k, p);
   }
 }
@@ -110,6 +114,7 @@ struct BackwardCall {
   Dims d;
   Tensor w_hh, out, dy, dh_state, h0;
   StepChunks sc;
+  Zone zone_h;  // zoneout's weights, undefined without
   Tensor dx_buf[2], dhg_buf[2];
 };
 
@@ -177,6 +182,8 @@ void backward_loop(const BackwardCall& c, const Tensor& workspace, Exec& exec,
   base.dh_state = ptr<scalar_t>(c.dh_state);
   base.ld_dx = 3 * H;
   base.ld_dhg = 3 * H;
+  base.ld_zone_h = c.zone_h.ld;
+  const scalar_t* const zone_h = opt_ptr<scalar_t>(c.zone_h.t);
   const scalar_t* const ws_p = s.N > 0 ? workspace.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* const h_prev = ptr<scalar_t>(c.out);
   const scalar_t* const dy = maybe_ptr<scalar_t>(c.dy);
@@ -194,6 +201,7 @@ void backward_loop(const BackwardCall& c, const Tensor& workspace, Exec& exec,
     p.dy = dy ? dy + r0 * H : nullptr;
     p.dx = c.sc.row_ptr(dx_bufs, 3 * H, k, r0);
     p.dhg = c.sc.row_ptr(dhg_bufs, 3 * H, k, r0);
+    if (zone_h != nullptr) p.zone_h = zone_h + r0 * c.zone_h.ld;
     exec.step(k, p, r0);
     if (k == c.sc.of(k).k_lo) finish_chunk(c.sc.of(k));
   }
@@ -204,9 +212,11 @@ void backward_loop(const BackwardCall& c, const Tensor& workspace, Exec& exec,
 std::tuple<Tensor, Tensor, Tensor> gru_family_forward(
     CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& hx,
-    const optional<Tensor>& batch_sizes, bool reverse, bool need_workspace) {
+    const optional<Tensor>& batch_sizes, bool reverse, bool need_workspace,
+    const optional<Tensor>& zoneout_h) {
   const Steps s = make_steps(cell_name(cell), input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
+  const Zone zone_h = check_zone(cell_name(cell), "zoneout_h", zoneout_h, input, s.N, d.H);
   auto guard = guard_for(input);
   const StepDevice dev(input);  // the per-step GEMMs and launches (step_device.h)
   const int64_t H = d.H;
@@ -226,7 +236,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_family_forward(
       /*hy=*/state_or_zeros(hx, input, s.B, H),
       /*hg=*/at::empty({s.B, 3 * H}, opts),
       b_ih.has_value() ? b_ih->contiguous() : Tensor(),
-      b_hh.has_value() ? b_hh->contiguous() : Tensor()};
+      b_hh.has_value() ? b_hh->contiguous() : Tensor(),
+      zone_h};
   const Tensor w_ih_t = w_ih.t();
   InputProjection xproj(s, c.x, w_ih_t, need_workspace ? c.ws : Tensor(), 4 * H, opts);
   const Plan plan = plan_call(input, s, TilesFor::kLongCalls);
@@ -249,11 +260,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_family_backward(
     CellKind cell, const optional<Tensor>& grad_output, const optional<Tensor>& grad_hy,
     const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
     const optional<Tensor>& b_hh, const optional<Tensor>& hx, const optional<Tensor>& batch_sizes,
-    bool reverse, const Tensor& output, const Tensor& workspace, std::array<bool, 2> output_mask) {
+    bool reverse, const Tensor& output, const Tensor& workspace, std::array<bool, 2> output_mask,
+    const optional<Tensor>& zoneout_h) {
   const std::string op_name = std::string(cell_name(cell)) + "_backward";
   const char* op = op_name.c_str();
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
+  const Zone zone_h = check_zone(op, "zoneout_h", zoneout_h, input, s.N, d.H);
   auto guard = guard_for(input);
   const StepDevice dev(input);  // the per-step GEMMs and launches (step_device.h)
   const int64_t H = d.H;
@@ -278,7 +291,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_family_backward(
                  /*dy=*/has_dy ? grad_output->reshape({s.N, H}).contiguous() : Tensor(),
                  /*dh_state=*/grad_or_zeros(grad_hy, input, s.B, H),
                  /*h0=*/hx.has_value() ? hx->contiguous() : at::zeros({s.B, H}, opts),
-                 StepChunks(s, input)};
+                 StepChunks(s, input),
+                 zone_h};
   for (int i = 0; i < 2; ++i) {
     c.dx_buf[i] = c.sc.buffer(3 * H, opts, i);
     c.dhg_buf[i] = c.sc.buffer(3 * H, opts, i);

@@ -39,6 +39,7 @@ struct ForwardCall {
   optional<Tensor> w_ch, w_hr;
   Tensor x, output, out, hy, cy, bias, peep, hg, p_buf, r_scratch, u_scratch;
   LSTMWorkspace ws;
+  Zone zone_c, zone_h;  // zoneout's weights (design.md §1.7), undefined without
 };
 
 // h_{t-1} for the GEMM of a fused forward step that writes h_t into `state` (width columns),
@@ -174,6 +175,10 @@ void forward_loop(const ForwardCall& c, const StepDevice& dev, Exec& exec) {
   }
   scalar_t* const out = ptr<scalar_t>(c.out);
   scalar_t* const hy = ptr<scalar_t>(c.hy);
+  const scalar_t* const zone_c = opt_ptr<scalar_t>(c.zone_c.t);
+  const scalar_t* const zone_h = opt_ptr<scalar_t>(c.zone_h.t);
+  base.ld_zone_c = c.zone_c.ld;
+  base.ld_zone_h = c.zone_h.ld;
   // Training: the step's rows of the workspace blocks; inference: scratch rows every step reuses
   // (row step 0).
   const bool ws = c.need_workspace;
@@ -191,6 +196,10 @@ void forward_loop(const ForwardCall& c, const StepDevice& dev, Exec& exec) {
     p.c_save = c_save + row_step * r0 * H;
     p.h_out = c.proj ? r_rows + row_step * r0 * H : out + r0 * Hout;
     if (c.wm) p.u = u_rows + row_step * r0 * 3 * H;
+    if (zone_h != nullptr) {
+      p.zone_c = zone_c + r0 * c.zone_c.ld;
+      p.zone_h = zone_h + r0 * c.zone_h.ld;
+    }
     exec.step(k, p);
     if (c.proj) {
       // h_t = r_t W_hr^T: r_t (n x H) times W_hr (Hout x H) transposed, into the output rows,
@@ -213,6 +222,7 @@ struct BackwardCall {
   Tensor out, dy, dh_state, dc_state, c0, peep, dr, dp;
   LSTMWorkspace ws;
   StepChunks sc;
+  Zone zone_c, zone_h;  // zoneout's weights, undefined without
   Tensor dgates_buf[2], dh_buf[2], dp_buf[2];
   Tensor dgates_rows(int64_t k, int64_t r, int64_t count) const {
     return sc.rows_of(dgates_buf, k, r, count);
@@ -244,10 +254,12 @@ class BackwardGemmStep {
     dev_.gemm(p.n, H, 3 * H, dp_, 3 * H, false, w_ch_, H, false, dc_state_, H, 1.0f);
     FUSEDRNN_LAUNCH(dev_, lstm_backward_step, c_.cell, Phase::kIFG, p);
   }
-  // dh_{t-1} = dgates (n x 4H) times W_hh (4H x Hout)
+  // dh_{t-1} = dgates (n x 4H) times W_hh (4H x Hout); under zoneout added to the direct part
+  // d_h * dh_t the step kernel wrote there
   void finish_step(int64_t, const LSTMBackwardStep<scalar_t>& p) {
     const int64_t H = c_.d.H, Hout = c_.d.Hout;
-    dev_.gemm(p.n, Hout, 4 * H, p.dgates, 4 * H, false, w_hh_, Hout, false, dh_state_, Hout, 0.0f);
+    const float beta = p.zone_h != nullptr ? 1.0f : 0.0f;
+    dev_.gemm(p.n, Hout, 4 * H, p.dgates, 4 * H, false, w_hh_, Hout, false, dh_state_, Hout, beta);
   }
 
  private:
@@ -309,7 +321,8 @@ class BackwardTiles {
   // dh_{t-1}'s W_hh part is computed in the next processed step's call; the last one's here.
   void finish_step(int64_t k, const LSTMBackwardStep<scalar_t>& p) {
     if (k == 0) {
-      gemm(rows(c_.dh_state, 0, p.n), c_.dgates_rows(k, c_.s.off[c_.s.at(k)], p.n), c_.w_hh);
+      gemm(rows(c_.dh_state, 0, p.n), c_.dgates_rows(k, c_.s.off[c_.s.at(k)], p.n), c_.w_hh,
+           p.zone_h != nullptr ? 1.0f : 0.0f);
     }
   }
 
@@ -351,6 +364,11 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
   scalar_t* const dh_state = ptr<scalar_t>(c.dh_state);
   scalar_t* const dr = maybe_ptr<scalar_t>(c.dr);
   const scalar_t* const w_hr = c.proj ? ptr<scalar_t>(*c.w_hr) : nullptr;
+  const scalar_t* const zone_c = opt_ptr<scalar_t>(c.zone_c.t);
+  const scalar_t* const zone_h = opt_ptr<scalar_t>(c.zone_h.t);
+  base.ld_zone_c = c.zone_c.ld;
+  base.ld_zone_h = c.zone_h.ld;
+  if (zone_h != nullptr) base.dh_carry = dh_state;
   scalar_t* const dgates_bufs[2] = {maybe_ptr<scalar_t>(c.dgates_buf[0]),
                                     maybe_ptr<scalar_t>(c.dgates_buf[1])};
   scalar_t* const dh_bufs[2] = {maybe_ptr<scalar_t>(c.dh_buf[0]), maybe_ptr<scalar_t>(c.dh_buf[1])};
@@ -378,6 +396,10 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
       p.dy = c.has_dy ? dy + r0 * Hout : nullptr;
     }
     p.dgates = c.sc.row_ptr(dgates_bufs, 4 * H, k, r0);
+    if (zone_h != nullptr) {
+      p.zone_c = zone_c + r0 * c.zone_c.ld;
+      p.zone_h = zone_h + r0 * c.zone_h.ld;
+    }
     if (c.wm) {
       p.u = u + r0 * 3 * H;
       p.dp = exec.dp();
@@ -398,9 +420,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
     CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_ch,
     const optional<Tensor>& w_hr, const optional<Tensor>& hx, const optional<Tensor>& cx,
-    const optional<Tensor>& batch_sizes, bool reverse, bool need_workspace) {
+    const optional<Tensor>& batch_sizes, bool reverse, bool need_workspace,
+    const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
   const Steps s = make_steps(cell_name(cell), input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
+  const auto [zone_c, zone_h] =
+      check_lstm_zones(cell, zoneout_c, zoneout_h, input, w_hr.has_value(), s.N, d.H);
   auto guard = guard_for(input);
   const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;
@@ -431,7 +456,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       /*u_scratch=*/!need_workspace && wm ? at::empty({s.B, 3 * H}, opts) : Tensor(),
       need_workspace ? LSTMWorkspace(at::empty({LSTMWorkspace::numel(cell, s.N, H, proj)}, opts),
                                      cell, s.N, H, proj)
-                     : LSTMWorkspace(opts)};
+                     : LSTMWorkspace(opts),
+      zone_c, zone_h};
   if (wm) gemm(c.p_buf.narrow(1, 0, 2 * H), c.cy, w_ch->narrow(0, 0, 2 * H).t());
 
   const Plan plan = plan_call(input, s, TilesFor::kAlsoWideShortCalls);
@@ -458,10 +484,13 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
                      const optional<Tensor>& w_ch, const optional<Tensor>& w_hr,
                      const optional<Tensor>& hx, const optional<Tensor>& cx,
                      const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output,
-                     const Tensor& workspace, std::array<bool, 2> output_mask) {
+                     const Tensor& workspace, std::array<bool, 2> output_mask,
+                     const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
   const char* op = cell_name(cell);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
+  const auto [zone_c, zone_h] =
+      check_lstm_zones(cell, zoneout_c, zoneout_h, input, w_hr.has_value(), s.N, d.H);
   auto guard = guard_for(input);
   const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;
@@ -502,7 +531,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       // projection: gradient of r_t (current step); WM: the cell-connection gradients in flight
       /*dr=*/proj ? at::empty({s.B, H}, opts) : Tensor(),
       /*dp=*/wm ? at::zeros({s.B, 3 * H}, opts) : Tensor(),
-      LSTMWorkspace(workspace, cell, s.N, H, proj), StepChunks(s, input)};
+      LSTMWorkspace(workspace, cell, s.N, H, proj), StepChunks(s, input), zone_c, zone_h};
   for (int i = 0; i < 2; ++i) {
     c.dgates_buf[i] = c.sc.buffer(4 * H, opts, i);
     if (proj) c.dh_buf[i] = c.sc.buffer(Hout, opts, i);

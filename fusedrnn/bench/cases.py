@@ -53,6 +53,7 @@ FASTRNNS_SHAPE = (100, 64, 512, 512)
 QUICK_SHAPE_CPU = (100, 64, 256, 256)
 STACK_LAYERS = 3
 DROPCONNECT = 0.5  # the rate of the "lstm dropconnect" row
+ZONEOUT = 0.1  # the rate of the "lstm zoneout" row (both states; Tacotron 2's)
 WARMUP = {"cpu": 1, "cuda": 3}  # warm-up runs of fused and torch.nn
 
 Shape = Tuple[int, int, int, int]
@@ -97,6 +98,9 @@ class Case:
     # the layer-normalised cell of the family (LayerNormLSTM / GRU): fused against the eager
     # loop (torch.nn.functional.layer_norm per step) and the compiled step loop
     layer_norm: bool = False
+    # zoneout rate of both states (training rows only: fused against the eager loop, which zones
+    # with masks drawn the same way; torch.nn has no zoneout)
+    zoneout: float = 0.0
 
     @property
     def label(self) -> str:
@@ -107,6 +111,8 @@ class Case:
             label += " +dx"
         if self.dropconnect:
             label += " dropconnect"
+        if self.zoneout:
+            label += " zoneout"
         return label
 
     def needs_input_grad(self, settings: "Settings") -> bool:
@@ -147,9 +153,10 @@ def build_cases(
     the single-layer rows) skip, so this is the single layer to compare the stack with. With
     `input_grad` (--input-grad) every row computes it and the "+dx" row is left out. Last, when
     LSTM is asked, its training pass with DropConnect ("lstm dropconnect", fwd+bwd: in eval
-    there is no mask) against torch.nn's LSTM and the eager loop on the same dropped weight; and
-    the layer-normalised LSTM / GRU of the families asked ("layer-norm lstm", fwd and fwd+bwd)
-    against their eager loop and compiled step loop (torch.nn has no such layer)."""
+    there is no mask) against torch.nn's LSTM and the eager loop on the same dropped weight, and
+    with zoneout ("lstm zoneout", fwd+bwd) against the eager loop; and the layer-normalised
+    LSTM / GRU of the families asked ("layer-norm lstm", fwd and fwd+bwd) against their eager
+    loop and compiled step loop (torch.nn has no such layer)."""
     cells = list(cells)
     cases = []
     for shape in shapes:
@@ -180,6 +187,8 @@ def build_cases(
                     dropconnect=DROPCONNECT,
                 )
             )
+            # zoneout's cost: the LSTM row's training pass with zoneout=0.1 on both states
+            cases.append(Case("lstm", shape, ("fwd+bwd",), ("fused", "eager"), zoneout=ZONEOUT))
         for cell in ("lstm", "gru"):
             if cell in cells:
                 cases.append(Case(cell, shape, PASSES, ("fused", "eager", "compiled"),

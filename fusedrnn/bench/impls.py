@@ -66,6 +66,7 @@ class Workload:
             device=dev,
             dtype=dt,
             dropconnect=case.dropconnect,
+            zoneout=case.zoneout,
         )
         self.x = torch.randn(T, B, I, device=dev, dtype=dt).requires_grad_(
             case.needs_input_grad(settings)
@@ -125,11 +126,19 @@ class Workload:
         p = self.case.dropconnect
 
         ln = self._ln0()
+        z = self.case.zoneout
 
         def forward():
             w_ih, w_hh, *rest = w
             w_hh = reference.dropconnect(w_hh, p, True)
-            return reference.layer_of(cell, reference.LayerArgs(x, w_ih, w_hh, *rest), ln)[0]
+            keep = None
+            if z:  # the masks the module draws: the cell state's, then the hidden state's
+                H = w_hh.shape[1]
+                rows = x.shape[0] * x.shape[1]
+                keep = tuple(reference.zoneout_masks(rows, H, z, x) for _ in range(2))
+                keep = keep if cells.CELLS[cell].has_cell_state else (None, keep[0])
+            a = reference.LayerArgs(x, w_ih, w_hh, *rest)
+            return reference.layer_of(cell, a, ln, keep)[0]
 
         return forward, list(self.module.parameters())
 

@@ -198,6 +198,7 @@ def run_case(case: Case, settings: Settings, progress=None) -> List[dict]:
             "pass": pass_,
             "input_grad": case.needs_input_grad(settings),
             "dropconnect": case.dropconnect,
+            "zoneout": case.zoneout,
             "layer_norm": case.layer_norm,
             "impls": {},
             "speedup": {},

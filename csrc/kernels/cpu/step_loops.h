@@ -29,10 +29,15 @@ void for_each_row(int64_t n, int64_t H, const Fn& fn) {
 
 template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
 void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
-  for_each_row(p.n, p.H, [&](int64_t b) {
-    const LSTMForwardStep<scalar_t> q = p;  // a local copy: stores cannot alias its pointers
+  dispatch_zone<kZoneable<kCell>>(p.zone_h != nullptr, [&](auto zone) {
+    for_each_row(p.n, p.H, [&](int64_t b) {
+      const LSTMForwardStep<scalar_t> q = p;  // a local copy: stores cannot alias its pointers
 #pragma GCC ivdep
-    for (int64_t j = 0; j < q.H; ++j) lstm_forward_element<kCell, kPhase, kBias>(q, b, j);
+      for (int64_t j = 0; j < q.H; ++j) {
+        lstm_forward_element<kCell, kPhase, kBias, true, kRuntime, kRuntime, decltype(zone)::value>(
+            q, b, j);
+      }
+    });
   });
 }
 
@@ -42,13 +47,16 @@ void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
 template <CellKind kCell, Phase kPhase, typename scalar_t>
 void lstm_backward_rows(const LSTMBackwardStep<scalar_t>& p) {
   dispatch_on_off(p.dy != nullptr, [&](auto dy) {
-    for_each_row(p.n, p.H, [&](int64_t b) {
-      const LSTMBackwardStep<scalar_t> q = p;
-      dispatch_on_off(b < q.m_prev, [&](auto prev) {
+    dispatch_zone<kZoneable<kCell>>(p.zone_h != nullptr, [&](auto zone) {
+      for_each_row(p.n, p.H, [&](int64_t b) {
+        const LSTMBackwardStep<scalar_t> q = p;
+        dispatch_on_off(b < q.m_prev, [&](auto prev) {
 #pragma GCC ivdep
-        for (int64_t j = 0; j < q.H; ++j) {
-          lstm_backward_element<kCell, kPhase, decltype(dy)::value, decltype(prev)::value>(q, b, j);
-        }
+          for (int64_t j = 0; j < q.H; ++j) {
+            lstm_backward_element<kCell, kPhase, decltype(dy)::value, decltype(prev)::value,
+                                  decltype(zone)::value>(q, b, j);
+          }
+        });
       });
     });
   });
@@ -74,10 +82,14 @@ void lstm_backward_step(CellKind cell, Phase phase, const LSTMBackwardStep<scala
 template <typename scalar_t>
 void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
   dispatch_bool(p.bias_ih != nullptr, [&](auto bias) {
-    for_each_row(p.n, p.H, [&](int64_t b) {
-      const GRUForwardStep<scalar_t> q = p;
+    dispatch_on_off(p.zone_h != nullptr, [&](auto zone) {
+      for_each_row(p.n, p.H, [&](int64_t b) {
+        const GRUForwardStep<scalar_t> q = p;
 #pragma GCC ivdep
-      for (int64_t j = 0; j < q.H; ++j) gru_forward_element<decltype(bias)::value>(q, b, j);
+        for (int64_t j = 0; j < q.H; ++j) {
+          gru_forward_element<decltype(bias)::value, decltype(zone)::value>(q, b, j);
+        }
+      });
     });
   });
 }
@@ -85,13 +97,16 @@ void gru_forward_step(const GRUForwardStep<scalar_t>& p) {
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p) {
   dispatch_on_off(p.dy != nullptr, [&](auto dy) {
-    for_each_row(p.n, p.H, [&](int64_t b) {
-      const GRUBackwardStep<scalar_t> q = p;
-      dispatch_on_off(b < q.m_prev, [&](auto prev) {
+    dispatch_on_off(p.zone_h != nullptr, [&](auto zone) {
+      for_each_row(p.n, p.H, [&](int64_t b) {
+        const GRUBackwardStep<scalar_t> q = p;
+        dispatch_on_off(b < q.m_prev, [&](auto prev) {
 #pragma GCC ivdep
-        for (int64_t j = 0; j < q.H; ++j) {
-          gru_backward_element<decltype(dy)::value, decltype(prev)::value>(q, b, j);
-        }
+          for (int64_t j = 0; j < q.H; ++j) {
+            gru_backward_element<decltype(dy)::value, decltype(prev)::value, decltype(zone)::value>(
+                q, b, j);
+          }
+        });
       });
     });
   });

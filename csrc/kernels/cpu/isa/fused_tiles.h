@@ -301,19 +301,22 @@ void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* ou
     dispatch_bool(p.bias != nullptr, [&](auto bias) {
       dispatch_on_off(p.save_gates, [&](auto save) {
         dispatch_on_off(p.h_state != nullptr, [&](auto h_state) {
-          auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
-            const LSTMForwardStep<T> q = p;  // a local copy: stores cannot alias its pointers
-            for_tile<kL>(
-                r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
-                  lstm_forward_element<kCell, kPhase, decltype(bias)::value, /*kHg=*/false,
-                                       decltype(save)::value, decltype(h_state)::value>(q, b, j);
-                });
-          };
-          if constexpr (traits(kCell).two_phase && kPhase == Phase::kO) {
-            gemm_panels<3, false>(g, out, ldo, p0, p1, epi, no_tail);
-          } else {
-            gemm_panels<4, false>(g, out, ldo, p0, p1, epi, no_tail);
-          }
+          dispatch_zone<kZoneable<kCell>>(p.zone_h != nullptr, [&](auto zone) {
+            auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
+              const LSTMForwardStep<T> q = p;  // a local copy: stores cannot alias its pointers
+              for_tile<kL>(
+                  r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
+                    lstm_forward_element<kCell, kPhase, decltype(bias)::value, /*kHg=*/false,
+                                         decltype(save)::value, decltype(h_state)::value,
+                                         decltype(zone)::value>(q, b, j);
+                  });
+            };
+            if constexpr (traits(kCell).two_phase && kPhase == Phase::kO) {
+              gemm_panels<3, false>(g, out, ldo, p0, p1, epi, no_tail);
+            } else {
+              gemm_panels<4, false>(g, out, ldo, p0, p1, epi, no_tail);
+            }
+          });
         });
       });
     });
@@ -370,37 +373,48 @@ void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<T>& p, T* 
     constexpr CellKind kCell = decltype(c)::value;
     constexpr Phase kPhase = decltype(ph)::value;
     // The GEMM writes what the phase's kernel reads: dh (=) before kWhole / kO, dc (+=) before
-    // the WM kIFG phase.
+    // the WM kIFG phase; under zoneout dh (+=) onto the direct part the previous processed
+    // step's kernel wrote (dh_carry).
     constexpr bool kIntoDc = traits(kCell).two_phase && kPhase == Phase::kIFG;
-    backward_panels<kIntoDc>(
-        p, out, ldo, g, p0, p1,
-        [&](auto dy, auto prev, const LSTMBackwardStep<T>& q, int64_t b,
-            int64_t j) __attribute__((always_inline)) {
-          lstm_backward_element<kCell, kPhase, decltype(dy)::value, decltype(prev)::value>(q, b, j);
-        });
+    dispatch_zone<kZoneable<kCell>>(p.zone_h != nullptr, [&](auto zone) {
+      constexpr int kZone = decltype(zone)::value;
+      backward_panels<kIntoDc || kZone == kOn>(
+          p, out, ldo, g, p0, p1,
+          [&](auto dy, auto prev, const LSTMBackwardStep<T>& q, int64_t b,
+              int64_t j) __attribute__((always_inline)) {
+            lstm_backward_element<kCell, kPhase, decltype(dy)::value, decltype(prev)::value, kZone>(
+                q, b, j);
+          });
+    });
   });
 }
 
 template <typename T>
 void gru_forward(const GRUForwardStep<T>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
   dispatch_bool(p.bias_ih != nullptr, [&](auto bias) {
-    auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
-      const GRUForwardStep<T> q = p;
-      for_tile<kL>(r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
-        gru_forward_element<decltype(bias)::value>(q, b, j);
-      });
-    };
-    gemm_panels<3, false>(g, const_cast<T*>(p.hg), p.ld_hg, p0, p1, epi, no_tail);
+    dispatch_on_off(p.zone_h != nullptr, [&](auto zone) {
+      auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
+        const GRUForwardStep<T> q = p;
+        for_tile<kL>(r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
+          gru_forward_element<decltype(bias)::value, decltype(zone)::value>(q, b, j);
+        });
+      };
+      gemm_panels<3, false>(g, const_cast<T*>(p.hg), p.ld_hg, p0, p1, epi, no_tail);
+    });
   });
 }
 
 template <typename T>
 void gru_backward(const GRUBackwardStep<T>& p, const PanelGemm& g, int64_t p0, int64_t p1) {
-  backward_panels<true>(p, p.dh_state, p.H, g, p0, p1,
-                        [&](auto dy, auto prev, const GRUBackwardStep<T>& q, int64_t b,
-                            int64_t j) __attribute__((always_inline)) {
-                          gru_backward_element<decltype(dy)::value, decltype(prev)::value>(q, b, j);
-                        });
+  dispatch_on_off(p.zone_h != nullptr, [&](auto zone) {
+    backward_panels<true>(
+        p, p.dh_state, p.H, g, p0, p1,
+        [&](auto dy, auto prev, const GRUBackwardStep<T>& q, int64_t b,
+            int64_t j) __attribute__((always_inline)) {
+          gru_backward_element<decltype(dy)::value, decltype(prev)::value, decltype(zone)::value>(
+              q, b, j);
+        });
+  });
 }
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE

@@ -496,3 +496,56 @@ def test_env_sends_step_gemms_through_aten():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_cuda_matches_reference(cell, dtype, mode):
+    """The CUDA kernels' zoneout (the zoneout_c / zoneout_h weights of the lstm and gru ops,
+    design.md §1.7) against the fp64 reference equations on the CPU given the same weights:
+    packed input whose row count changes, forward output, states and every gradient."""
+    from fusedrnn import _ops
+    from fusedrnn.reference import LayerArgs
+
+    torch.manual_seed(0)
+    sizes = [6, 6, 4, 3, 1]
+    bs = torch.tensor(sizes)
+    N, H, I = sum(sizes), 37, 9
+    x64 = torch.randn(N, I, dtype=torch.float64)
+    G = (4 if cell == "lstm" else 3) * H
+    w64 = [torch.randn(G, I), torch.randn(G, H), torch.randn(G), torch.randn(G)]
+    w64 = [(w * 0.4).double() for w in w64]
+    h64 = torch.randn(6, H, dtype=torch.float64)
+    c64 = torch.randn(6, H, dtype=torch.float64) if cell == "lstm" else None
+    n_states = 2 if cell == "lstm" else 1
+    if mode == "train":
+        zones = [(torch.rand(N, H) < 0.3 + 0.2 * k).double() for k in range(n_states)]
+    else:
+        zones = [torch.full((1, H), 0.25 + 0.3 * k, dtype=torch.float64) for k in range(n_states)]
+
+    def run(dev, dt, equations):
+        leaf = lambda t: None if t is None else t.detach().to(dev, dt).requires_grad_()  # noqa: E731
+        x, h, c = leaf(x64), leaf(h64), leaf(c64)
+        ws = [leaf(w) for w in w64]
+        a = LayerArgs(x, *ws, None, None, h, c, bs, False)
+        z = [t.to(dev, dt) for t in zones]
+        zone = (z[0], z[1]) if cell == "lstm" else (None, z[0])
+        if equations:
+            outs = reference.layer_of(cell, a, keep=zone)
+        else:
+            outs = _ops.forward(cell, a, zone=zone)
+        outs = [o for o in outs if o is not None]
+        torch.manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, dtype=torch.float64).to(o)).sum() for o in outs)
+        loss.backward()
+        res = {f"out{k}": o.detach() for k, o in enumerate(outs)}
+        res.update({"x": x.grad, "h": h.grad, **{f"w{k}": w.grad for k, w in enumerate(ws)}})
+        if c is not None:
+            res["c"] = c.grad
+        return {k: v.double().cpu() for k, v in res.items()}
+
+    ref = run("cpu", torch.float64, True)
+    got = run("cuda", dtype, False)
+    lowp = run("cpu", dtype, True) if dtype in HALF_TYPES else None
+    assert_matches(got, ref, dtype, lowp)

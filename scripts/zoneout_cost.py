@@ -1,0 +1,60 @@
+"""What zoneout costs: fusedrnn.LSTM and GRU with and without zoneout=0.1, one thread, fp32,
+T=100 B=64 I=H=256, the training pass (forward+backward) and the eval forward, timed alternately
+in one process (median of the rounds), and the time of drawing the masks alone (torch.rand < p,
+as the modules draw them, converted to the op's dtype).
+
+    python scripts/zoneout_cost.py [rounds]
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+import fusedrnn
+
+torch.set_num_threads(1)
+T, B, I, H = 100, 64, 256, 256
+x = torch.randn(T, B, I)
+g = torch.randn(T, B, H)
+for kind in ("LSTM", "GRU"):
+    torch.manual_seed(0)
+    plain = getattr(fusedrnn, kind)(I, H)
+    zoned = getattr(fusedrnn, kind)(I, H, zoneout=0.1)
+    zoned.load_state_dict(plain.state_dict())
+
+    def train(m):
+        m.zero_grad(set_to_none=True)
+        m(x)[0].backward(g)
+
+    def fwd(m):
+        with torch.no_grad():
+            m(x)
+
+    def masks(m):
+        for _ in range(2 if kind == "LSTM" else 1):
+            (torch.rand(T * B, H) < 0.1).float()
+
+    for name, fn, mods in (("train", train, (plain, zoned)), ("eval fwd", fwd, (plain, zoned))):
+        for m in mods:
+            m.train(name == "train")
+        times = {0: [], 1: []}
+        for r in range(int(sys.argv[1]) if len(sys.argv) > 1 else 7):
+            for i, m in enumerate(mods):
+                fn(m)
+                t0 = time.perf_counter()
+                fn(m)
+                times[i].append(time.perf_counter() - t0)
+        p, z = statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+        print(
+            f"{kind:4s} {name:8s} plain {p:7.1f} ms  zoneout {z:7.1f} ms  "
+            f"cost {100 * (z / p - 1):+5.1f}%",
+            flush=True,
+        )
+    t = []
+    for r in range(5):
+        t0 = time.perf_counter()
+        masks(None)
+        t.append(time.perf_counter() - t0)
+    print(f"{kind:4s} drawing the masks alone: {statistics.median(t) * 1e3:.1f} ms")

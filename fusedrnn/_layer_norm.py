@@ -8,6 +8,9 @@ tensors, during an ONNX export, or without the compiled extension run the refere
 (fusedrnn.reference.layer_of with the LayerNorm parameters): correct, not fused. The CUDA
 kernels of these cells are not written yet.
 
+Zoneout (design.md §1.7) is fused in these ops as in the plain cells': `run` takes the modules'
+`keep` and passes the ops their zoneout_c / zoneout_h weights (not with a projection).
+
 The ops' autograd is registered here with torch.library.register_autograd: one node per layer
 call whose backward is the fused backward op; under create_graph=True (double backward) it
 differentiates the reference equations instead, as the other cells' node does.
@@ -47,12 +50,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedrnn::layer_norm_lstm_forward")
     def _fake_lstm_forward(
         input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh, g_c, b_c, weight_hr, hx, cx,
-        batch_sizes, reverse, need_workspace=True,
+        batch_sizes, reverse, need_workspace=True, zoneout_c=None, zoneout_h=None,
     ):  # fmt: skip
         _ops._check_fake_devices(
             "layer_norm_lstm_forward", input, batch_sizes, weight_ih=weight_ih,
             weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, ln_weight_ih=g_ih,
             ln_weight_hh=g_hh, ln_weight_c=g_c, ln_bias_c=b_c, weight_hr=weight_hr, hx=hx, cx=cx,
+            zoneout_c=zoneout_c, zoneout_h=zoneout_h,
         )  # fmt: skip
         H = weight_ih.shape[0] // 4
         H_out = weight_hr.shape[0] if weight_hr is not None else H
@@ -69,7 +73,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedrnn::layer_norm_lstm_backward")
     def _fake_lstm_backward(
         grad_output, grad_hy, grad_cy, input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh,
-        g_c, b_c, weight_hr, hx, cx, batch_sizes, reverse, workspace, output_mask,
+        g_c, b_c, weight_hr, hx, cx, batch_sizes, reverse, workspace, output_mask, zoneout_c=None,
+        zoneout_h=None,
     ):  # fmt: skip
         H = weight_ih.shape[0] // 4
         H_out = weight_hr.shape[0] if weight_hr is not None else H
@@ -85,12 +90,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedrnn::layer_norm_gru_forward")
     def _fake_gru_forward(
         input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh, hx, batch_sizes, reverse,
-        need_workspace=True,
+        need_workspace=True, zoneout_h=None,
     ):  # fmt: skip
         _ops._check_fake_devices(
             "layer_norm_gru_forward", input, batch_sizes, weight_ih=weight_ih,
             weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, ln_weight_ih=g_ih,
-            ln_weight_hh=g_hh, hx=hx,
+            ln_weight_hh=g_hh, hx=hx, zoneout_h=zoneout_h,
         )  # fmt: skip
         H = weight_ih.shape[0] // 3
         B = _ops._batch(input, hx, batch_sizes)
@@ -104,7 +109,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedrnn::layer_norm_gru_backward")
     def _fake_gru_backward(
         grad_output, grad_hy, input, weight_ih, weight_hh, bias_ih, bias_hh, g_ih, g_hh, hx,
-        batch_sizes, reverse, workspace, output_mask,
+        batch_sizes, reverse, workspace, output_mask, zoneout_h=None,
     ):  # fmt: skip
         H = weight_ih.shape[0] // 3
         B = _ops._batch(input, hx, batch_sizes)
@@ -117,9 +122,11 @@ def _register_fakes() -> None:
 
 
 # The forward ops' arguments, in order: the LSTM's and the GRU's tensors and where each sits in
-# (LayerArgs' tensors + ln); batch_sizes, reverse and need_workspace follow.
+# (LayerArgs' tensors + ln); batch_sizes, reverse and need_workspace follow, then zoneout's
+# weights (zoneout_c, zoneout_h; the GRU zoneout_h).
 _LSTM_TENSORS = 12  # input .. cx
 _GRU_TENSORS = 8  # input .. hx
+_ZONES = {"lstm": 2, "gru": 1}
 
 
 def _op_args(cell: str, a: LayerArgs, ln: Tuple[Tensor, ...]) -> tuple:
@@ -145,27 +152,32 @@ def _make_autograd(cell: str) -> None:
     n_out = 3 if cell == "lstm" else 2  # differentiable outputs: output, hy[, cy]
     backward_op = getattr(torch.ops.fusedrnn, f"{_OPS[cell]}_backward").default
 
+    n_zones = _ZONES[cell]
+
     def setup_context(ctx, inputs, output):
         tensors, batch_sizes, reverse = inputs[:n], inputs[n], inputs[n + 1]
-        ctx.save_for_backward(*tensors, batch_sizes, output[-1])
+        zones = (*inputs[n + 3 :], *(None,) * n_zones)[:n_zones]  # absent: None
+        ctx.save_for_backward(*tensors, batch_sizes, output[-1], *zones)
         ctx.reverse = reverse
         ctx.mark_non_differentiable(output[-1])
 
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         tensors, batch_sizes, workspace = saved[:n], saved[n], saved[n + 1]
+        zones = saved[n + 2 :]
         needs = ctx.needs_input_grad[:n]
         grads = grads[:n_out]
+        none = (None,) * (3 + n_zones)  # batch_sizes, reverse, need_workspace, zoneout weights
         if torch.is_grad_enabled():  # create_graph=True: a differentiable graph
             return (*_differentiable_backward(cell, grads, tensors, batch_sizes, ctx.reverse,
-                                              needs), None, None, None)  # fmt: skip
+                                              needs, zones), *none)  # fmt: skip
         if workspace.numel() == 0 and tensors[0].numel() > 0:
             raise RuntimeError(
                 f"fusedrnn::{_OPS[cell]}_forward: the backward needs the workspace; call the op "
                 "with need_workspace=True when a gradient is recorded"
             )
         mask = [bool(needs[0]), any(needs[1:])]
-        out = backward_op(*grads, *tensors, batch_sizes, ctx.reverse, workspace, mask)
+        out = backward_op(*grads, *tensors, batch_sizes, ctx.reverse, workspace, mask, *zones)
         if cell == "lstm":
             # out: grad_input, grad_hx, grad_cx, w_ih, w_hh, b_ih, b_hh, 4 ln, w_hr
             by_arg = (*out[:1], *out[3:11], out[11], out[1], out[2])
@@ -174,23 +186,28 @@ def _make_autograd(cell: str) -> None:
             by_arg = (out[0], *out[2:8], out[1])
         result = tuple(g if need and t is not None else None
                        for g, need, t in zip(by_arg, needs, tensors))  # fmt: skip
-        return (*result, None, None, None)
+        return (*result, *none)
 
     torch.library.register_autograd(
         f"fusedrnn::{_OPS[cell]}_forward", backward, setup_context=setup_context
     )
 
 
-def _differentiable_backward(cell, grads, tensors, batch_sizes, reverse, needs):
+def _differentiable_backward(cell, grads, tensors, batch_sizes, reverse, needs, zones):
     """The first-order gradients as a differentiable graph (create_graph=True): the reference
-    equations recomputed from the saved arguments and differentiated with create_graph=True."""
+    equations recomputed from the saved arguments (zoneout's weights `zones` included) and
+    differentiated with create_graph=True."""
     wanted = [i for i, t in enumerate(tensors) if needs[i] and t is not None]
     result = [None] * len(tensors)
     if not wanted:
         return result
     a, ln = _layer_args(cell, tensors)
     a = a._replace(batch_sizes=batch_sizes, reverse=reverse)
-    _ops.reference_grads(reference.layer_of(cell, a, ln), grads, tensors, wanted, result)
+    keep = None
+    if zones[-1] is not None:
+        keep = tuple(zones) if cell == "lstm" else (None, zones[0])
+    outs = reference.layer_of(cell, a, ln, keep)
+    _ops.reference_grads(outs, grads, tensors, wanted, result)
     return result
 
 
@@ -203,33 +220,41 @@ if _ops.HAS_C:
         _ops._register_autocast(_ops._LIB, f"{_name}_forward")
 
 
-def _reference(cell: str, a: LayerArgs, ln: Tuple[Tensor, ...]):
+def _reference(cell: str, a: LayerArgs, ln: Tuple[Tensor, ...], keep=None):
     if torch.onnx.is_in_onnx_export() and a.batch_sizes is not None:
         raise NotImplementedError(
             "fusedrnn: torch.onnx.export of a PackedSequence input is not supported; export "
             "the model with a padded (T, B, I) / (B, T, I) tensor input instead"
         )
-    return reference.layer_of(cell, a, ln)
+    return reference.layer_of(cell, a, ln, keep)
 
 
-def run(cell: str, a: LayerArgs, ln: Tuple[Tensor, ...]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def run(
+    cell: str, a: LayerArgs, ln: Tuple[Tensor, ...], keep=None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer-normalised layer, one direction: (output, h_n, c_n), c_n None for the GRU.
-    `cell` is the family ("lstm" or "gru"), `ln` its LayerNorm parameters in the op's order."""
+    `cell` is the family ("lstm" or "gru"), `ln` its LayerNorm parameters in the op's order;
+    `keep` zoneout's (keep_c, keep_h) as reference.layer_of takes them (no projection), or
+    None."""
     if not _ops.HAS_C:
         _layer._warn_fallback()
-        return reference.layer_of(cell, a, ln)
+        return reference.layer_of(cell, a, ln, keep)
     if a.input.device.type != "cpu":
-        return reference.layer_of(cell, a, ln)
+        return reference.layer_of(cell, a, ln, keep)
     staged = torch.jit.is_tracing() or torch.compiler.is_compiling()
     if staged:
         if torch.onnx.is_in_onnx_export():
-            return _reference(cell, a, ln)
+            return _reference(cell, a, ln, keep)
     elif _layer._needs_reference((*a.tensors, *ln)):
-        return reference.layer_of(cell, a, ln)
+        return reference.layer_of(cell, a, ln, keep)
     need_workspace = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (*a.tensors, *ln)
     )
-    res = _FORWARD[cell](*_op_args(cell, a, ln), need_workspace)
+    zone_c = zone_h = None
+    if keep is not None:
+        zone_c, zone_h = _layer._zone_weights(cell, a, keep)
+    zones = (zone_c, zone_h) if cell == "lstm" else (zone_h,)
+    res = _FORWARD[cell](*_op_args(cell, a, ln), need_workspace, *zones)
     if cell == "lstm":
         return res[0], res[1], res[2]
     return res[0], res[1], None

@@ -5,8 +5,9 @@ torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules un
 keyword arguments torch.nn lacks: `dropconnect=p`, DropConnect on weight_hh (design.md §1.5), and
 `zoneout=p`, zoneout of the states (§1.7). Every layer and direction runs as one call of a fused
 whole-sequence op (see fusedrnn._layer.run); the Python here only routes tensors, with no work
-proportional to the sequence length. Zoneout is fused in the plain LSTM's (without projection)
-and the GRU's ops; the other cells' zoned layers run the reference equations.
+proportional to the sequence length. Zoneout is fused in the ops of the LSTM and the GRU and of
+their layer-normalised forms (without projection); the other cells' zoned layers, and projected
+ones, run the reference equations.
 """
 
 import functools
@@ -172,9 +173,9 @@ def _run_reference(cell: str, a: LayerArgs, exposed: bool = False, ln=(), keep=N
     return reference.layer_of(cell, a, ln, keep)
 
 
-def _layer_norm_run(cell: str, a: LayerArgs, exposed: bool = False, ln=()):
+def _layer_norm_run(cell: str, a: LayerArgs, exposed: bool = False, ln=(), keep=None):
     """_layer_norm.run in the signature of _layer.run."""
-    return _layer_norm.run(cell, a, ln)
+    return _layer_norm.run(cell, a, ln, keep)
 
 
 def _fx_leaf(module: nn.Module, *args):
@@ -566,7 +567,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                     )
                 ln = self._ln_params(layer, direction) if self._layer_norm else ()
                 exposed = D == 1 and layer == self.num_layers - 1
-                if keep is not None and (ln or w_hr is not None or not self._zone_fused):
+                if keep is not None and (w_hr is not None or not self._zone_fused):
                     # zoneout the ops do not fuse: the reference equations
                     zoned = functools.partial(_run_reference, ln=ln, keep=keep)
                     if promoted is not None:
@@ -574,7 +575,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                     else:
                         out, hy, cy = zoned(self._cell, args)
                 elif self._layer_norm:
-                    out, hy, cy = _layer_norm.run(self._cell, args, ln)
+                    out, hy, cy = _layer_norm.run(self._cell, args, ln, keep)
                 elif keep is not None:
                     out, hy, cy = run(self._cell, args, exposed=exposed, keep=keep)
                 else:
@@ -822,13 +823,12 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
         keep = None
         if self.zoneout != 0:  # one call is one step: fresh masks (training) per call
             keep = _zoneout_keep(self.zoneout, self.training, B, H if is_lstm else None, H, input)
-        if keep is not None and H > 0 and not self._layer_norm and self._zone_fused:
+        if self._layer_norm:  # (hidden_size > 0)
+            run = functools.partial(_layer_norm_run, ln=self._ln_params(), keep=keep)
+        elif keep is not None and H > 0 and self._zone_fused:
             run = functools.partial(_layer.run, keep=keep)
         elif keep is not None:
-            ln = self._ln_params() if self._layer_norm else ()
-            run = functools.partial(_run_reference, ln=ln, keep=keep)
-        elif self._layer_norm:
-            run = functools.partial(_layer_norm_run, ln=self._ln_params())
+            run = functools.partial(_run_reference, keep=keep)
         # CPU autocast: the dtype torch.nn.LSTMCell / GRUCell return, promoted with c / h (the
         # layer-normalised cells, which torch.nn lacks, run in the autocast dtype)
         state = c0 if is_lstm else h0

@@ -141,8 +141,8 @@ def test_gradcheck_and_gradgradcheck(cell, layout):
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
-def _ref_run(cell, a, ln):
-    return reference.layer_of(cell, a, ln)
+def _ref_run(cell, a, ln, keep=None):
+    return reference.layer_of(cell, a, ln, keep)
 
 
 def _with_gains(m):

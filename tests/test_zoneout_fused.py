@@ -197,3 +197,68 @@ def test_gradcheck_and_gradgradcheck_of_the_op(cell, cpu_isa):
 
     assert torch.autograd.gradcheck(fn, (x, w_hh))
     assert torch.autograd.gradgradcheck(fn, (x, w_hh))
+
+
+def _ln_params(cell, H, dtype):
+    """γ, β of the layer-normalised cell away from 1 and 0, in the ops' order."""
+    G = (4 if cell == "lstm" else 3) * H
+    sizes = (G, G, H, H) if cell == "lstm" else (G, G)
+    base = (1.0, 1.0, 1.0, 0.0)
+    return tuple((b + 0.3 * torch.randn(n, dtype=F64)).to(dtype) for b, n in zip(base, sizes))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_layer_norm_zoneout_matches_the_equations(cell, dtype, layout, reverse, mode):
+    """The layer-normalised ops' zoneout (their row passes, every ISA) against the fp64
+    reference equations with the same weights, forward and every gradient."""
+    from fusedrnn import _layer_norm
+
+    torch.manual_seed(0)
+    T, B, batch_sizes = (6, 5, None) if layout == "padded" else (5, None, [7, 7, 5, 2, 1])
+    H, I = 19, 7
+    bs = torch.tensor(batch_sizes) if batch_sizes is not None else None
+    Bn = batch_sizes[0] if batch_sizes is not None else B
+    x = make_input(T, B, I, batch_sizes).to(dtype).double()
+    N = x.shape[0] * (x.shape[1] if x.dim() == 3 else 1)
+    w = {k: (v.to(dtype).double() if v is not None else None)
+         for k, v in make_weights(cell, I, H, 0, True, scale=0.5).items()}  # fmt: skip
+    hx, cx = make_states(cell, Bn, H)
+    hx, cx = hx.to(dtype).double(), (cx.to(dtype).double() if cx is not None else None)
+    ln = tuple(t.double() for t in _ln_params(cell, H, dtype))
+    zone = tuple(
+        None if z is None else z.to(dtype).double() for z in _weights(cell, H, N, mode, F64)
+    )
+
+    def call(dt, equations):
+        leaf = lambda t: None if t is None else t.detach().to(dt).requires_grad_()  # noqa: E731
+        xs, h0, c0 = leaf(x), leaf(hx), leaf(cx)
+        ws = {k: leaf(v) for k, v in w.items()}
+        g = tuple(leaf(t) for t in ln)
+        a = LayerArgs(xs, ws["weight_ih"], ws["weight_hh"], ws["bias_ih"], ws["bias_hh"], None,
+                      None, h0, c0 if cell == "lstm" else None, bs, reverse)  # fmt: skip
+        z = tuple(None if t is None else t.to(dt) for t in zone)
+        if equations:
+            outs = reference.layer_of(cell, a, g, z)
+        else:
+            outs = _layer_norm.run(cell, a, g, z)
+        outs = [o for o in outs if o is not None]
+        torch.manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, dtype=F64).to(o.dtype)).sum() for o in outs)
+        loss.backward()
+        grads = {"input": xs.grad, "hx": h0.grad, **{f"ln{k}": t.grad for k, t in enumerate(g)}}
+        if cell == "lstm":
+            grads["cx"] = c0.grad
+        grads.update({k: v.grad for k, v in ws.items() if v is not None})
+        return outs, grads
+
+    ref, ref_g = call(F64, True)
+    got, got_g = call(dtype, False)
+    low, low_g = call(dtype, True) if dtype == BF16 else (None, {})
+    for k, (g, r) in enumerate(zip(got, ref)):
+        assert_close(g, r, dtype, f"ln {cell} out {k}", low[k] if low is not None else None)
+    for name, r in ref_g.items():
+        assert_close(got_g[name], r, dtype, f"ln {cell} grad {name}", low_g.get(name))

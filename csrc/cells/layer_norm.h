@@ -16,6 +16,14 @@
 // The training workspace of a row (acc_t, the op-math type: fp32 for the half types) keeps
 // what the backward reads: the normalised products x̂ and ĥ, the activated gates, the states
 // before the step, c_t and its normalisation ĉ (LN-LSTM), and the reciprocal standard deviations.
+//
+// Zoneout (design.md §1.7): with kZone, `zc`, `zh` are the row's weights d of the previous cell /
+// hidden state in the new one (0 / 1 masks, or the rate in eval); without, they are not read (a
+// compile-time choice: a run-time test of a null pointer inside a loop became masked vector
+// loads, which emulators fault on, kernels/step_elements.h). The forward mixes
+// d * prev + (1 - d) * new into the carried states and the output; c_t and ĉ in the workspace
+// are the cell's own (un-zoned) new state, which h̃_t reads. The backward gives the cell
+// (1 - d) of each state's gradient and adds d of it to the previous state's.
 #pragma once
 
 #include "common.h"
@@ -73,11 +81,12 @@ struct LSTMRow {
 // normalised input product; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in: c_{t-1}, out:
 // c_t; h_prev (Hout) the row's state before the step (saved). Writes h_t = o tanh(LN(c_t)) to
 // `h_out` (and `h_copy` when not null), as scalar_t.
-template <typename scalar_t, typename acc_t>
+template <bool kZone, typename scalar_t, typename acc_t>
 inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const scalar_t* h_prev,
                              const scalar_t* g_ih, const scalar_t* g_hh, const scalar_t* bias,
                              const scalar_t* g_c, const scalar_t* b_c, acc_t* c_state,
-                             const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out, scalar_t* h_copy) {
+                             const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out, scalar_t* h_copy,
+                             const scalar_t* zc, const scalar_t* zh) {
   const int64_t G = 4 * H;
 #pragma GCC ivdep
   for (int64_t k = 0; k < Hout; ++k) w.h_prev[k] = static_cast<acc_t>(h_prev[k]);
@@ -106,14 +115,25 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
     w.c[j] = c;
     c_state[j] = c;
   }
+  if constexpr (kZone) {  // the carried state zoned; w.c keeps the cell's own, which LN reads
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t d = static_cast<acc_t>(zc[j]);
+      c_state[j] = d * w.c_prev[j] + (acc_t(1) - d) * w.c[j];
+    }
+  }
   acc_t mean_c, rstd_c;
   row_stats<acc_t>(w.c, H, mean_c, rstd_c);
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t ch = (w.c[j] - mean_c) * rstd_c;
     w.chat[j] = ch;
-    const acc_t h =
+    acc_t h =
         gt[3 * H + j] * math::tanh(static_cast<acc_t>(g_c[j]) * ch + static_cast<acc_t>(b_c[j]));
+    if constexpr (kZone) {  // (no projection: h_prev has H values)
+      const acc_t d = static_cast<acc_t>(zh[j]);
+      h = d * w.h_prev[j] + (acc_t(1) - d) * h;
+    }
     if (w.r) w.r[j] = h;
     h_out[j] = static_cast<scalar_t>(h);
     if (h_copy) h_copy[j] = static_cast<scalar_t>(h);
@@ -126,10 +146,13 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
 // projection's backward); dc_state (H) in: dL/dc_t from later steps, out: dL/dc_{t-1}. Writes
 // da (4H, the gradient of the pre-activation a = γ_ih x̂ + γ_hh ĥ + b), dyc (H, the gradient of
 // γ_c ĉ + β_c) and dhg (4H, the gradient of h_{t-1} W_hh^T).
-template <typename scalar_t, typename acc_t>
-inline void lstm_backward_row(int64_t H, const acc_t* dh, const scalar_t* g_hh, const scalar_t* g_c,
+// With zoneout (kZone; no projection) dh is dL/dh_t itself and is overwritten with its direct
+// part, d_h * dL/dh_t, which the GEMM of dh_{t-1}'s W_hh part then accumulates onto.
+template <bool kZone, typename scalar_t, typename acc_t>
+inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_hh, const scalar_t* g_c,
                               const scalar_t* b_c, acc_t* dc_state, const LSTMRow::Ptrs<acc_t>& w,
-                              acc_t* da, acc_t* dyc, acc_t* dhg) {
+                              acc_t* da, acc_t* dyc, acc_t* dhg, const scalar_t* zc,
+                              const scalar_t* zh) {
   const acc_t one(1);
   const acc_t* gt = w.gates;
 #pragma GCC ivdep
@@ -137,19 +160,30 @@ inline void lstm_backward_row(int64_t H, const acc_t* dh, const scalar_t* g_hh, 
     const acc_t o = gt[3 * H + j];
     const acc_t ty =
         math::tanh(static_cast<acc_t>(g_c[j]) * w.chat[j] + static_cast<acc_t>(b_c[j]));
-    dyc[j] = dh[j] * o * (one - ty * ty);
-    da[3 * H + j] = dh[j] * ty * o * (one - o);
+    acc_t dhj = dh[j];
+    if constexpr (kZone) {
+      const acc_t d = static_cast<acc_t>(zh[j]);
+      dh[j] = d * dhj;
+      dhj = (one - d) * dhj;
+    }
+    dyc[j] = dhj * o * (one - ty * ty);
+    da[3 * H + j] = dhj * ty * o * (one - o);
     dhg[j] = dyc[j] * static_cast<acc_t>(g_c[j]);  // dL/dĉ, in dhg's first H as scratch
   }
   norm_backward<acc_t>(dhg, w.chat, w.stats[2], H, dhg);  // dL/dc_t through LN(c_t)
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t i = gt[j], f = gt[H + j], g = gt[2 * H + j];
-    const acc_t dc = dhg[j] + dc_state[j];
+    acc_t dc = dhg[j] + dc_state[j], carry = 0;
+    if constexpr (kZone) {
+      const acc_t d = static_cast<acc_t>(zc[j]);
+      carry = d * dc_state[j];
+      dc = dhg[j] + (one - d) * dc_state[j];
+    }
     da[j] = dc * g * i * (one - i);
     da[H + j] = dc * w.c_prev[j] * f * (one - f);
     da[2 * H + j] = dc * i * (one - g * g);
-    dc_state[j] = dc * f;
+    dc_state[j] = kZone ? dc * f + carry : dc * f;
   }
   const int64_t G = 4 * H;
 #pragma GCC ivdep
@@ -168,10 +202,11 @@ struct GRURow {
 
 // Forward of one row of an LN-GRU step: hg (3H) the row's h_{t-1} W_hh^T, h_state (H) in:
 // h_{t-1}, out: h_t (also written to h_out).
-template <typename scalar_t, typename acc_t>
+template <bool kZone, typename scalar_t, typename acc_t>
 inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
                             const scalar_t* g_hh, const scalar_t* b_ih, const scalar_t* b_hh,
-                            scalar_t* h_state, const GRURow::Ptrs<acc_t>& w, scalar_t* h_out) {
+                            scalar_t* h_state, const GRURow::Ptrs<acc_t>& w, scalar_t* h_out,
+                            const scalar_t* zh) {
   const int64_t G = 3 * H;
   acc_t mean, rstd_h;
   row_stats<acc_t>(hg, G, mean, rstd_h);
@@ -195,7 +230,11 @@ inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
     w.gates[j] = r;
     w.gates[H + j] = z;
     w.gates[2 * H + j] = n;
-    const acc_t h = (acc_t(1) - z) * n + z * hp;
+    acc_t h = (acc_t(1) - z) * n + z * hp;
+    if constexpr (kZone) {
+      const acc_t d = static_cast<acc_t>(zh[j]);
+      h = d * hp + (acc_t(1) - d) * h;
+    }
     h_state[j] = static_cast<scalar_t>(h);
     h_out[j] = static_cast<scalar_t>(h);
   }
@@ -205,16 +244,23 @@ inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
 // Backward of one row of an LN-GRU step: dh (H) in: dL/dh_t, out: the direct part of
 // dL/dh_{t-1} (z ⊙ dh; the W_hh part is a GEMM of dhg). Writes dxs (3H, the gradient of
 // γ_ih x̂ + b_ih), dhs (3H, of γ_hh ĥ + b_hh) and dhg (3H, of h_{t-1} W_hh^T).
-template <typename scalar_t, typename acc_t>
+template <bool kZone, typename scalar_t, typename acc_t>
 inline void gru_backward_row(int64_t H, const scalar_t* g_hh, const scalar_t* b_hh, acc_t* dh,
-                             const GRURow::Ptrs<acc_t>& w, acc_t* dxs, acc_t* dhs, acc_t* dhg) {
+                             const GRURow::Ptrs<acc_t>& w, acc_t* dxs, acc_t* dhs, acc_t* dhg,
+                             const scalar_t* zh) {
   const acc_t one(1);
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t r = w.gates[j], z = w.gates[H + j], n = w.gates[2 * H + j];
     acc_t hn = static_cast<acc_t>(g_hh[2 * H + j]) * w.hhat[2 * H + j];
     if (b_hh) hn += static_cast<acc_t>(b_hh[2 * H + j]);
-    const acc_t d = dh[j];
+    const acc_t g = dh[j];
+    acc_t d = g, carry = 0;  // the cell's part of dL/dh_t, and the previous state's
+    if constexpr (kZone) {
+      const acc_t dz = static_cast<acc_t>(zh[j]);
+      d = (one - dz) * g;
+      carry = dz * g;
+    }
     const acc_t dan = d * (one - z) * (one - n * n);
     const acc_t dar = dan * hn * r * (one - r);
     const acc_t daz = d * (w.h_prev[j] - n) * z * (one - z);
@@ -224,7 +270,7 @@ inline void gru_backward_row(int64_t H, const scalar_t* g_hh, const scalar_t* b_
     dhs[j] = dar;
     dhs[H + j] = daz;
     dhs[2 * H + j] = dan * r;
-    dh[j] = d * z;
+    dh[j] = kZone ? d * z + carry : d * z;
   }
   const int64_t G = 3 * H;
 #pragma GCC ivdep

@@ -38,8 +38,13 @@ struct Zone {
 Zone check_zone(const char* op, const char* name, const optional<Tensor>& z, const Tensor& input,
                 int64_t N, int64_t width);
 
-// The zoneout weights (zoneout_c, zoneout_h) of an LSTM-family call: both or neither, and
-// only for the plain LSTM without projection.
+// The zoneout weights (zoneout_c, zoneout_h) of a call of `op`: an LSTM's (lstm) both or neither,
+// a GRU's zoneout_h alone; none with a projection.
+std::pair<Zone, Zone> check_zones(const char* op, const optional<Tensor>& zoneout_c,
+                                  const optional<Tensor>& zoneout_h, const Tensor& input, bool lstm,
+                                  bool proj, int64_t N, int64_t H);
+
+// check_zones for an LSTM-family cell, whose kernels zone for the plain LSTM only.
 std::pair<Zone, Zone> check_lstm_zones(CellKind cell, const optional<Tensor>& zoneout_c,
                                        const optional<Tensor>& zoneout_h, const Tensor& input,
                                        bool proj, int64_t N, int64_t H);

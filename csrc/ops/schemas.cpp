@@ -90,34 +90,36 @@ TORCH_LIBRARY(fusedrnn, m) {
   // the arguments of lstm / gru plus the LayerNorm gains ln_weight_ih, ln_weight_hh (4H or 3H)
   // and, for the LSTM, LN(c_t)'s ln_weight_c and ln_bias_c (H). The workspace is of the op-math
   // type (float32 for bfloat16 / float16 input); the backward reads it and not the output.
-  // Their autograd is registered in Python (fusedrnn/_layer_norm.py).
+  // Their autograd is registered in Python (fusedrnn/_layer_norm.py). Zoneout as the lstm and
+  // gru ops take it (zoneout_c / zoneout_h last; not with weight_hr).
   m.def(
       "layer_norm_lstm_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
       "Tensor? bias_hh, Tensor ln_weight_ih, Tensor ln_weight_hh, Tensor ln_weight_c, "
       "Tensor ln_bias_c, Tensor? weight_hr, Tensor? hx, Tensor? cx, Tensor? batch_sizes, "
-      "bool reverse, bool need_workspace=True) -> (Tensor output, Tensor hy, Tensor cy, "
-      "Tensor workspace)");
+      "bool reverse, bool need_workspace=True, Tensor? zoneout_c=None, Tensor? zoneout_h=None) "
+      "-> (Tensor output, Tensor hy, Tensor cy, Tensor workspace)");
   m.def(
       "layer_norm_lstm_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, "
       "Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
       "Tensor ln_weight_ih, Tensor ln_weight_hh, Tensor ln_weight_c, Tensor ln_bias_c, "
       "Tensor? weight_hr, Tensor? hx, Tensor? cx, Tensor? batch_sizes, bool reverse, "
-      "Tensor workspace, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_hx, "
-      "Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
-      "Tensor grad_bias_hh, Tensor grad_ln_weight_ih, Tensor grad_ln_weight_hh, "
+      "Tensor workspace, bool[2] output_mask, Tensor? zoneout_c=None, Tensor? zoneout_h=None) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, "
+      "Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_ln_weight_ih, "
+      "Tensor grad_ln_weight_hh, "
       "Tensor grad_ln_weight_c, Tensor grad_ln_bias_c, Tensor grad_weight_hr)");
   m.def(
       "layer_norm_gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
       "Tensor? bias_hh, Tensor ln_weight_ih, Tensor ln_weight_hh, Tensor? hx, "
-      "Tensor? batch_sizes, bool reverse, bool need_workspace=True) -> (Tensor output, "
-      "Tensor hy, Tensor workspace)");
+      "Tensor? batch_sizes, bool reverse, bool need_workspace=True, Tensor? zoneout_h=None) "
+      "-> (Tensor output, Tensor hy, Tensor workspace)");
   m.def(
       "layer_norm_gru_backward(Tensor? grad_output, Tensor? grad_hy, Tensor input, "
       "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
       "Tensor ln_weight_ih, Tensor ln_weight_hh, Tensor? hx, Tensor? batch_sizes, bool reverse, "
-      "Tensor workspace, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_hx, "
-      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, "
-      "Tensor grad_ln_weight_ih, Tensor grad_ln_weight_hh)");
+      "Tensor workspace, bool[2] output_mask, Tensor? zoneout_h=None) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+      "Tensor grad_bias_hh, Tensor grad_ln_weight_ih, Tensor grad_ln_weight_hh)");
   // The facts of cells/traits.h of the cell named `cell`: [gates, weight_ch kind (0 none, 1
   // (3, H), 2 (3H, H)), has_cell_state, two_phase, workspace_cols, proj_cols], for the tests
   // that check fusedrnn/cells.py against them.

@@ -259,6 +259,15 @@ void zero_grads(std::array<bool, 2> mask, const Tensor& input, Tensor& grad_inpu
 
 const Tensor* opt_param(const optional<Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
+// The step's rows of zoneout's weights in `p` (from row r0 of the call).
+template <typename scalar_t>
+void set_zone_rows(LNStep<scalar_t>& p, const Zone& zc, const Zone& zh, int64_t r0) {
+  if (zc.t.defined()) p.zone_c = zc.t.const_data_ptr<scalar_t>() + r0 * zc.ld;
+  if (zh.t.defined()) p.zone_h = zh.t.const_data_ptr<scalar_t>() + r0 * zh.ld;
+  p.ld_zone_c = zc.ld;
+  p.ld_zone_h = zh.ld;
+}
+
 // ---- LSTM ---------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
@@ -266,13 +275,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
     const optional<Tensor>& b_hh, const Tensor& g_ih, const Tensor& g_hh, const Tensor& g_c,
     const Tensor& b_c, const optional<Tensor>& w_hr, const optional<Tensor>& hx,
     const optional<Tensor>& cx, const optional<Tensor>& batch_sizes, bool reverse,
-    bool need_workspace) {
+    bool need_workspace, const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_lstm_forward";
   check_cpu(op, input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kLSTM, input, w_ih, w_hh, b_ih, b_hh, {}, w_hr, hx, cx, s);
   const int64_t H = d.H, Hout = d.Hout, G = 4 * H;
   const bool proj = w_hr.has_value();
+  // (named, not structured bindings: the step loop's lambda captures them, which C++17 refuses)
+  const std::pair<Zone, Zone> zones =
+      check_zones(op, zoneout_c, zoneout_h, input, true, proj, s.N, H);
+  const Zone &zone_c = zones.first, &zone_h = zones.second;
   check_gain(op, "ln_weight_ih", g_ih, input, G);
   check_gain(op, "ln_weight_hh", g_hh, input, G);
   check_gain(op, "ln_weight_c", g_c, input, H);
@@ -329,6 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
           p.r0 = need_workspace ? r0 : 0;
           p.xr0 = r0;
           p.out = out + r0 * Hout;
+          set_zone_rows(p, zone_c, zone_h, r0);
           for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.lstm_forward(p, b0, b1); });
           if (proj) {
             dev.gemm(n, Hout, H, rp, H, false, w_hr_c.const_data_ptr<scalar_t>(), H, true,
@@ -349,13 +363,19 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
                  const Tensor& g_ih, const Tensor& g_hh, const Tensor& g_c, const Tensor& b_c,
                  const optional<Tensor>& w_hr, const optional<Tensor>& hx,
                  const optional<Tensor>& cx, const optional<Tensor>& batch_sizes, bool reverse,
-                 const Tensor& workspace, std::array<bool, 2> output_mask) {
+                 const Tensor& workspace, std::array<bool, 2> output_mask,
+                 const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_lstm_backward";
   check_cpu(op, input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kLSTM, input, w_ih, w_hh, b_ih, b_hh, {}, w_hr, hx, cx, s);
   const int64_t H = d.H, Hout = d.Hout, G = 4 * H, N = s.N;
   const bool proj = w_hr.has_value();
+  const std::pair<Zone, Zone> zones =
+      check_zones(op, zoneout_c, zoneout_h, input, true, proj, N, H);
+  const Zone &zone_c = zones.first, &zone_h = zones.second;
+  // zoned: the row pass leaves the direct part of dh_{t-1} in dh_state, the GEMM adds onto it
+  const float dh_beta = zone_h.t.defined() ? 1.0f : 0.0f;
   check_gain(op, "ln_weight_ih", g_ih, input, G);
   check_gain(op, "ln_weight_hh", g_hh, input, G);
   check_gain(op, "ln_weight_c", g_c, input, H);
@@ -430,9 +450,10 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           p.r0 = r0;
           p.xr0 = r0;
           p.dh = const_cast<acc_t*>(dh_in);
+          set_zone_rows(p, zone_c, zone_h, r0);
           for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.lstm_backward(p, b0, b1); });
           dev.gemm(n, Hout, G, dhgp + r0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
-                   dhs, Hout, 0.0f);
+                   dhs, Hout, dh_beta);
         }
         auto block = [&](size_t i) { return block_of(workspace, blocks, i, N); };
         input_side_grads<acc_t>(da, g_ih, workspace, blocks, kXhat, kLSTMStats, input, w_ih,
@@ -490,12 +511,14 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
                                                   const optional<Tensor>& b_hh, const Tensor& g_ih,
                                                   const Tensor& g_hh, const optional<Tensor>& hx,
                                                   const optional<Tensor>& batch_sizes, bool reverse,
-                                                  bool need_workspace) {
+                                                  bool need_workspace,
+                                                  const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_gru_forward";
   check_cpu(op, input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kGRU, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
   const int64_t H = d.H, G = 3 * H;
+  const Zone zone_h = check_zone(op, "zoneout_h", zoneout_h, input, s.N, H);
   check_gain(op, "ln_weight_ih", g_ih, input, G);
   check_gain(op, "ln_weight_hh", g_hh, input, G);
   const auto opts = input.options();
@@ -540,6 +563,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
           p.r0 = need_workspace ? r0 : 0;
           p.xr0 = r0;
           p.out = out + r0 * H;
+          set_zone_rows(p, Zone{}, zone_h, r0);
           for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.gru_forward(p, b0, b1); });
         }
       });
@@ -551,12 +575,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
     const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
     const optional<Tensor>& b_hh, const Tensor& g_ih, const Tensor& g_hh,
     const optional<Tensor>& hx, const optional<Tensor>& batch_sizes, bool reverse,
-    const Tensor& workspace, std::array<bool, 2> output_mask) {
+    const Tensor& workspace, std::array<bool, 2> output_mask, const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_gru_backward";
   check_cpu(op, input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kGRU, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
   const int64_t H = d.H, G = 3 * H, N = s.N;
+  const Zone zone_h = check_zone(op, "zoneout_h", zoneout_h, input, N, H);
   check_gain(op, "ln_weight_ih", g_ih, input, G);
   check_gain(op, "ln_weight_hh", g_hh, input, G);
   const auto opts = input.options();
@@ -611,6 +636,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
           LNStep<scalar_t> p = base;
           p.r0 = r0;
           p.xr0 = r0;
+          set_zone_rows(p, Zone{}, zone_h, r0);
           for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.gru_backward(p, b0, b1); });
           dev.gemm(n, H, G, dhgp + r0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true, dhsp,
                    H, 1.0f);

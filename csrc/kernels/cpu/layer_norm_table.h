@@ -48,13 +48,22 @@ struct LNStep {
   scalar_t* out = nullptr;       // (n, Hout) the step's output rows
   scalar_t* r_out = nullptr;     // LSTM with a projection: (n, H) o tanh(LN(c_t)), else null
   // backward
-  acc_t* dh = nullptr;  // LSTM (n, H): dL/d(o tanh(LN(c_t))); GRU (n, H) in: dL/dh_t, out: the
-                        // direct part of dL/dh_{t-1}
+  acc_t* dh = nullptr;        // LSTM (n, H): dL/d(o tanh(LN(c_t))) (zoned: dL/dh_t, out: its direct
+                              // part); GRU (n, H) in: dL/dh_t, out: the direct part of dL/dh_{t-1}
   acc_t* dc_state = nullptr;  // LSTM (n, H) in: dL/dc_t; out: dL/dc_{t-1}
   acc_t* da = nullptr;        // (N, G) LSTM: dL/da; GRU: dL/d(γ_ih x̂ + b_ih), by workspace row
   acc_t* dhs = nullptr;       // GRU (N, G): dL/d(γ_hh ĥ + b_hh)
   acc_t* dyc = nullptr;       // LSTM (N, H): dL/d(γ_c ĉ + β_c)
   acc_t* dhg = nullptr;       // (N, G): dL/d(h_{t-1} W_hh^T)
+  // zoneout (forward and backward, no projection): the weights d of the previous cell / hidden
+  // state, (n, H) from the step's row 0 with row strides ld_zone_* (0: one row for all), or
+  // null. With them the LSTM's backward overwrites dh with its direct part (cells/layer_norm.h).
+  const scalar_t* zone_c = nullptr;
+  const scalar_t* zone_h = nullptr;
+  int64_t ld_zone_c = 0, ld_zone_h = 0;
+
+  const scalar_t* zc(int64_t b) const { return zone_c ? zone_c + b * ld_zone_c : nullptr; }
+  const scalar_t* zh(int64_t b) const { return zone_h ? zone_h + b * ld_zone_h : nullptr; }
 
   acc_t* block(int k, int64_t r) const { return ws + off[k] + r * width[k]; }
 };

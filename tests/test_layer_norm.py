@@ -118,6 +118,39 @@ def test_fused_layer_matches_reference(cell, dtype, layout):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_backward_over_several_chunks(cell, packed, reverse):
+    """The backward keeps its per-row gradients for chunks of about a thousand rows
+    (recurrence/layer_norm.cpp, ln_chunks) and accumulates each chunk's part of the input and
+    weight gradients: a call of several chunks, whose boundaries fall inside packed steps of
+    different sizes, against the fp64 reference. In fp64: the chunks' bookkeeping is the same in
+    every dtype, and over 60 steps the rounding of the others grows past their bounds of
+    test_fused_layer_matches_reference (in bf16, at H = 6, to the size of the results, in the
+    reference computed in bf16 as in the fused op), chunks or not."""
+    dtype = F64
+    gen = torch.Generator().manual_seed(3)
+    steps, batch = 60, 50  # 3000 rows padded, about 1500 packed: three or two chunks
+    w, w_hr, ln = _params(cell, dtype, gen=gen)
+    if packed:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=gen).sort(descending=True).values
+        lengths[0] = steps
+        sizes = torch.tensor([int((lengths > t).sum()) for t in range(steps)])
+        x = torch.randn(int(sizes.sum()), I, generator=gen, dtype=F64).to(dtype)
+    else:
+        sizes = None
+        x = torch.randn(steps, batch, I, generator=gen, dtype=F64).to(dtype)
+    hx = torch.randn(batch, H, generator=gen, dtype=F64).to(dtype)
+    cx = torch.randn(batch, H, generator=gen, dtype=F64).to(dtype) if cell == "lstm" else None
+    a = LayerArgs(x, *w, None, w_hr, hx, cx, sizes, reverse)
+    got = _results(_layer_norm.run, cell, a, ln)
+    ref = _results(reference.layer_of, cell, a, ln)
+    assert len(got) == len(ref)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert_close(g, r, dtype, f"result {i}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("layout", [dict(), dict(packed=True, reverse=True), dict(proj=P)], ids=str)
 def test_gradcheck_and_gradgradcheck(cell, layout):
     """fp64 gradcheck of the fused backward; gradgradcheck of the double backward (the reference

@@ -6,9 +6,9 @@
 // the call's StepDevice, as the other cells' GemmStep loops) and then ONE fused pass per row
 // (cells/layer_norm.h) that takes the row statistics of that product, the gates, c_t, the
 // statistics of c_t and h_t; with a projection, its GEMM. The backward mirrors it: per step one
-// fused pass per row (the LayerNorm backwards inside it) and the GEMM of dh_{t-1}; after the
-// loop the input side's LayerNorm backward and the weight gradients, as whole-call GEMMs and
-// column sums.
+// fused pass per row (the LayerNorm backwards inside it) and the GEMM of dh_{t-1}; per chunk of
+// about a thousand rows of steps (ln_chunks), the input side's LayerNorm backward and the
+// chunk's part of the input and weight gradients, as GEMMs and column sums over its rows.
 //
 // Rows of the state and of the workspace follow recurrence/steps.h: step t runs rows
 // [0, n[t]) of the state and rows [off[t], off[t] + n[t]) of the input, output and workspace.
@@ -144,20 +144,67 @@ void normalise_input(const Tensor& x, const Tensor& w_ih, const Tensor& xhat, ac
   });
 }
 
-// The input side's backward: dxp = the gradient of x W_ih^T from g = dL/d(γ_ih x̂) (N x G),
-// row by row through x̂'s normalisation.
-template <typename acc_t>
-Tensor input_side_backward(const Tensor& g, const Tensor& g_ih, const acc_t* xhat,
-                           const acc_t* stats, int64_t stats_cols) {
-  const Tensor dxhat = (g * g_ih.to(g.scalar_type())).contiguous();
-  const int64_t N = dxhat.size(0), G = dxhat.size(1);
-  acc_t* d = dxhat.data_ptr<acc_t>();
-  at::parallel_for(0, N, row_grain(G), [&](int64_t r0, int64_t r1) {
+// The input side's LayerNorm backward of m rows, in place: d in: the gradient of γ_ih x̂ (the
+// gate pre-activations' or their input side's), out: the gradient of x W_ih^T; xhat and stats
+// from the same first row of the workspace.
+template <typename scalar_t, typename acc_t>
+void input_norm_backward(acc_t* d, const acc_t* xhat, const acc_t* stats, int64_t stats_cols,
+                         const scalar_t* g_ih, int64_t m, int64_t G) {
+  at::parallel_for(0, m, row_grain(G), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      ln::norm_backward<acc_t>(d + r * G, xhat + r * G, stats[r * stats_cols], G, d + r * G);
+      acc_t* const dr = d + r * G;
+#pragma GCC ivdep
+      for (int64_t k = 0; k < G; ++k) dr[k] *= static_cast<acc_t>(g_ih[k]);
+      ln::norm_backward<acc_t>(dr, xhat + r * G, stats[r * stats_cols], G, dr);
     }
   });
-  return dxhat;
+}
+
+// The input side's gradients of a backward, which its chunks accumulate (op-math type;
+// undefined where output_mask does not ask): grad_input's rows, and grad_weight_ih, written by
+// the first chunk's GEMM (beta 0) and accumulated by the others'.
+struct InputSide {
+  Tensor x, w_ih;                // (N, I) the input, (G, I) W_ih, as the GEMMs read them
+  Tensor grad_input, grad_w_ih;  // (N, I), (G, I)
+  InputSide(const Tensor& input, const Tensor& w, std::array<bool, 2> mask, at::ScalarType acc,
+            int64_t N) {
+    const auto opts = input.options().dtype(acc);
+    if (mask[0]) {
+      w_ih = w.to(acc).contiguous();
+      grad_input = at::empty({N, w.size(1)}, opts);
+    }
+    if (mask[1]) {
+      x = input.reshape({N, w.size(1)}).to(acc).contiguous();
+      grad_w_ih = at::empty(w.sizes(), opts);
+    }
+  }
+  // A chunk's part, rows [lo, lo + m), from d (its m rows: the gradient of γ_ih x̂), which the
+  // input side's LayerNorm backward turns into the gradient of x W_ih^T in place.
+  template <typename scalar_t, typename acc_t>
+  void add_chunk(const Tensor& d, int64_t lo, int64_t m, const acc_t* xhat, const acc_t* stats,
+                 int64_t stats_cols, const scalar_t* g_ih, float beta) {
+    if (!grad_input.defined() && !grad_w_ih.defined()) return;
+    input_norm_backward<scalar_t, acc_t>(d.data_ptr<acc_t>(), xhat, stats, stats_cols, g_ih, m,
+                                         d.size(1));
+    const Tensor dxp = rows(d, 0, m);
+    if (grad_input.defined()) gemm(rows(grad_input, lo, m), dxp, w_ih);
+    if (grad_w_ih.defined()) gemm(grad_w_ih, dxp.t(), rows(x, lo, m), beta);
+  }
+  // The results in the input's dtype and shape (none_like where not asked).
+  void finish(const Tensor& input, Tensor& gi, Tensor& gw) const {
+    if (grad_input.defined()) gi = grad_input.to(input.scalar_type()).view(input.sizes());
+    if (grad_w_ih.defined()) gw = grad_w_ih.to(input.scalar_type());
+  }
+};
+
+// The chunks of a layer-normalised backward: kBackwardChunkRows rows (at least one step's) of
+// consecutive processed steps, whose per-row gradients (the gate pre-activations', the recurrent
+// products', ...) are kept while the chunk runs, then turned into its part of the input and
+// weight gradients while they are in cache, and their buffers reused by the next chunk (as the
+// other cells' backward, design.md §3.3). Every dtype: the buffers and the partial sums are of
+// the op-math type.
+StepChunks ln_chunks(const Steps& s) {
+  return StepChunks(s, std::max<int64_t>(kBackwardChunkRows, s.B));
 }
 
 Tensor none_like(const Tensor& input) { return at::empty({0}, input.options()); }
@@ -179,10 +226,11 @@ Tensor large_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
   return t;
 }
 
-// The column sums of the weight gradients in one pass over a (N, G): s0 = Σ_r a[r], and, where
-// given, s1 = Σ_r a[r] ⊙ b1[r], s2 = Σ_r a[r] ⊙ b2[r]; no (N, G) temporary. Rows are streamed
-// in order (contiguous), each of a few row ranges into its own partial sums (one per thread),
-// which are added in range order: the result depends on the thread count only.
+// The column sums of the weight gradients in one pass over a (N, G), added to s0 .. s2: s0 +=
+// Σ_r a[r], and, where given, s1 += Σ_r a[r] ⊙ b1[r], s2 += Σ_r a[r] ⊙ b2[r]; no (N, G)
+// temporary. Rows are streamed in order (contiguous), each of a few row ranges into its own
+// partial sums (one per thread), which are added in range order: the result depends on the
+// thread count only.
 template <typename acc_t>
 void column_sums(const acc_t* a, const acc_t* b1, const acc_t* b2, int64_t N, int64_t G, acc_t* s0,
                  acc_t* s1, acc_t* s2) {
@@ -218,32 +266,15 @@ void column_sums(const acc_t* a, const acc_t* b1, const acc_t* b2, int64_t N, in
       u1 += t[G + c];
       u2 += t[2 * G + c];
     }
-    s0[c] = u0;
-    if (s1) s1[c] = u1;
-    if (s2) s2[c] = u2;
+    s0[c] += u0;
+    if (s1) s1[c] += u1;
+    if (s2) s2[c] += u2;
   }
 }
 
 // Block i of the workspace as an (N, width) matrix.
 Tensor block_of(const Tensor& ws, const Blocks& blocks, size_t i, int64_t N) {
   return ws.narrow(0, blocks.at(i, N, 0), N * blocks.widths[i]).view({N, blocks.widths[i]});
-}
-
-// grad_input and grad_weight_ih (as output_mask asks) from g = dL/d(γ_ih x̂), every row.
-template <typename acc_t>
-void input_side_grads(const Tensor& g, const Tensor& g_ih, const Tensor& ws, const Blocks& blocks,
-                      size_t xhat, size_t stats, const Tensor& input, const Tensor& w_ih,
-                      std::array<bool, 2> mask, Tensor& grad_input, Tensor& grad_w_ih) {
-  if (!mask[0] && !mask[1]) return;
-  const int64_t N = g.size(0);
-  const acc_t* w = ws.const_data_ptr<acc_t>();
-  const Tensor dxp = input_side_backward<acc_t>(g, g_ih, w + blocks.at(xhat, N, 0),
-                                                w + blocks.at(stats, N, 0), blocks.widths[stats]);
-  const auto dt = input.scalar_type();
-  if (mask[0]) grad_input = at::mm(dxp, w_ih.to(g.scalar_type())).to(dt).view(input.sizes());
-  if (mask[1]) {
-    grad_w_ih = at::mm(dxp.t(), input.reshape({N, input.size(-1)}).to(g.scalar_type())).to(dt);
-  }
 }
 
 // The gradients of a call of no step (no rows): zeros, as autograd gives. `weights` pairs each
@@ -399,15 +430,18 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
   };
   const Tensor dh_state = acc_state(grad_hy, Hout), dc_state = acc_state(grad_cy, H);
   const Tensor dy = has_dy ? grad_output->reshape({N, Hout}).to(acc_st).contiguous() : Tensor();
-  const Tensor da = large_buffer({N, G}, acc_opts), dhg = large_buffer({N, G}, acc_opts),
-               dyc = large_buffer({N, H}, acc_opts);
+  const StepChunks sc = ln_chunks(s);
+  const Tensor da = large_buffer({sc.buf_rows, G}, acc_opts),
+               dhg = large_buffer({sc.buf_rows, G}, acc_opts),
+               dyc = large_buffer({sc.buf_rows, H}, acc_opts);
   const Tensor dho = proj ? at::empty({N, Hout}, acc_opts) : Tensor();
   const Tensor dr = proj ? at::empty({s.B, H}, acc_opts) : Tensor();
   // W_hh^T (Hout, G), so that the per-step dh_{t-1} = dhg W_hh reads it transposed, as the
   // forward's GEMM reads W_hh (a plain W_hh made MKL repack it on every step)
   const Tensor w_hh_t = w_hh.to(acc_st).t().contiguous();
   const Tensor w_hr_a = proj ? w_hr->to(acc_st).contiguous() : Tensor();
-  const Tensor gh = g_hh.contiguous(), gc = g_c.contiguous(), bc = b_c.contiguous();
+  const Tensor gi = g_ih.contiguous(), gh = g_hh.contiguous(), gc = g_c.contiguous(),
+               bc = b_c.contiguous();
   const StepDevice dev(dh_state);
   Tensor grad_input = none_like(input), grad_w_ih = none_like(input), grad_w_hh = none_like(input),
          grad_b_ih = none_like(input), grad_b_hh = none_like(input), grad_g_ih = none_like(input),
@@ -425,6 +459,32 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         acc_t* const dhgp = dhg.data_ptr<acc_t>();
         acc_t* const dycp = dyc.data_ptr<acc_t>();
         acc_t* const drp = proj ? dr.data_ptr<acc_t>() : nullptr;
+        auto block = [&](size_t i) { return block_of(workspace, blocks, i, N); };
+        auto at_row = [&](size_t i, int64_t r) { return w + blocks.at(i, N, r); };
+        InputSide in(input, w_ih, output_mask, acc_st, N);
+        // the chunks' weight gradients (op-math type) and column sums Σda, Σda x̂, Σda ĥ, Σdyc,
+        // Σdyc ĉ (accumulated from zero)
+        Tensor gw_hh, gw_hr, sums;
+        if (output_mask[1]) {
+          gw_hh = at::empty({G, Hout}, acc_opts);
+          if (proj) gw_hr = at::empty({Hout, H}, acc_opts);
+          sums = at::zeros({5, G}, acc_opts);
+        }
+        auto finish_chunk = [&](const StepChunks::Chunk& ch) {
+          const int64_t lo = ch.lo, m = ch.hi - ch.lo;
+          const float beta = &ch == &sc.chunks.front() ? 0.0f : 1.0f;
+          if (output_mask[1]) {
+            acc_t* const sp = sums.data_ptr<acc_t>();
+            column_sums<acc_t>(dap, at_row(kXhat, lo), at_row(kHhat, lo), m, G, sp, sp + G,
+                               sp + 2 * G);
+            column_sums<acc_t>(dycp, at_row(kChat, lo), nullptr, m, H, sp + 3 * G, sp + 4 * G,
+                               nullptr);
+            gemm(gw_hh, rows(dhg, 0, m).t(), rows(block(kHPrev), lo, m), beta);
+            if (proj) gemm(gw_hr, rows(dho, lo, m).t(), rows(block(kR), lo, m), beta);
+          }
+          in.add_chunk<scalar_t, acc_t>(da, lo, m, at_row(kXhat, lo), at_row(kLSTMStats, lo), 3,
+                                        gi.const_data_ptr<scalar_t>(), beta);
+        };
         LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, N, w);
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.g_c = gc.const_data_ptr<scalar_t>();
@@ -436,6 +496,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+          const StepChunks::Chunk& ch = sc.of(k);
           if (dyp) {
             const acc_t* src = dyp + r0 * Hout;
             for (int64_t i = 0; i < n * Hout; ++i) dhs[i] += src[i];
@@ -449,24 +510,18 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           LNStep<scalar_t> p = base;
           p.r0 = r0;
           p.xr0 = r0;
+          p.g0 = r0 - ch.lo;
           p.dh = const_cast<acc_t*>(dh_in);
           set_zone_rows(p, zone_c, zone_h, r0);
           for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.lstm_backward(p, b0, b1); });
-          dev.gemm(n, Hout, G, dhgp + r0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
+          dev.gemm(n, Hout, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
                    dhs, Hout, dh_beta);
+          if (k == ch.k_lo) finish_chunk(ch);
         }
-        auto block = [&](size_t i) { return block_of(workspace, blocks, i, N); };
-        input_side_grads<acc_t>(da, g_ih, workspace, blocks, kXhat, kLSTMStats, input, w_ih,
-                                output_mask, grad_input, grad_w_ih);
+        in.finish(input, grad_input, grad_w_ih);
         if (output_mask[1]) {
           const auto dt = input.scalar_type();
-          grad_w_hh = at::mm(dhg.t(), block(kHPrev)).to(dt);
-          const Tensor sums = at::empty({5, G}, acc_opts);  // Σda, Σda x̂, Σda ĥ, Σdyc, Σdyc ĉ
-          acc_t* const sp = sums.data_ptr<acc_t>();
-          column_sums<acc_t>(dap, w + blocks.at(kXhat, N, 0), w + blocks.at(kHhat, N, 0), N, G, sp,
-                             sp + G, sp + 2 * G);
-          column_sums<acc_t>(dycp, w + blocks.at(kChat, N, 0), nullptr, N, H, sp + 3 * G,
-                             sp + 4 * G, nullptr);
+          grad_w_hh = gw_hh.to(dt);
           if (b_ih.has_value()) {
             grad_b_ih = sums[0].to(dt);
             grad_b_hh = grad_b_ih.clone();
@@ -475,7 +530,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           grad_g_hh = sums[2].to(dt);
           grad_b_c = sums[3].narrow(0, 0, H).to(dt);
           grad_g_c = sums[4].narrow(0, 0, H).to(dt);
-          if (proj) grad_w_hr = at::mm(dho.t(), block(kR)).to(dt);
+          if (proj) grad_w_hr = gw_hr.to(dt);
         }
       });
   if (N == 0) {
@@ -600,10 +655,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
                               ? grad_hy->to(acc_st).contiguous().clone()
                               : at::zeros({s.B, H}, acc_opts);
   const Tensor dy = has_dy ? grad_output->reshape({N, H}).to(acc_st).contiguous() : Tensor();
-  const Tensor dxs = large_buffer({N, G}, acc_opts), dhs = large_buffer({N, G}, acc_opts),
-               dhg = large_buffer({N, G}, acc_opts);
+  const StepChunks sc = ln_chunks(s);
+  const Tensor dxs = large_buffer({sc.buf_rows, G}, acc_opts),
+               dhs = large_buffer({sc.buf_rows, G}, acc_opts),
+               dhg = large_buffer({sc.buf_rows, G}, acc_opts);
   const Tensor w_hh_t = w_hh.to(acc_st).t().contiguous();  // as in the LSTM's backward
-  const Tensor gh = g_hh.contiguous();
+  const Tensor gi = g_ih.contiguous(), gh = g_hh.contiguous();
   const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
   const StepDevice dev(dh_state);
   Tensor grad_input = none_like(input), grad_w_ih = none_like(input), grad_w_hh = none_like(input),
@@ -619,6 +676,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         acc_t* const dxsp = dxs.data_ptr<acc_t>();
         acc_t* const dhsb = dhs.data_ptr<acc_t>();
         acc_t* const dhgp = dhg.data_ptr<acc_t>();
+        auto at_row = [&](size_t i, int64_t r) { return w + blocks.at(i, N, r); };
+        InputSide in(input, w_ih, output_mask, acc_st, N);
+        // the chunks' grad_weight_hh and column sums Σdxs, Σdxs x̂, Σdhs, Σdhs ĥ (from zero)
+        Tensor gw_hh, sums;
+        if (output_mask[1]) {
+          gw_hh = at::empty({G, H}, acc_opts);
+          sums = at::zeros({4, G}, acc_opts);
+        }
+        auto finish_chunk = [&](const StepChunks::Chunk& ch) {
+          const int64_t lo = ch.lo, m = ch.hi - ch.lo;
+          const float beta = &ch == &sc.chunks.front() ? 0.0f : 1.0f;
+          if (output_mask[1]) {
+            acc_t* const sp = sums.data_ptr<acc_t>();
+            column_sums<acc_t>(dxsp, at_row(kGXhat, lo), nullptr, m, G, sp, sp + G, nullptr);
+            column_sums<acc_t>(dhsb, at_row(kGHhat, lo), nullptr, m, G, sp + 2 * G, sp + 3 * G,
+                               nullptr);
+            gemm(gw_hh, rows(dhg, 0, m).t(), rows(block_of(workspace, blocks, kGHPrev, N), lo, m),
+                 beta);
+          }
+          in.add_chunk<scalar_t, acc_t>(dxs, lo, m, at_row(kGXhat, lo), at_row(kGRUStats, lo), 2,
+                                        gi.const_data_ptr<scalar_t>(), beta);
+        };
         LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, N, w);
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.b_hh = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
@@ -629,6 +708,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
+          const StepChunks::Chunk& ch = sc.of(k);
           if (dyp) {
             const acc_t* src = dyp + r0 * H;
             for (int64_t i = 0; i < n * H; ++i) dhsp[i] += src[i];
@@ -636,22 +716,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
           LNStep<scalar_t> p = base;
           p.r0 = r0;
           p.xr0 = r0;
+          p.g0 = r0 - ch.lo;
           set_zone_rows(p, Zone{}, zone_h, r0);
           for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.gru_backward(p, b0, b1); });
-          dev.gemm(n, H, G, dhgp + r0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true, dhsp,
-                   H, 1.0f);
+          dev.gemm(n, H, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
+                   dhsp, H, 1.0f);
+          if (k == ch.k_lo) finish_chunk(ch);
         }
-        auto block = [&](size_t i) { return block_of(workspace, blocks, i, N); };
-        input_side_grads<acc_t>(dxs, g_ih, workspace, blocks, kGXhat, kGRUStats, input, w_ih,
-                                output_mask, grad_input, grad_w_ih);
+        in.finish(input, grad_input, grad_w_ih);
         if (output_mask[1]) {
           const auto dt = input.scalar_type();
-          grad_w_hh = at::mm(dhg.t(), block(kGHPrev)).to(dt);
-          const Tensor sums = at::empty({4, G}, acc_opts);  // Σdxs, Σdxs x̂, Σdhs, Σdhs ĥ
-          acc_t* const sp = sums.data_ptr<acc_t>();
-          column_sums<acc_t>(dxsp, w + blocks.at(kGXhat, N, 0), nullptr, N, G, sp, sp + G, nullptr);
-          column_sums<acc_t>(dhsb, w + blocks.at(kGHhat, N, 0), nullptr, N, G, sp + 2 * G,
-                             sp + 3 * G, nullptr);
+          grad_w_hh = gw_hh.to(dt);
           if (b_ih.has_value()) {
             grad_b_ih = sums[0].to(dt);
             grad_b_hh = sums[2].to(dt);

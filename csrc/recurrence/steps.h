@@ -72,10 +72,16 @@ struct StepChunks {
   std::vector<int64_t> chunk_of;  // the chunk of each processed step
   int64_t buf_rows = 0;
 
-  StepChunks(const Steps& s, const Tensor& input) : chunk_of(s.T) {
-    const bool chunked = input.device().is_cpu() &&
-                         (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
-    const int64_t cap = chunked ? std::max<int64_t>(kBackwardChunkRows, s.B) : s.N;
+  // The chunks of the fused cells' backward: kBackwardChunkRows rows (at least a step's) on the
+  // CPU in fp32 / fp64, else one chunk of every step.
+  StepChunks(const Steps& s, const Tensor& input)
+      : StepChunks(s, input.device().is_cpu() && (input.scalar_type() == at::kFloat ||
+                                                  input.scalar_type() == at::kDouble)
+                          ? std::max<int64_t>(kBackwardChunkRows, s.B)
+                          : s.N) {}
+  // Chunks of consecutive processed steps of at most `cap` rows (a step of more rows is a chunk
+  // of its own).
+  StepChunks(const Steps& s, int64_t cap) : chunk_of(s.T) {
     for (int64_t k = s.T - 1; k >= 0; --k) {
       const int64_t t = s.at(k), lo = s.off[t], hi = lo + s.n[t];
       if (chunks.empty() || std::max(hi, chunks.back().hi) - std::min(lo, chunks.back().lo) > cap) {

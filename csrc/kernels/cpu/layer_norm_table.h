@@ -51,10 +51,13 @@ struct LNStep {
   acc_t* dh = nullptr;        // LSTM (n, H): dL/d(o tanh(LN(c_t))) (zoned: dL/dh_t, out: its direct
                               // part); GRU (n, H) in: dL/dh_t, out: the direct part of dL/dh_{t-1}
   acc_t* dc_state = nullptr;  // LSTM (n, H) in: dL/dc_t; out: dL/dc_{t-1}
-  acc_t* da = nullptr;        // (N, G) LSTM: dL/da; GRU: dL/d(γ_ih x̂ + b_ih), by workspace row
-  acc_t* dhs = nullptr;       // GRU (N, G): dL/d(γ_hh ĥ + b_hh)
-  acc_t* dyc = nullptr;       // LSTM (N, H): dL/d(γ_c ĉ + β_c)
-  acc_t* dhg = nullptr;       // (N, G): dL/d(h_{t-1} W_hh^T)
+  // The per-row gradients, rows g0 + b of buffers that hold a chunk of steps' rows
+  // (recurrence/layer_norm.cpp):
+  int64_t g0 = 0;
+  acc_t* da = nullptr;   // (rows, G) LSTM: dL/da; GRU: dL/d(γ_ih x̂ + b_ih)
+  acc_t* dhs = nullptr;  // GRU (rows, G): dL/d(γ_hh ĥ + b_hh)
+  acc_t* dyc = nullptr;  // LSTM (rows, H): dL/d(γ_c ĉ + β_c)
+  acc_t* dhg = nullptr;  // (rows, G): dL/d(h_{t-1} W_hh^T)
   // zoneout (forward and backward, no projection): the weights d of the previous cell / hidden
   // state, (n, H) from the step's row 0 with row strides ld_zone_* (0: one row for all), or
   // null. With them the LSTM's backward overwrites dh with its direct part (cells/layer_norm.h).

@@ -24,6 +24,11 @@ if HAS_C:
     # The CPU kernels' instruction set is chosen now, so that a FUSEDRNN_CPU_ISA this CPU lacks
     # (or a misspelt one) is a ValueError at import, not a fallback or a crash later.
     torch.ops.fusedrnn.cpu_isa()
+    reference.MASK_OP = torch.ops.fusedrnn.zoneout_mask.default
+
+    @torch.library.register_fake("fusedrnn::zoneout_mask")
+    def _fake_zoneout_mask(rows, width, p, seed):
+        return seed.new_empty((rows, width), dtype=torch.bool)
 
 
 def _lstm_dims(weight_ih, weight_hr, cell):

@@ -268,10 +268,23 @@ def zoneout(prev: Tensor, new: Tensor, keep) -> Tensor:
     return new if keep == 0 else keep * prev + (1 - keep) * new
 
 
+# fusedrnn::zoneout_mask (csrc/ops/zoneout_mask.cpp), set by fusedrnn._ops when the compiled
+# extension loads; None without it.
+MASK_OP = None
+
+
 def zoneout_masks(rows: int, hidden: int, p: float, like: Tensor) -> Tensor:
     """The training masks of one state over a layer call: (rows, hidden) bool, True with
-    probability p, one per row of the call's output (T * B, or sum(batch_sizes) packed), drawn
-    from torch's generator in one call, so that a seed fixes them."""
+    probability p, one per row of the call's output (T * B, or sum(batch_sizes) packed), from
+    torch's generator, so that a seed fixes them.
+
+    On the CPU with the compiled extension: torch's generator draws one seed, and the op
+    fusedrnn::zoneout_mask computes each element from it and the element's index (several
+    times faster than torch.rand, and the same for every thread count; P(True) is p rounded
+    down to a multiple of 2^-32). Elsewhere `torch.rand(rows, hidden) < p` on like's device."""
+    if MASK_OP is not None and like.device.type == "cpu":
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        return MASK_OP(rows, hidden, float(p), seed)
     return torch.rand(rows, hidden, device=like.device) < p
 
 

@@ -1,9 +1,10 @@
 """What zoneout costs: fusedrnn.LSTM, GRU and their layer-normalised forms with and without
-zoneout=0.1, one thread, fp32, T=100 B=64 I=H=256, the training pass (forward+backward) and the
-eval forward, timed alternately in one process (median of the rounds), and the time of drawing
-the masks alone (torch.rand < p, as the modules draw them, converted to the op's dtype).
+zoneout=0.1, fp32, T=100 B=64 I=H=256, the training pass (forward+backward) and the eval forward,
+timed alternately in one process (median of the rounds), and the time of drawing the masks alone
+(fusedrnn.reference.zoneout_masks, as the modules draw them, converted to the op's dtype). One
+thread unless told.
 
-    python scripts/zoneout_cost.py [rounds] [LSTM,GRU,LayerNormLSTM,LayerNormGRU]
+    python scripts/zoneout_cost.py [rounds] [LSTM,GRU,LayerNormLSTM,LayerNormGRU] [threads]
 """
 
 import statistics
@@ -13,8 +14,9 @@ import time
 import torch
 
 import fusedrnn
+from fusedrnn import reference
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 T, B, I, H = 100, 64, 256, 256
 x = torch.randn(T, B, I)
 g = torch.randn(T, B, H)
@@ -34,7 +36,7 @@ for kind in sys.argv[2].split(",") if len(sys.argv) > 2 else ("LSTM", "GRU"):
 
     def masks(m):
         for _ in range(2 if "LSTM" in kind else 1):
-            (torch.rand(T * B, H) < 0.1).float()
+            reference.zoneout_masks(T * B, H, 0.1, x).float()
 
     for name, fn, mods in (("train", train, (plain, zoned)), ("eval fwd", fwd, (plain, zoned))):
         for m in mods:

@@ -159,3 +159,76 @@ def test_zoneout_masks_are_seeded_and_binomial():
     assert abs(a.sum().item() - p * n) <= 4.5 * math.sqrt(n * p * (1 - p))
     assert not reference.zoneout_masks(10, 10, 0.0, like).any()
     assert reference.zoneout_masks(10, 10, 1.0, like).all()
+
+
+def _splitmix_bits(seed: int, k: int) -> int:
+    """Draw k of fusedrnn::zoneout_mask written again from its documented formula (SplitMix64's
+    output function at seed + (k + 1) * the golden-ratio increment), in Python integers."""
+    m = (1 << 64) - 1
+    z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+needs_op = pytest.mark.skipif(
+    reference.MASK_OP is None, reason="the compiled extension is not loaded"
+)
+
+
+@needs_op
+def test_mask_op_is_its_formula_for_every_thread_count():
+    """The CPU masks' op: element 2k is the low half of draw k, element 2k + 1 the high half,
+    kept where the 32-bit half is below p 2^32; an odd last element takes draw n // 2's low half.
+    The same bits for one thread and two (each element depends on the seed and its index)."""
+    seed, p, rows, width = 123456789, 0.3, 333, 99  # 32967 elements: odd, several tasks' worth
+    t = torch.tensor(seed, dtype=torch.int64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = reference.MASK_OP(rows, width, p, t)
+        torch.set_num_threads(2)
+        two = reference.MASK_OP(rows, width, p, t)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and one.shape == (rows, width) and one.dtype == torch.bool
+    flat, threshold, n = one.flatten(), int(p * 2**32), rows * width
+    for i in [0, 1, 2, 3, 1000, 1001, 32964, 32965, n - 1]:
+        r = _splitmix_bits(seed, i // 2)
+        half = (r >> 32) if i % 2 else (r & 0xFFFFFFFF)
+        assert bool(flat[i]) == (half < threshold), i
+
+
+@needs_op
+def test_mask_op_elements_are_independent():
+    """Neighbouring elements (the two halves of one draw, and consecutive draws) are both kept
+    with probability p^2 (within the binomial bound of the other mask tests), and two seeds
+    agree on an element with probability p^2 + (1 - p)^2."""
+    p = 0.4
+    a = reference.MASK_OP(500, 400, p, torch.tensor(7)).flatten()
+    b = reference.MASK_OP(500, 400, p, torch.tensor(8)).flatten()
+
+    def ok(count, n, q):
+        return abs(count - q * n) <= 4.5 * math.sqrt(n * q * (1 - q))
+
+    pairs = a[0::2] & a[1::2]  # the two halves of each draw
+    assert ok(pairs.sum().item(), pairs.numel(), p * p)
+    shifted = a[1:-1:2] & a[2::2]  # the high half of draw k and the low half of draw k + 1
+    assert ok(shifted.sum().item(), shifted.numel(), p * p)
+    assert ok((a == b).sum().item(), a.numel(), p * p + (1 - p) ** 2)
+
+
+@needs_op
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((4, 4, 1.5, torch.tensor(1)), "p must be in"),
+        ((4, 4, -0.1, torch.tensor(1)), "p must be in"),
+        ((4, 4, 0.5, torch.tensor(1.0)), "seed must be a one-element int64"),
+        ((4, 4, 0.5, torch.tensor([1, 2])), "seed must be a one-element int64"),
+        ((-1, 4, 0.5, torch.tensor(1)), "rows and width must be >= 0"),
+    ],
+)
+def test_mask_op_bad_arguments(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        reference.MASK_OP(*args)

@@ -225,10 +225,10 @@ def test_no_memory_growth_over_many_iterations():
 
 
 class _Net(nn.Module):
-    def __init__(self, dropconnect=0.0, kind="LSTM"):
+    def __init__(self, dropconnect=0.0, kind="LSTM", zoneout=0.0):
         super().__init__()
         rnn = getattr(fusedrnn, kind)  # a fusedrnn sequence module's class name
-        self.rnn = rnn(3, 6, batch_first=True, dtype=F64, dropconnect=dropconnect)
+        self.rnn = rnn(3, 6, batch_first=True, dtype=F64, dropconnect=dropconnect, zoneout=zoneout)
         self.head = nn.Linear(6, 1, dtype=F64)
 
     def forward(self, x):
@@ -239,21 +239,28 @@ class _Net(nn.Module):
 STEPS, LR = 3, 0.5
 
 
-def _train(model, x, y):
+def _train(model, x, y, halves=1):
+    """STEPS SGD steps on (x, y); with `halves`, each step the mean of the losses of that many
+    equal parts of the batch, each run after the same seed, as that many DDP ranks run theirs."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    n = x.shape[0] // halves
     for step in range(STEPS):
         opt.zero_grad()
-        # the same seed per step in every process: with DropConnect, every rank and the single
-        # process draw the same mask (one per call, for the whole batch)
-        torch.manual_seed(100 + step)
-        # mean over the batch: DDP averages the ranks' gradients, so the mean over each half,
-        # averaged over the two halves, is the mean over the whole batch
-        loss = nn.functional.mse_loss(model(x), y)
+        loss = 0.0
+        for h in range(halves):
+            # the same seed per step in every process: with DropConnect, every rank and the
+            # single process draw the same mask (one per call, for the whole batch); zoneout's
+            # masks have a row per batch row, so a rank draws its half's
+            torch.manual_seed(100 + step)
+            # mean over the batch: DDP averages the ranks' gradients, so the mean over each
+            # half, averaged over the two halves, is the mean over the whole batch
+            part = slice(h * n, (h + 1) * n)
+            loss = loss + nn.functional.mse_loss(model(x[part]), y[part]) / halves
         loss.backward()
         opt.step()
 
 
-def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropconnect, kind):
+def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropconnect, kind, zo):
     torch.set_num_threads(1)
     # a FileStore: no TCP store server on rank 0 that rank 1 depends on, and no port to race for
     dist.init_process_group(
@@ -264,7 +271,7 @@ def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropcon
         timeout=datetime.timedelta(seconds=30),
     )
     try:
-        model = _Net(dropconnect, kind)
+        model = _Net(dropconnect, kind, zo)
         model.load_state_dict(torch.load(init_path))
         ddp = nn.parallel.DistributedDataParallel(model)
         x, y = torch.load(data_path)
@@ -284,18 +291,29 @@ def _ddp_worker(rank, world, store_path, init_path, data_path, out_path, dropcon
 
 
 @pytest.mark.parametrize(
-    "dropconnect,kind",
-    [(0.0, "LSTM"), (0.5, "LSTM"), (0.0, "LayerNormLSTM"), (0.5, "LayerNormGRU")],
+    "dropconnect,kind,zo",
+    [
+        (0.0, "LSTM", 0.0),
+        (0.5, "LSTM", 0.0),
+        (0.0, "LayerNormLSTM", 0.0),
+        (0.5, "LayerNormGRU", 0.0),
+        (0.0, "GRU", 0.3),
+        (0.5, "LayerNormLSTM", (0.2, 0.4)),
+    ],
 )
-def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch, dropconnect, kind):
+def test_distributed_data_parallel_matches_single_process(
+    tmp_path, monkeypatch, dropconnect, kind, zo
+):
     """Two processes (spawn, gloo) train a fusedrnn module (LSTM, the layer-normalised LSTM and
     GRU, whose ops' autograd is registered in Python) + Linear under DistributedDataParallel for
     3 SGD steps, each on half of a fixed batch; the parameters equal those of one process
     training on the whole batch from the same initial state_dict (fp64; 1e-10 allows only the
     different summation order of the gradient average). With DropConnect every process seeds
-    each step alike, so all draw the same mask."""
+    each step alike, so all draw the same mask. With zoneout (`zo`) each rank draws the masks of
+    its half of the batch: the single process runs the two halves one after the other, each
+    after that seed."""
     torch.manual_seed(0)
-    init = _Net(dropconnect, kind)
+    init = _Net(dropconnect, kind, zo)
     x = torch.randn(4, 5, 3, dtype=F64)
     y = torch.randn(4, dtype=F64)
     store_path, init_path, data_path, out_path = (
@@ -307,7 +325,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ctx = mp.start_processes(
         _ddp_worker,
-        args=(2, store_path, init_path, data_path, out_path, dropconnect, kind),
+        args=(2, store_path, init_path, data_path, out_path, dropconnect, kind, zo),
         nprocs=2,
         join=False,
         start_method="spawn",
@@ -322,9 +340,9 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch,
                 p.kill()
     assert all(p.exitcode == 0 for p in ctx.processes)
 
-    single = _Net(dropconnect, kind)
+    single = _Net(dropconnect, kind, zo)
     single.load_state_dict(torch.load(init_path))
-    _train(single, x, y)
+    _train(single, x, y, halves=2 if zo else 1)
     got = torch.load(out_path)
     exp = single.state_dict()
     assert got.keys() == exp.keys()
@@ -335,7 +353,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, monkeypatch,
         )
         moved = max(moved, (exp[k] - init.state_dict()[k]).abs().max().item())
     assert moved > 1e-3  # the training steps changed the parameters: the comparison means something
-    if dropconnect:  # and the masks changed the training
+    if dropconnect or zo:  # and the masks changed the training
         plain = _Net(0.0, kind)
         plain.load_state_dict(torch.load(init_path))
         _train(plain, x, y)

@@ -5,8 +5,9 @@ so, c and h with masks of their own; in eval the expectation p * prev + (1 - p) 
 The oracle below is the equations written again, step by step, on fusedrnn.reference's cell
 steps (checked against torch.nn and by hand elsewhere), with the masks drawn in the order the
 modules document: per layer, forward then reverse direction, the cell state's mask
-(rows, H) then the hidden state's (rows, H_out), each one `torch.rand(rows, width) < p`, one row
-per output row of the layer call."""
+(rows, H) then the hidden state's (rows, H_out), each one `reference.zoneout_masks(rows, width,
+p, input)` (test_zoneout_masks_* check that function: its fractions, its seed), one row per
+output row of the layer call."""
 
 import importlib.util
 import math
@@ -98,9 +99,9 @@ def _oracle(m, x, batch_sizes, seed):
             get = lambda n: getattr(m, n + sfx, None)  # noqa: E731
             keep_c = keep_h = None
             if lstm and p_c > 0:
-                keep_c = (torch.rand(N, m.hidden_size) < p_c) if m.training else p_c
+                keep_c = (reference.zoneout_masks(N, m.hidden_size, p_c, x)) if m.training else p_c
             if p_h > 0:
-                keep_h = (torch.rand(N, H_out) < p_h) if m.training else p_h
+                keep_h = (reference.zoneout_masks(N, H_out, p_h, x)) if m.training else p_h
             weights = [get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")]
             if m._layer_norm:
                 weights += [get(n) for n, _, _ in modules._LN_PARAMS[m._cell]]
@@ -250,8 +251,8 @@ def test_cells_zone_each_call(kind, mode):
     p_c, p_h = _rates(c)
     keep_c = keep_h = None
     if lstm:
-        keep_c = (torch.rand(B, H) < p_c) if c.training else p_c
-    keep_h = (torch.rand(B, H) < p_h) if c.training else p_h
+        keep_c = reference.zoneout_masks(B, H, p_c, x) if c.training else p_c
+    keep_h = reference.zoneout_masks(B, H, p_h, x) if c.training else p_h
     ws = [c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh]
     if c._layer_norm:
         ws += [getattr(c, n) for n, _, _ in modules._LN_PARAMS[c._cell]]

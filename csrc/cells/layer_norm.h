@@ -11,7 +11,9 @@
 // unit's output, so the unit of work is a row (not an element, as in the other cells): a few
 // passes over the row's columns, each a loop that gcc vectorises. The input side LN(x W_ih^T)
 // does not depend on the recurrence: it is normalised for every row of the call at once before
-// the step loop (recurrence/layer_norm.cpp), and its backward runs after the loop.
+// the step loop (recurrence/layer_norm.cpp); its backward runs in the row's backward pass, which
+// also adds the row's terms of the gains' and biases' gradients (column sums over every row) to
+// sums of its thread's own.
 //
 // The training workspace of a row (acc_t, the op-math type: fp32 for the half types) keeps
 // what the backward reads: the normalised products x̂ and ĥ, the activated gates, the states
@@ -144,17 +146,24 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
 
 // Backward of one row of an LN-LSTM step. dh (H): the gradient of o tanh(LN(c_t)) (after the
 // projection's backward); dc_state (H) in: dL/dc_t from later steps, out: dL/dc_{t-1}. Writes
-// da (4H, the gradient of the pre-activation a = γ_ih x̂ + γ_hh ĥ + b), dyc (H, the gradient of
-// γ_c ĉ + β_c) and dhg (4H, the gradient of h_{t-1} W_hh^T).
+// dx (4H, the gradient of the input product x W_ih^T, through the input side's LayerNorm) and
+// dhg (4H, the gradient of h_{t-1} W_hh^T), and adds the row's terms of the column sums that
+// the LayerNorm gains' and the biases' gradients are to `sums`: with da the gradient of the
+// pre-activation a = γ_ih x̂ + γ_hh ĥ + b and dyc that of γ_c ĉ + β_c,
+// [Σda 4H | Σda x̂ 4H | Σda ĥ 4H | Σdyc H | Σdyc ĉ H].
 // With zoneout (kZone; no projection) dh is dL/dh_t itself and is overwritten with its direct
 // part, d_h * dL/dh_t, which the GEMM of dh_{t-1}'s W_hh part then accumulates onto.
 template <bool kZone, typename scalar_t, typename acc_t>
-inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_hh, const scalar_t* g_c,
-                              const scalar_t* b_c, acc_t* dc_state, const LSTMRow::Ptrs<acc_t>& w,
-                              acc_t* da, acc_t* dyc, acc_t* dhg, const scalar_t* zc,
-                              const scalar_t* zh) {
+inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_ih, const scalar_t* g_hh,
+                              const scalar_t* g_c, const scalar_t* b_c, acc_t* dc_state,
+                              const LSTMRow::Ptrs<acc_t>& w, acc_t* dx, acc_t* dhg, acc_t* sums,
+                              const scalar_t* zc, const scalar_t* zh) {
   const acc_t one(1);
+  const int64_t G = 4 * H;
   const acc_t* gt = w.gates;
+  acc_t* const da = dx;  // da first, then turned into dx in place
+  acc_t* const s_dyc = sums + 3 * G;
+  acc_t* const s_dyc_c = s_dyc + H;
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t o = gt[3 * H + j];
@@ -166,9 +175,11 @@ inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_hh, const 
       dh[j] = d * dhj;
       dhj = (one - d) * dhj;
     }
-    dyc[j] = dhj * o * (one - ty * ty);
+    const acc_t dyc = dhj * o * (one - ty * ty);
+    s_dyc[j] += dyc;
+    s_dyc_c[j] += dyc * w.chat[j];
     da[3 * H + j] = dhj * ty * o * (one - o);
-    dhg[j] = dyc[j] * static_cast<acc_t>(g_c[j]);  // dL/dĉ, in dhg's first H as scratch
+    dhg[j] = dyc * static_cast<acc_t>(g_c[j]);  // dL/dĉ, in dhg's first H as scratch
   }
   norm_backward<acc_t>(dhg, w.chat, w.stats[2], H, dhg);  // dL/dc_t through LN(c_t)
 #pragma GCC ivdep
@@ -185,10 +196,20 @@ inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_hh, const 
     da[2 * H + j] = dc * i * (one - g * g);
     dc_state[j] = kZone ? dc * f + carry : dc * f;
   }
-  const int64_t G = 4 * H;
+  acc_t* const s_da = sums;
+  acc_t* const s_da_x = sums + G;
+  acc_t* const s_da_h = sums + 2 * G;
 #pragma GCC ivdep
-  for (int64_t k = 0; k < G; ++k) dhg[k] = da[k] * static_cast<acc_t>(g_hh[k]);
+  for (int64_t k = 0; k < G; ++k) {
+    const acc_t a = da[k];
+    s_da[k] += a;
+    s_da_x[k] += a * w.xhat[k];
+    s_da_h[k] += a * w.hhat[k];
+    dhg[k] = a * static_cast<acc_t>(g_hh[k]);
+    da[k] = a * static_cast<acc_t>(g_ih[k]);  // dL/dx̂
+  }
   norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
+  norm_backward<acc_t>(dx, w.xhat, w.stats[0], G, dx);
 }
 
 struct GRURow {
@@ -242,13 +263,18 @@ inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
 }
 
 // Backward of one row of an LN-GRU step: dh (H) in: dL/dh_t, out: the direct part of
-// dL/dh_{t-1} (z ⊙ dh; the W_hh part is a GEMM of dhg). Writes dxs (3H, the gradient of
-// γ_ih x̂ + b_ih), dhs (3H, of γ_hh ĥ + b_hh) and dhg (3H, of h_{t-1} W_hh^T).
+// dL/dh_{t-1} (z ⊙ dh; the W_hh part is a GEMM of dhg). Writes dx (3H, the gradient of the
+// input product x W_ih^T, through the input side's LayerNorm) and dhg (3H, the gradient of
+// h_{t-1} W_hh^T), and adds the row's terms of the gains' and biases' column sums to `sums`:
+// with dxs the gradient of γ_ih x̂ + b_ih and dhs that of γ_hh ĥ + b_hh,
+// [Σdxs 3H | Σdxs x̂ 3H | Σdhs 3H | Σdhs ĥ 3H].
 template <bool kZone, typename scalar_t, typename acc_t>
-inline void gru_backward_row(int64_t H, const scalar_t* g_hh, const scalar_t* b_hh, acc_t* dh,
-                             const GRURow::Ptrs<acc_t>& w, acc_t* dxs, acc_t* dhs, acc_t* dhg,
-                             const scalar_t* zh) {
+inline void gru_backward_row(int64_t H, const scalar_t* g_ih, const scalar_t* g_hh,
+                             const scalar_t* b_hh, acc_t* dh, const GRURow::Ptrs<acc_t>& w,
+                             acc_t* dx, acc_t* dhg, acc_t* sums, const scalar_t* zh) {
   const acc_t one(1);
+  acc_t* const dxs = dx;   // dxs first, then turned into dx in place
+  acc_t* const dhs = dhg;  // dhs first, then dhg in place
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     const acc_t r = w.gates[j], z = w.gates[H + j], n = w.gates[2 * H + j];
@@ -273,9 +299,22 @@ inline void gru_backward_row(int64_t H, const scalar_t* g_hh, const scalar_t* b_
     dh[j] = kZone ? d * z + carry : d * z;
   }
   const int64_t G = 3 * H;
+  acc_t* const s_dxs = sums;
+  acc_t* const s_dxs_x = sums + G;
+  acc_t* const s_dhs = sums + 2 * G;
+  acc_t* const s_dhs_h = sums + 3 * G;
 #pragma GCC ivdep
-  for (int64_t k = 0; k < G; ++k) dhg[k] = dhs[k] * static_cast<acc_t>(g_hh[k]);
+  for (int64_t k = 0; k < G; ++k) {
+    const acc_t a = dxs[k], b = dhs[k];
+    s_dxs[k] += a;
+    s_dxs_x[k] += a * w.xhat[k];
+    s_dhs[k] += b;
+    s_dhs_h[k] += b * w.hhat[k];
+    dxs[k] = a * static_cast<acc_t>(g_ih[k]);  // dL/dx̂
+    dhs[k] = b * static_cast<acc_t>(g_hh[k]);  // dL/dĥ
+  }
   norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
+  norm_backward<acc_t>(dx, w.xhat, w.stats[0], G, dx);
 }
 
 }  // namespace layer_norm

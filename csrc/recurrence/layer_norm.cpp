@@ -144,22 +144,6 @@ void normalise_input(const Tensor& x, const Tensor& w_ih, const Tensor& xhat, ac
   });
 }
 
-// The input side's LayerNorm backward of m rows, in place: d in: the gradient of γ_ih x̂ (the
-// gate pre-activations' or their input side's), out: the gradient of x W_ih^T; xhat and stats
-// from the same first row of the workspace.
-template <typename scalar_t, typename acc_t>
-void input_norm_backward(acc_t* d, const acc_t* xhat, const acc_t* stats, int64_t stats_cols,
-                         const scalar_t* g_ih, int64_t m, int64_t G) {
-  at::parallel_for(0, m, row_grain(G), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      acc_t* const dr = d + r * G;
-#pragma GCC ivdep
-      for (int64_t k = 0; k < G; ++k) dr[k] *= static_cast<acc_t>(g_ih[k]);
-      ln::norm_backward<acc_t>(dr, xhat + r * G, stats[r * stats_cols], G, dr);
-    }
-  });
-}
-
 // The input side's gradients of a backward, which its chunks accumulate (op-math type;
 // undefined where output_mask does not ask): grad_input's rows, and grad_weight_ih, written by
 // the first chunk's GEMM (beta 0) and accumulated by the others'.
@@ -178,17 +162,11 @@ struct InputSide {
       grad_w_ih = at::empty(w.sizes(), opts);
     }
   }
-  // A chunk's part, rows [lo, lo + m), from d (its m rows: the gradient of γ_ih x̂), which the
-  // input side's LayerNorm backward turns into the gradient of x W_ih^T in place.
-  template <typename scalar_t, typename acc_t>
-  void add_chunk(const Tensor& d, int64_t lo, int64_t m, const acc_t* xhat, const acc_t* stats,
-                 int64_t stats_cols, const scalar_t* g_ih, float beta) {
-    if (!grad_input.defined() && !grad_w_ih.defined()) return;
-    input_norm_backward<scalar_t, acc_t>(d.data_ptr<acc_t>(), xhat, stats, stats_cols, g_ih, m,
-                                         d.size(1));
-    const Tensor dxp = rows(d, 0, m);
-    if (grad_input.defined()) gemm(rows(grad_input, lo, m), dxp, w_ih);
-    if (grad_w_ih.defined()) gemm(grad_w_ih, dxp.t(), rows(x, lo, m), beta);
+  // A chunk's part, rows [lo, lo + m), from dx (its rows: the gradient of x W_ih^T).
+  void add_chunk(const Tensor& dx, int64_t lo, int64_t m, float beta) {
+    const Tensor d = rows(dx, 0, m);
+    if (grad_input.defined()) gemm(rows(grad_input, lo, m), d, w_ih);
+    if (grad_w_ih.defined()) gemm(grad_w_ih, d.t(), rows(x, lo, m), beta);
   }
   // The results in the input's dtype and shape (none_like where not asked).
   void finish(const Tensor& input, Tensor& gi, Tensor& gw) const {
@@ -226,51 +204,25 @@ Tensor large_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
   return t;
 }
 
-// The column sums of the weight gradients in one pass over a (N, G), added to s0 .. s2: s0 +=
-// Σ_r a[r], and, where given, s1 += Σ_r a[r] ⊙ b1[r], s2 += Σ_r a[r] ⊙ b2[r]; no (N, G)
-// temporary. Rows are streamed in order (contiguous), each of a few row ranges into its own
-// partial sums (one per thread), which are added in range order: the result depends on the
+// The column sums of the gains' and biases' gradients: the backward's row passes add each row's
+// terms to the sums of the thread that runs it (cells/layer_norm.h), `width` values a thread;
+// the threads' sums are added in thread order at the end, so that the result depends on the
 // thread count only.
-template <typename acc_t>
-void column_sums(const acc_t* a, const acc_t* b1, const acc_t* b2, int64_t N, int64_t G, acc_t* s0,
-                 acc_t* s1, acc_t* s2) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 64));
-  std::vector<acc_t> partial(static_cast<size_t>(parts * 3 * G), acc_t(0));
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t part = p0; part < p1; ++part) {
-      acc_t* t0 = partial.data() + part * 3 * G;
-      acc_t* t1 = t0 + G;
-      acc_t* t2 = t1 + G;
-      for (int64_t r = N * part / parts; r < N * (part + 1) / parts; ++r) {
-        const acc_t* ar = a + r * G;
-#pragma GCC ivdep
-        for (int64_t c = 0; c < G; ++c) t0[c] += ar[c];
-        if (b1) {
-          const acc_t* br = b1 + r * G;
-#pragma GCC ivdep
-          for (int64_t c = 0; c < G; ++c) t1[c] += ar[c] * br[c];
-        }
-        if (b2) {
-          const acc_t* br = b2 + r * G;
-#pragma GCC ivdep
-          for (int64_t c = 0; c < G; ++c) t2[c] += ar[c] * br[c];
-        }
-      }
-    }
-  });
-  for (int64_t c = 0; c < G; ++c) {
-    acc_t u0 = 0, u1 = 0, u2 = 0;
-    for (int64_t part = 0; part < parts; ++part) {
-      const acc_t* t = partial.data() + part * 3 * G;
-      u0 += t[c];
-      u1 += t[G + c];
-      u2 += t[2 * G + c];
-    }
-    s0[c] += u0;
-    if (s1) s1[c] += u1;
-    if (s2) s2[c] += u2;
+struct ThreadSums {
+  Tensor t;  // (threads, width)
+  int64_t width;
+  ThreadSums(int64_t width_, const at::TensorOptions& opts)
+      : t(at::zeros({at::get_num_threads(), width_}, opts)), width(width_) {}
+  // The running task's sums, in a row loop's task.
+  template <typename acc_t>
+  acc_t* mine() const {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < t.size(0), "fusedrnn: thread ", tid, " outside the ", t.size(0),
+                " threads of a layer-normalised backward");
+    return t.data_ptr<acc_t>() + tid * width;
   }
-}
+  Tensor total() const { return t.sum(0); }
+};
 
 // Block i of the workspace as an (N, width) matrix.
 Tensor block_of(const Tensor& ws, const Blocks& blocks, size_t i, int64_t N) {
@@ -431,9 +383,8 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
   const Tensor dh_state = acc_state(grad_hy, Hout), dc_state = acc_state(grad_cy, H);
   const Tensor dy = has_dy ? grad_output->reshape({N, Hout}).to(acc_st).contiguous() : Tensor();
   const StepChunks sc = ln_chunks(s);
-  const Tensor da = large_buffer({sc.buf_rows, G}, acc_opts),
-               dhg = large_buffer({sc.buf_rows, G}, acc_opts),
-               dyc = large_buffer({sc.buf_rows, H}, acc_opts);
+  const Tensor dx = large_buffer({sc.buf_rows, G}, acc_opts),
+               dhg = large_buffer({sc.buf_rows, G}, acc_opts);
   const Tensor dho = proj ? at::empty({N, Hout}, acc_opts) : Tensor();
   const Tensor dr = proj ? at::empty({s.B, H}, acc_opts) : Tensor();
   // W_hh^T (Hout, G), so that the per-step dh_{t-1} = dhg W_hh reads it transposed, as the
@@ -455,43 +406,34 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         acc_t* const dhs = dh_state.data_ptr<acc_t>();
         acc_t* const dcs = dc_state.data_ptr<acc_t>();
         const acc_t* const dyp = has_dy ? dy.const_data_ptr<acc_t>() : nullptr;
-        acc_t* const dap = da.data_ptr<acc_t>();
         acc_t* const dhgp = dhg.data_ptr<acc_t>();
-        acc_t* const dycp = dyc.data_ptr<acc_t>();
         acc_t* const drp = proj ? dr.data_ptr<acc_t>() : nullptr;
         auto block = [&](size_t i) { return block_of(workspace, blocks, i, N); };
-        auto at_row = [&](size_t i, int64_t r) { return w + blocks.at(i, N, r); };
         InputSide in(input, w_ih, output_mask, acc_st, N);
-        // the chunks' weight gradients (op-math type) and column sums Σda, Σda x̂, Σda ĥ, Σdyc,
-        // Σdyc ĉ (accumulated from zero)
-        Tensor gw_hh, gw_hr, sums;
+        // the chunks' weight gradients (op-math type), and the column sums Σda, Σda x̂, Σda ĥ,
+        // Σdyc, Σdyc ĉ that the row passes add to (cells/layer_norm.h)
+        Tensor gw_hh, gw_hr;
         if (output_mask[1]) {
           gw_hh = at::empty({G, Hout}, acc_opts);
           if (proj) gw_hr = at::empty({Hout, H}, acc_opts);
-          sums = at::zeros({5, G}, acc_opts);
         }
+        const ThreadSums sums(3 * G + 2 * H, acc_opts);
         auto finish_chunk = [&](const StepChunks::Chunk& ch) {
           const int64_t lo = ch.lo, m = ch.hi - ch.lo;
           const float beta = &ch == &sc.chunks.front() ? 0.0f : 1.0f;
           if (output_mask[1]) {
-            acc_t* const sp = sums.data_ptr<acc_t>();
-            column_sums<acc_t>(dap, at_row(kXhat, lo), at_row(kHhat, lo), m, G, sp, sp + G,
-                               sp + 2 * G);
-            column_sums<acc_t>(dycp, at_row(kChat, lo), nullptr, m, H, sp + 3 * G, sp + 4 * G,
-                               nullptr);
             gemm(gw_hh, rows(dhg, 0, m).t(), rows(block(kHPrev), lo, m), beta);
             if (proj) gemm(gw_hr, rows(dho, lo, m).t(), rows(block(kR), lo, m), beta);
           }
-          in.add_chunk<scalar_t, acc_t>(da, lo, m, at_row(kXhat, lo), at_row(kLSTMStats, lo), 3,
-                                        gi.const_data_ptr<scalar_t>(), beta);
+          in.add_chunk(dx, lo, m, beta);
         };
         LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, N, w);
+        base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.g_c = gc.const_data_ptr<scalar_t>();
         base.b_c = bc.const_data_ptr<scalar_t>();
         base.dc_state = dcs;
-        base.da = dap;
-        base.dyc = dycp;
+        base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
         const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -513,7 +455,11 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           p.g0 = r0 - ch.lo;
           p.dh = const_cast<acc_t*>(dh_in);
           set_zone_rows(p, zone_c, zone_h, r0);
-          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.lstm_backward(p, b0, b1); });
+          for_rows(n, G, [&](int64_t b0, int64_t b1) {
+            LNStep<scalar_t> q = p;
+            q.sums = sums.mine<acc_t>();
+            fns.lstm_backward(q, b0, b1);
+          });
           dev.gemm(n, Hout, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
                    dhs, Hout, dh_beta);
           if (k == ch.k_lo) finish_chunk(ch);
@@ -522,14 +468,15 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         if (output_mask[1]) {
           const auto dt = input.scalar_type();
           grad_w_hh = gw_hh.to(dt);
+          const Tensor total = sums.total();
           if (b_ih.has_value()) {
-            grad_b_ih = sums[0].to(dt);
+            grad_b_ih = total.narrow(0, 0, G).to(dt);
             grad_b_hh = grad_b_ih.clone();
           }
-          grad_g_ih = sums[1].to(dt);
-          grad_g_hh = sums[2].to(dt);
-          grad_b_c = sums[3].narrow(0, 0, H).to(dt);
-          grad_g_c = sums[4].narrow(0, 0, H).to(dt);
+          grad_g_ih = total.narrow(0, G, G).to(dt);
+          grad_g_hh = total.narrow(0, 2 * G, G).to(dt);
+          grad_b_c = total.narrow(0, 3 * G, H).to(dt);
+          grad_g_c = total.narrow(0, 3 * G + H, H).to(dt);
           if (proj) grad_w_hr = gw_hr.to(dt);
         }
       });
@@ -656,8 +603,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
                               : at::zeros({s.B, H}, acc_opts);
   const Tensor dy = has_dy ? grad_output->reshape({N, H}).to(acc_st).contiguous() : Tensor();
   const StepChunks sc = ln_chunks(s);
-  const Tensor dxs = large_buffer({sc.buf_rows, G}, acc_opts),
-               dhs = large_buffer({sc.buf_rows, G}, acc_opts),
+  const Tensor dx = large_buffer({sc.buf_rows, G}, acc_opts),
                dhg = large_buffer({sc.buf_rows, G}, acc_opts);
   const Tensor w_hh_t = w_hh.to(acc_st).t().contiguous();  // as in the LSTM's backward
   const Tensor gi = g_ih.contiguous(), gh = g_hh.contiguous();
@@ -673,37 +619,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         acc_t* const w = workspace.data_ptr<acc_t>();
         acc_t* const dhsp = dh_state.data_ptr<acc_t>();
         const acc_t* const dyp = has_dy ? dy.const_data_ptr<acc_t>() : nullptr;
-        acc_t* const dxsp = dxs.data_ptr<acc_t>();
-        acc_t* const dhsb = dhs.data_ptr<acc_t>();
         acc_t* const dhgp = dhg.data_ptr<acc_t>();
-        auto at_row = [&](size_t i, int64_t r) { return w + blocks.at(i, N, r); };
         InputSide in(input, w_ih, output_mask, acc_st, N);
-        // the chunks' grad_weight_hh and column sums Σdxs, Σdxs x̂, Σdhs, Σdhs ĥ (from zero)
-        Tensor gw_hh, sums;
-        if (output_mask[1]) {
-          gw_hh = at::empty({G, H}, acc_opts);
-          sums = at::zeros({4, G}, acc_opts);
-        }
+        // the chunks' grad_weight_hh, and the column sums Σdxs, Σdxs x̂, Σdhs, Σdhs ĥ that the
+        // row passes add to (cells/layer_norm.h)
+        Tensor gw_hh;
+        if (output_mask[1]) gw_hh = at::empty({G, H}, acc_opts);
+        const ThreadSums sums(4 * G, acc_opts);
         auto finish_chunk = [&](const StepChunks::Chunk& ch) {
           const int64_t lo = ch.lo, m = ch.hi - ch.lo;
           const float beta = &ch == &sc.chunks.front() ? 0.0f : 1.0f;
           if (output_mask[1]) {
-            acc_t* const sp = sums.data_ptr<acc_t>();
-            column_sums<acc_t>(dxsp, at_row(kGXhat, lo), nullptr, m, G, sp, sp + G, nullptr);
-            column_sums<acc_t>(dhsb, at_row(kGHhat, lo), nullptr, m, G, sp + 2 * G, sp + 3 * G,
-                               nullptr);
             gemm(gw_hh, rows(dhg, 0, m).t(), rows(block_of(workspace, blocks, kGHPrev, N), lo, m),
                  beta);
           }
-          in.add_chunk<scalar_t, acc_t>(dxs, lo, m, at_row(kGXhat, lo), at_row(kGRUStats, lo), 2,
-                                        gi.const_data_ptr<scalar_t>(), beta);
+          in.add_chunk(dx, lo, m, beta);
         };
         LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, N, w);
+        base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.b_hh = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
         base.dh = dhsp;
-        base.da = dxsp;
-        base.dhs = dhsb;
+        base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
         const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -718,7 +655,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
           p.xr0 = r0;
           p.g0 = r0 - ch.lo;
           set_zone_rows(p, Zone{}, zone_h, r0);
-          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.gru_backward(p, b0, b1); });
+          for_rows(n, G, [&](int64_t b0, int64_t b1) {
+            LNStep<scalar_t> q = p;
+            q.sums = sums.mine<acc_t>();
+            fns.gru_backward(q, b0, b1);
+          });
           dev.gemm(n, H, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
                    dhsp, H, 1.0f);
           if (k == ch.k_lo) finish_chunk(ch);
@@ -727,12 +668,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         if (output_mask[1]) {
           const auto dt = input.scalar_type();
           grad_w_hh = gw_hh.to(dt);
+          const Tensor total = sums.total();
           if (b_ih.has_value()) {
-            grad_b_ih = sums[0].to(dt);
-            grad_b_hh = sums[2].to(dt);
+            grad_b_ih = total.narrow(0, 0, G).to(dt);
+            grad_b_hh = total.narrow(0, 2 * G, G).to(dt);
           }
-          grad_g_ih = sums[1].to(dt);
-          grad_g_hh = sums[3].to(dt);
+          grad_g_ih = total.narrow(0, G, G).to(dt);
+          grad_g_hh = total.narrow(0, 3 * G, G).to(dt);
         }
       });
   if (N == 0) {

@@ -60,8 +60,8 @@ void ln_lstm_backward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
           p.block(kCPrev, r), p.block(kC, r),    p.block(kChat, r),
           p.block(kHPrev, r), nullptr,           p.block(kLSTMStats, r)};
       layer_norm::lstm_backward_row<decltype(zone)::value, scalar_t, acc_t>(
-          p.H, p.dh + b * p.H, p.g_hh, p.g_c, p.b_c, p.dc_state + b * p.H, w, p.da + (p.g0 + b) * G,
-          p.dyc + (p.g0 + b) * p.H, p.dhg + (p.g0 + b) * G, p.zc(b), p.zh(b));
+          p.H, p.dh + b * p.H, p.g_ih, p.g_hh, p.g_c, p.b_c, p.dc_state + b * p.H, w,
+          p.dx + (p.g0 + b) * G, p.dhg + (p.g0 + b) * G, p.sums, p.zc(b), p.zh(b));
     }
   });
 }
@@ -94,8 +94,8 @@ void ln_gru_backward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
                                               p.block(kGGates, r), p.block(kGHPrev, r),
                                               p.block(kGRUStats, r)};
       layer_norm::gru_backward_row<decltype(zone)::value, scalar_t, acc_t>(
-          p.H, p.g_hh, p.b_hh, p.dh + b * p.H, w, p.da + (p.g0 + b) * G, p.dhs + (p.g0 + b) * G,
-          p.dhg + (p.g0 + b) * G, p.zh(b));
+          p.H, p.g_ih, p.g_hh, p.b_hh, p.dh + b * p.H, w, p.dx + (p.g0 + b) * G,
+          p.dhg + (p.g0 + b) * G, p.sums, p.zh(b));
     }
   });
 }

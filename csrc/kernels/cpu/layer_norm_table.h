@@ -54,10 +54,11 @@ struct LNStep {
   // The per-row gradients, rows g0 + b of buffers that hold a chunk of steps' rows
   // (recurrence/layer_norm.cpp):
   int64_t g0 = 0;
-  acc_t* da = nullptr;   // (rows, G) LSTM: dL/da; GRU: dL/d(γ_ih x̂ + b_ih)
-  acc_t* dhs = nullptr;  // GRU (rows, G): dL/d(γ_hh ĥ + b_hh)
-  acc_t* dyc = nullptr;  // LSTM (rows, H): dL/d(γ_c ĉ + β_c)
+  acc_t* dx = nullptr;   // (rows, G): dL/d(x W_ih^T)
   acc_t* dhg = nullptr;  // (rows, G): dL/d(h_{t-1} W_hh^T)
+  // The column sums of the gains' and biases' gradients that the rows add to, the running
+  // task's own (cells/layer_norm.h: LSTM 3G + 2H values, GRU 4G).
+  acc_t* sums = nullptr;
   // zoneout (forward and backward, no projection): the weights d of the previous cell / hidden
   // state, (n, H) from the step's row 0 with row strides ld_zone_* (0: one row for all), or
   // null. With them the LSTM's backward overwrites dh with its direct part (cells/layer_norm.h).

@@ -38,7 +38,7 @@ def workspace_row(cell: str, hidden_size: int, hidden_out: int, proj: bool) -> i
     """Values per input row of the training workspace (recurrence/layer_norm.cpp's blocks)."""
     H = hidden_size
     if cell == "lstm":
-        return 15 * H + hidden_out + (H if proj else 0) + 3
+        return 14 * H + hidden_out + (H if proj else 0) + 3
     return 10 * H + 2
 
 

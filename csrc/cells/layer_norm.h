@@ -17,14 +17,14 @@
 //
 // The training workspace of a row (acc_t, the op-math type: fp32 for the half types) keeps
 // what the backward reads: the normalised products x̂ and ĥ, the activated gates, the states
-// before the step, c_t and its normalisation ĉ (LN-LSTM), and the reciprocal standard deviations.
+// before the step, the normalisation ĉ of c_t (LN-LSTM), and the reciprocal standard deviations.
 //
 // Zoneout (design.md §1.7): with kZone, `zc`, `zh` are the row's weights d of the previous cell /
 // hidden state in the new one (0 / 1 masks, or the rate in eval); without, they are not read (a
 // compile-time choice: a run-time test of a null pointer inside a loop became masked vector
 // loads, which emulators fault on, kernels/step_elements.h). The forward mixes
-// d * prev + (1 - d) * new into the carried states and the output; c_t and ĉ in the workspace
-// are the cell's own (un-zoned) new state, which h̃_t reads. The backward gives the cell
+// d * prev + (1 - d) * new into the carried states and the output; ĉ in the workspace is of
+// the cell's own (un-zoned) new state, which h̃_t reads. The backward gives the cell
 // (1 - d) of each state's gradient and adds d of it to the previous state's.
 #pragma once
 
@@ -70,12 +70,13 @@ inline void norm_backward(const acc_t* g, const acc_t* vhat, acc_t rstd, int64_t
 
 // The columns of a row of the workspace blocks (each block is its own (N, width) matrix).
 struct LSTMRow {
-  // blocks: xhat 4H | hhat 4H | gates 4H (i, f, g, o) | c_prev H | c H | chat H | h_prev Hout |
-  // [r H: o * tanh(LN(c)) before the projection] | stats 3 (rstd_x, rstd_h, rstd_c)
+  // blocks: xhat 4H | hhat 4H | gates 4H (i, f, g, o) | c_prev H | chat H | h_prev Hout |
+  // [r H: o * tanh(LN(c)) before the projection] | stats 3 (rstd_x, rstd_h, rstd_c). (c_t
+  // itself is not kept: the backward reads its normalisation ĉ_t and rstd_c only.)
   template <typename acc_t>
   struct Ptrs {
     const acc_t* xhat;
-    acc_t *hhat, *gates, *c_prev, *c, *chat, *h_prev, *r, *stats;
+    acc_t *hhat, *gates, *c_prev, *chat, *h_prev, *r, *stats;
   };
 };
 
@@ -114,21 +115,21 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
     const acc_t cp = c_state[j];
     w.c_prev[j] = cp;
     const acc_t c = f * cp + i * g;
-    w.c[j] = c;
+    w.chat[j] = c;  // c_t, normalised in place below
     c_state[j] = c;
   }
-  if constexpr (kZone) {  // the carried state zoned; w.c keeps the cell's own, which LN reads
+  if constexpr (kZone) {  // the carried state zoned; chat keeps the cell's own, which LN reads
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
       const acc_t d = static_cast<acc_t>(zc[j]);
-      c_state[j] = d * w.c_prev[j] + (acc_t(1) - d) * w.c[j];
+      c_state[j] = d * w.c_prev[j] + (acc_t(1) - d) * w.chat[j];
     }
   }
   acc_t mean_c, rstd_c;
-  row_stats<acc_t>(w.c, H, mean_c, rstd_c);
+  row_stats<acc_t>(w.chat, H, mean_c, rstd_c);
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
-    const acc_t ch = (w.c[j] - mean_c) * rstd_c;
+    const acc_t ch = (w.chat[j] - mean_c) * rstd_c;
     w.chat[j] = ch;
     acc_t h =
         gt[3 * H + j] * math::tanh(static_cast<acc_t>(g_c[j]) * ch + static_cast<acc_t>(b_c[j]));

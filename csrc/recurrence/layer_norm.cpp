@@ -72,7 +72,7 @@ struct Blocks {
 using namespace cpu;  // NOLINT: the workspace blocks' names (kernels/cpu/layer_norm_table.h)
 
 Blocks lstm_blocks(int64_t H, int64_t Hout, bool proj) {
-  return {{4 * H, 4 * H, 4 * H, H, H, H, Hout, proj ? H : 0, 3}};
+  return {{4 * H, 4 * H, 4 * H, H, H, Hout, proj ? H : 0, 3}};
 }
 Blocks gru_blocks(int64_t H) { return {{3 * H, 3 * H, 3 * H, H, 2}}; }
 

@@ -35,7 +35,6 @@ void ln_lstm_forward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
                                                p.block(kHhat, r),
                                                p.block(kGates, r),
                                                p.block(kCPrev, r),
-                                               p.block(kC, r),
                                                p.block(kChat, r),
                                                p.block(kHPrev, r),
                                                p.r_out ? p.block(kR, r) : nullptr,
@@ -55,10 +54,14 @@ void ln_lstm_backward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
     const int64_t G = 4 * p.H;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = p.r0 + b;
-      const layer_norm::LSTMRow::Ptrs<acc_t> w{
-          p.block(kXhat, r),  p.block(kHhat, r), p.block(kGates, r),
-          p.block(kCPrev, r), p.block(kC, r),    p.block(kChat, r),
-          p.block(kHPrev, r), nullptr,           p.block(kLSTMStats, r)};
+      const layer_norm::LSTMRow::Ptrs<acc_t> w{p.block(kXhat, r),
+                                               p.block(kHhat, r),
+                                               p.block(kGates, r),
+                                               p.block(kCPrev, r),
+                                               p.block(kChat, r),
+                                               p.block(kHPrev, r),
+                                               nullptr,
+                                               p.block(kLSTMStats, r)};
       layer_norm::lstm_backward_row<decltype(zone)::value, scalar_t, acc_t>(
           p.H, p.dh + b * p.H, p.g_ih, p.g_hh, p.g_c, p.b_c, p.dc_state + b * p.H, w,
           p.dx + (p.g0 + b) * G, p.dhg + (p.g0 + b) * G, p.sums, p.zc(b), p.zh(b));

@@ -15,12 +15,12 @@ namespace fusedrnn {
 namespace cpu {
 
 // The workspace blocks of a layer-normalised layer (recurrence/layer_norm.cpp): block k's row r
-// at ws + off[k] + r * width[k]. LSTM: xhat 4H | hhat 4H | gates 4H | c_prev H | c H | chat H |
+// at ws + off[k] + r * width[k]. LSTM: xhat 4H | hhat 4H | gates 4H | c_prev H | chat H |
 // h_prev Hout | r H (with a projection, else width 0) | stats 3 (rstd_x, rstd_h, rstd_c). GRU:
 // xhat 3H | hhat 3H | gates 3H | h_prev H | stats 2 (rstd_x, rstd_h).
-enum LNLSTMBlock : int { kXhat, kHhat, kGates, kCPrev, kC, kChat, kHPrev, kR, kLSTMStats };
+enum LNLSTMBlock : int { kXhat, kHhat, kGates, kCPrev, kChat, kHPrev, kR, kLSTMStats };
 enum LNGRUBlock : int { kGXhat, kGHhat, kGGates, kGHPrev, kGRUStats };
-constexpr int kMaxLNBlocks = 9;
+constexpr int kMaxLNBlocks = 8;
 
 // One step of a layer-normalised layer, for the row loops: rows b of the step's state are rows
 // r0 + b of the workspace blocks (xr0 + b of x̂). Forward and backward, LSTM and GRU; each loop

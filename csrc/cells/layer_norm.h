@@ -9,9 +9,10 @@
 // A row's step needs the mean and variance of its whole recurrent product h_{t-1} W_hh^T (4H or
 // 3H columns) before any unit's gates, and the LN-LSTM the statistics of its whole c_t before any
 // unit's output, so the unit of work is a row (not an element, as in the other cells): a few
-// passes over the row's columns, each a loop that gcc vectorises. The input side LN(x W_ih^T)
-// does not depend on the recurrence: it is normalised for every row of the call at once before
-// the step loop (recurrence/layer_norm.cpp); its backward runs in the row's backward pass, which
+// passes over the row's columns, each a loop that gcc vectorises. The input side x W_ih^T does not
+// depend on the recurrence: it is one GEMM for every row of the call before the step loop
+// (recurrence/layer_norm.cpp), which each row's forward pass normalises (its statistics taken
+// there); its backward runs in the row's backward pass, which
 // also adds the row's terms of the gains' and biases' gradients (column sums over every row) to
 // sums of its thread's own.
 //
@@ -75,31 +76,34 @@ struct LSTMRow {
   // itself is not kept: the backward reads its normalisation ĉ_t and rstd_c only.)
   template <typename acc_t>
   struct Ptrs {
-    const acc_t* xhat;
-    acc_t *hhat, *gates, *c_prev, *chat, *h_prev, *r, *stats;
+    acc_t *xhat, *hhat, *gates, *c_prev, *chat, *h_prev, *r, *stats;
   };
 };
 
-// Forward of one row of an LN-LSTM step. `hg` (4H) is the row's h_{t-1} W_hh^T; `xhat` its
-// normalised input product; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in: c_{t-1}, out:
-// c_t; h_prev (Hout) the row's state before the step (saved). Writes h_t = o tanh(LN(c_t)) to
-// `h_out` (and `h_copy` when not null), as scalar_t.
+// Forward of one row of an LN-LSTM step. `xp` (4H) is the row's input product x W_ih^T, which it
+// normalises into w.xhat (xp may be w.xhat itself: each column is read before it is written);
+// `hg` (4H) the row's h_{t-1} W_hh^T; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in:
+// c_{t-1}, out: c_t; h_prev (Hout) the row's state before the step (saved). Writes h_t = o
+// tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t.
 template <bool kZone, typename scalar_t, typename acc_t>
-inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const scalar_t* h_prev,
-                             const scalar_t* g_ih, const scalar_t* g_hh, const scalar_t* bias,
-                             const scalar_t* g_c, const scalar_t* b_c, acc_t* c_state,
-                             const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out, scalar_t* h_copy,
-                             const scalar_t* zc, const scalar_t* zh) {
+inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* xp, const scalar_t* hg,
+                             const scalar_t* h_prev, const scalar_t* g_ih, const scalar_t* g_hh,
+                             const scalar_t* bias, const scalar_t* g_c, const scalar_t* b_c,
+                             acc_t* c_state, const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out,
+                             scalar_t* h_copy, const scalar_t* zc, const scalar_t* zh) {
   const int64_t G = 4 * H;
 #pragma GCC ivdep
   for (int64_t k = 0; k < Hout; ++k) w.h_prev[k] = static_cast<acc_t>(h_prev[k]);
-  acc_t mean, rstd_h;
+  acc_t mean_x, rstd_x, mean, rstd_h;
+  row_stats<acc_t>(xp, G, mean_x, rstd_x);
   row_stats<acc_t>(hg, G, mean, rstd_h);
 #pragma GCC ivdep
   for (int64_t k = 0; k < G; ++k) {
+    const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;  // (xp may be xhat itself)
+    w.xhat[k] = xh;
     const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
     w.hhat[k] = hh;
-    acc_t a = static_cast<acc_t>(g_ih[k]) * w.xhat[k] + static_cast<acc_t>(g_hh[k]) * hh;
+    acc_t a = static_cast<acc_t>(g_ih[k]) * xh + static_cast<acc_t>(g_hh[k]) * hh;
     if (bias) a += static_cast<acc_t>(bias[k]);
     w.gates[k] = a;
   }
@@ -141,6 +145,7 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* hg, const 
     h_out[j] = static_cast<scalar_t>(h);
     if (h_copy) h_copy[j] = static_cast<scalar_t>(h);
   }
+  w.stats[0] = rstd_x;
   w.stats[1] = rstd_h;
   w.stats[2] = rstd_c;
 }
@@ -217,23 +222,27 @@ struct GRURow {
   // blocks: xhat 3H | hhat 3H | gates 3H (r, z, n) | h_prev H | stats 2 (rstd_x, rstd_h)
   template <typename acc_t>
   struct Ptrs {
-    const acc_t* xhat;
-    acc_t *hhat, *gates, *h_prev, *stats;
+    acc_t *xhat, *hhat, *gates, *h_prev, *stats;
   };
 };
 
-// Forward of one row of an LN-GRU step: hg (3H) the row's h_{t-1} W_hh^T, h_state (H) in:
-// h_{t-1}, out: h_t (also written to h_out).
+// Forward of one row of an LN-GRU step: xp (3H) the row's x W_ih^T, normalised into w.xhat (as
+// in the LSTM), hg (3H) the row's h_{t-1} W_hh^T, h_state (H) in: h_{t-1}, out: h_t (also
+// written to h_out).
 template <bool kZone, typename scalar_t, typename acc_t>
-inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
+inline void gru_forward_row(int64_t H, const scalar_t* xp, const scalar_t* hg, const scalar_t* g_ih,
                             const scalar_t* g_hh, const scalar_t* b_ih, const scalar_t* b_hh,
                             scalar_t* h_state, const GRURow::Ptrs<acc_t>& w, scalar_t* h_out,
                             const scalar_t* zh) {
   const int64_t G = 3 * H;
-  acc_t mean, rstd_h;
+  acc_t mean_x, rstd_x, mean, rstd_h;
+  row_stats<acc_t>(xp, G, mean_x, rstd_x);
   row_stats<acc_t>(hg, G, mean, rstd_h);
 #pragma GCC ivdep
-  for (int64_t k = 0; k < G; ++k) w.hhat[k] = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
+  for (int64_t k = 0; k < G; ++k) {
+    w.xhat[k] = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;  // (xp may be xhat itself)
+    w.hhat[k] = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
+  }
   auto xs = [&](int64_t k) {
     acc_t v = static_cast<acc_t>(g_ih[k]) * w.xhat[k];
     return b_ih ? v + static_cast<acc_t>(b_ih[k]) : v;
@@ -260,6 +269,7 @@ inline void gru_forward_row(int64_t H, const scalar_t* hg, const scalar_t* g_ih,
     h_state[j] = static_cast<scalar_t>(h);
     h_out[j] = static_cast<scalar_t>(h);
   }
+  w.stats[0] = rstd_x;
   w.stats[1] = rstd_h;
 }
 

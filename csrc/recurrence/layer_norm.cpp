@@ -1,11 +1,11 @@
 // The layer-normalised LSTM and GRU (design.md §1.6): one layer, one direction, forward and
 // backward, on the CPU, as the ops layer_norm_lstm_* / layer_norm_gru_* of ops/schemas.cpp.
 //
-// Per call: the input product x W_ih^T of every row in one GEMM, normalised row by row (it does
-// not depend on the recurrence). Per step: the recurrent product h_{t-1} W_hh^T (one GEMM through
-// the call's StepDevice, as the other cells' GemmStep loops) and then ONE fused pass per row
-// (cells/layer_norm.h) that takes the row statistics of that product, the gates, c_t, the
-// statistics of c_t and h_t; with a projection, its GEMM. The backward mirrors it: per step one
+// Per call: the input product x W_ih^T of every row in one GEMM (it does not depend on the
+// recurrence), which each row's step normalises. Per step: the recurrent product h_{t-1} W_hh^T
+// (one GEMM through the call's StepDevice, as the other cells' GemmStep loops) and then ONE fused
+// pass per row (cells/layer_norm.h) that takes the row statistics of that product, the gates, c_t,
+// the statistics of c_t and h_t; with a projection, its GEMM. The backward mirrors it: per step one
 // fused pass per row (the LayerNorm backwards inside it) and the GEMM of dh_{t-1}; per chunk of
 // about a thousand rows of steps (ln_chunks), the input side's LayerNorm backward and the
 // chunk's part of the input and weight gradients, as GEMMs and column sums over its rows.
@@ -115,33 +115,17 @@ void check_gain(const char* op, const char* name, const Tensor& t, const Tensor&
   check_tensor(op, name, t, input, {n});
 }
 
-// The input side, for every row: xhat = (x W_ih^T - mean) * rstd per row, into the workspace
-// block `xhat` (N x G; the product itself is computed there when the dtype is the op-math type)
-// and column 0 of `stats` (training; null in inference, whose other blocks have the step's rows
-// only).
+// The input side's product x W_ih^T of every row (N x G), which the rows' forward passes
+// normalise into the workspace block `xhat` (cells/layer_norm.h): computed in that block itself
+// when the dtype is the op-math type, else a tensor of its own.
 template <typename scalar_t, typename acc_t>
-void normalise_input(const Tensor& x, const Tensor& w_ih, const Tensor& xhat, acc_t* stats,
-                     int64_t stats_cols) {
-  const int64_t N = xhat.size(0), G = xhat.size(1);
-  Tensor xp;
+Tensor input_product(const Tensor& x, const Tensor& w_ih, const Tensor& xhat) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    xp = xhat;  // normalised in place
-    at::mm_out(xp, x, w_ih.t());
+    at::mm_out(const_cast<Tensor&>(xhat), x, w_ih.t());
+    return xhat;
   } else {
-    xp = at::mm(x, w_ih.t()).contiguous();
+    return at::mm(x, w_ih.t()).contiguous();
   }
-  const scalar_t* p = xp.const_data_ptr<scalar_t>();
-  acc_t* const out = xhat.data_ptr<acc_t>();
-  at::parallel_for(0, N, row_grain(G), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      acc_t mean, rstd;
-      ln::row_stats<acc_t>(p + r * G, G, mean, rstd);
-      for (int64_t k = 0; k < G; ++k) {
-        out[r * G + k] = (static_cast<acc_t>(p[r * G + k]) - mean) * rstd;
-      }
-      if (stats) stats[r * stats_cols] = rstd;
-    }
-  });
 }
 
 // The input side's gradients of a backward, which its chunks accumulate (op-math type;
@@ -298,15 +282,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
         const int64_t N = s.N;
-        normalise_input<scalar_t, acc_t>(
-            input.reshape({N, d.I}), w_ih, ws.narrow(0, 0, N * G).view({N, G}),
-            need_workspace ? w + blocks.at(kLSTMStats, N, 0) : nullptr, 3);
+        const Tensor xp = input_product<scalar_t, acc_t>(input.reshape({N, d.I}), w_ih,
+                                                         ws.narrow(0, 0, N * G).view({N, G}));
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
         acc_t* const cs = c_state.data_ptr<acc_t>();
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
         scalar_t* const rp = proj ? r_buf.data_ptr<scalar_t>() : nullptr;
         LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, rows, w);
+        base.xp = xp.const_data_ptr<scalar_t>();
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.g_c = gc.const_data_ptr<scalar_t>();
@@ -542,15 +526,15 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
         const int64_t N = s.N;
-        normalise_input<scalar_t, acc_t>(
-            input.reshape({N, d.I}), w_ih, ws.narrow(0, 0, N * G).view({N, G}),
-            need_workspace ? w + blocks.at(kGRUStats, N, 0) : nullptr, 2);
+        const Tensor xp = input_product<scalar_t, acc_t>(input.reshape({N, d.I}), w_ih,
+                                                         ws.narrow(0, 0, N * G).view({N, G}));
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
         const scalar_t* const bip = bi.defined() ? bi.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* const bhp = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
         LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, rows, w);
+        base.xp = xp.const_data_ptr<scalar_t>();
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.b_ih = bip;

@@ -40,8 +40,9 @@ void ln_lstm_forward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
                                                p.r_out ? p.block(kR, r) : nullptr,
                                                p.block(kLSTMStats, r)};
       layer_norm::lstm_forward_row<decltype(zone)::value, scalar_t, acc_t>(
-          p.H, p.Hout, p.hg + b * G, p.h_state + b * p.Hout, p.g_ih, p.g_hh, p.bias, p.g_c, p.b_c,
-          p.c_state + b * p.H, w, p.r_out ? p.r_out + b * p.H : p.out + b * p.Hout,
+          p.H, p.Hout, p.xp + (p.xr0 + b) * G, p.hg + b * G, p.h_state + b * p.Hout, p.g_ih, p.g_hh,
+          p.bias, p.g_c, p.b_c, p.c_state + b * p.H, w,
+          p.r_out ? p.r_out + b * p.H : p.out + b * p.Hout,
           p.r_out ? nullptr : p.h_state + b * p.Hout, p.zc(b), p.zh(b));
     }
   });
@@ -80,8 +81,8 @@ void ln_gru_forward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
                                               p.block(kGGates, r), p.block(kGHPrev, r),
                                               p.block(kGRUStats, r)};
       layer_norm::gru_forward_row<decltype(zone)::value, scalar_t, acc_t>(
-          p.H, p.hg + b * G, p.g_ih, p.g_hh, p.b_ih, p.b_hh, p.h_state + b * p.H, w,
-          p.out + b * p.H, p.zh(b));
+          p.H, p.xp + (p.xr0 + b) * G, p.hg + b * G, p.g_ih, p.g_hh, p.b_ih, p.b_hh,
+          p.h_state + b * p.H, w, p.out + b * p.H, p.zh(b));
     }
   });
 }

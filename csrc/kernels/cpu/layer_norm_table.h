@@ -42,6 +42,7 @@ struct LNStep {
   const scalar_t* b_ih = nullptr;  // GRU: the two biases, or null
   const scalar_t* b_hh = nullptr;
   // forward
+  const scalar_t* xp = nullptr;  // (N, G) x W_ih^T of every row (the x̂ block itself in fp32/64)
   const scalar_t* hg = nullptr;  // (n, G) the step's h_{t-1} W_hh^T
   scalar_t* h_state = nullptr;   // (n, Hout) in: h_{t-1}; out: h_t (not with a projection)
   acc_t* c_state = nullptr;      // LSTM (n, H) in: c_{t-1}; out: c_t

@@ -576,10 +576,8 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                         out, hy, cy = zoned(self._cell, args)
                 elif self._layer_norm:
                     out, hy, cy = _layer_norm.run(self._cell, args, ln, keep)
-                elif keep is not None:
-                    out, hy, cy = run(self._cell, args, exposed=exposed, keep=keep)
                 else:
-                    out, hy, cy = run(self._cell, args, exposed=exposed)
+                    out, hy, cy = run(self._cell, args, exposed=exposed, keep=keep)
                 outputs.append(out)
                 h_n.append(hy)
                 c_n.append(cy)

@@ -4,11 +4,11 @@
 // Per call: the input product x W_ih^T of every row in one GEMM (it does not depend on the
 // recurrence), which each row's step normalises. Per step: the recurrent product h_{t-1} W_hh^T
 // (one GEMM through the call's StepDevice, as the other cells' GemmStep loops) and then ONE fused
-// pass per row (cells/layer_norm.h) that takes the row statistics of that product, the gates, c_t,
-// the statistics of c_t and h_t; with a projection, its GEMM. The backward mirrors it: per step one
-// fused pass per row (the LayerNorm backwards inside it) and the GEMM of dh_{t-1}; per chunk of
-// about a thousand rows of steps (ln_chunks), the input side's LayerNorm backward and the
-// chunk's part of the input and weight gradients, as GEMMs and column sums over its rows.
+// pass per row (cells/layer_norm.h) that takes the row statistics of both products, the gates,
+// c_t, the statistics of c_t and h_t; with a projection, its GEMM. The backward mirrors it: per
+// step one fused pass per row (the three LayerNorm backwards inside it, and the row's terms of
+// the gains' and biases' column sums) and the GEMM of dh_{t-1}; per chunk of about a thousand
+// rows of steps (ln_chunks), the chunk's part of the input and weight gradients as GEMMs.
 //
 // Rows of the state and of the workspace follow recurrence/steps.h: step t runs rows
 // [0, n[t]) of the state and rows [off[t], off[t] + n[t]) of the input, output and workspace.
@@ -119,9 +119,9 @@ void check_gain(const char* op, const char* name, const Tensor& t, const Tensor&
 // normalise into the workspace block `xhat` (cells/layer_norm.h): computed in that block itself
 // when the dtype is the op-math type, else a tensor of its own.
 template <typename scalar_t, typename acc_t>
-Tensor input_product(const Tensor& x, const Tensor& w_ih, const Tensor& xhat) {
+Tensor input_product(const Tensor& x, const Tensor& w_ih, Tensor xhat) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    at::mm_out(const_cast<Tensor&>(xhat), x, w_ih.t());
+    at::mm_out(xhat, x, w_ih.t());
     return xhat;
   } else {
     return at::mm(x, w_ih.t()).contiguous();

@@ -2,11 +2,12 @@
 side of their ops fusedrnn::layer_norm_{lstm,gru}_{forward,backward} (csrc/ops/schemas.cpp,
 csrc/recurrence/layer_norm.cpp): fake kernels, autograd, autocast.
 
-`run` is the one entry of fusedrnn.LayerNormLSTM / LayerNormGRU and their cells. CPU calls run
-the fused ops; calls on other devices, inside a torch.func transform, with forward-mode dual
-tensors, during an ONNX export, or without the compiled extension run the reference equations
-(fusedrnn.reference.layer_of with the LayerNorm parameters): correct, not fused. The CUDA
-kernels of these cells are not written yet.
+`run` is the one entry of fusedrnn.LayerNormLSTM / LayerNormGRU and their cells. CPU calls, and
+CUDA calls where the extension has CUDA kernels, run the fused ops; calls on other devices,
+inside a torch.func transform, with forward-mode dual tensors, during an ONNX export, or
+without the compiled extension run the reference equations (fusedrnn.reference.layer_of with
+the LayerNorm parameters): correct, not fused. (The CUDA kernels are compiled, not verified on
+a GPU yet: tests/test_cuda.py covers them on one.)
 
 Zoneout (design.md §1.7) is fused in these ops as in the plain cells': `run` takes the modules'
 `keep` and passes the ops their zoneout_c / zoneout_h weights (not with a projection).
@@ -216,7 +217,11 @@ def _differentiable_backward(cell, grads, tensors, batch_sizes, reverse, needs, 
 
 
 _FORWARD = {}
+# The devices whose calls run the fused ops: the CPU, and CUDA where the extension has its kernels.
+_DEVICES = ("cpu",)
 if _ops.HAS_C:
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fusedrnn::layer_norm_lstm_forward", "CUDA"):
+        _DEVICES = ("cpu", "cuda")
     _register_fakes()
     for _cell, _name in _OPS.items():
         _FORWARD[_cell] = getattr(torch.ops.fusedrnn, f"{_name}_forward").default
@@ -243,7 +248,7 @@ def run(
     if not _ops.HAS_C:
         _layer._warn_fallback()
         return reference.layer_of(cell, a, ln, keep)
-    if a.input.device.type != "cpu":
+    if a.input.device.type not in _DEVICES:
         return reference.layer_of(cell, a, ln, keep)
     staged = torch.jit.is_tracing() or torch.compiler.is_compiling()
     if staged:

@@ -1,10 +1,16 @@
 // The layer-normalised cells (design.md §1.6), one row of one step at a time: LN-LSTM and LN-GRU,
 // forward and backward, with the row statistics of the step computed inside the step.
 //
-// The loops over a row's columns carry `#pragma GCC ivdep` (within a row every array written is a
-// separate buffer, or the element read) and the sums `omp simd` reductions, so that gcc
-// vectorises them (a float sum is otherwise kept in order, one lane at a time); they are compiled
-// once per ISA (kernels/cpu/layer_norm_rows.h).
+// A row function is a few passes over the row's columns, each run by the `Row` it is given:
+// `row.each(n, f)` calls f(k) for every column k, `row.sum(n, f)` returns the sum of f(k),
+// `row.once(f)` calls f once. A pass may read, at any column, what the passes before it wrote,
+// and at its own column k only what it writes itself. On the CPU `SerialRow` runs a pass as one
+// loop (`#pragma GCC ivdep`: within a pass every array written is a separate buffer, or the
+// element read; the sums as `omp simd` reductions, which gcc otherwise keeps in order, one lane
+// at a time), compiled once per ISA (kernels/cpu/layer_norm_rows.h). The CUDA kernels
+// (kernels/cuda/layer_norm.cu) run a row on a thread block, `BlockRow`: the columns of a pass on
+// its threads, a barrier after each pass, sums as block reductions. So the math below is the
+// one of both devices.
 //
 // A row's step needs the mean and variance of its whole recurrent product h_{t-1} W_hh^T (4H or
 // 3H columns) before any unit's gates, and the LN-LSTM the statistics of its whole c_t before any
@@ -37,36 +43,79 @@ namespace layer_norm {
 
 constexpr double kEps = 1e-5;  // torch.nn.LayerNorm's default, as the reference
 
+// A pass's function (a lambda): on the CPU always inlined into the pass's loop, which gcc then
+// vectorises (left to gcc's heuristics, the GRU's gate pass, which calls two more lambdas, was
+// not, and ran at half speed).
+#if defined(__CUDACC__)
+#define FUSEDRNN_PASS
+#else
+#define FUSEDRNN_PASS __attribute__((always_inline))
+#endif
+
+// Two sums taken in one pass (Row::sum of a function returning them).
+template <typename acc_t>
+struct Sum2 {
+  acc_t a, b;
+};
+
+#if !defined(__CUDACC__)
+// A row's passes on one CPU thread, in column order (see the header comment).
+struct SerialRow {
+  template <typename Fn>
+  FUSEDRNN_HD void each(int64_t n, const Fn& f) const {
+#pragma GCC ivdep
+    for (int64_t k = 0; k < n; ++k) f(k);
+  }
+  template <typename Fn>
+  FUSEDRNN_HD auto sum(int64_t n, const Fn& f) const {
+    using acc_t = decltype(f(int64_t(0)));
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += f(k);
+    return s;
+  }
+  template <typename Fn>
+  FUSEDRNN_HD auto sum2(int64_t n, const Fn& f) const {
+    using S = decltype(f(int64_t(0)));
+    decltype(S{}.a) a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t k = 0; k < n; ++k) {
+      const S v = f(k);
+      a += v.a;
+      b += v.b;
+    }
+    return S{a, b};
+  }
+  template <typename Fn>
+  FUSEDRNN_HD void once(const Fn& f) const {
+    f();
+  }
+};
+#endif
+
 // Mean and reciprocal standard deviation (biased variance, eps) of v[0, n), two passes: the
 // second sums squared deviations from the mean, which does not cancel as E[v²] - E[v]² would.
-template <typename acc_t, typename T>
-inline void row_stats(const T* v, int64_t n, acc_t& mean, acc_t& rstd) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += static_cast<acc_t>(v[k]);
-  mean = s / static_cast<acc_t>(n);
-  acc_t q = 0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t d = static_cast<acc_t>(v[k]) - mean;
-    q += d * d;
-  }
+template <typename acc_t, typename Row, typename T>
+FUSEDRNN_HD void row_stats(const Row& row, const T* v, int64_t n, acc_t& mean, acc_t& rstd) {
+  const acc_t m = row.sum(n, [&](int64_t k) FUSEDRNN_PASS { return static_cast<acc_t>(v[k]); }) /
+                  static_cast<acc_t>(n);
+  const acc_t q = row.sum(n, [&](int64_t k) FUSEDRNN_PASS {
+    const acc_t d = static_cast<acc_t>(v[k]) - m;
+    return d * d;
+  });
+  mean = m;
   rstd = acc_t(1) / std::sqrt(q / static_cast<acc_t>(n) + static_cast<acc_t>(kEps));
 }
 
 // dv = rstd (g - mean(g) - v̂ mean(g v̂)): the gradient of v through v̂ = (v - mean) rstd, given
 // g = dL/dv̂ (biased variance). g and dv may alias.
-template <typename acc_t>
-inline void norm_backward(const acc_t* g, const acc_t* vhat, acc_t rstd, int64_t n, acc_t* dv) {
-  acc_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-  for (int64_t k = 0; k < n; ++k) {
-    s1 += g[k];
-    s2 += g[k] * vhat[k];
-  }
-  const acc_t m1 = s1 / static_cast<acc_t>(n), m2 = s2 / static_cast<acc_t>(n);
-#pragma GCC ivdep
-  for (int64_t k = 0; k < n; ++k) dv[k] = rstd * (g[k] - m1 - vhat[k] * m2);
+template <typename acc_t, typename Row>
+FUSEDRNN_HD void norm_backward(const Row& row, const acc_t* g, const acc_t* vhat, acc_t rstd,
+                               int64_t n, acc_t* dv) {
+  const Sum2<acc_t> s =
+      row.sum2(n, [&](int64_t k) FUSEDRNN_PASS { return Sum2<acc_t>{g[k], g[k] * vhat[k]}; });
+  const acc_t m1 = s.a / static_cast<acc_t>(n), m2 = s.b / static_cast<acc_t>(n);
+  row.each(n, [&](int64_t k) FUSEDRNN_PASS { dv[k] = rstd * (g[k] - m1 - vhat[k] * m2); });
 }
 
 // The columns of a row of the workspace blocks (each block is its own (N, width) matrix).
@@ -83,22 +132,21 @@ struct LSTMRow {
 // Forward of one row of an LN-LSTM step. `xp` (4H) is the row's input product x W_ih^T, which it
 // normalises into w.xhat (xp may be w.xhat itself: each column is read before it is written);
 // `hg` (4H) the row's h_{t-1} W_hh^T; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in:
-// c_{t-1}, out: c_t; h_prev (Hout) the row's state before the step (saved). Writes h_t = o
-// tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t.
-template <bool kZone, typename scalar_t, typename acc_t>
-inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* xp, const scalar_t* hg,
-                             const scalar_t* h_prev, const scalar_t* g_ih, const scalar_t* g_hh,
-                             const scalar_t* bias, const scalar_t* g_c, const scalar_t* b_c,
-                             acc_t* c_state, const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out,
-                             scalar_t* h_copy, const scalar_t* zc, const scalar_t* zh) {
+// c_{t-1}, out: c_t; h_prev (Hout) the row's state before the step (saved; h_copy may be it).
+// Writes h_t = o tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t.
+template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const scalar_t* xp,
+                                  const scalar_t* hg, const scalar_t* h_prev, const scalar_t* g_ih,
+                                  const scalar_t* g_hh, const scalar_t* bias, const scalar_t* g_c,
+                                  const scalar_t* b_c, acc_t* c_state,
+                                  const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out, scalar_t* h_copy,
+                                  const scalar_t* zc, const scalar_t* zh) {
   const int64_t G = 4 * H;
-#pragma GCC ivdep
-  for (int64_t k = 0; k < Hout; ++k) w.h_prev[k] = static_cast<acc_t>(h_prev[k]);
+  row.each(Hout, [&](int64_t k) FUSEDRNN_PASS { w.h_prev[k] = static_cast<acc_t>(h_prev[k]); });
   acc_t mean_x, rstd_x, mean, rstd_h;
-  row_stats<acc_t>(xp, G, mean_x, rstd_x);
-  row_stats<acc_t>(hg, G, mean, rstd_h);
-#pragma GCC ivdep
-  for (int64_t k = 0; k < G; ++k) {
+  row_stats<acc_t>(row, xp, G, mean_x, rstd_x);
+  row_stats<acc_t>(row, hg, G, mean, rstd_h);
+  row.each(G, [&](int64_t k) FUSEDRNN_PASS {
     const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;  // (xp may be xhat itself)
     w.xhat[k] = xh;
     const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
@@ -106,10 +154,9 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* xp, const 
     acc_t a = static_cast<acc_t>(g_ih[k]) * xh + static_cast<acc_t>(g_hh[k]) * hh;
     if (bias) a += static_cast<acc_t>(bias[k]);
     w.gates[k] = a;
-  }
-  acc_t* gt = w.gates;
-#pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
+  });
+  acc_t* const gt = w.gates;
+  row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t i = math::sigmoid(gt[j]), f = math::sigmoid(gt[H + j]);
     const acc_t g = math::tanh(gt[2 * H + j]), o = math::sigmoid(gt[3 * H + j]);
     gt[j] = i;
@@ -119,20 +166,17 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* xp, const 
     const acc_t cp = c_state[j];
     w.c_prev[j] = cp;
     const acc_t c = f * cp + i * g;
-    w.chat[j] = c;  // c_t, normalised in place below
-    c_state[j] = c;
-  }
-  if constexpr (kZone) {  // the carried state zoned; chat keeps the cell's own, which LN reads
-#pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
+    w.chat[j] = c;          // c_t, normalised in place below
+    if constexpr (kZone) {  // the carried state zoned; chat keeps the cell's own, which LN reads
       const acc_t d = static_cast<acc_t>(zc[j]);
-      c_state[j] = d * w.c_prev[j] + (acc_t(1) - d) * w.chat[j];
+      c_state[j] = d * cp + (acc_t(1) - d) * c;
+    } else {
+      c_state[j] = c;
     }
-  }
+  });
   acc_t mean_c, rstd_c;
-  row_stats<acc_t>(w.chat, H, mean_c, rstd_c);
-#pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
+  row_stats<acc_t>(row, w.chat, H, mean_c, rstd_c);
+  row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t ch = (w.chat[j] - mean_c) * rstd_c;
     w.chat[j] = ch;
     acc_t h =
@@ -144,10 +188,12 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* xp, const 
     if (w.r) w.r[j] = h;
     h_out[j] = static_cast<scalar_t>(h);
     if (h_copy) h_copy[j] = static_cast<scalar_t>(h);
-  }
-  w.stats[0] = rstd_x;
-  w.stats[1] = rstd_h;
-  w.stats[2] = rstd_c;
+  });
+  row.once([&]() FUSEDRNN_PASS {
+    w.stats[0] = rstd_x;
+    w.stats[1] = rstd_h;
+    w.stats[2] = rstd_c;
+  });
 }
 
 // Backward of one row of an LN-LSTM step. dh (H): the gradient of o tanh(LN(c_t)) (after the
@@ -159,19 +205,19 @@ inline void lstm_forward_row(int64_t H, int64_t Hout, const scalar_t* xp, const 
 // [Σda 4H | Σda x̂ 4H | Σda ĥ 4H | Σdyc H | Σdyc ĉ H].
 // With zoneout (kZone; no projection) dh is dL/dh_t itself and is overwritten with its direct
 // part, d_h * dL/dh_t, which the GEMM of dh_{t-1}'s W_hh part then accumulates onto.
-template <bool kZone, typename scalar_t, typename acc_t>
-inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_ih, const scalar_t* g_hh,
-                              const scalar_t* g_c, const scalar_t* b_c, acc_t* dc_state,
-                              const LSTMRow::Ptrs<acc_t>& w, acc_t* dx, acc_t* dhg, acc_t* sums,
-                              const scalar_t* zc, const scalar_t* zh) {
+template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+FUSEDRNN_HD void lstm_backward_row(const Row& row, int64_t H, acc_t* dh, const scalar_t* g_ih,
+                                   const scalar_t* g_hh, const scalar_t* g_c, const scalar_t* b_c,
+                                   acc_t* dc_state, const LSTMRow::Ptrs<acc_t>& w, acc_t* dx,
+                                   acc_t* dhg, acc_t* sums, const scalar_t* zc,
+                                   const scalar_t* zh) {
   const acc_t one(1);
   const int64_t G = 4 * H;
-  const acc_t* gt = w.gates;
+  const acc_t* const gt = w.gates;
   acc_t* const da = dx;  // da first, then turned into dx in place
   acc_t* const s_dyc = sums + 3 * G;
   acc_t* const s_dyc_c = s_dyc + H;
-#pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
+  row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t o = gt[3 * H + j];
     const acc_t ty =
         math::tanh(static_cast<acc_t>(g_c[j]) * w.chat[j] + static_cast<acc_t>(b_c[j]));
@@ -186,10 +232,9 @@ inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_ih, const 
     s_dyc_c[j] += dyc * w.chat[j];
     da[3 * H + j] = dhj * ty * o * (one - o);
     dhg[j] = dyc * static_cast<acc_t>(g_c[j]);  // dL/dĉ, in dhg's first H as scratch
-  }
-  norm_backward<acc_t>(dhg, w.chat, w.stats[2], H, dhg);  // dL/dc_t through LN(c_t)
-#pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
+  });
+  norm_backward<acc_t>(row, dhg, w.chat, w.stats[2], H, dhg);  // dL/dc_t through LN(c_t)
+  row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t i = gt[j], f = gt[H + j], g = gt[2 * H + j];
     acc_t dc = dhg[j] + dc_state[j], carry = 0;
     if constexpr (kZone) {
@@ -201,21 +246,20 @@ inline void lstm_backward_row(int64_t H, acc_t* dh, const scalar_t* g_ih, const 
     da[H + j] = dc * w.c_prev[j] * f * (one - f);
     da[2 * H + j] = dc * i * (one - g * g);
     dc_state[j] = kZone ? dc * f + carry : dc * f;
-  }
+  });
   acc_t* const s_da = sums;
   acc_t* const s_da_x = sums + G;
   acc_t* const s_da_h = sums + 2 * G;
-#pragma GCC ivdep
-  for (int64_t k = 0; k < G; ++k) {
+  row.each(G, [&](int64_t k) FUSEDRNN_PASS {
     const acc_t a = da[k];
     s_da[k] += a;
     s_da_x[k] += a * w.xhat[k];
     s_da_h[k] += a * w.hhat[k];
     dhg[k] = a * static_cast<acc_t>(g_hh[k]);
     da[k] = a * static_cast<acc_t>(g_ih[k]);  // dL/dx̂
-  }
-  norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
-  norm_backward<acc_t>(dx, w.xhat, w.stats[0], G, dx);
+  });
+  norm_backward<acc_t>(row, dhg, w.hhat, w.stats[1], G, dhg);
+  norm_backward<acc_t>(row, dx, w.xhat, w.stats[0], G, dx);
 }
 
 struct GRURow {
@@ -229,30 +273,29 @@ struct GRURow {
 // Forward of one row of an LN-GRU step: xp (3H) the row's x W_ih^T, normalised into w.xhat (as
 // in the LSTM), hg (3H) the row's h_{t-1} W_hh^T, h_state (H) in: h_{t-1}, out: h_t (also
 // written to h_out).
-template <bool kZone, typename scalar_t, typename acc_t>
-inline void gru_forward_row(int64_t H, const scalar_t* xp, const scalar_t* hg, const scalar_t* g_ih,
-                            const scalar_t* g_hh, const scalar_t* b_ih, const scalar_t* b_hh,
-                            scalar_t* h_state, const GRURow::Ptrs<acc_t>& w, scalar_t* h_out,
-                            const scalar_t* zh) {
+template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, const scalar_t* hg,
+                                 const scalar_t* g_ih, const scalar_t* g_hh, const scalar_t* b_ih,
+                                 const scalar_t* b_hh, scalar_t* h_state,
+                                 const GRURow::Ptrs<acc_t>& w, scalar_t* h_out,
+                                 const scalar_t* zh) {
   const int64_t G = 3 * H;
   acc_t mean_x, rstd_x, mean, rstd_h;
-  row_stats<acc_t>(xp, G, mean_x, rstd_x);
-  row_stats<acc_t>(hg, G, mean, rstd_h);
-#pragma GCC ivdep
-  for (int64_t k = 0; k < G; ++k) {
+  row_stats<acc_t>(row, xp, G, mean_x, rstd_x);
+  row_stats<acc_t>(row, hg, G, mean, rstd_h);
+  row.each(G, [&](int64_t k) FUSEDRNN_PASS {
     w.xhat[k] = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;  // (xp may be xhat itself)
     w.hhat[k] = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
-  }
-  auto xs = [&](int64_t k) {
+  });
+  auto xs = [&](int64_t k) FUSEDRNN_PASS {
     acc_t v = static_cast<acc_t>(g_ih[k]) * w.xhat[k];
     return b_ih ? v + static_cast<acc_t>(b_ih[k]) : v;
   };
-  auto hs = [&](int64_t k) {
+  auto hs = [&](int64_t k) FUSEDRNN_PASS {
     acc_t v = static_cast<acc_t>(g_hh[k]) * w.hhat[k];
     return b_hh ? v + static_cast<acc_t>(b_hh[k]) : v;
   };
-#pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
+  row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t r = math::sigmoid(xs(j) + hs(j));
     const acc_t z = math::sigmoid(xs(H + j) + hs(H + j));
     const acc_t n = math::tanh(xs(2 * H + j) + r * hs(2 * H + j));
@@ -268,9 +311,11 @@ inline void gru_forward_row(int64_t H, const scalar_t* xp, const scalar_t* hg, c
     }
     h_state[j] = static_cast<scalar_t>(h);
     h_out[j] = static_cast<scalar_t>(h);
-  }
-  w.stats[0] = rstd_x;
-  w.stats[1] = rstd_h;
+  });
+  row.once([&]() FUSEDRNN_PASS {
+    w.stats[0] = rstd_x;
+    w.stats[1] = rstd_h;
+  });
 }
 
 // Backward of one row of an LN-GRU step: dh (H) in: dL/dh_t, out: the direct part of
@@ -279,15 +324,15 @@ inline void gru_forward_row(int64_t H, const scalar_t* xp, const scalar_t* hg, c
 // h_{t-1} W_hh^T), and adds the row's terms of the gains' and biases' column sums to `sums`:
 // with dxs the gradient of γ_ih x̂ + b_ih and dhs that of γ_hh ĥ + b_hh,
 // [Σdxs 3H | Σdxs x̂ 3H | Σdhs 3H | Σdhs ĥ 3H].
-template <bool kZone, typename scalar_t, typename acc_t>
-inline void gru_backward_row(int64_t H, const scalar_t* g_ih, const scalar_t* g_hh,
-                             const scalar_t* b_hh, acc_t* dh, const GRURow::Ptrs<acc_t>& w,
-                             acc_t* dx, acc_t* dhg, acc_t* sums, const scalar_t* zh) {
+template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+FUSEDRNN_HD void gru_backward_row(const Row& row, int64_t H, const scalar_t* g_ih,
+                                  const scalar_t* g_hh, const scalar_t* b_hh, acc_t* dh,
+                                  const GRURow::Ptrs<acc_t>& w, acc_t* dx, acc_t* dhg, acc_t* sums,
+                                  const scalar_t* zh) {
   const acc_t one(1);
   acc_t* const dxs = dx;   // dxs first, then turned into dx in place
   acc_t* const dhs = dhg;  // dhs first, then dhg in place
-#pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
+  row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t r = w.gates[j], z = w.gates[H + j], n = w.gates[2 * H + j];
     acc_t hn = static_cast<acc_t>(g_hh[2 * H + j]) * w.hhat[2 * H + j];
     if (b_hh) hn += static_cast<acc_t>(b_hh[2 * H + j]);
@@ -308,14 +353,13 @@ inline void gru_backward_row(int64_t H, const scalar_t* g_ih, const scalar_t* g_
     dhs[H + j] = daz;
     dhs[2 * H + j] = dan * r;
     dh[j] = kZone ? d * z + carry : d * z;
-  }
+  });
   const int64_t G = 3 * H;
   acc_t* const s_dxs = sums;
   acc_t* const s_dxs_x = sums + G;
   acc_t* const s_dhs = sums + 2 * G;
   acc_t* const s_dhs_h = sums + 3 * G;
-#pragma GCC ivdep
-  for (int64_t k = 0; k < G; ++k) {
+  row.each(G, [&](int64_t k) FUSEDRNN_PASS {
     const acc_t a = dxs[k], b = dhs[k];
     s_dxs[k] += a;
     s_dxs_x[k] += a * w.xhat[k];
@@ -323,9 +367,9 @@ inline void gru_backward_row(int64_t H, const scalar_t* g_ih, const scalar_t* g_
     s_dhs_h[k] += b * w.hhat[k];
     dxs[k] = a * static_cast<acc_t>(g_ih[k]);  // dL/dx̂
     dhs[k] = b * static_cast<acc_t>(g_hh[k]);  // dL/dĥ
-  }
-  norm_backward<acc_t>(dhg, w.hhat, w.stats[1], G, dhg);
-  norm_backward<acc_t>(dx, w.xhat, w.stats[0], G, dx);
+  });
+  norm_backward<acc_t>(row, dhg, w.hhat, w.stats[1], G, dhg);
+  norm_backward<acc_t>(row, dx, w.xhat, w.stats[0], G, dx);
 }
 
 }  // namespace layer_norm

@@ -1,5 +1,8 @@
 // The layer-normalised LSTM and GRU (design.md §1.6): one layer, one direction, forward and
-// backward, on the CPU, as the ops layer_norm_lstm_* / layer_norm_gru_* of ops/schemas.cpp.
+// backward, on the CPU and on CUDA, as the ops layer_norm_lstm_* / layer_norm_gru_* of
+// ops/schemas.cpp. The driver is the same on both devices: its GEMMs go through the call's
+// StepDevice or ATen, its row passes to the CPU row loops (a task's rows on one thread) or the
+// CUDA kernels (a thread block per row), run_rows below.
 //
 // Per call: the input product x W_ih^T of every row in one GEMM (it does not depend on the
 // recurrence), which each row's step normalises. Per step: the recurrent product h_{t-1} W_hh^T
@@ -33,8 +36,10 @@
 #include "buffers.h"
 #include "execution/gemm.h"
 #include "execution/step_device.h"
+#include "execution/strategy.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/layer_norm_rows.h"
+#include "kernels/layer_norm_step.h"
 #include "ops/args.h"
 #include "steps.h"
 
@@ -95,20 +100,8 @@ LNStep<scalar_t> step_base(int64_t H, int64_t Hout, const Blocks& blocks, int64_
   return p;
 }
 
-// fn(b0, b1) over the rows [0, n) of a step, in tasks of enough columns of work each.
-template <typename Fn>
-void for_rows(int64_t n, int64_t G, const Fn& fn) {
-  at::parallel_for(0, n, row_grain(G), fn);
-}
-
 at::ScalarType acc_dtype(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
-}
-
-void check_cpu(const char* op, const Tensor& input) {
-  TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor (the fused ",
-              "layer-normalised cells run on the CPU; fusedrnn's modules run the reference ",
-              "equations on other devices), got ", input.device());
 }
 
 void check_gain(const char* op, const char* name, const Tensor& t, const Tensor& input, int64_t n) {
@@ -188,16 +181,20 @@ Tensor large_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
   return t;
 }
 
-// The column sums of the gains' and biases' gradients: the backward's row passes add each row's
-// terms to the sums of the thread that runs it (cells/layer_norm.h), `width` values a thread;
-// the threads' sums are added in thread order at the end, so that the result depends on the
-// thread count only.
-struct ThreadSums {
-  Tensor t;  // (threads, width)
+// The column sums of the gains' and biases' gradients (`width` values), which the backward's row
+// passes add each row's terms to (cells/layer_norm.h). CPU: a set per thread, to which the rows
+// of the thread's tasks add; CUDA: a set per row of the state (its thread block's at every
+// step). The sets are added in order at the end, so that the result depends on the thread count
+// only (CPU) or not at all (CUDA).
+struct GradSums {
+  Tensor t;  // (sets, width)
   int64_t width;
-  ThreadSums(int64_t width_, const at::TensorOptions& opts)
-      : t(at::zeros({at::get_num_threads(), width_}, opts)), width(width_) {}
-  // The running task's sums, in a row loop's task.
+  bool per_row;
+  GradSums(int64_t width_, int64_t B, const at::TensorOptions& opts)
+      : width(width_), per_row(opts.device().is_cuda()) {
+    t = at::zeros({per_row ? B : at::get_num_threads(), width}, opts);
+  }
+  // The sums of the running task's thread, in a CPU row loop's task.
   template <typename acc_t>
   acc_t* mine() const {
     const int64_t tid = at::get_thread_num();
@@ -205,8 +202,53 @@ struct ThreadSums {
                 " threads of a layer-normalised backward");
     return t.data_ptr<acc_t>() + tid * width;
   }
+  // Where the rows of step p add (CUDA: every row its own set; CPU: set per task by run_rows).
+  template <typename scalar_t>
+  void place(LNStep<scalar_t>& p) const {
+    if (!per_row) return;
+    p.sums = t.data_ptr<at::opmath_type<scalar_t>>();
+    p.ld_sums = width;
+  }
   Tensor total() const { return t.sum(0); }
 };
+
+// The row passes of a step.
+enum class Pass { kLSTMForward, kLSTMBackward, kGRUForward, kGRUBackward };
+
+// Pass `pass` over the rows [0, n) of step p (G gate columns a row): on CUDA one kernel on the
+// call's stream; on the CPU the ISA's row loops in tasks of enough columns of work each, each
+// backward task adding to its thread's gradient sums.
+template <typename scalar_t>
+void run_rows(Pass pass, const StepDevice& dev, const LNStep<scalar_t>& p, int64_t n, int64_t G,
+              const GradSums* sums = nullptr) {
+#ifdef FUSEDRNN_WITH_CUDA
+  if (dev.cuda()) {
+    switch (pass) {
+      case Pass::kLSTMForward:
+        return cuda::ln_lstm_forward_rows(p, n, dev.stream());
+      case Pass::kLSTMBackward:
+        return cuda::ln_lstm_backward_rows(p, n, dev.stream());
+      case Pass::kGRUForward:
+        return cuda::ln_gru_forward_rows(p, n, dev.stream());
+      case Pass::kGRUBackward:
+        return cuda::ln_gru_backward_rows(p, n, dev.stream());
+    }
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(!dev.cuda(), "fusedrnn: a CUDA layer-normalised step in a CPU-only build");
+  const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
+  void (*const fn)(const LNStep<scalar_t>&, int64_t, int64_t) =
+      pass == Pass::kLSTMForward    ? fns.lstm_forward
+      : pass == Pass::kLSTMBackward ? fns.lstm_backward
+      : pass == Pass::kGRUForward   ? fns.gru_forward
+                                    : fns.gru_backward;
+  at::parallel_for(0, n, row_grain(G), [&](int64_t b0, int64_t b1) {
+    if (sums == nullptr) return fn(p, b0, b1);
+    LNStep<scalar_t> q = p;
+    q.sums = sums->mine<at::opmath_type<scalar_t>>();
+    fn(q, b0, b1);
+  });
+}
 
 // Block i of the workspace as an (N, width) matrix.
 Tensor block_of(const Tensor& ws, const Blocks& blocks, size_t i, int64_t N) {
@@ -226,6 +268,14 @@ void zero_grads(std::array<bool, 2> mask, const Tensor& input, Tensor& grad_inpu
 
 const Tensor* opt_param(const optional<Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
+// dst[i] += src[i], i < count: a step's output gradient added to its state's (CPU: a loop; CUDA:
+// StepDevice::add on the call's stream).
+template <typename acc_t>
+void add_rows(const StepDevice& dev, acc_t* dst, const acc_t* src, int64_t count) {
+  if (dev.cuda()) return dev.add(dst, dst, src, count);
+  for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+}
+
 // The step's rows of zoneout's weights in `p` (from row r0 of the call).
 template <typename scalar_t>
 void set_zone_rows(LNStep<scalar_t>& p, const Zone& zc, const Zone& zh, int64_t r0) {
@@ -244,7 +294,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
     const optional<Tensor>& cx, const optional<Tensor>& batch_sizes, bool reverse,
     bool need_workspace, const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_lstm_forward";
-  check_cpu(op, input);
+  auto guard = guard_for(input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kLSTM, input, w_ih, w_hh, b_ih, b_hh, {}, w_hr, hx, cx, s);
   const int64_t H = d.H, Hout = d.Hout, G = 4 * H;
@@ -300,7 +350,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         base.h_state = hs;
         base.c_state = cs;
         base.r_out = rp;
-        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           dev.gemm(n, G, Hout, hs, Hout, false, w_hh_c.const_data_ptr<scalar_t>(), Hout, true, hgp,
@@ -310,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
           p.xr0 = r0;
           p.out = out + r0 * Hout;
           set_zone_rows(p, zone_c, zone_h, r0);
-          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.lstm_forward(p, b0, b1); });
+          run_rows(Pass::kLSTMForward, dev, p, n, G);
           if (proj) {
             dev.gemm(n, Hout, H, rp, H, false, w_hr_c.const_data_ptr<scalar_t>(), H, true,
                      out + r0 * Hout, Hout, 0.0f);
@@ -333,7 +382,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
                  const Tensor& workspace, std::array<bool, 2> output_mask,
                  const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_lstm_backward";
-  check_cpu(op, input);
+  auto guard = guard_for(input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kLSTM, input, w_ih, w_hh, b_ih, b_hh, {}, w_hr, hx, cx, s);
   const int64_t H = d.H, Hout = d.Hout, G = 4 * H, N = s.N;
@@ -401,7 +450,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           gw_hh = at::empty({G, Hout}, acc_opts);
           if (proj) gw_hr = at::empty({Hout, H}, acc_opts);
         }
-        const ThreadSums sums(3 * G + 2 * H, acc_opts);
+        const GradSums sums(3 * G + 2 * H, s.B, acc_opts);
         auto finish_chunk = [&](const StepChunks::Chunk& ch) {
           const int64_t lo = ch.lo, m = ch.hi - ch.lo;
           const float beta = &ch == &sc.chunks.front() ? 0.0f : 1.0f;
@@ -419,14 +468,11 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         base.dc_state = dcs;
         base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
-        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
+        sums.place(base);
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           const StepChunks::Chunk& ch = sc.of(k);
-          if (dyp) {
-            const acc_t* src = dyp + r0 * Hout;
-            for (int64_t i = 0; i < n * Hout; ++i) dhs[i] += src[i];
-          }
+          if (dyp) add_rows(dev, dhs, dyp + r0 * Hout, n * Hout);
           if (proj) {
             dev.copy(dho.data_ptr<acc_t>() + r0 * Hout, dhs, n * Hout);
             dev.gemm(n, H, Hout, dhs, Hout, false, w_hr_a.const_data_ptr<acc_t>(), H, false, drp, H,
@@ -439,11 +485,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           p.g0 = r0 - ch.lo;
           p.dh = const_cast<acc_t*>(dh_in);
           set_zone_rows(p, zone_c, zone_h, r0);
-          for_rows(n, G, [&](int64_t b0, int64_t b1) {
-            LNStep<scalar_t> q = p;
-            q.sums = sums.mine<acc_t>();
-            fns.lstm_backward(q, b0, b1);
-          });
+          run_rows(Pass::kLSTMBackward, dev, p, n, G, &sums);
           dev.gemm(n, Hout, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
                    dhs, Hout, dh_beta);
           if (k == ch.k_lo) finish_chunk(ch);
@@ -500,7 +542,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
                                                   bool need_workspace,
                                                   const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_gru_forward";
-  check_cpu(op, input);
+  auto guard = guard_for(input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kGRU, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
   const int64_t H = d.H, G = 3 * H;
@@ -541,7 +583,6 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         base.b_hh = bhp;
         base.hg = hgp;
         base.h_state = hs;
-        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           dev.gemm(n, G, H, hs, H, false, w_hh_c.const_data_ptr<scalar_t>(), H, true, hgp, G, 0.0f);
@@ -550,7 +591,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
           p.xr0 = r0;
           p.out = out + r0 * H;
           set_zone_rows(p, Zone{}, zone_h, r0);
-          for_rows(n, G, [&](int64_t b0, int64_t b1) { fns.gru_forward(p, b0, b1); });
+          run_rows(Pass::kGRUForward, dev, p, n, G);
         }
       });
   return {output, h_state, need_workspace ? ws : at::empty({0}, acc_opts)};
@@ -563,7 +604,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
     const optional<Tensor>& hx, const optional<Tensor>& batch_sizes, bool reverse,
     const Tensor& workspace, std::array<bool, 2> output_mask, const optional<Tensor>& zoneout_h) {
   const char* op = "layer_norm_gru_backward";
-  check_cpu(op, input);
+  auto guard = guard_for(input);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(CellKind::kGRU, input, w_ih, w_hh, b_ih, b_hh, {}, {}, hx, {}, s);
   const int64_t H = d.H, G = 3 * H, N = s.N;
@@ -609,7 +650,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         // row passes add to (cells/layer_norm.h)
         Tensor gw_hh;
         if (output_mask[1]) gw_hh = at::empty({G, H}, acc_opts);
-        const ThreadSums sums(4 * G, acc_opts);
+        const GradSums sums(4 * G, s.B, acc_opts);
         auto finish_chunk = [&](const StepChunks::Chunk& ch) {
           const int64_t lo = ch.lo, m = ch.hi - ch.lo;
           const float beta = &ch == &sc.chunks.front() ? 0.0f : 1.0f;
@@ -626,24 +667,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         base.dh = dhsp;
         base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
-        const LayerNormFns<scalar_t>& fns = layer_norm_kernels().of<scalar_t>();
+        sums.place(base);
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           const StepChunks::Chunk& ch = sc.of(k);
-          if (dyp) {
-            const acc_t* src = dyp + r0 * H;
-            for (int64_t i = 0; i < n * H; ++i) dhsp[i] += src[i];
-          }
+          if (dyp) add_rows(dev, dhsp, dyp + r0 * H, n * H);
           LNStep<scalar_t> p = base;
           p.r0 = r0;
           p.xr0 = r0;
           p.g0 = r0 - ch.lo;
           set_zone_rows(p, Zone{}, zone_h, r0);
-          for_rows(n, G, [&](int64_t b0, int64_t b1) {
-            LNStep<scalar_t> q = p;
-            q.sums = sums.mine<acc_t>();
-            fns.gru_backward(q, b0, b1);
-          });
+          run_rows(Pass::kGRUBackward, dev, p, n, G, &sums);
           dev.gemm(n, H, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
                    dhsp, H, 1.0f);
           if (k == ch.k_lo) finish_chunk(ch);
@@ -692,11 +726,18 @@ const cpu::LayerNormKernels& cpu::layer_norm_kernels() {
   return portable::kLayerNormKernels;
 }
 
-TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+namespace {
+void register_layer_norm(torch::Library& m) {
   m.impl("layer_norm_lstm_forward", &driver::ln_lstm_forward);
   m.impl("layer_norm_lstm_backward", &driver::ln_lstm_backward);
   m.impl("layer_norm_gru_forward", &driver::ln_gru_forward);
   m.impl("layer_norm_gru_backward", &driver::ln_gru_backward);
 }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) { register_layer_norm(m); }
+#ifdef FUSEDRNN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) { register_layer_norm(m); }
+#endif
 
 }  // namespace fusedrnn

@@ -566,6 +566,10 @@ LN_CASES = {
     "proj": (5, 3, None, 4, 33, 5, False, True, True),
     "plain": (3, 2, None, 4, 20, 0, False, False, False),
 }
+LN_MATCH_CASES = list(LN_CASES)
+# gradcheck's: few elements, as it evaluates the layer twice per element of every argument
+LN_CASES["packed_small"] = (5, None, [3, 3, 2, 1, 1], 4, 6, 0, True, True, True)
+LN_CASES["proj_small"] = (4, 2, None, 3, 6, 3, False, True, True)
 
 
 def _ln_case(cell, case, seed=0):
@@ -635,7 +639,7 @@ def test_layer_norm_runs_the_cuda_kernels():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(LN_CASES))
+@pytest.mark.parametrize("case", LN_MATCH_CASES)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_layer_norm_cuda_matches_reference(cell, case, dtype):
     """The fused LayerNorm LSTM / GRU on CUDA, forward and every gradient, against the fp64
@@ -684,7 +688,7 @@ def _on_cuda(t, dtype=None):
     return t.detach().to("cuda", dtype).requires_grad_()
 
 
-@pytest.mark.parametrize("case", ["narrow", "packed_rev", "proj"])
+@pytest.mark.parametrize("case", ["narrow", "packed_small", "proj_small"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_layer_norm_gradcheck_cuda_fp64(cell, case):
     """fp64 gradcheck of the fused layer-normalised layer on CUDA (the analytic backward) with
@@ -692,7 +696,7 @@ def test_layer_norm_gradcheck_cuda_fp64(cell, case):
     from fusedrnn import _layer_norm
     from fusedrnn.reference import LayerArgs
 
-    if case == "proj" and cell == "gru":
+    if case == "proj_small" and cell == "gru":
         pytest.skip("proj_size is the LSTM's")
     a, ln = _ln_case(cell, case)
     a = LayerArgs(*(_on_cuda(t) for t in a))

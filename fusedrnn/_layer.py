@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
+from . import cells as _cells
 from .reference import LayerArgs
 
 _warned = False
@@ -52,23 +53,24 @@ def _needs_reference(tensors) -> bool:
     return False
 
 
-# The cells whose ops zone their states (the plain LSTM without projection, and the GRU); the
-# modules run the others' zoneout through the reference equations.
-ZONED_CELLS = ("lstm", "gru")
+# The cells whose ops zone their states (the plain and peephole LSTM without projection, and the
+# GRU); the modules run the others' zoneout through the reference equations.
+ZONED_CELLS = ("lstm", "peephole_lstm", "gru")
 
 
 def _zone_weights(cell: str, a: LayerArgs, keep) -> Tuple[Optional[Tensor], Tensor]:
     """The ops' zoneout arguments (zoneout_c, zoneout_h) from `keep` (see
     reference.layer_of): a mask as weights of the input's dtype, a rate as one row of it, an
-    unzoned state of the LSTM as a row of zeros; zoneout_c None for the GRU."""
-    H = a.weight_ih.shape[0] // (4 if cell == "lstm" else 3)
+    unzoned state of an LSTM-family cell as a row of zeros; zoneout_c None for the GRU."""
+    spec = _cells.get(cell)
+    H = a.weight_ih.shape[0] // spec.gates
 
     def weights(k) -> Tensor:
         if isinstance(k, Tensor):
             return k.to(a.input.dtype)
         return a.input.new_full((1, H), float(k or 0.0))
 
-    return (weights(keep[0]) if cell == "lstm" else None), weights(keep[1])
+    return (weights(keep[0]) if spec.has_cell_state else None), weights(keep[1])
 
 
 def run(

@@ -500,9 +500,10 @@ def test_env_sends_step_gemms_through_aten():
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "gru"])
 def test_zoneout_cuda_matches_reference(cell, dtype, mode):
-    """The CUDA kernels' zoneout (the zoneout_c / zoneout_h weights of the lstm and gru ops,
+    """The CUDA kernels' zoneout (the zoneout_c / zoneout_h weights of the ops of the plain and
+    peephole LSTM and the GRU,
     design.md §1.7) against the fp64 reference equations on the CPU given the same weights:
     packed input whose row count changes, forward output, states and every gradient."""
     from fusedrnn import _ops
@@ -513,12 +514,15 @@ def test_zoneout_cuda_matches_reference(cell, dtype, mode):
     bs = torch.tensor(sizes)
     N, H, I = sum(sizes), 37, 9
     x64 = torch.randn(N, I, dtype=torch.float64)
-    G = (4 if cell == "lstm" else 3) * H
+    lstm = cell != "gru"
+    G = (4 if lstm else 3) * H
     w64 = [torch.randn(G, I), torch.randn(G, H), torch.randn(G), torch.randn(G)]
+    if cell == "peephole_lstm":
+        w64.append(torch.randn(3, H))  # weight_ch: w_ci, w_cf, w_co
     w64 = [(w * 0.4).double() for w in w64]
     h64 = torch.randn(6, H, dtype=torch.float64)
-    c64 = torch.randn(6, H, dtype=torch.float64) if cell == "lstm" else None
-    n_states = 2 if cell == "lstm" else 1
+    c64 = torch.randn(6, H, dtype=torch.float64) if lstm else None
+    n_states = 2 if lstm else 1
     if mode == "train":
         zones = [(torch.rand(N, H) < 0.3 + 0.2 * k).double() for k in range(n_states)]
     else:
@@ -528,9 +532,9 @@ def test_zoneout_cuda_matches_reference(cell, dtype, mode):
         leaf = lambda t: None if t is None else t.detach().to(dev, dt).requires_grad_()  # noqa: E731
         x, h, c = leaf(x64), leaf(h64), leaf(c64)
         ws = [leaf(w) for w in w64]
-        a = LayerArgs(x, *ws, None, None, h, c, bs, False)
+        a = LayerArgs(x, *ws[:4], ws[4] if len(ws) > 4 else None, None, h, c, bs, False)
         z = [t.to(dev, dt) for t in zones]
-        zone = (z[0], z[1]) if cell == "lstm" else (None, z[0])
+        zone = (z[0], z[1]) if lstm else (None, z[0])
         if equations:
             outs = reference.layer_of(cell, a, keep=zone)
         else:

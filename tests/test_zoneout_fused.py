@@ -1,9 +1,9 @@
-"""The fused zoneout of the plain LSTM and the GRU ops (their zoneout_c / zoneout_h arguments,
-design.md §1.7): forward and every gradient against the fp64 reference equations given the same
-weights, under the tolerance rule, in fp64, fp32 and bf16; on the tiles' shapes and remainders
-and on the GEMM + step path (a short call), padded and packed with row counts changing in both
-directions, masks (training) and one row of the rate (eval), under every ISA the CPU has (the
-`cpu_isa` fixture); and the ops' checks of the arguments."""
+"""The fused zoneout of the plain and peephole LSTM and the GRU ops (their zoneout_c /
+zoneout_h arguments, design.md §1.7): forward and every gradient against the fp64 reference
+equations given the same weights, under the tolerance rule, in fp64, fp32 and bf16; on the
+tiles' shapes and remainders and on the GEMM + step path (a short call), padded and packed with
+row counts changing in both directions, masks (training) and one row of the rate (eval), under
+every ISA the CPU has (the `cpu_isa` fixture); and the ops' checks of the arguments."""
 
 import pytest
 import torch
@@ -27,14 +27,14 @@ LAYOUTS = {
 
 def _weights(cell, H, N, mode, dtype):
     """zoneout_c (LSTM; None for the GRU) and zoneout_h as the ops take them."""
-    n_states = 2 if cell == "lstm" else 1
+    n_states = 1 if cell == "gru" else 2
     out = []
     for k in range(n_states):
         if mode == "train":
             out.append((torch.rand(N, H) < (0.3 + 0.2 * k)).to(dtype))
         else:
             out.append(torch.full((1, H), 0.25 + 0.3 * k, dtype=F64).to(dtype))
-    return (out[0], out[1]) if cell == "lstm" else (None, out[0])
+    return (None, out[0]) if cell == "gru" else (out[0], out[1])
 
 
 def _call(cell, dtype, x, w, hx, cx, bs, reverse, zone, equations=False):
@@ -51,10 +51,10 @@ def _call(cell, dtype, x, w, hx, cx, bs, reverse, zone, equations=False):
         w["weight_hh"],
         w["bias_ih"],
         w["bias_hh"],
-        None,
+        w.get("weight_ch"),
         None,
         hx,
-        cx if cell == "lstm" else None,
+        cx if cell != "gru" else None,
         bs,
         reverse,
     )
@@ -68,7 +68,7 @@ def _call(cell, dtype, x, w, hx, cx, bs, reverse, zone, equations=False):
     loss = sum((o * torch.randn(o.shape, dtype=F64).to(o.dtype)).sum() for o in outs)
     loss.backward()
     grads = {"input": x.grad, "hx": hx.grad}
-    if cell == "lstm":
+    if cell != "gru":
         grads["cx"] = cx.grad
     grads.update({k: v.grad for k, v in w.items() if v is not None})
     return outs, grads
@@ -78,7 +78,7 @@ def _call(cell, dtype, x, w, hx, cx, bs, reverse, zone, equations=False):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=["f64", "f32", "bf16"])
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "gru"])
 def test_fused_zoneout_matches_the_equations(cell, dtype, layout, reverse, mode):
     torch.manual_seed(0)
     T, B, batch_sizes = LAYOUTS[layout]
@@ -136,13 +136,13 @@ def test_op_argument_errors():
         _ops.forward("lstm", a, zone=(ok, x.new_zeros(5, 5)))
     with pytest.raises(RuntimeError, match="zoneout_c must have the dtype of input"):
         _ops.forward("lstm", a, zone=(ok.double(), ok))
-    wp = make_weights("peephole_lstm", 4, 5)
+    wp = make_weights("wm_lstm", 4, 5)
     wp = {k: (v.float() if v is not None else None) for k, v in wp.items()}
     ap = LayerArgs(
         x, wp["weight_ih"], wp["weight_hh"], wp["bias_ih"], wp["bias_hh"], wp["weight_ch"]
     )
-    with pytest.raises(RuntimeError, match="plain LSTM only"):
-        _ops.forward("peephole_lstm", ap, zone=(ok, ok))
+    with pytest.raises(RuntimeError, match="plain and peephole LSTM only"):
+        _ops.forward("wm_lstm", ap, zone=(ok, ok))
     gw = make_weights("gru", 4, 5)
     gw = {k: (v.float() if v is not None else None) for k, v in gw.items()}
     ag = LayerArgs(x, gw["weight_ih"], gw["weight_hh"], gw["bias_ih"], gw["bias_hh"])

@@ -63,9 +63,11 @@ inline void dispatch_on_off(bool on, const Fn& fn) {
   }
 }
 
-// Whether an LSTM-family cell's kernels zone: the plain LSTM's (the GRU's always can).
+// Whether an LSTM-family cell's kernels zone: the one-phase cells' (plain and peephole LSTM; the
+// GRU's always can). The working-memory cell's second phase reads c_t through a GEMM between
+// its two kernels, which would need both the zoned and the cell's own c_t.
 template <CellKind kCell>
-constexpr bool kZoneable = traits(kCell).weight_ch == WeightCh::kNone;
+constexpr bool kZoneable = !traits(kCell).two_phase;
 
 // fn(IntTag<kOn>) when a step zones its states, else fn(IntTag<kOff>) (host code); kCan false
 // (a cell without zoneout) compiles the kOff case only.
@@ -103,8 +105,9 @@ FUSEDRNN_HD bool zones(const Step& p) {
 }
 
 // kHg false: p.hg is not read, p.gates holds the whole pre-activation (the fused CPU steps).
-// Zoneout (p.zone_c / zone_h) is the plain LSTM's only: the peephole and working-memory cells
-// would need the un-zoned c_t saved as well, for their connections' gradients.
+// Zoneout (p.zone_c / zone_h): the one-phase cells' (kZoneable). The cell computes its own new
+// state c̃_t (the peephole's o reads it), then the carried states are zoned; the backward
+// recomputes c̃_t from the saved gates and c_{t-1}.
 template <CellKind kCell, Phase kPhase, bool kBias, bool kHg = true, int kSave = kRuntime,
           int kHState = kRuntime, int kZone = kRuntime, typename scalar_t>
 FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_t b, int64_t j) {
@@ -135,8 +138,13 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
       h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
     }
   } else if constexpr (!kTwoPhase && kWeightCh == WeightCh::kDiagonal) {
-    Cell::forward(pre(0), pre(1), pre(2), pre(3), ld(p.c_state, s), ld(p.peephole, j),
-                  ld(p.peephole, H + j), ld(p.peephole, 2 * H + j), i, f, g, o, c, h);
+    const acc_t c_prev = ld(p.c_state, s);
+    Cell::forward(pre(0), pre(1), pre(2), pre(3), c_prev, ld(p.peephole, j), ld(p.peephole, H + j),
+                  ld(p.peephole, 2 * H + j), i, f, g, o, c, h);
+    if (zones<kZone>(p)) {  // as the plain LSTM's
+      c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
+      h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
+    }
   } else if constexpr (kPhase == Phase::kIFG) {
     acc_t u_i, u_f;
     const scalar_t* pp = p.p + b * p.ld_p + j;
@@ -247,9 +255,21 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
       }
     } else {
       static_assert(kWeightCh == WeightCh::kDiagonal, "one phase: no or diagonal connections");
-      Cell::backward(i, f, g, o, c, c_prev, ld(p.peephole, j), ld(p.peephole, H + j),
-                     ld(p.peephole, 2 * H + j), dh_total(), ld(p.dc_state, s), da_i, da_f, da_g,
-                     da_o, dc_prev);
+      const acc_t w_ci = ld(p.peephole, j), w_cf = ld(p.peephole, H + j),
+                  w_co = ld(p.peephole, 2 * H + j);
+      acc_t dh = dh_total(), dc = ld(p.dc_state, s);
+      if (zones<kZone>(p)) {  // as the plain LSTM's
+        c = f * c_prev + i * g;
+        const acc_t d_c = ld(p.zone_c + b * p.ld_zone_c, j);
+        const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
+        Cell::backward(i, f, g, o, c, c_prev, w_ci, w_cf, w_co, (acc_t(1) - d_h) * dh,
+                       (acc_t(1) - d_c) * dc, da_i, da_f, da_g, da_o, dc_prev);
+        dc_prev += d_c * dc;
+        p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
+      } else {
+        Cell::backward(i, f, g, o, c, c_prev, w_ci, w_cf, w_co, dh, dc, da_i, da_f, da_g, da_o,
+                       dc_prev);
+      }
     }
     da[0] = static_cast<scalar_t>(da_i);
     da[H] = static_cast<scalar_t>(da_f);

@@ -12,11 +12,11 @@
 // In backward, output_mask = (grad_input, weight gradients) says which of those to compute; the
 // gradients of absent optional arguments, and the ones the mask leaves out, are returned as
 // empty (0,) tensors. The state gradients are always computed.
-// Zoneout (design.md §1.7; the plain LSTM without projection, and the GRU): zoneout_c and
-// zoneout_h are the weights d of the previous cell / hidden state in the new one, d * prev +
-// (1 - d) * new after every step, in input's dtype: (N, H) with a row per input row (training:
-// 0 / 1 masks) or (1, H) (eval: the rate); the LSTM takes both or neither. The backward takes
-// the forward's.
+// Zoneout (design.md §1.7; the plain and peephole LSTM without projection, and the GRU):
+// zoneout_c and zoneout_h are the weights d of the previous cell / hidden state in the new one,
+// d * prev + (1 - d) * new after every step, in input's dtype: (N, H) with a row per input row
+// (training: 0 / 1 masks) or (1, H) (eval: the rate); the LSTM takes both or neither. The
+// backward takes the forward's.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -571,7 +571,15 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     if (peepholes) {
       grad_w_ch[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c.c0);
       grad_w_ch[1] += colsum_prev(dg.narrow(1, H, H), cs, c_all, c.c0);
-      grad_w_ch[2] += (dg.narrow(1, 3 * H, H) * rows(c_all, ch.lo, m)).sum(0);
+      const Tensor dg_o = dg.narrow(1, 3 * H, H);
+      if (c.zone_h.t.defined()) {
+        // o read the cell's own c̃_t = f c_{t-1} + i g, not the zoned c_t the workspace keeps
+        const Tensor gt = rows(c.ws.gates, ch.lo, m);
+        grad_w_ch[2] += colsum_prev(dg_o * gt.narrow(1, H, H), cs, c_all, c.c0);
+        grad_w_ch[2] += (dg_o * gt.narrow(1, 0, H) * gt.narrow(1, 2 * H, H)).sum(0);
+      } else {
+        grad_w_ch[2] += (dg_o * rows(c_all, ch.lo, m)).sum(0);
+      }
     } else if (wm) {
       const Tensor dp_c = rows(c.dp_buf[ch.buf], 0, m);
       gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_c.narrow(1, 0, 2 * H), cs, c_all, c.c0, beta);

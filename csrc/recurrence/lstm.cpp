@@ -575,8 +575,10 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       if (c.zone_h.t.defined()) {
         // o read the cell's own c̃_t = f c_{t-1} + i g, not the zoned c_t the workspace keeps
         const Tensor gt = rows(c.ws.gates, ch.lo, m);
-        grad_w_ch[2] += colsum_prev(dg_o * gt.narrow(1, H, H), cs, c_all, c.c0);
-        grad_w_ch[2] += (dg_o * gt.narrow(1, 0, H) * gt.narrow(1, 2 * H, H)).sum(0);
+        Tensor t = dg_o * gt.narrow(1, H, H);
+        grad_w_ch[2] += colsum_prev(t, cs, c_all, c.c0);
+        grad_w_ch[2] +=
+            at::mul_out(t, dg_o, gt.narrow(1, 0, H)).mul_(gt.narrow(1, 2 * H, H)).sum(0);
       } else {
         grad_w_ch[2] += (dg_o * rows(c_all, ch.lo, m)).sum(0);
       }

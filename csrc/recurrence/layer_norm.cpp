@@ -202,10 +202,10 @@ struct GradSums {
                 " threads of a layer-normalised backward");
     return t.data_ptr<acc_t>() + tid * width;
   }
-  // Where the rows of step p add (CUDA: every row its own set; CPU: set per task by run_rows).
+  // Where the rows of a step add, for a CUDA kernel: every row its own set.
   template <typename scalar_t>
-  void place(LNStep<scalar_t>& p) const {
-    if (!per_row) return;
+  void per_row_sets(LNStep<scalar_t>& p) const {
+    TORCH_INTERNAL_ASSERT(per_row, "fusedrnn: per-row gradient sums of a CPU call");
     p.sums = t.data_ptr<at::opmath_type<scalar_t>>();
     p.ld_sums = width;
   }
@@ -215,23 +215,25 @@ struct GradSums {
 // The row passes of a step.
 enum class Pass { kLSTMForward, kLSTMBackward, kGRUForward, kGRUBackward };
 
-// Pass `pass` over the rows [0, n) of step p (G gate columns a row): on CUDA one kernel on the
-// call's stream; on the CPU the ISA's row loops in tasks of enough columns of work each, each
-// backward task adding to its thread's gradient sums.
+// Pass `pass` over the rows [0, n) of step p (G gate columns a row), a backward's adding to
+// `sums`: on CUDA one kernel on the call's stream, every row adding to its own set; on the CPU
+// the ISA's row loops in tasks of enough columns of work each, each task adding to its thread's.
 template <typename scalar_t>
 void run_rows(Pass pass, const StepDevice& dev, const LNStep<scalar_t>& p, int64_t n, int64_t G,
               const GradSums* sums = nullptr) {
 #ifdef FUSEDRNN_WITH_CUDA
   if (dev.cuda()) {
+    LNStep<scalar_t> q = p;
+    if (sums != nullptr) sums->per_row_sets(q);
     switch (pass) {
       case Pass::kLSTMForward:
-        return cuda::ln_lstm_forward_rows(p, n, dev.stream());
+        return cuda::ln_lstm_forward_rows(q, n, dev.stream());
       case Pass::kLSTMBackward:
-        return cuda::ln_lstm_backward_rows(p, n, dev.stream());
+        return cuda::ln_lstm_backward_rows(q, n, dev.stream());
       case Pass::kGRUForward:
-        return cuda::ln_gru_forward_rows(p, n, dev.stream());
+        return cuda::ln_gru_forward_rows(q, n, dev.stream());
       case Pass::kGRUBackward:
-        return cuda::ln_gru_backward_rows(p, n, dev.stream());
+        return cuda::ln_gru_backward_rows(q, n, dev.stream());
     }
   }
 #endif
@@ -468,7 +470,6 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         base.dc_state = dcs;
         base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
-        sums.place(base);
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           const StepChunks::Chunk& ch = sc.of(k);
@@ -667,7 +668,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         base.dh = dhsp;
         base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
-        sums.place(base);
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           const StepChunks::Chunk& ch = sc.of(k);

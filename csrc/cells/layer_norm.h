@@ -2,10 +2,10 @@
 // forward and backward, with the row statistics of the step computed inside the step.
 //
 // A row function is a few passes over the row's columns, each run by the `Row` it is given:
-// `row.each(n, f)` calls f(k) for every column k, `row.sum(n, f)` returns the sum of f(k),
-// `row.once(f)` calls f once. A pass may read, at any column, what the passes before it wrote,
-// and at its own column k only what it writes itself. On the CPU `SerialRow` runs a pass as one
-// loop (`#pragma GCC ivdep`: within a pass every array written is a separate buffer, or the
+// `row.each(n, f)` calls f(k) for every column k, `row.sum2(n, f)` returns the two sums of
+// f(k) (a Sum2), `row.once(f)` calls f once. A pass may read, at any column, what the passes before
+// it wrote, and at its own column k only what it writes itself. On the CPU `SerialRow` runs a pass
+// as one loop (`#pragma GCC ivdep`: within a pass every array written is a separate buffer, or the
 // element read; the sums as `omp simd` reductions, which gcc otherwise keeps in order, one lane
 // at a time), compiled once per ISA (kernels/cpu/layer_norm_rows.h). The CUDA kernels
 // (kernels/cuda/layer_norm.cu) run a row on a thread block, `BlockRow`: the columns of a pass on
@@ -66,25 +66,28 @@ struct SerialRow {
 #pragma GCC ivdep
     for (int64_t k = 0; k < n; ++k) f(k);
   }
-  template <typename Fn>
-  FUSEDRNN_HD auto sum(int64_t n, const Fn& f) const {
-    using acc_t = decltype(f(int64_t(0)));
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < n; ++k) s += f(k);
-    return s;
-  }
+  // sum2 runs as four partial sums, two per half of the row, added at the end: with one sum
+  // each, every vector add waited for the one before.
   template <typename Fn>
   FUSEDRNN_HD auto sum2(int64_t n, const Fn& f) const {
     using S = decltype(f(int64_t(0)));
-    decltype(S{}.a) a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t k = 0; k < n; ++k) {
-      const S v = f(k);
-      a += v.a;
-      b += v.b;
+    using acc_t = decltype(S{}.a);
+    const int64_t h = n / 2;
+    acc_t a0 = 0, b0 = 0, a1 = 0, b1 = 0;
+#pragma omp simd reduction(+ : a0, b0, a1, b1)
+    for (int64_t k = 0; k < h; ++k) {
+      const S u = f(k), v = f(h + k);
+      a0 += u.a;
+      b0 += u.b;
+      a1 += v.a;
+      b1 += v.b;
     }
-    return S{a, b};
+    for (int64_t k = 2 * h; k < n; ++k) {
+      const S v = f(k);
+      a0 += v.a;
+      b0 += v.b;
+    }
+    return S{a0 + a1, b0 + b1};
   }
   template <typename Fn>
   FUSEDRNN_HD void once(const Fn& f) const {
@@ -93,18 +96,22 @@ struct SerialRow {
 };
 #endif
 
-// Mean and reciprocal standard deviation (biased variance, eps) of v[0, n), two passes: the
-// second sums squared deviations from the mean, which does not cancel as E[v²] - E[v]² would.
+// Mean and reciprocal standard deviation (biased variance, eps) of v[0, n), in one pass: the sums
+// of d = v - v[0] and of d², shifted by the row's first value so that the variance
+// E[d²] - E[d]² does not cancel for a row far from zero (as E[v²] - E[v]² would): |E[d]| is
+// the distance of the mean from one of the row's own values, a few standard deviations at most
+// but for outliers. (Two passes, the mean first, cost the row pass a tenth of its time.)
 template <typename acc_t, typename Row, typename T>
 FUSEDRNN_HD void row_stats(const Row& row, const T* v, int64_t n, acc_t& mean, acc_t& rstd) {
-  const acc_t m = row.sum(n, [&](int64_t k) FUSEDRNN_PASS { return static_cast<acc_t>(v[k]); }) /
-                  static_cast<acc_t>(n);
-  const acc_t q = row.sum(n, [&](int64_t k) FUSEDRNN_PASS {
-    const acc_t d = static_cast<acc_t>(v[k]) - m;
-    return d * d;
+  const acc_t shift = static_cast<acc_t>(v[0]);
+  const Sum2<acc_t> s = row.sum2(n, [&](int64_t k) FUSEDRNN_PASS {
+    const acc_t d = static_cast<acc_t>(v[k]) - shift;
+    return Sum2<acc_t>{d, d * d};
   });
-  mean = m;
-  rstd = acc_t(1) / std::sqrt(q / static_cast<acc_t>(n) + static_cast<acc_t>(kEps));
+  const acc_t m = s.a / static_cast<acc_t>(n);
+  const acc_t var = s.b / static_cast<acc_t>(n) - m * m;
+  mean = shift + m;
+  rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + static_cast<acc_t>(kEps));
 }
 
 // dv = rstd (g - mean(g) - v̂ mean(g v̂)): the gradient of v through v̂ = (v - mean) rstd, given
@@ -146,19 +153,21 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
   acc_t mean_x, rstd_x, mean, rstd_h;
   row_stats<acc_t>(row, xp, G, mean_x, rstd_x);
   row_stats<acc_t>(row, hg, G, mean, rstd_h);
-  row.each(G, [&](int64_t k) FUSEDRNN_PASS {
-    const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;  // (xp may be xhat itself)
-    w.xhat[k] = xh;
+  // A unit's four gate columns normalised (into x̂, ĥ) and activated in one pass (xp may be
+  // w.xhat itself: each column is read before it is written).
+  auto pre = [&](int64_t k) FUSEDRNN_PASS {
+    const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;
     const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
+    w.xhat[k] = xh;
     w.hhat[k] = hh;
     acc_t a = static_cast<acc_t>(g_ih[k]) * xh + static_cast<acc_t>(g_hh[k]) * hh;
     if (bias) a += static_cast<acc_t>(bias[k]);
-    w.gates[k] = a;
-  });
+    return a;
+  };
   acc_t* const gt = w.gates;
   row.each(H, [&](int64_t j) FUSEDRNN_PASS {
-    const acc_t i = math::sigmoid(gt[j]), f = math::sigmoid(gt[H + j]);
-    const acc_t g = math::tanh(gt[2 * H + j]), o = math::sigmoid(gt[3 * H + j]);
+    const acc_t i = math::sigmoid(pre(j)), f = math::sigmoid(pre(H + j));
+    const acc_t g = math::tanh(pre(2 * H + j)), o = math::sigmoid(pre(3 * H + j));
     gt[j] = i;
     gt[H + j] = f;
     gt[2 * H + j] = g;
@@ -283,16 +292,18 @@ FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, 
   acc_t mean_x, rstd_x, mean, rstd_h;
   row_stats<acc_t>(row, xp, G, mean_x, rstd_x);
   row_stats<acc_t>(row, hg, G, mean, rstd_h);
-  row.each(G, [&](int64_t k) FUSEDRNN_PASS {
-    w.xhat[k] = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;  // (xp may be xhat itself)
-    w.hhat[k] = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
-  });
+  // Each gate column normalised (into x̂, ĥ: xp may be w.xhat itself, each column read before
+  // it is written), scaled and shifted, in the unit's pass.
   auto xs = [&](int64_t k) FUSEDRNN_PASS {
-    acc_t v = static_cast<acc_t>(g_ih[k]) * w.xhat[k];
+    const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;
+    w.xhat[k] = xh;
+    acc_t v = static_cast<acc_t>(g_ih[k]) * xh;
     return b_ih ? v + static_cast<acc_t>(b_ih[k]) : v;
   };
   auto hs = [&](int64_t k) FUSEDRNN_PASS {
-    acc_t v = static_cast<acc_t>(g_hh[k]) * w.hhat[k];
+    const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
+    w.hhat[k] = hh;
+    acc_t v = static_cast<acc_t>(g_hh[k]) * hh;
     return b_hh ? v + static_cast<acc_t>(b_hh[k]) : v;
   };
   row.each(H, [&](int64_t j) FUSEDRNN_PASS {

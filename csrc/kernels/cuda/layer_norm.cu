@@ -41,23 +41,6 @@ struct BlockRow {
   }
 
   template <typename Fn>
-  __host__ __device__ auto sum(int64_t n, const Fn& f) const {
-    using acc_t = decltype(f(int64_t(0)));
-    acc_t s = 0;
-#if defined(__CUDA_ARCH__)
-    for (int64_t k = threadIdx.x; k < n; k += kRowThreads) s += f(k);
-    acc_t* const part = reinterpret_cast<acc_t*>(scratch);
-    s = warp_sum(s);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
-    __syncthreads();
-    s = 0;
-    for (int w = 0; w < kWarps; ++w) s += part[w];  // every thread, in one order: one result
-    __syncthreads();                                // (part is free for the next sum)
-#endif
-    return s;
-  }
-
-  template <typename Fn>
   __host__ __device__ auto sum2(int64_t n, const Fn& f) const {
     using S = decltype(f(int64_t(0)));
     using acc_t = decltype(S{}.a);

@@ -57,6 +57,7 @@ def build_info() -> dict:
         "cpu_isa": None,
         "cpu_isa_best": None,
         "cpu_onednn_gemm": False,
+        "cpu_onednn_fp32_gemm": False,
         "cpu_bf16_tiles": False,
         "cpu_onednn_bf16_amx": False,
     }
@@ -72,8 +73,10 @@ def build_info() -> dict:
         # and the best one this CPU and build have
         info["cpu_isa"] = ops.cpu_isa()
         info["cpu_isa_best"] = ops.cpu_isa_best()
-        # whether large fp32 / bf16 CPU GEMMs go through oneDNN (AVX-512 only) or at::mm
+        # whether large bf16 CPU GEMMs go through oneDNN (AVX-512 only) or at::mm, and the fp32
+        # ones (not on Intel CPUs, where at::mm's MKL is faster; FUSEDRNN_CPU_GEMM=auto|aten|onednn)
         info["cpu_onednn_gemm"] = ops.cpu_onednn_gemm()
+        info["cpu_onednn_fp32_gemm"] = ops.cpu_onednn_fp32_gemm()
         # bf16 CPU steps as the fused tiles: not where oneDNN's bf16 GEMMs run on AMX (faster
         # there); FUSEDRNN_CPU_BF16_TILES=auto|on|off
         info["cpu_bf16_tiles"] = ops.cpu_bf16_tiles() and info["cpu_fused_steps"]

@@ -85,6 +85,47 @@ def test_set_isa_refuses_unknown_and_missing():
     assert ops.cpu_isa() in isas_of_cpu()
 
 
+def _cpu_vendor():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+@pytest.mark.parametrize("mode", ["auto", "aten", "onednn"])
+def test_fp32_gemm_choice(mode):
+    """FUSEDRNN_CPU_GEMM: by default large fp32 GEMMs take oneDNN's matmul except on Intel CPUs
+    (at::mm's MKL is faster there); `aten` never takes oneDNN, `onednn` takes it for fp32 on
+    every CPU whose ISA allows it. A layer large enough for the oneDNN threshold runs and matches
+    torch.nn under each choice."""
+    code = (
+        "import torch, fusedrnn; i = fusedrnn.build_info(); "
+        "torch.manual_seed(0); m = fusedrnn.LSTM(64, 64); r = torch.nn.LSTM(64, 64); "
+        "r.load_state_dict(m.state_dict()); x = torch.randn(16, 16, 64); "
+        "print(i['cpu_isa'], i['cpu_onednn_gemm'], i['cpu_onednn_fp32_gemm'], "
+        "(m(x)[0] - r(x)[0]).abs().max().item())"
+    )
+    r = _child(code, FUSEDRNN_CPU_GEMM=mode)
+    assert r.returncode == 0, r.stderr
+    isa, onednn, fp32, err = r.stdout.split()
+    if onednn == "True":  # (and where torch has oneDNN's matmul, which these builds do)
+        assert isa in ("avx512", "avx512_bf16") and mode != "aten"
+    if onednn == "False" or mode == "aten":
+        assert fp32 == "False"
+    elif mode == "onednn":
+        assert fp32 == "True"
+    else:
+        assert fp32 == str(_cpu_vendor() != "GenuineIntel")
+    assert float(err) < 1e-5  # fp32 (the suite's fp32 tolerance)
+
+
+def test_fp32_gemm_choice_refuses_unknown_values():
+    r = _child("import fusedrnn; fusedrnn.build_info()", FUSEDRNN_CPU_GEMM="mkl")
+    assert r.returncode != 0
+    assert "FUSEDRNN_CPU_GEMM must be auto, aten or onednn, got 'mkl'" in r.stderr
+
+
 def test_onednn_gemm_follows_the_isa(cpu_isa):
     """The weak oneDNN matmul is only ever called under avx512 and avx512_bf16 (ATen refuses it on
     CPUs without AVX512BW/VL/DQ); under every other ISA the GEMMs go through at::mm, and a layer

@@ -34,9 +34,25 @@ constexpr size_t kMaxSegmentGemms = 8;
 constexpr int64_t kOneDnnMinMacs = int64_t{1} << 22;
 
 bool use_onednn_gemm(const Tensor& out, int64_t k) {
-  return out.device().is_cpu() && out.numel() * k >= kOneDnnMinMacs &&
-         (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) &&
-         onednn_gemm_enabled();
+  if (!out.device().is_cpu() || out.numel() * k < kOneDnnMinMacs) return false;
+  if (out.scalar_type() == at::kFloat) return onednn_fp32_gemm();
+  return out.scalar_type() == at::kBFloat16 && onednn_gemm_enabled();
+}
+
+// FUSEDRNN_CPU_GEMM: unset or "auto", "aten" (never oneDNN), "onednn" (fp32 too on Intel CPUs).
+enum class GemmMode { kAuto, kAten, kOneDnn };
+
+GemmMode gemm_mode() {
+  static const GemmMode mode = [] {
+    const char* env = std::getenv("FUSEDRNN_CPU_GEMM");
+    const std::string v = env ? env : "";
+    if (v.empty() || v == "auto") return GemmMode::kAuto;
+    if (v == "aten") return GemmMode::kAten;
+    if (v == "onednn") return GemmMode::kOneDnn;
+    TORCH_CHECK(false, "fusedrnn: FUSEDRNN_CPU_GEMM must be auto, aten or onednn, got '", v, "'");
+    return GemmMode::kAuto;  // (not reached)
+  }();
+  return mode;
 }
 
 // fp32 CPU GEMMs of at most kSmallGemmRows rows against a row-major weight (b = W^T or b = W)
@@ -145,12 +161,20 @@ bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
 }
 
 bool onednn_gemm_enabled() {
-  static const bool available = [] {
-    const char* env = std::getenv("FUSEDRNN_CPU_GEMM");
-    return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
-           !(env && std::string(env) == "aten");
-  }();
+  static const bool available =
+      &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() && gemm_mode() != GemmMode::kAten;
   return available && cpu::current_isa() >= cpu::Isa::kAVX512;
+}
+
+// On Intel CPUs MKL's sgemm (at::mm) is the faster fp32 GEMM at the recurrence's shapes: at T=100
+// B=64 I=H=256, one thread, the LSTM's and GRU's training 2-7% and the layer-normalised layers'
+// forward ~10% faster than with oneDNN's (scripts/layer_timing.py with FUSEDRNN_CPU_GEMM=onednn
+// against aten, alternating, docs/cpu_kernels.md). Elsewhere MKL does not pick its best kernels
+// and oneDNN is the faster one.
+bool onednn_fp32_gemm() {
+  if (!onednn_gemm_enabled()) return false;
+  static const bool intel = cpu::cpu_is_intel();
+  return gemm_mode() == GemmMode::kOneDnn || !intel;
 }
 
 void gemm(Tensor out, const Tensor& a, const Tensor& b, float beta, bool small_ok) {

@@ -43,9 +43,11 @@ constexpr int64_t kSmallGemmMaxRowsNn = 16;
 bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
                     int64_t ldw, bool w_transposed, float* out, int64_t ldo, float beta);
 
-// Whether gemm() takes oneDNN's matmul for CPU GEMMs of this dtype (large ones only): see
-// gemm.cpp. Exposed for build_info and the tests.
+// Whether gemm() takes oneDNN's matmul for large CPU GEMMs: bf16 ones (onednn_gemm_enabled) and
+// fp32 ones (onednn_fp32_gemm: not on Intel CPUs, where at::mm is faster, unless
+// FUSEDRNN_CPU_GEMM=onednn); see gemm.cpp. Exposed for build_info and the tests.
 bool onednn_gemm_enabled();
+bool onednn_fp32_gemm();
 
 }  // namespace driver
 }  // namespace fusedrnn

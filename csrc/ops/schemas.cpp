@@ -145,6 +145,7 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def("cpu_isa_best() -> str",
         [] { return std::string(fusedrnn::cpu::isa_name(fusedrnn::cpu::best_isa())); });
   m.def("cpu_onednn_gemm() -> bool", [] { return fusedrnn::driver::onednn_gemm_enabled(); });
+  m.def("cpu_onednn_fp32_gemm() -> bool", [] { return fusedrnn::driver::onednn_fp32_gemm(); });
   // Switches the ISA in use, returning the previous one (the tests run the fused paths under
   // each ISA the machine has). Not thread-safe against concurrent layer calls: for tests.
   m.def("_set_cpu_isa(str isa) -> str",

@@ -9,7 +9,9 @@
 #include <atomic>
 #include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <string>
 
 namespace fusedrnn {
 namespace cpu {
@@ -98,6 +100,25 @@ bool cpu_has_amx_bf16() {
   return false;
 #endif
 }
+
+}  // namespace
+
+bool cpu_is_intel() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  char vendor[13];
+  std::memcpy(vendor, &b, 4);
+  std::memcpy(vendor + 4, &d, 4);
+  std::memcpy(vendor + 8, &c, 4);
+  vendor[12] = '\0';
+  return std::string(vendor) == "GenuineIntel";
+#else
+  return false;
+#endif
+}
+
+namespace {
 
 std::atomic<int> g_isa{-1};
 std::atomic<int> g_bf16_tiles{-1};  // -1: not read yet; 0 auto, 1 on, 2 off

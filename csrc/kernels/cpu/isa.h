@@ -27,6 +27,10 @@ Isa current_isa();
 // best_isa() or an unknown name. Returns the previous one's name.
 std::string set_isa(const std::string& name);
 
+// Whether the CPU is Intel's (cpuid vendor "GenuineIntel"): where MKL's sgemm, behind at::mm,
+// is the faster fp32 GEMM (execution/gemm.cpp).
+bool cpu_is_intel();
+
 // Whether the CPU has AMX with bf16 (AMX-TILE and AMX-BF16) and oneDNN may use it: not capped
 // below it by ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA).
 bool onednn_bf16_amx();

@@ -453,6 +453,50 @@ def test_every_isa_of_this_cpu(isa, cell, dtype):
         torch.ops.fusedrnn._set_cpu_isa(previous)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["padded", "packed-reverse", "zoneout"])
+def test_long_calls_step_products(cpu_isa, cell, dtype, layout):
+    """A call of at least 4 steps and 32 rows takes its per-step products h_{t-1} W_hh^T (fp32)
+    and dhg W_hh (fp32 and bf16: the backward's buffers are fp32) through the fused kernels'
+    panel GEMM from W_hh packed once per call (recurrence/layer_norm.cpp, StepGemm); under the
+    baseline ISA through the GEMM library. Against the fp64 reference under the tolerance rule,
+    forward and backward, with zoneout's accumulating dh product too."""
+    gen = torch.Generator().manual_seed(7)
+    steps, batch = 8, 8  # 64 rows
+    w, w_hr, ln = _params(cell, dtype, gen=gen)
+    sizes = None
+    if layout == "packed-reverse":
+        sizes = torch.tensor([8, 8, 7, 7, 6, 4, 4, 2])
+        x = torch.randn(int(sizes.sum()), I, generator=gen, dtype=F64).to(dtype)
+    else:
+        x = torch.randn(steps, batch, I, generator=gen, dtype=F64).to(dtype)
+    hx = torch.randn(batch, H, generator=gen, dtype=F64).to(dtype)
+    cx = torch.randn(batch, H, generator=gen, dtype=F64).to(dtype) if cell == "lstm" else None
+    a = LayerArgs(x, *w, None, w_hr, hx, cx, sizes, layout == "packed-reverse")
+    keep = None
+    if layout == "zoneout":
+        masks = torch.rand(steps * batch, H, generator=gen) < 0.3
+        keep = (masks if cell == "lstm" else None, ~masks)
+
+    def fused(c, args, gains):
+        return _layer_norm.run(c, args, gains, keep)
+
+    def ref_of(c, args, gains):
+        return reference.layer_of(c, args, gains, keep)
+
+    got = _results(fused, cell, a, ln)
+    a64 = LayerArgs(
+        *(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in a)
+    )  # noqa: E501
+    ln64 = tuple(t.double() for t in ln)
+    ref = _results(ref_of, cell, a64, ln64)
+    lowp = _results(ref_of, cell, a, ln) if dtype in HALF_TYPES else ref
+    assert len(got) == len(ref)
+    for i, (g, r, lp) in enumerate(zip(got, ref, lowp)):
+        assert_close(g, r, dtype, f"{cpu_isa} result {i}", lowp=lp)
+
+
 def test_inference_and_training_forward_agree():
     """Inference keeps only the step's rows of the workspace blocks (x̂ excepted): its outputs
     equal a training forward's exactly."""

@@ -252,6 +252,40 @@ void run_rows(Pass pass, const StepDevice& dev, const LNStep<scalar_t>& p, int64
   });
 }
 
+// The per-step product out (m x N) = beta * out + a (m x K) @ B of a call, B fixed for the call
+// (h_{t-1} W_hh^T forward, dhg W_hh backward). In fp32 on the CPU, where the call is long enough
+// to repay packing B (cpu::fused_kernels_for), the fused kernels' panel GEMM from B packed once
+// per call (cpu::FusedSteps::gemm); else the call's StepDevice (oneDNN, MKL or cuBLAS), which
+// pack B again on every call: at T=100 B=64 H=256, one thread, MKL's packing copies were a tenth
+// of a layer-normalised LSTM's training pass (perf).
+template <typename T>
+class StepGemm {
+ public:
+  // b: B (K x N), a matrix or the transposed view of one
+  StepGemm(const StepDevice& dev, const Tensor& b, const Steps& s) : dev_(dev), b_(b) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!dev.cuda()) k_ = cpu::fused_kernels_for(b, s.T, s.N, s.B, /*wide_short_calls=*/false);
+      if (k_ != nullptr) w_ = cpu::pack_plain(b, *k_);
+    }
+  }
+  void operator()(int64_t m, const T* a, int64_t lda, T* out, int64_t ldo, float beta) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (k_ != nullptr) {
+        return cpu::FusedSteps(*k_).gemm<float>(out, ldo, {a, lda, &w_}, m, beta != 0.0f);
+      }
+    }
+    const bool trans = b_.stride(1) != 1;  // B stored as its transpose
+    dev_.gemm(m, b_.size(1), b_.size(0), a, lda, false, b_.const_data_ptr<T>(),
+              trans ? b_.stride(1) : b_.stride(0), trans, out, ldo, beta);
+  }
+
+ private:
+  const StepDevice& dev_;
+  const Tensor b_;
+  const cpu::FusedStepKernels* k_ = nullptr;
+  cpu::PackedWeight w_;
+};
+
 // Block i of the workspace as an (N, width) matrix.
 Tensor block_of(const Tensor& ws, const Blocks& blocks, size_t i, int64_t N) {
   return ws.narrow(0, blocks.at(i, N, 0), N * blocks.widths[i]).view({N, blocks.widths[i]});
@@ -352,10 +386,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         base.h_state = hs;
         base.c_state = cs;
         base.r_out = rp;
+        const StepGemm<scalar_t> hh_product(dev, w_hh_c.t(), s);  // h_{t-1} W_hh^T
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-          dev.gemm(n, G, Hout, hs, Hout, false, w_hh_c.const_data_ptr<scalar_t>(), Hout, true, hgp,
-                   G, 0.0f);
+          hh_product(n, hs, Hout, hgp, G, 0.0f);
           LNStep<scalar_t> p = base;
           p.r0 = need_workspace ? r0 : 0;
           p.xr0 = r0;
@@ -470,6 +504,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         base.dc_state = dcs;
         base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
+        const StepGemm<acc_t> dh_product(dev, w_hh_t.t(), s);  // dhg W_hh
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           const StepChunks::Chunk& ch = sc.of(k);
@@ -487,8 +522,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           p.dh = const_cast<acc_t*>(dh_in);
           set_zone_rows(p, zone_c, zone_h, r0);
           run_rows(Pass::kLSTMBackward, dev, p, n, G, &sums);
-          dev.gemm(n, Hout, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
-                   dhs, Hout, dh_beta);
+          dh_product(n, dhgp + p.g0 * G, G, dhs, Hout, dh_beta);
           if (k == ch.k_lo) finish_chunk(ch);
         }
         in.finish(input, grad_input, grad_w_ih);
@@ -584,9 +618,10 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         base.b_hh = bhp;
         base.hg = hgp;
         base.h_state = hs;
+        const StepGemm<scalar_t> hh_product(dev, w_hh_c.t(), s);  // h_{t-1} W_hh^T
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
-          dev.gemm(n, G, H, hs, H, false, w_hh_c.const_data_ptr<scalar_t>(), H, true, hgp, G, 0.0f);
+          hh_product(n, hs, H, hgp, G, 0.0f);
           LNStep<scalar_t> p = base;
           p.r0 = need_workspace ? r0 : 0;
           p.xr0 = r0;
@@ -668,6 +703,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         base.dh = dhsp;
         base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;
+        const StepGemm<acc_t> dh_product(dev, w_hh_t.t(), s);  // dhg W_hh
         for (int64_t k = s.T - 1; k >= 0; --k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           const StepChunks::Chunk& ch = sc.of(k);
@@ -678,8 +714,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
           p.g0 = r0 - ch.lo;
           set_zone_rows(p, Zone{}, zone_h, r0);
           run_rows(Pass::kGRUBackward, dev, p, n, G, &sums);
-          dev.gemm(n, H, G, dhgp + p.g0 * G, G, false, w_hh_t.const_data_ptr<acc_t>(), G, true,
-                   dhsp, H, 1.0f);
+          dh_product(n, dhgp + p.g0 * G, G, dhsp, H, 1.0f);
           if (k == ch.k_lo) finish_chunk(ch);
         }
         in.finish(input, grad_input, grad_w_ih);

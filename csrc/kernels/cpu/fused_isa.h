@@ -69,6 +69,8 @@ struct SmallGemm {
 // rows below p.n, and on the panel's rows [g.rows, p.n) (their input is already in `out`).
 // gru_forward: p.hg = the GEMM, then the GRU forward kernel.
 // gru_backward: p.dh_state += the GEMM, then the GRU backward kernel (as lstm_backward).
+// gemm: out (ld ldo) = (accumulate: +=) the GEMM alone, no step kernel (the layer-normalised
+// steps, whose row passes need a row's whole product first).
 template <typename T>
 struct FusedFns {
   void (*lstm_forward)(CellKind, Phase, const LSTMForwardStep<T>&, T* out, int64_t ldo,
@@ -78,6 +80,8 @@ struct FusedFns {
   void (*gru_forward)(const GRUForwardStep<T>&, const PanelGemm&, int64_t p0, int64_t p1) = nullptr;
   void (*gru_backward)(const GRUBackwardStep<T>&, const PanelGemm&, int64_t p0,
                        int64_t p1) = nullptr;
+  void (*gemm)(const PanelGemm&, T* out, int64_t ldo, bool accumulate, int64_t p0,
+               int64_t p1) = nullptr;
 };
 
 struct FusedStepKernels {

@@ -289,14 +289,23 @@ void FusedSteps::gru_backward(const GRUBackwardStep<T>& p, GemmSource src,
   for_panels(g, p.n, [&](int64_t p0, int64_t p1) { k_.of<T>().gru_backward(p, g, p0, p1); });
 }
 
-#define FUSEDRNN_INSTANTIATE(T)                                                               \
-  template void FusedSteps::lstm_forward<T>(CellKind, Phase, const LSTMForwardStep<T>&, T*,   \
-                                            int64_t, GemmSource, GemmSource) const;           \
-  template void FusedSteps::lstm_backward<T>(CellKind, Phase, const LSTMBackwardStep<T>&, T*, \
-                                             int64_t, GemmSource, int64_t) const;             \
-  template void FusedSteps::gru_forward<T>(const GRUForwardStep<T>&, const T*, int64_t,       \
-                                           const PackedWeight&) const;                        \
-  template void FusedSteps::gru_backward<T>(const GRUBackwardStep<T>&, GemmSource, int64_t) const;
+template <typename T>
+void FusedSteps::gemm(T* out, int64_t ldo, GemmSource src, int64_t rows, bool accumulate) const {
+  if (rows == 0) return;
+  const PanelGemm g = panel_gemm(rows, &src, 1, k_);
+  for_panels(g, rows,
+             [&](int64_t p0, int64_t p1) { k_.of<T>().gemm(g, out, ldo, accumulate, p0, p1); });
+}
+
+#define FUSEDRNN_INSTANTIATE(T)                                                                    \
+  template void FusedSteps::lstm_forward<T>(CellKind, Phase, const LSTMForwardStep<T>&, T*,        \
+                                            int64_t, GemmSource, GemmSource) const;                \
+  template void FusedSteps::lstm_backward<T>(CellKind, Phase, const LSTMBackwardStep<T>&, T*,      \
+                                             int64_t, GemmSource, int64_t) const;                  \
+  template void FusedSteps::gru_forward<T>(const GRUForwardStep<T>&, const T*, int64_t,            \
+                                           const PackedWeight&) const;                             \
+  template void FusedSteps::gru_backward<T>(const GRUBackwardStep<T>&, GemmSource, int64_t) const; \
+  template void FusedSteps::gemm<T>(T*, int64_t, GemmSource, int64_t, bool) const;
 FUSEDRNN_INSTANTIATE(float)
 FUSEDRNN_INSTANTIATE(c10::BFloat16)
 #undef FUSEDRNN_INSTANTIATE

@@ -145,6 +145,12 @@ class FusedSteps {
   template <typename T>
   void gru_backward(const GRUBackwardStep<T>& p, GemmSource src, int64_t gemm_rows) const;
 
+  // out[0:rows] (row stride ldo) = (accumulate: +=) src.a @ B, the GEMM alone, from B packed
+  // once per call: the layer-normalised steps' per-step products (their row passes need a row's
+  // whole product first), without a GEMM library's packing of the weight on every call.
+  template <typename T>
+  void gemm(T* out, int64_t ldo, GemmSource src, int64_t rows, bool accumulate) const;
+
  private:
   const FusedStepKernels& k_;
 };

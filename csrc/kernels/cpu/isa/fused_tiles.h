@@ -417,6 +417,20 @@ void gru_backward(const GRUBackwardStep<T>& p, const PanelGemm& g, int64_t p0, i
   });
 }
 
+// The GEMM of panels [p0, p1) alone: out = (accumulate: +=) the product, no step kernel.
+template <typename T>
+void panel_gemm_only(const PanelGemm& g, T* out, int64_t ldo, bool accumulate, int64_t p0,
+                     int64_t p1) {
+  auto none = [](int64_t, int64_t, int64_t, int64_t) {};
+  dispatch_bool(accumulate, [&](auto acc) {
+    if (g.nv == 3) {
+      gemm_panels<3, decltype(acc)::value>(g, out, ldo, p0, p1, none, no_tail);
+    } else {
+      gemm_panels<4, decltype(acc)::value>(g, out, ldo, p0, p1, none, no_tail);
+    }
+  });
+}
+
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu
 }  // namespace fusedrnn
@@ -453,6 +467,7 @@ constexpr FusedFns<T> fused_fns() {
   f.lstm_backward = &lstm_backward<T>;
   f.gru_forward = &gru_forward<T>;
   f.gru_backward = &gru_backward<T>;
+  f.gemm = &panel_gemm_only<T>;
   return f;
 }
 

@@ -1,7 +1,8 @@
 """Forward and backward times of fusedrnn's sequence modules in training, apart: each round runs
 `y, _ = m(x)` (x requires grad) and then `y.sum().backward()`, timed separately; the medians of
-the rounds. fp32, T=100 B=64 I=H=256, one thread unless told. With `eval`, the inference
-forward instead (`with torch.no_grad(): m(x)`).
+the rounds, after one untimed round (a process's first call runs slower: page faults of fresh
+memory, oneDNN's kernel generation). fp32, T=100 B=64 I=H=256, one thread unless told. With
+`eval`, the inference forward instead (`with torch.no_grad(): m(x)`).
 
     python scripts/layer_timing.py [LayerNormLSTM,LSTM,LayerNormGRU,GRU] [threads] [rounds] [eval]
 """
@@ -27,6 +28,7 @@ for kind in kinds:
     if inference:
         times = []
         with torch.no_grad():
+            m(x)
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 m(x)
@@ -34,6 +36,7 @@ for kind in kinds:
         print(f"{kind:14s} inference forward {statistics.median(times) * 1e3:7.1f} ms")
         continue
     fwd, bwd = [], []
+    m(x)[0].sum().backward()
     for _ in range(rounds):
         t0 = time.perf_counter()
         y, _ = m(x)

@@ -53,9 +53,9 @@ def _needs_reference(tensors) -> bool:
     return False
 
 
-# The cells whose ops zone their states (the plain and peephole LSTM without projection, and the
-# GRU); the modules run the others' zoneout through the reference equations.
-ZONED_CELLS = ("lstm", "peephole_lstm", "gru")
+# The cells whose ops zone their states (every cell; the LSTM family without projection): the
+# modules run a projected LSTM's zoneout through the reference equations.
+ZONED_CELLS = ("lstm", "peephole_lstm", "wm_lstm", "gru")
 
 
 def _zone_weights(cell: str, a: LayerArgs, keep) -> Tuple[Optional[Tensor], Tensor]:

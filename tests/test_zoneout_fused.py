@@ -1,5 +1,5 @@
-"""The fused zoneout of the plain and peephole LSTM and the GRU ops (their zoneout_c /
-zoneout_h arguments, design.md §1.7): forward and every gradient against the fp64 reference
+"""The fused zoneout of the LSTM-family (plain, peephole, working-memory) and GRU ops (their
+zoneout_c / zoneout_h arguments, design.md §1.7): forward and every gradient against the fp64 reference
 equations given the same weights, under the tolerance rule, in fp64, fp32 and bf16; on the
 tiles' shapes and remainders and on the GEMM + step path (a short call), padded and packed with
 row counts changing in both directions, masks (training) and one row of the rate (eval), under
@@ -78,7 +78,7 @@ def _call(cell, dtype, x, w, hx, cx, bs, reverse, zone, equations=False):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=["f64", "f32", "bf16"])
-@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "wm_lstm", "gru"])
 def test_fused_zoneout_matches_the_equations(cell, dtype, layout, reverse, mode):
     torch.manual_seed(0)
     T, B, batch_sizes = LAYOUTS[layout]
@@ -136,13 +136,13 @@ def test_op_argument_errors():
         _ops.forward("lstm", a, zone=(ok, x.new_zeros(5, 5)))
     with pytest.raises(RuntimeError, match="zoneout_c must have the dtype of input"):
         _ops.forward("lstm", a, zone=(ok.double(), ok))
-    wp = make_weights("wm_lstm", 4, 5)
+    wp = make_weights("lstm", 4, 5, 3)
     wp = {k: (v.float() if v is not None else None) for k, v in wp.items()}
     ap = LayerArgs(
-        x, wp["weight_ih"], wp["weight_hh"], wp["bias_ih"], wp["bias_hh"], wp["weight_ch"]
+        x, wp["weight_ih"], wp["weight_hh"], wp["bias_ih"], wp["bias_hh"], None, wp["weight_hr"]
     )
-    with pytest.raises(RuntimeError, match="plain and peephole LSTM only"):
-        _ops.forward("wm_lstm", ap, zone=(ok, ok))
+    with pytest.raises(RuntimeError, match="not supported with weight_hr"):
+        _ops.forward("lstm", ap, zone=(ok, x.new_zeros(6, 3)))
     gw = make_weights("gru", 4, 5)
     gw = {k: (v.float() if v is not None else None) for k, v in gw.items()}
     ag = LayerArgs(x, gw["weight_ih"], gw["weight_hh"], gw["bias_ih"], gw["bias_hh"])

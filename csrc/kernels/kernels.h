@@ -43,13 +43,16 @@ struct LSTMForwardStep {
   int64_t ld_p = 0;
   scalar_t* u = nullptr;  // WM: [n, 3H] saved tanh(p) for [i | f | o]
   int64_t ld_u = 0;
-  // Zoneout (plain LSTM without projection): the weights d of the previous state in c_t and
-  // h_t (design.md §1.7), [n, H] each: 0 / 1 masks in training, the rate p in eval (row
+  // Zoneout (the LSTM family without projection): the weights d of the previous state in c_t
+  // and h_t (design.md §1.7), [n, H] each: 0 / 1 masks in training, the rate p in eval (row
   // stride 0: one row for every row). Both set or both nullptr (no zoneout).
   const scalar_t* zone_c = nullptr;
   int64_t ld_zone_c = 0;
   const scalar_t* zone_h = nullptr;
   int64_t ld_zone_h = 0;
+  // WM under zoneout: [n, H] (ld H) the cell's own new state c̃_t, written by kIFG, read by the
+  // GEMM of u_o and by kO (c_state and c_save get the zoned c_t, which the next step reads).
+  scalar_t* c_own = nullptr;
 };
 
 template <typename scalar_t>
@@ -86,6 +89,12 @@ struct LSTMBackwardStep {
   const scalar_t* zone_h = nullptr;
   int64_t ld_zone_h = 0;
   scalar_t* dh_carry = nullptr;
+  // WM under zoneout: kO writes the direct part of dc_{t-1}, d_c * dL/dc_t, into dc_carry [n, H]
+  // (ld H), which kIFG adds to its dc_{t-1}; and the recomputed c̃_t into c_own [n, H] (ld H),
+  // which the gradient of W_co reads (u_o = tanh(c̃_t W_co^T)). dc_state in kO: dL/dc_t with the
+  // next step's W_ci, W_cf part already added; the caller adds dp_o W_co between the phases.
+  scalar_t* dc_carry = nullptr;
+  scalar_t* c_own = nullptr;
 };
 
 template <typename scalar_t>

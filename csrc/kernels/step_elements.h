@@ -63,11 +63,15 @@ inline void dispatch_on_off(bool on, const Fn& fn) {
   }
 }
 
-// Whether an LSTM-family cell's kernels zone: the one-phase cells' (plain and peephole LSTM; the
-// GRU's always can). The working-memory cell's second phase reads c_t through a GEMM between
-// its two kernels, which would need both the zoned and the cell's own c_t.
+// Whether an LSTM-family cell's kernels zone: every one's on the step-kernel path (the GRU's
+// always can). The fused tiles zone the one-phase cells only (kTilesZone): the working-memory
+// cell's second phase reads c̃_t through a GEMM between its two kernels, whose tile would need
+// the cell's own c̃_t for u_o and the zoned c_t for the next step's u_i, u_f; its zoned calls run
+// GEMM + step kernel (recurrence/lstm.cpp).
 template <CellKind kCell>
-constexpr bool kZoneable = !traits(kCell).two_phase;
+constexpr bool kZoneable = traits(kCell).has_cell_state;
+template <CellKind kCell>
+constexpr bool kTilesZone = !traits(kCell).two_phase;
 
 // fn(IntTag<kOn>) when a step zones its states, else fn(IntTag<kOff>) (host code); kCan false
 // (a cell without zoneout) compiles the kOff case only.
@@ -105,8 +109,8 @@ FUSEDRNN_HD bool zones(const Step& p) {
 }
 
 // kHg false: p.hg is not read, p.gates holds the whole pre-activation (the fused CPU steps).
-// Zoneout (p.zone_c / zone_h): the one-phase cells' (kZoneable). The cell computes its own new
-// state c̃_t (the peephole's o reads it), then the carried states are zoned; the backward
+// Zoneout (p.zone_c / zone_h): the cell computes its own new state c̃_t (the peephole's o, the
+// working-memory cell's u_o and h̃_t read it), then the carried states are zoned; the backward
 // recomputes c̃_t from the saved gates and c_{t-1}.
 template <CellKind kCell, Phase kPhase, bool kBias, bool kHg = true, int kSave = kRuntime,
           int kHState = kRuntime, int kZone = kRuntime, typename scalar_t>
@@ -148,12 +152,17 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
   } else if constexpr (kPhase == Phase::kIFG) {
     acc_t u_i, u_f;
     const scalar_t* pp = p.p + b * p.ld_p + j;
+    const acc_t c_prev = ld(p.c_state, s);
     Cell::forward_ifg(pre(0), pre(1), pre(2), static_cast<acc_t>(pp[0]), static_cast<acc_t>(pp[H]),
-                      ld(p.c_state, s), i, f, g, c, u_i, u_f);
+                      c_prev, i, f, g, c, u_i, u_f);
     if (save) {
       a[0] = static_cast<scalar_t>(i);
       a[H] = static_cast<scalar_t>(f);
       a[2 * H] = static_cast<scalar_t>(g);
+    }
+    if (zones<kZone>(p)) {  // c̃_t for this step's o; the carried and saved state zoned
+      p.c_own[s] = static_cast<scalar_t>(c);
+      c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
     }
     p.c_state[s] = static_cast<scalar_t>(c);
     p.c_save[b * p.ld_c_save + j] = static_cast<scalar_t>(c);
@@ -161,10 +170,12 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     u[0] = static_cast<scalar_t>(u_i);
     u[H] = static_cast<scalar_t>(u_f);
     return;
-  } else {  // two phases, phase kO: c_state already holds c_t
+  } else {  // two phases, phase kO: c_state already holds c_t (zoned: c_own c̃_t)
     acc_t u_o;
-    c = ld(p.c_state, s);
+    c = zones<kZone>(p) ? ld(p.c_own, s) : ld(p.c_state, s);
     Cell::forward_o(pre(3), ld(p.p + b * p.ld_p, 2 * H + j), c, o, u_o, h);
+    // h_state holds h_{t-1} (no projection) until the store below
+    if (zones<kZone>(p)) h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
     if (save) a[3 * H] = static_cast<scalar_t>(o);
     p.u[b * p.ld_u + 2 * H + j] = static_cast<scalar_t>(u_o);
     p.h_out[b * p.ld_h_out + j] = static_cast<scalar_t>(h);
@@ -206,9 +217,23 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
   constexpr WeightCh kWeightCh = traits(kCell).weight_ch;
   if constexpr (traits(kCell).two_phase) {
     if constexpr (kPhase == Phase::kO) {
-      acc_t dc = ld(p.dc_state, s), da_o, dp_o;
-      Cell::backward_o(static_cast<acc_t>(gt[3 * H]), ld(p.u + b * p.ld_u, 2 * H + j),
-                       ld(p.c + b * p.ld_c, j), dh_total(), dc, da_o, dp_o);
+      acc_t dc = ld(p.dc_state, s), da_o, dp_o, dh = dh_total(), c = ld(p.c + b * p.ld_c, j);
+      if (zones<kZone>(p)) {
+        // the cell's own c̃_t (o's and u_o's input); the gradients of h_t and c_t split between
+        // it (1 - d) and the previous state (d, carried to kIFG and to the GEMM of dh_{t-1})
+        c = static_cast<acc_t>(gt[H]) *
+                prev_state<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j) +
+            static_cast<acc_t>(gt[0]) * static_cast<acc_t>(gt[2 * H]);
+        p.c_own[s] = static_cast<scalar_t>(c);
+        const acc_t d_c = ld(p.zone_c + b * p.ld_zone_c, j);
+        const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
+        p.dc_carry[s] = static_cast<scalar_t>(d_c * dc);
+        p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
+        dc = (acc_t(1) - d_c) * dc;
+        dh = (acc_t(1) - d_h) * dh;
+      }
+      Cell::backward_o(static_cast<acc_t>(gt[3 * H]), ld(p.u + b * p.ld_u, 2 * H + j), c, dh, dc,
+                       da_o, dp_o);
       da[3 * H] = static_cast<scalar_t>(da_o);
       p.dp[b * p.ld_dp + 2 * H + j] = static_cast<scalar_t>(dp_o);
       p.dp_saved[b * p.ld_dp_saved + 2 * H + j] = static_cast<scalar_t>(dp_o);
@@ -230,6 +255,7 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
       scalar_t* dps = p.dp_saved + b * p.ld_dp_saved + j;
       dps[0] = static_cast<scalar_t>(dp_i);
       dps[H] = static_cast<scalar_t>(dp_f);
+      if (zones<kZone>(p)) dc_prev += ld(p.dc_carry, s);
       p.dc_state[s] = static_cast<scalar_t>(dc_prev);
     }
   } else {

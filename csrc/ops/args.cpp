@@ -58,10 +58,6 @@ std::pair<Zone, Zone> check_zones(const char* op, const optional<Tensor>& zoneou
 std::pair<Zone, Zone> check_lstm_zones(CellKind cell, const optional<Tensor>& zoneout_c,
                                        const optional<Tensor>& zoneout_h, const Tensor& input,
                                        bool proj, int64_t N, int64_t H) {
-  TORCH_CHECK(!traits(cell).two_phase || (!zoneout_c.has_value() && !zoneout_h.has_value()),
-              cell_name(cell),
-              ": zoneout_c / zoneout_h are supported by the plain and peephole LSTM only; the "
-              "modules run the working-memory LSTM's zoneout through the reference equations");
   return check_zones(cell_name(cell), zoneout_c, zoneout_h, input, true, proj, N, H);
 }
 

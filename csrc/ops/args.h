@@ -44,8 +44,7 @@ std::pair<Zone, Zone> check_zones(const char* op, const optional<Tensor>& zoneou
                                   const optional<Tensor>& zoneout_h, const Tensor& input, bool lstm,
                                   bool proj, int64_t N, int64_t H);
 
-// check_zones for an LSTM-family cell, whose kernels zone for the one-phase cells only (plain and
-// peephole LSTM).
+// check_zones for an LSTM-family cell (every one zones, without a projection).
 std::pair<Zone, Zone> check_lstm_zones(CellKind cell, const optional<Tensor>& zoneout_c,
                                        const optional<Tensor>& zoneout_h, const Tensor& input,
                                        bool proj, int64_t N, int64_t H);

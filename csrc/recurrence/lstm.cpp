@@ -40,6 +40,7 @@ struct ForwardCall {
   Tensor x, output, out, hy, cy, bias, peep, hg, p_buf, r_scratch, u_scratch;
   LSTMWorkspace ws;
   Zone zone_c, zone_h;  // zoneout's weights (design.md §1.7), undefined without
+  Tensor c_own;         // WM under zoneout: the step's c̃_t (LSTMForwardStep::c_own)
 };
 
 // h_{t-1} for the GEMM of a fused forward step that writes h_t into `state` (width columns),
@@ -85,9 +86,16 @@ class ForwardGemmStep {
     if (c_.wm) {
       const int64_t H = c_.d.H;
       FUSEDRNN_LAUNCH(dev_, lstm_forward_step, c_.cell, Phase::kIFG, p);
-      // p = c_t W_ch^T for [i | f | o]: the new cell state (n x H) times W_ch (3H x H)
-      // transposed
-      dev_.gemm(p.n, 3 * H, H, cy_, H, false, w_ch_, H, true, p_buf_, 3 * H, 0.0f);
+      if (p.zone_h != nullptr) {
+        // zoned: u_o reads the cell's own c̃_t, the next step's u_i, u_f the zoned c_t
+        dev_.gemm(p.n, H, H, p.c_own, H, false, w_ch_ + 2 * H * H, H, true, p_buf_ + 2 * H, 3 * H,
+                  0.0f);
+        dev_.gemm(p.n, 2 * H, H, cy_, H, false, w_ch_, H, true, p_buf_, 3 * H, 0.0f);
+      } else {
+        // p = c_t W_ch^T for [i | f | o]: the new cell state (n x H) times W_ch (3H x H)
+        // transposed
+        dev_.gemm(p.n, 3 * H, H, cy_, H, false, w_ch_, H, true, p_buf_, 3 * H, 0.0f);
+      }
       FUSEDRNN_LAUNCH(dev_, lstm_forward_step, c_.cell, Phase::kO, p);
     } else {
       FUSEDRNN_LAUNCH(dev_, lstm_forward_step, c_.cell, Phase::kWhole, p);
@@ -179,6 +187,7 @@ void forward_loop(const ForwardCall& c, const StepDevice& dev, Exec& exec) {
   const scalar_t* const zone_h = opt_ptr<scalar_t>(c.zone_h.t);
   base.ld_zone_c = c.zone_c.ld;
   base.ld_zone_h = c.zone_h.ld;
+  base.c_own = maybe_ptr<scalar_t>(c.c_own);
   // Training: the step's rows of the workspace blocks; inference: scratch rows every step reuses
   // (row step 0).
   const bool ws = c.need_workspace;
@@ -224,6 +233,9 @@ struct BackwardCall {
   StepChunks sc;
   Zone zone_c, zone_h;  // zoneout's weights, undefined without
   Tensor dgates_buf[2], dh_buf[2], dp_buf[2];
+  // WM under zoneout: the direct part of dc_{t-1} between the phases (n x H), and per chunk the
+  // recomputed c̃_t of its rows, which the gradient of W_co reads
+  Tensor dc_carry, c_own_buf[2];
   Tensor dgates_rows(int64_t k, int64_t r, int64_t count) const {
     return sc.rows_of(dgates_buf, k, r, count);
   }
@@ -244,14 +256,26 @@ class BackwardGemmStep {
         dp_(maybe_ptr<scalar_t>(c.dp)) {}
   // WM: the gradients of the cell-connection pre-activations in flight (one buffer here).
   scalar_t* dp() const { return dp_; }
+  // WM under zoneout, before kO: dc_t += [dp_i, dp_f](next step) [W_ci; W_cf] (the next step's
+  // u_i, u_f read the zoned c_t, whose gradient kO splits); rows of dp whose next step did not
+  // run them are still zero.
   void dh_phase(int64_t, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
+    if (c_.wm && p.zone_h != nullptr) {
+      const int64_t H = c_.d.H;
+      dev_.gemm(p.n, H, 2 * H, dp_, 3 * H, false, w_ch_, H, false, dc_state_, H, 1.0f);
+    }
     FUSEDRNN_LAUNCH(dev_, lstm_backward_step, c_.cell, phase, p);
   }
   // dc_t += dp_o(t) W_co + [dp_i, dp_f](next step) [W_ci; W_cf]: dp (n x 3H) times W_ch
-  // (3H x H); rows of dp whose next step did not run them are still zero.
+  // (3H x H); zoned, dc (then the gradient of c̃_t) += dp_o(t) W_co only.
   void dc_phase(int64_t, LSTMBackwardStep<scalar_t>& p) {
     const int64_t H = c_.d.H;
-    dev_.gemm(p.n, H, 3 * H, dp_, 3 * H, false, w_ch_, H, false, dc_state_, H, 1.0f);
+    if (p.zone_h != nullptr) {
+      dev_.gemm(p.n, H, H, dp_ + 2 * H, 3 * H, false, w_ch_ + 2 * H * H, H, false, dc_state_, H,
+                1.0f);
+    } else {
+      dev_.gemm(p.n, H, 3 * H, dp_, 3 * H, false, w_ch_, H, false, dc_state_, H, 1.0f);
+    }
     FUSEDRNN_LAUNCH(dev_, lstm_backward_step, c_.cell, Phase::kIFG, p);
   }
   // dh_{t-1} = dgates (n x 4H) times W_hh (4H x Hout); under zoneout added to the direct part
@@ -373,6 +397,9 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
                                     maybe_ptr<scalar_t>(c.dgates_buf[1])};
   scalar_t* const dh_bufs[2] = {maybe_ptr<scalar_t>(c.dh_buf[0]), maybe_ptr<scalar_t>(c.dh_buf[1])};
   scalar_t* const dp_bufs[2] = {maybe_ptr<scalar_t>(c.dp_buf[0]), maybe_ptr<scalar_t>(c.dp_buf[1])};
+  scalar_t* const c_own_bufs[2] = {maybe_ptr<scalar_t>(c.c_own_buf[0]),
+                                   maybe_ptr<scalar_t>(c.c_own_buf[1])};
+  base.dc_carry = maybe_ptr<scalar_t>(c.dc_carry);
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
     LSTMBackwardStep<scalar_t> p = base;
@@ -404,6 +431,7 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
       p.u = u + r0 * 3 * H;
       p.dp = exec.dp();
       p.dp_saved = c.sc.row_ptr(dp_bufs, 3 * H, k, r0);
+      if (zone_h != nullptr) p.c_own = c.sc.row_ptr(c_own_bufs, H, k, r0);
       exec.dh_phase(k, Phase::kO, p);
       exec.dc_phase(k, p);
     } else {
@@ -459,8 +487,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
                      : LSTMWorkspace(opts),
       zone_c, zone_h};
   if (wm) gemm(c.p_buf.narrow(1, 0, 2 * H), c.cy, w_ch->narrow(0, 0, 2 * H).t());
+  // the working-memory cell's zoned steps run GEMM + step kernel (kernels/step_elements.h,
+  // kTilesZone)
+  const bool wm_zoned = wm && zone_h.t.defined();
+  if (wm_zoned) c.c_own = at::empty({s.B, H}, opts);
 
-  const Plan plan = plan_call(input, s, TilesFor::kAlsoWideShortCalls);
+  const Plan plan = wm_zoned ? Plan{} : plan_call(input, s, TilesFor::kAlsoWideShortCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     dispatch_tiles(input.scalar_type(), [&](auto type) {
       ForwardTiles<decltype(type)> exec(c, *plan.kernels);
@@ -532,11 +564,14 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       /*dr=*/proj ? at::empty({s.B, H}, opts) : Tensor(),
       /*dp=*/wm ? at::zeros({s.B, 3 * H}, opts) : Tensor(),
       LSTMWorkspace(workspace, cell, s.N, H, proj), StepChunks(s, input), zone_c, zone_h};
+  const bool wm_zoned = wm && zone_h.t.defined();
   for (int i = 0; i < 2; ++i) {
     c.dgates_buf[i] = c.sc.buffer(4 * H, opts, i);
     if (proj) c.dh_buf[i] = c.sc.buffer(Hout, opts, i);
     if (wm) c.dp_buf[i] = c.sc.buffer(3 * H, opts, i);
+    if (wm_zoned) c.c_own_buf[i] = c.sc.buffer(H, opts, i);
   }
+  if (wm_zoned) c.dc_carry = at::empty({s.B, H}, opts);
   const Tensor& c_all = c.ws.c;
 
   // The gradients the chunks accumulate into.
@@ -585,13 +620,14 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
     } else if (wm) {
       const Tensor dp_c = rows(c.dp_buf[ch.buf], 0, m);
       gemm_prev(grad_w_ch.narrow(0, 0, 2 * H), dp_c.narrow(1, 0, 2 * H), cs, c_all, c.c0, beta);
-      gemm(grad_w_ch.narrow(0, 2 * H, H), dp_c.narrow(1, 2 * H, H).t(), rows(c_all, ch.lo, m),
-           beta);
+      // u_o read c̃_t: the zoned steps' own, kept per chunk; else the saved c_t
+      const Tensor c_o = wm_zoned ? rows(c.c_own_buf[ch.buf], 0, m) : rows(c_all, ch.lo, m);
+      gemm(grad_w_ch.narrow(0, 2 * H, H), dp_c.narrow(1, 2 * H, H).t(), c_o, beta);
     }
     if (proj) gemm(grad_w_hr, rows(c.dh_buf[ch.buf], 0, m).t(), rows(c.ws.r, ch.lo, m), beta);
   };
 
-  const Plan plan = plan_call(input, s, proj ? TilesFor::kNone : TilesFor::kLongCalls);
+  const Plan plan = plan_call(input, s, proj || wm_zoned ? TilesFor::kNone : TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     dispatch_tiles(input.scalar_type(), [&](auto type) {
       BackwardTiles<decltype(type)> exec(c, *plan.kernels);

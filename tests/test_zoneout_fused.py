@@ -1,9 +1,9 @@
 """The fused zoneout of the LSTM-family (plain, peephole, working-memory) and GRU ops (their
-zoneout_c / zoneout_h arguments, design.md §1.7): forward and every gradient against the fp64 reference
-equations given the same weights, under the tolerance rule, in fp64, fp32 and bf16; on the
-tiles' shapes and remainders and on the GEMM + step path (a short call), padded and packed with
-row counts changing in both directions, masks (training) and one row of the rate (eval), under
-every ISA the CPU has (the `cpu_isa` fixture); and the ops' checks of the arguments."""
+zoneout_c / zoneout_h arguments, design.md §1.7): forward and every gradient against the fp64
+reference equations given the same weights, under the tolerance rule, in fp64, fp32 and bf16; on
+the tiles' shapes and remainders and on the GEMM + step path (a short call), padded and packed
+with row counts changing in both directions, masks (training) and one row of the rate (eval),
+under every ISA the CPU has (the `cpu_isa` fixture); and the ops' checks of the arguments."""
 
 import pytest
 import torch

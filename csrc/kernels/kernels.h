@@ -91,7 +91,8 @@ struct LSTMBackwardStep {
   scalar_t* dh_carry = nullptr;
   // WM under zoneout: kO writes the direct part of dc_{t-1}, d_c * dL/dc_t, into dc_carry [n, H]
   // (ld H), which kIFG adds to its dc_{t-1}; and the recomputed c̃_t into c_own [n, H] (ld H),
-  // which the gradient of W_co reads (u_o = tanh(c̃_t W_co^T)). dc_state in kO: dL/dc_t with the
+  // which the gradient of W_co reads (u_o = tanh(c̃_t W_co^T)). The peephole LSTM under zoneout
+  // writes c_own too (o reads w_co ⊙ c̃_t). dc_state in kO: dL/dc_t with the
   // next step's W_ci, W_cf part already added; the caller adds dp_o W_co between the phases.
   scalar_t* dc_carry = nullptr;
   scalar_t* c_own = nullptr;

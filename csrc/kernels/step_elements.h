@@ -284,8 +284,9 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
       const acc_t w_ci = ld(p.peephole, j), w_cf = ld(p.peephole, H + j),
                   w_co = ld(p.peephole, 2 * H + j);
       acc_t dh = dh_total(), dc = ld(p.dc_state, s);
-      if (zones<kZone>(p)) {  // as the plain LSTM's
+      if (zones<kZone>(p)) {  // as the plain LSTM's; c̃_t kept for the gradient of w_co
         c = f * c_prev + i * g;
+        p.c_own[s] = static_cast<scalar_t>(c);
         const acc_t d_c = ld(p.zone_c + b * p.ld_zone_c, j);
         const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
         Cell::backward(i, f, g, o, c, c_prev, w_ci, w_cf, w_co, (acc_t(1) - d_h) * dh,

@@ -233,8 +233,9 @@ struct BackwardCall {
   StepChunks sc;
   Zone zone_c, zone_h;  // zoneout's weights, undefined without
   Tensor dgates_buf[2], dh_buf[2], dp_buf[2];
-  // WM under zoneout: the direct part of dc_{t-1} between the phases (n x H), and per chunk the
-  // recomputed c̃_t of its rows, which the gradient of W_co reads
+  // WM under zoneout: the direct part of dc_{t-1} between the phases (n x H); WM and peephole
+  // under zoneout: per chunk the recomputed c̃_t of its rows, which the gradient of W_co / w_co
+  // reads
   Tensor dc_carry, c_own_buf[2];
   Tensor dgates_rows(int64_t k, int64_t r, int64_t count) const {
     return sc.rows_of(dgates_buf, k, r, count);
@@ -426,12 +427,12 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
     if (zone_h != nullptr) {
       p.zone_c = zone_c + r0 * c.zone_c.ld;
       p.zone_h = zone_h + r0 * c.zone_h.ld;
+      if (c_own_bufs[0] != nullptr) p.c_own = c.sc.row_ptr(c_own_bufs, H, k, r0);
     }
     if (c.wm) {
       p.u = u + r0 * 3 * H;
       p.dp = exec.dp();
       p.dp_saved = c.sc.row_ptr(dp_bufs, 3 * H, k, r0);
-      if (zone_h != nullptr) p.c_own = c.sc.row_ptr(c_own_bufs, H, k, r0);
       exec.dh_phase(k, Phase::kO, p);
       exec.dc_phase(k, p);
     } else {
@@ -565,11 +566,12 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       /*dp=*/wm ? at::zeros({s.B, 3 * H}, opts) : Tensor(),
       LSTMWorkspace(workspace, cell, s.N, H, proj), StepChunks(s, input), zone_c, zone_h};
   const bool wm_zoned = wm && zone_h.t.defined();
+  const bool keeps_c_own = (wm || peepholes) && zone_h.t.defined();
   for (int i = 0; i < 2; ++i) {
     c.dgates_buf[i] = c.sc.buffer(4 * H, opts, i);
     if (proj) c.dh_buf[i] = c.sc.buffer(Hout, opts, i);
     if (wm) c.dp_buf[i] = c.sc.buffer(3 * H, opts, i);
-    if (wm_zoned) c.c_own_buf[i] = c.sc.buffer(H, opts, i);
+    if (keeps_c_own) c.c_own_buf[i] = c.sc.buffer(H, opts, i);
   }
   if (wm_zoned) c.dc_carry = at::empty({s.B, H}, opts);
   const Tensor& c_all = c.ws.c;
@@ -607,13 +609,10 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
       grad_w_ch[0] += colsum_prev(dg.narrow(1, 0, H), cs, c_all, c.c0);
       grad_w_ch[1] += colsum_prev(dg.narrow(1, H, H), cs, c_all, c.c0);
       const Tensor dg_o = dg.narrow(1, 3 * H, H);
-      if (c.zone_h.t.defined()) {
-        // o read the cell's own c̃_t = f c_{t-1} + i g, not the zoned c_t the workspace keeps
-        const Tensor gt = rows(c.ws.gates, ch.lo, m);
-        Tensor t = dg_o * gt.narrow(1, H, H);
-        grad_w_ch[2] += colsum_prev(t, cs, c_all, c.c0);
-        grad_w_ch[2] +=
-            at::mul_out(t, dg_o, gt.narrow(1, 0, H)).mul_(gt.narrow(1, 2 * H, H)).sum(0);
+      if (keeps_c_own) {
+        // o read the cell's own c̃_t = f c_{t-1} + i g, which the step kernels kept for the
+        // chunk, not the zoned c_t the workspace keeps
+        grad_w_ch[2] += (dg_o * rows(c.c_own_buf[ch.buf], 0, m)).sum(0);
       } else {
         grad_w_ch[2] += (dg_o * rows(c_all, ch.lo, m)).sum(0);
       }

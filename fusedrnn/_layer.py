@@ -53,24 +53,26 @@ def _needs_reference(tensors) -> bool:
     return False
 
 
-# The cells whose ops zone their states (every cell; the LSTM family without projection): the
-# modules run a projected LSTM's zoneout through the reference equations.
+# The cells whose ops zone their states: every one, projected LSTMs included (their h_t is zoned
+# after the projection, design.md §1.7).
 ZONED_CELLS = ("lstm", "peephole_lstm", "wm_lstm", "gru")
 
 
 def _zone_weights(cell: str, a: LayerArgs, keep) -> Tuple[Optional[Tensor], Tensor]:
     """The ops' zoneout arguments (zoneout_c, zoneout_h) from `keep` (see
     reference.layer_of): a mask as weights of the input's dtype, a rate as one row of it, an
-    unzoned state of an LSTM-family cell as a row of zeros; zoneout_c None for the GRU."""
+    unzoned state of an LSTM-family cell as a row of zeros; zoneout_c None for the GRU. The
+    hidden state's row has the projection's width where there is one."""
     spec = _cells.get(cell)
     H = a.weight_ih.shape[0] // spec.gates
+    H_out = a.weight_hr.shape[0] if a.weight_hr is not None else H
 
-    def weights(k) -> Tensor:
+    def weights(k, width: int) -> Tensor:
         if isinstance(k, Tensor):
             return k.to(a.input.dtype)
-        return a.input.new_full((1, H), float(k or 0.0))
+        return a.input.new_full((1, width), float(k or 0.0))
 
-    return (weights(keep[0]) if spec.has_cell_state else None), weights(keep[1])
+    return (weights(keep[0], H) if spec.has_cell_state else None), weights(keep[1], H_out)
 
 
 def run(
@@ -84,7 +86,7 @@ def run(
     with torch.nn.
 
     `keep`: zoneout's (keep_c, keep_h) as reference.layer_of takes them, for a cell of
-    ZONED_CELLS without projection; None without zoneout."""
+    ZONED_CELLS; None without zoneout."""
     if not _ops.HAS_C:
         _warn_fallback()
         return reference.layer_of(cell, a, keep=keep)

@@ -10,7 +10,8 @@ the LayerNorm parameters): correct, not fused. (The CUDA kernels are compiled, n
 a GPU yet: tests/test_cuda.py covers them on one.)
 
 Zoneout (design.md §1.7) is fused in these ops as in the plain cells': `run` takes the modules'
-`keep` and passes the ops their zoneout_c / zoneout_h weights (not with a projection).
+`keep` and passes the ops their zoneout_c / zoneout_h weights (with a projection, zoneout_h of
+its width: the op zones h_t after the projection).
 
 The ops' autograd is registered here with torch.library.register_autograd: one node per layer
 call whose backward is the fused backward op; under create_graph=True (double backward) it
@@ -243,8 +244,7 @@ def run(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer-normalised layer, one direction: (output, h_n, c_n), c_n None for the GRU.
     `cell` is the family ("lstm" or "gru"), `ln` its LayerNorm parameters in the op's order;
-    `keep` zoneout's (keep_c, keep_h) as reference.layer_of takes them (no projection), or
-    None."""
+    `keep` zoneout's (keep_c, keep_h) as reference.layer_of takes them, or None."""
     if not _ops.HAS_C:
         _layer._warn_fallback()
         return reference.layer_of(cell, a, ln, keep)

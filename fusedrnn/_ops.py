@@ -27,8 +27,8 @@ if HAS_C:
     reference.MASK_OP = torch.ops.fusedrnn.zoneout_mask.default
 
     @torch.library.register_fake("fusedrnn::zoneout_mask")
-    def _fake_zoneout_mask(rows, width, p, seed):
-        return seed.new_empty((rows, width), dtype=torch.bool)
+    def _fake_zoneout_mask(rows, width, p, seed, dtype=None):
+        return seed.new_empty((rows, width), dtype=dtype if dtype is not None else torch.bool)
 
 
 def _lstm_dims(weight_ih, weight_hr, cell):

@@ -5,9 +5,8 @@ torch.nn's, so a state_dict moves between torch.nn.LSTM/GRU and these modules un
 keyword arguments torch.nn lacks: `dropconnect=p`, DropConnect on weight_hh (design.md §1.5), and
 `zoneout=p`, zoneout of the states (§1.7). Every layer and direction runs as one call of a fused
 whole-sequence op (see fusedrnn._layer.run); the Python here only routes tensors, with no work
-proportional to the sequence length. Zoneout is fused in the ops of the LSTM and the GRU and of
-their layer-normalised forms (without projection); the other cells' zoned layers, and projected
-ones, run the reference equations.
+proportional to the sequence length. Zoneout is fused in the ops of every cell, projected LSTMs
+included.
 """
 
 import functools
@@ -89,8 +88,9 @@ def _check_zoneout(value, pair_ok: bool):
 
 def _zoneout_keep(zoneout, training: bool, rows: int, width_c: Optional[int], width_h: int, like):
     """What a layer call of `rows` output rows zones (design.md §1.7): (keep_c, keep_h) for
-    fusedrnn.reference.layer_of, or None when neither state is zoned. In training one bool mask
-    per zoned state, (rows, width), drawn with reference.zoneout_masks, the cell state's first;
+    fusedrnn.reference.layer_of, or None when neither state is zoned. In training one mask per
+    zoned state, (rows, width), drawn with reference.zoneout_masks as 1 / 0 in like's dtype (the
+    weights the fused ops take: no conversion), the cell state's first;
     in eval the rate (the expectation); None for a state at rate 0 (no random number drawn) or
     without a cell state (width_c None)."""
     p_c, p_h = zoneout if isinstance(zoneout, tuple) else (zoneout, zoneout)
@@ -99,7 +99,8 @@ def _zoneout_keep(zoneout, training: bool, rows: int, width_c: Optional[int], wi
         if p == 0 or width is None:
             keeps.append(None)
         elif training:
-            keeps.append(reference.zoneout_masks(rows, width, p, like))
+            dtype = like.dtype if like.is_floating_point() else None
+            keeps.append(reference.zoneout_masks(rows, width, p, like, dtype))
         else:
             keeps.append(p)
     return None if keeps[0] is None and keeps[1] is None else tuple(keeps)
@@ -234,7 +235,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
 
     @property
     def _zone_fused(self) -> bool:
-        """Whether the fused ops zone this module's layers (without projection)."""
+        """Whether the fused ops zone this module's layers."""
         return self._cell in _layer.ZONED_CELLS
 
     def __init__(
@@ -567,7 +568,7 @@ class _RNNBase(_NotScriptable, nn.RNNBase):
                     )
                 ln = self._ln_params(layer, direction) if self._layer_norm else ()
                 exposed = D == 1 and layer == self.num_layers - 1
-                if keep is not None and (w_hr is not None or not self._zone_fused):
+                if keep is not None and not self._zone_fused:
                     # zoneout the ops do not fuse: the reference equations
                     zoned = functools.partial(_run_reference, ln=ln, keep=keep)
                     if promoted is not None:
@@ -688,7 +689,7 @@ class _CellBase(_NotScriptable, nn.RNNCellBase):
 
     @property
     def _zone_fused(self) -> bool:
-        """Whether the fused ops zone this module's layers (without projection)."""
+        """Whether the fused ops zone this module's layers."""
         return self._cell in _layer.ZONED_CELLS
 
     def __init__(

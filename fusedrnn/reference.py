@@ -260,10 +260,12 @@ def zoneout(prev: Tensor, new: Tensor, keep) -> Tensor:
     """Zoneout of one state (Krueger et al. 2016): `keep` is the step's mask d (a bool tensor
     shaped like the state: True keeps the previous value) in training, or the rate p (a float)
     in eval, which mixes the expectation p ⊙ prev + (1 − p) ⊙ new; a floating-point tensor
-    is the weights d themselves (the fused ops' form, 0 / 1 or p), d ⊙ prev + (1 − d) ⊙ new."""
+    is the weights d themselves (the fused ops' form, 0 / 1 or p), d ⊙ prev + (1 − d) ⊙ new,
+    taken in the state's dtype (the state keeps its dtype, as with a bool mask)."""
     if isinstance(keep, Tensor) and keep.dtype == torch.bool:
         return torch.where(keep, prev, new)
     if isinstance(keep, Tensor):
+        keep = keep.to(new.dtype)
         return keep * prev + (1 - keep) * new
     return new if keep == 0 else keep * prev + (1 - keep) * new
 
@@ -273,10 +275,13 @@ def zoneout(prev: Tensor, new: Tensor, keep) -> Tensor:
 MASK_OP = None
 
 
-def zoneout_masks(rows: int, hidden: int, p: float, like: Tensor) -> Tensor:
+def zoneout_masks(
+    rows: int, hidden: int, p: float, like: Tensor, dtype: Optional[torch.dtype] = None
+) -> Tensor:
     """The training masks of one state over a layer call: (rows, hidden) bool, True with
     probability p, one per row of the call's output (T * B, or sum(batch_sizes) packed), from
-    torch's generator, so that a seed fixes them.
+    torch's generator, so that a seed fixes them. With a floating `dtype`, the same masks as
+    1 / 0 of that dtype (the weights the fused ops take; `zoneout` takes either form).
 
     On the CPU with the compiled extension: torch's generator draws one seed, and the op
     fusedrnn::zoneout_mask computes each element from it and the element's index (several
@@ -284,8 +289,9 @@ def zoneout_masks(rows: int, hidden: int, p: float, like: Tensor) -> Tensor:
     down to a multiple of 2^-32). Elsewhere `torch.rand(rows, hidden) < p` on like's device."""
     if MASK_OP is not None and like.device.type == "cpu":
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-        return MASK_OP(rows, hidden, float(p), seed)
-    return torch.rand(rows, hidden, device=like.device) < p
+        return MASK_OP(rows, hidden, float(p), seed, dtype)
+    keep = torch.rand(rows, hidden, device=like.device) < p
+    return keep if dtype is None else keep.to(dtype)
 
 
 # The layer-normalised step of each cell family that has one, keyed by the plain cell's name:

@@ -2,9 +2,10 @@
 zoneout=0.1, fp32, T=100 B=64 I=H=256, the training pass (forward+backward) and the eval forward,
 timed alternately in one process (median of the rounds), and the time of drawing the masks alone
 (fusedrnn.reference.zoneout_masks, as the modules draw them, converted to the op's dtype). One
-thread unless told.
+thread unless told; with proj_size, the LSTM-family modules projected to that width.
 
-    python scripts/zoneout_cost.py [rounds] [LSTM,GRU,LayerNormLSTM,LayerNormGRU] [threads]
+    python scripts/zoneout_cost.py [rounds] [LSTM,GRU,LayerNormLSTM,LayerNormGRU] [threads] \
+        [proj_size]
 """
 
 import statistics
@@ -18,12 +19,14 @@ from fusedrnn import reference
 
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 T, B, I, H = 100, 64, 256, 256
+P = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 x = torch.randn(T, B, I)
-g = torch.randn(T, B, H)
+g = torch.randn(T, B, P or H)
 for kind in sys.argv[2].split(",") if len(sys.argv) > 2 else ("LSTM", "GRU"):
     torch.manual_seed(0)
-    plain = getattr(fusedrnn, kind)(I, H)
-    zoned = getattr(fusedrnn, kind)(I, H, zoneout=0.1)
+    kwargs = {"proj_size": P} if P else {}
+    plain = getattr(fusedrnn, kind)(I, H, **kwargs)
+    zoned = getattr(fusedrnn, kind)(I, H, zoneout=0.1, **kwargs)
     zoned.load_state_dict(plain.state_dict())
 
     def train(m):
@@ -35,8 +38,8 @@ for kind in sys.argv[2].split(",") if len(sys.argv) > 2 else ("LSTM", "GRU"):
             m(x)
 
     def masks(m):
-        for _ in range(2 if "LSTM" in kind else 1):
-            reference.zoneout_masks(T * B, H, 0.1, x).float()
+        for width in (H, P or H) if "LSTM" in kind else (H,):
+            reference.zoneout_masks(T * B, width, 0.1, x).float()
 
     for name, fn, mods in (("train", train, (plain, zoned)), ("eval fwd", fwd, (plain, zoned))):
         for m in mods:

@@ -500,15 +500,16 @@ def test_env_sends_step_gemms_through_aten():
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "gru", "lstm-proj"])
 def test_zoneout_cuda_matches_reference(cell, dtype, mode):
     """The CUDA kernels' zoneout (the zoneout_c / zoneout_h weights of the ops of the plain and
-    peephole LSTM and the GRU,
-    design.md §1.7) against the fp64 reference equations on the CPU given the same weights:
-    packed input whose row count changes, forward output, states and every gradient."""
+    peephole LSTM, the GRU and the projected LSTM, whose h_t the zone kernel zones after the
+    projection, design.md §1.7) against the fp64 reference equations on the CPU given the same
+    weights: packed input whose row count changes, forward output, states and every gradient."""
     from fusedrnn import _ops
     from fusedrnn.reference import LayerArgs
 
+    cell, P = ("lstm", 5) if cell == "lstm-proj" else (cell, 0)
     torch.manual_seed(0)
     sizes = [6, 6, 4, 3, 1]
     bs = torch.tensor(sizes)
@@ -516,23 +517,29 @@ def test_zoneout_cuda_matches_reference(cell, dtype, mode):
     x64 = torch.randn(N, I, dtype=torch.float64)
     lstm = cell != "gru"
     G = (4 if lstm else 3) * H
-    w64 = [torch.randn(G, I), torch.randn(G, H), torch.randn(G), torch.randn(G)]
+    w64 = [torch.randn(G, I), torch.randn(G, P or H), torch.randn(G), torch.randn(G)]
     if cell == "peephole_lstm":
         w64.append(torch.randn(3, H))  # weight_ch: w_ci, w_cf, w_co
+    if P:
+        w64.append(torch.randn(P, H))  # weight_hr
     w64 = [(w * 0.4).double() for w in w64]
-    h64 = torch.randn(6, H, dtype=torch.float64)
+    h64 = torch.randn(6, P or H, dtype=torch.float64)
     c64 = torch.randn(6, H, dtype=torch.float64) if lstm else None
-    n_states = 2 if lstm else 1
+    widths = [H, P or H] if lstm else [H]
     if mode == "train":
-        zones = [(torch.rand(N, H) < 0.3 + 0.2 * k).double() for k in range(n_states)]
+        zones = [(torch.rand(N, w) < 0.3 + 0.2 * k).double() for k, w in enumerate(widths)]
     else:
-        zones = [torch.full((1, H), 0.25 + 0.3 * k, dtype=torch.float64) for k in range(n_states)]
+        zones = [
+            torch.full((1, w), 0.25 + 0.3 * k, dtype=torch.float64) for k, w in enumerate(widths)
+        ]
 
     def run(dev, dt, equations):
         leaf = lambda t: None if t is None else t.detach().to(dev, dt).requires_grad_()  # noqa: E731
         x, h, c = leaf(x64), leaf(h64), leaf(c64)
         ws = [leaf(w) for w in w64]
-        a = LayerArgs(x, *ws[:4], ws[4] if len(ws) > 4 else None, None, h, c, bs, False)
+        w_ch = ws[4] if cell == "peephole_lstm" else None
+        w_hr = ws[4] if P else None
+        a = LayerArgs(x, *ws[:4], w_ch, w_hr, h, c, bs, False)
         z = [t.to(dev, dt) for t in zones]
         zone = (z[0], z[1]) if lstm else (None, z[0])
         if equations:
@@ -665,15 +672,18 @@ def test_layer_norm_cuda_matches_reference(cell, case, dtype):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm-proj"])
 def test_layer_norm_zoneout_cuda_matches_reference(cell, dtype, mode):
     """Zoneout in the layer-normalised CUDA kernels (design.md §1.7): masks (train) or the
-    rates (eval), packed rows changing from step to step, against the fp64 reference."""
-    a, ln = _ln_case(cell, "packed_rev")
-    N, H = a.input.shape[0], a.weight_hh.shape[1]
+    rates (eval), packed rows changing from step to step (projected: padded, h_t zoned after
+    the projection by the zone kernel), against the fp64 reference."""
+    cell, case = ("lstm", "proj") if cell == "lstm-proj" else (cell, "packed_rev")
+    a, ln = _ln_case(cell, case)
+    N = a.input.shape[0] * (a.input.shape[1] if a.batch_sizes is None else 1)
+    H, H_out = a.weight_ih.shape[0] // LN_GATES[cell], a.weight_hh.shape[1]
     torch.manual_seed(0)
     if mode == "train":
-        keep = (torch.rand(N, H) < 0.3, torch.rand(N, H) < 0.5)
+        keep = (torch.rand(N, H) < 0.3, torch.rand(N, H_out) < 0.5)
     else:
         keep = (0.3, 0.5)
     keep = keep if cell == "lstm" else (None, keep[1])

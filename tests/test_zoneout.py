@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusedrnn import cells, modules, reference
+from fusedrnn import _ops, cells, modules, reference
 
 F64 = torch.float64
 T, B, I, H = 5, 3, 4, 6
@@ -178,6 +178,30 @@ def test_bidirectional_multilayer_packed_and_projected(kind, mode):
     h_n = state[0] if isinstance(state, tuple) else state
     want_out, want_h, _ = _oracle(m, packed.data, packed.batch_sizes.tolist(), 3)
     torch.testing.assert_close(out.data, want_out, **TOL)
+    torch.testing.assert_close(h_n, want_h, **TOL)
+
+
+@pytest.mark.skipif(not _ops.HAS_C, reason="the compiled extension is not loaded")
+@pytest.mark.parametrize("kind", ["lstm", "peephole_lstm", "wm_lstm", "ln_lstm"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_projected_layers_zone_in_the_fused_ops(kind, mode, monkeypatch):
+    """A projected LSTM's zoned layers run the fused ops (the step kernel zones c_t, a pass
+    after the projection zones h_t), not the reference equations."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a projected zoned layer ran the reference equations")
+
+    m = _make(kind, (0.3, 0.4), proj_size=2, num_layers=2).train(mode == "train")
+    x = torch.randn(T, B, I, dtype=F64, requires_grad=True)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want_out, want_h, _ = _oracle(m, x, None, 5)
+    monkeypatch.setattr(reference, "layer_of", refuse)
+    torch.manual_seed(5)
+    out, (h_n, _) = m(x)
+    out.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(out, want_out, **TOL)
     torch.testing.assert_close(h_n, want_h, **TOL)
 
 

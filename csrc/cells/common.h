@@ -29,6 +29,13 @@
 
 namespace fusedrnn {
 FUSEDRNN_ISA_BEGIN
+
+// Options of a step's elements or rows that the caller may fix at compile time
+// (kernels/step_elements.h): kRuntime reads the step struct; kOff / kOn fix the answer. Zoneout
+// (kZone) has a third value, kCellOnly: an LSTM-family step that zones c_t only (a projected
+// LSTM, whose h_t is zoned after the projection).
+constexpr int kRuntime = -1, kOff = 0, kOn = 1, kCellOnly = 2;
+
 namespace math {
 
 FUSEDRNN_HD float bits_to_float(int32_t i) {

@@ -26,8 +26,9 @@
 // what the backward reads: the normalised products x̂ and ĥ, the activated gates, the states
 // before the step, the normalisation ĉ of c_t (LN-LSTM), and the reciprocal standard deviations.
 //
-// Zoneout (design.md §1.7): with kZone, `zc`, `zh` are the row's weights d of the previous cell /
-// hidden state in the new one (0 / 1 masks, or the rate in eval); without, they are not read (a
+// Zoneout (design.md §1.7): with kZone (kOn; the LSTM's kCellOnly, a projected row, zones c_t
+// only, its h_t zoned after the projection), `zc`, `zh` are the row's weights d of the previous
+// cell / hidden state in the new one (0 / 1 masks, or the rate in eval); kOff: not read (a
 // compile-time choice: a run-time test of a null pointer inside a loop became masked vector
 // loads, which emulators fault on, kernels/step_elements.h). The forward mixes
 // d * prev + (1 - d) * new into the carried states and the output; ĉ in the workspace is of
@@ -141,7 +142,7 @@ struct LSTMRow {
 // `hg` (4H) the row's h_{t-1} W_hh^T; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in:
 // c_{t-1}, out: c_t; h_prev (Hout) the row's state before the step (saved; h_copy may be it).
 // Writes h_t = o tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t.
-template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+template <int kZone, typename scalar_t, typename acc_t, typename Row>
 FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const scalar_t* xp,
                                   const scalar_t* hg, const scalar_t* h_prev, const scalar_t* g_ih,
                                   const scalar_t* g_hh, const scalar_t* bias, const scalar_t* g_c,
@@ -149,6 +150,7 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
                                   const LSTMRow::Ptrs<acc_t>& w, scalar_t* h_out, scalar_t* h_copy,
                                   const scalar_t* zc, const scalar_t* zh) {
   const int64_t G = 4 * H;
+  constexpr bool kZoneC = kZone != kOff, kZoneH = kZone == kOn;
   row.each(Hout, [&](int64_t k) FUSEDRNN_PASS { w.h_prev[k] = static_cast<acc_t>(h_prev[k]); });
   acc_t mean_x, rstd_x, mean, rstd_h;
   row_stats<acc_t>(row, xp, G, mean_x, rstd_x);
@@ -175,8 +177,8 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
     const acc_t cp = c_state[j];
     w.c_prev[j] = cp;
     const acc_t c = f * cp + i * g;
-    w.chat[j] = c;          // c_t, normalised in place below
-    if constexpr (kZone) {  // the carried state zoned; chat keeps the cell's own, which LN reads
+    w.chat[j] = c;           // c_t, normalised in place below
+    if constexpr (kZoneC) {  // the carried state zoned; chat keeps the cell's own, which LN reads
       const acc_t d = static_cast<acc_t>(zc[j]);
       c_state[j] = d * cp + (acc_t(1) - d) * c;
     } else {
@@ -190,7 +192,7 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
     w.chat[j] = ch;
     acc_t h =
         gt[3 * H + j] * math::tanh(static_cast<acc_t>(g_c[j]) * ch + static_cast<acc_t>(b_c[j]));
-    if constexpr (kZone) {  // (no projection: h_prev has H values)
+    if constexpr (kZoneH) {  // (no projection: h_prev has H values)
       const acc_t d = static_cast<acc_t>(zh[j]);
       h = d * w.h_prev[j] + (acc_t(1) - d) * h;
     }
@@ -212,9 +214,10 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
 // the LayerNorm gains' and the biases' gradients are to `sums`: with da the gradient of the
 // pre-activation a = γ_ih x̂ + γ_hh ĥ + b and dyc that of γ_c ĉ + β_c,
 // [Σda 4H | Σda x̂ 4H | Σda ĥ 4H | Σdyc H | Σdyc ĉ H].
-// With zoneout (kZone; no projection) dh is dL/dh_t itself and is overwritten with its direct
-// part, d_h * dL/dh_t, which the GEMM of dh_{t-1}'s W_hh part then accumulates onto.
-template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+// With zoneout of h_t (kZone kOn; no projection) dh is dL/dh_t itself and is overwritten with its
+// direct part, d_h * dL/dh_t, which the GEMM of dh_{t-1}'s W_hh part then accumulates onto;
+// with a projection (kCellOnly) dh is already the gradient of the cell's own r_t.
+template <int kZone, typename scalar_t, typename acc_t, typename Row>
 FUSEDRNN_HD void lstm_backward_row(const Row& row, int64_t H, acc_t* dh, const scalar_t* g_ih,
                                    const scalar_t* g_hh, const scalar_t* g_c, const scalar_t* b_c,
                                    acc_t* dc_state, const LSTMRow::Ptrs<acc_t>& w, acc_t* dx,
@@ -222,6 +225,7 @@ FUSEDRNN_HD void lstm_backward_row(const Row& row, int64_t H, acc_t* dh, const s
                                    const scalar_t* zh) {
   const acc_t one(1);
   const int64_t G = 4 * H;
+  constexpr bool kZoneC = kZone != kOff, kZoneH = kZone == kOn;
   const acc_t* const gt = w.gates;
   acc_t* const da = dx;  // da first, then turned into dx in place
   acc_t* const s_dyc = sums + 3 * G;
@@ -231,7 +235,7 @@ FUSEDRNN_HD void lstm_backward_row(const Row& row, int64_t H, acc_t* dh, const s
     const acc_t ty =
         math::tanh(static_cast<acc_t>(g_c[j]) * w.chat[j] + static_cast<acc_t>(b_c[j]));
     acc_t dhj = dh[j];
-    if constexpr (kZone) {
+    if constexpr (kZoneH) {
       const acc_t d = static_cast<acc_t>(zh[j]);
       dh[j] = d * dhj;
       dhj = (one - d) * dhj;
@@ -246,7 +250,7 @@ FUSEDRNN_HD void lstm_backward_row(const Row& row, int64_t H, acc_t* dh, const s
   row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t i = gt[j], f = gt[H + j], g = gt[2 * H + j];
     acc_t dc = dhg[j] + dc_state[j], carry = 0;
-    if constexpr (kZone) {
+    if constexpr (kZoneC) {
       const acc_t d = static_cast<acc_t>(zc[j]);
       carry = d * dc_state[j];
       dc = dhg[j] + (one - d) * dc_state[j];
@@ -254,7 +258,7 @@ FUSEDRNN_HD void lstm_backward_row(const Row& row, int64_t H, acc_t* dh, const s
     da[j] = dc * g * i * (one - i);
     da[H + j] = dc * w.c_prev[j] * f * (one - f);
     da[2 * H + j] = dc * i * (one - g * g);
-    dc_state[j] = kZone ? dc * f + carry : dc * f;
+    dc_state[j] = kZoneC ? dc * f + carry : dc * f;
   });
   acc_t* const s_da = sums;
   acc_t* const s_da_x = sums + G;
@@ -282,7 +286,7 @@ struct GRURow {
 // Forward of one row of an LN-GRU step: xp (3H) the row's x W_ih^T, normalised into w.xhat (as
 // in the LSTM), hg (3H) the row's h_{t-1} W_hh^T, h_state (H) in: h_{t-1}, out: h_t (also
 // written to h_out).
-template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+template <int kZone, typename scalar_t, typename acc_t, typename Row>
 FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, const scalar_t* hg,
                                  const scalar_t* g_ih, const scalar_t* g_hh, const scalar_t* b_ih,
                                  const scalar_t* b_hh, scalar_t* h_state,
@@ -316,7 +320,7 @@ FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, 
     w.gates[H + j] = z;
     w.gates[2 * H + j] = n;
     acc_t h = (acc_t(1) - z) * n + z * hp;
-    if constexpr (kZone) {
+    if constexpr (kZone == kOn) {
       const acc_t d = static_cast<acc_t>(zh[j]);
       h = d * hp + (acc_t(1) - d) * h;
     }
@@ -335,7 +339,7 @@ FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, 
 // h_{t-1} W_hh^T), and adds the row's terms of the gains' and biases' column sums to `sums`:
 // with dxs the gradient of γ_ih x̂ + b_ih and dhs that of γ_hh ĥ + b_hh,
 // [Σdxs 3H | Σdxs x̂ 3H | Σdhs 3H | Σdhs ĥ 3H].
-template <bool kZone, typename scalar_t, typename acc_t, typename Row>
+template <int kZone, typename scalar_t, typename acc_t, typename Row>
 FUSEDRNN_HD void gru_backward_row(const Row& row, int64_t H, const scalar_t* g_ih,
                                   const scalar_t* g_hh, const scalar_t* b_hh, acc_t* dh,
                                   const GRURow::Ptrs<acc_t>& w, acc_t* dx, acc_t* dhg, acc_t* sums,
@@ -349,7 +353,7 @@ FUSEDRNN_HD void gru_backward_row(const Row& row, int64_t H, const scalar_t* g_i
     if (b_hh) hn += static_cast<acc_t>(b_hh[2 * H + j]);
     const acc_t g = dh[j];
     acc_t d = g, carry = 0;  // the cell's part of dL/dh_t, and the previous state's
-    if constexpr (kZone) {
+    if constexpr (kZone == kOn) {
       const acc_t dz = static_cast<acc_t>(zh[j]);
       d = (one - dz) * g;
       carry = dz * g;
@@ -363,7 +367,7 @@ FUSEDRNN_HD void gru_backward_row(const Row& row, int64_t H, const scalar_t* g_i
     dhs[j] = dar;
     dhs[H + j] = daz;
     dhs[2 * H + j] = dan * r;
-    dh[j] = kZone ? d * z + carry : d * z;
+    dh[j] = kZone == kOn ? d * z + carry : d * z;
   });
   const int64_t G = 3 * H;
   acc_t* const s_dxs = sums;

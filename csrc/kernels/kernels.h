@@ -43,9 +43,10 @@ struct LSTMForwardStep {
   int64_t ld_p = 0;
   scalar_t* u = nullptr;  // WM: [n, 3H] saved tanh(p) for [i | f | o]
   int64_t ld_u = 0;
-  // Zoneout (the LSTM family without projection): the weights d of the previous state in c_t
-  // and h_t (design.md §1.7), [n, H] each: 0 / 1 masks in training, the rate p in eval (row
-  // stride 0: one row for every row). Both set or both nullptr (no zoneout).
+  // Zoneout: the weights d of the previous state in c_t and h_t (design.md §1.7), [n, H] each:
+  // 0 / 1 masks in training, the rate p in eval (row stride 0: one row for every row). Both
+  // set, both nullptr (no zoneout), or zone_c only: a projected LSTM, whose step zones c_t and
+  // writes the cell's own r_t, and whose h_t is zoned after the projection's GEMM (ZoneStep).
   const scalar_t* zone_c = nullptr;
   int64_t ld_zone_c = 0;
   const scalar_t* zone_h = nullptr;
@@ -80,10 +81,11 @@ struct LSTMBackwardStep {
   int64_t ld_dp = 0;
   scalar_t* dp_saved = nullptr;  // WM: [n, 3H] second copy of dp (kept for weight grads)
   int64_t ld_dp_saved = 0;
-  // Zoneout: the forward's weights (LSTMForwardStep), both set or both nullptr. With them the
-  // kernel writes the direct part of dh_{t-1}, d_h * dL/dh_t, into dh_carry [n, H] (ld H), and
-  // the GEMM of dh_{t-1}'s W_hh part accumulates onto it; `c` holds the zoned c_t, and the
-  // kernel recomputes the cell's new state f * c_{t-1} + i * g from the gates.
+  // Zoneout: the forward's weights (LSTMForwardStep). With zone_c the kernel recomputes the
+  // cell's new state f * c_{t-1} + i * g from the gates (`c` holds the zoned c_t); with zone_h
+  // too it writes the direct part of dh_{t-1}, d_h * dL/dh_t, into dh_carry [n, H] (ld H), and
+  // the GEMM of dh_{t-1}'s W_hh part accumulates onto it (zone_c only: a projected LSTM, whose
+  // dh is already the gradient of the cell's own r_t, ZoneStep).
   const scalar_t* zone_c = nullptr;
   int64_t ld_zone_c = 0;
   const scalar_t* zone_h = nullptr;
@@ -133,6 +135,23 @@ struct GRUBackwardStep {
   int64_t ld_dhg = 0;
   const scalar_t* zone_h = nullptr;  // zoneout: the forward's weights, or nullptr; the direct
   int64_t ld_zone_h = 0;             // part of dh_{t-1} then includes d * dL/dh_t
+};
+
+// Zoneout of a projected LSTM's hidden state (design.md §1.7), which the projection's GEMM
+// computes after the step kernel: rows [0, n) of H (the projection size) columns, every array
+// with row stride H. Forward: h_t = d h_{t-1} + (1 - d) h̃_t, `out` holding h̃_t (the GEMM's
+// output rows) and `state` h_{t-1}, both getting h_t. Backward: with g = state + dy (dL/dh_t),
+// `out` gets (1 - d) g, the gradient of h̃_t, and `state` d g, the direct part of dh_{t-1}.
+// The weights are of the layer's dtype, the arrays of it or (a backward's buffers) of its
+// op-math type.
+template <typename scalar_t, typename weight_t = scalar_t>
+struct ZoneStep {
+  int64_t n = 0, H = 0;
+  const weight_t* zone = nullptr;  // [n, H] the weights d (ld_zone; 0: one row for every row)
+  int64_t ld_zone = 0;
+  scalar_t* out = nullptr;
+  scalar_t* state = nullptr;
+  const scalar_t* dy = nullptr;  // backward: [n, H] gradient of this step's output, or nullptr
 };
 
 // Phases of a step. The WM cell runs its forward as kIFG then kO, its backward as kO then kIFG.
@@ -195,6 +214,10 @@ template <typename scalar_t>
 void gru_forward_step(const GRUForwardStep<scalar_t>& p);
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p);
+template <typename scalar_t, typename weight_t>
+void zone_forward_step(const ZoneStep<scalar_t, weight_t>& p);
+template <typename scalar_t, typename weight_t>
+void zone_backward_step(const ZoneStep<scalar_t, weight_t>& p);
 }  // namespace cpu
 
 namespace cuda {
@@ -209,6 +232,10 @@ template <typename scalar_t>
 void gru_forward_step(const GRUForwardStep<scalar_t>& p, void* stream);
 template <typename scalar_t>
 void gru_backward_step(const GRUBackwardStep<scalar_t>& p, void* stream);
+template <typename scalar_t, typename weight_t>
+void zone_forward_step(const ZoneStep<scalar_t, weight_t>& p, void* stream);
+template <typename scalar_t, typename weight_t>
+void zone_backward_step(const ZoneStep<scalar_t, weight_t>& p, void* stream);
 // The elementwise work of a step on raw pointers (execution/step_device.h): out[i] = a[i] + b[i]
 // for i < count, and a device-to-device copy of `bytes` bytes, both on `stream`.
 template <typename scalar_t>

@@ -12,7 +12,7 @@ namespace fusedrnn {
 FUSEDRNN_ISA_BEGIN
 namespace layer_norm {
 
-template <bool kZone, typename scalar_t, typename Row>
+template <int kZone, typename scalar_t, typename Row>
 FUSEDRNN_HD void lstm_forward_of(const Row& row, const LNStep<scalar_t>& p, int64_t b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = 4 * p.H, r = p.r0 + b;
@@ -31,7 +31,7 @@ FUSEDRNN_HD void lstm_forward_of(const Row& row, const LNStep<scalar_t>& p, int6
       p.zc(b), p.zh(b));
 }
 
-template <bool kZone, typename scalar_t, typename Row>
+template <int kZone, typename scalar_t, typename Row>
 FUSEDRNN_HD void lstm_backward_of(const Row& row, const LNStep<scalar_t>& p, int64_t b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = 4 * p.H, r = p.r0 + b;
@@ -48,7 +48,7 @@ FUSEDRNN_HD void lstm_backward_of(const Row& row, const LNStep<scalar_t>& p, int
       p.dx + (p.g0 + b) * G, p.dhg + (p.g0 + b) * G, p.row_sums(b), p.zc(b), p.zh(b));
 }
 
-template <bool kZone, typename scalar_t, typename Row>
+template <int kZone, typename scalar_t, typename Row>
 FUSEDRNN_HD void gru_forward_of(const Row& row, const LNStep<scalar_t>& p, int64_t b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = 3 * p.H, r = p.r0 + b;
@@ -59,7 +59,7 @@ FUSEDRNN_HD void gru_forward_of(const Row& row, const LNStep<scalar_t>& p, int64
                                           p.out + b * p.H, p.zh(b));
 }
 
-template <bool kZone, typename scalar_t, typename Row>
+template <int kZone, typename scalar_t, typename Row>
 FUSEDRNN_HD void gru_backward_of(const Row& row, const LNStep<scalar_t>& p, int64_t b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = 3 * p.H, r = p.r0 + b;

@@ -43,13 +43,13 @@ FUSEDRNN_HD acc_type<scalar_t> ld(const scalar_t* p, int64_t i) {
 // runs: forward kSave = p.save_gates, kHState = p.h_state != nullptr; backward kDy =
 // p.dy != nullptr, kPrev = kOn when every row is below p.m_prev (its previous state is the
 // previous step's row), kOff when none is.
-// kZone = kOn when the step zones its states (p.zone_h set), kOff when not.
+// kZone = kOn when the step zones its states (p.zone_h set), kCellOnly when an LSTM-family step
+// zones c_t only (p.zone_c set, p.zone_h not: a projected LSTM, whose h_t is zoned after the
+// projection, ZoneStep), kOff when it zones none. (The values: cells/common.h.)
 // kDy has no run-time form: a step without an output gradient (dy null: every cell backward, a
 // layer whose loss reads only h_n) must not even form a load from dy. Left to the compiler, the
 // vectorised `if (has_dy) dh += dy[j]` became a masked load with every lane off from address 0,
 // which real CPUs suppress and emulators (QEMU user mode) fault on.
-constexpr int kRuntime = -1, kOff = 0, kOn = 1;
-
 template <int kValue>
 using IntTag = std::integral_constant<int, kValue>;
 
@@ -73,15 +73,20 @@ constexpr bool kZoneable = traits(kCell).has_cell_state;
 template <CellKind kCell>
 constexpr bool kTilesZone = !traits(kCell).two_phase;
 
-// fn(IntTag<kOn>) when a step zones its states, else fn(IntTag<kOff>) (host code); kCan false
-// (a cell without zoneout) compiles the kOff case only.
-template <bool kCan, typename Fn>
-inline void dispatch_zone(bool on, const Fn& fn) {
+// The kZone of an LSTM-family step p, as an IntTag to fn (host code): kOn, kCellOnly or kOff.
+// kCan false (a cell the caller runs without zoneout) compiles the kOff case only, kCellOnly
+// false (no projection reaches the caller) not the kCellOnly case; a step they exclude is an
+// internal error.
+template <bool kCan, bool kCellOnly_ = kCan, typename Step, typename Fn>
+inline void dispatch_zone(const Step& p, const Fn& fn) {
+  if (p.zone_c == nullptr && p.zone_h == nullptr) return fn(IntTag<kOff>{});
   if constexpr (kCan) {
-    dispatch_on_off(on, fn);
-  } else {
-    fn(IntTag<kOff>{});
+    if (p.zone_h != nullptr && p.zone_c != nullptr) return fn(IntTag<kOn>{});
+    if constexpr (kCellOnly_) {
+      if (p.zone_h == nullptr) return fn(IntTag<kCellOnly>{});
+    }
   }
+  bad_dispatch("dispatch_zone: a zoned step this kernel does not run");
 }
 
 // The state before this step of row b: the previous step's saved row where that step ran row b
@@ -103,9 +108,14 @@ FUSEDRNN_HD acc_t zoned(acc_t d, acc_t prev, acc_t next) {
   return d * prev + (acc_t(1) - d) * next;
 }
 
+// Whether a step zones its hidden state h_t (every cell's), and (LSTM family) its cell state.
 template <int kZone, typename Step>
 FUSEDRNN_HD bool zones(const Step& p) {
   return kZone == kRuntime ? p.zone_h != nullptr : kZone == kOn;
+}
+template <int kZone, typename Step>
+FUSEDRNN_HD bool zones_c(const Step& p) {
+  return kZone == kRuntime ? p.zone_c != nullptr : kZone != kOff;
 }
 
 // kHg false: p.hg is not read, p.gates holds the whole pre-activation (the fused CPU steps).
@@ -137,18 +147,17 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
   if constexpr (!kTwoPhase && kWeightCh == WeightCh::kNone) {
     const acc_t c_prev = ld(p.c_state, s);
     Cell::forward(pre(0), pre(1), pre(2), pre(3), c_prev, i, f, g, o, c, h);
-    if (zones<kZone>(p)) {  // h_state holds h_{t-1} (no projection) until the store below
-      c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
-      h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
-    }
+    if (zones_c<kZone>(p)) c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
+    // h_state holds h_{t-1} (no projection: else h_t is zoned after the projection's GEMM)
+    // until the store below
+    if (zones<kZone>(p)) h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
   } else if constexpr (!kTwoPhase && kWeightCh == WeightCh::kDiagonal) {
     const acc_t c_prev = ld(p.c_state, s);
     Cell::forward(pre(0), pre(1), pre(2), pre(3), c_prev, ld(p.peephole, j), ld(p.peephole, H + j),
                   ld(p.peephole, 2 * H + j), i, f, g, o, c, h);
-    if (zones<kZone>(p)) {  // as the plain LSTM's
-      c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
-      h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
-    }
+    // as the plain LSTM's
+    if (zones_c<kZone>(p)) c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
+    if (zones<kZone>(p)) h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
   } else if constexpr (kPhase == Phase::kIFG) {
     acc_t u_i, u_f;
     const scalar_t* pp = p.p + b * p.ld_p + j;
@@ -160,7 +169,7 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
       a[H] = static_cast<scalar_t>(f);
       a[2 * H] = static_cast<scalar_t>(g);
     }
-    if (zones<kZone>(p)) {  // c̃_t for this step's o; the carried and saved state zoned
+    if (zones_c<kZone>(p)) {  // c̃_t for this step's o; the carried and saved state zoned
       p.c_own[s] = static_cast<scalar_t>(c);
       c = zoned(ld(p.zone_c + b * p.ld_zone_c, j), c_prev, c);
     }
@@ -172,7 +181,7 @@ FUSEDRNN_HD void lstm_forward_element(const LSTMForwardStep<scalar_t>& p, int64_
     return;
   } else {  // two phases, phase kO: c_state already holds c_t (zoned: c_own c̃_t)
     acc_t u_o;
-    c = zones<kZone>(p) ? ld(p.c_own, s) : ld(p.c_state, s);
+    c = zones_c<kZone>(p) ? ld(p.c_own, s) : ld(p.c_state, s);
     Cell::forward_o(pre(3), ld(p.p + b * p.ld_p, 2 * H + j), c, o, u_o, h);
     // h_state holds h_{t-1} (no projection) until the store below
     if (zones<kZone>(p)) h = zoned(ld(p.zone_h + b * p.ld_zone_h, j), ld(p.h_state, s), h);
@@ -218,7 +227,7 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
   if constexpr (traits(kCell).two_phase) {
     if constexpr (kPhase == Phase::kO) {
       acc_t dc = ld(p.dc_state, s), da_o, dp_o, dh = dh_total(), c = ld(p.c + b * p.ld_c, j);
-      if (zones<kZone>(p)) {
+      if (zones_c<kZone>(p)) {
         // the cell's own c̃_t (o's and u_o's input); the gradients of h_t and c_t split between
         // it (1 - d) and the previous state (d, carried to kIFG and to the GEMM of dh_{t-1})
         c = static_cast<acc_t>(gt[H]) *
@@ -226,10 +235,12 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
             static_cast<acc_t>(gt[0]) * static_cast<acc_t>(gt[2 * H]);
         p.c_own[s] = static_cast<scalar_t>(c);
         const acc_t d_c = ld(p.zone_c + b * p.ld_zone_c, j);
-        const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
         p.dc_carry[s] = static_cast<scalar_t>(d_c * dc);
-        p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
         dc = (acc_t(1) - d_c) * dc;
+      }
+      if (zones<kZone>(p)) {
+        const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
+        p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
         dh = (acc_t(1) - d_h) * dh;
       }
       Cell::backward_o(static_cast<acc_t>(gt[3 * H]), ld(p.u + b * p.ld_u, 2 * H + j), c, dh, dc,
@@ -255,7 +266,7 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
       scalar_t* dps = p.dp_saved + b * p.ld_dp_saved + j;
       dps[0] = static_cast<scalar_t>(dp_i);
       dps[H] = static_cast<scalar_t>(dp_f);
-      if (zones<kZone>(p)) dc_prev += ld(p.dc_carry, s);
+      if (zones_c<kZone>(p)) dc_prev += ld(p.dc_carry, s);
       p.dc_state[s] = static_cast<scalar_t>(dc_prev);
     }
   } else {
@@ -266,16 +277,16 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
     const acc_t c_prev = prev_state<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b, j);
     if constexpr (kWeightCh == WeightCh::kNone) {
       acc_t dh = dh_total(), dc = ld(p.dc_state, s);
-      if (zones<kZone>(p)) {
+      if (zones_c<kZone>(p)) {
         // the cell's own new state, before zoneout; the gradients of h_t and c_t split between
-        // it (1 - d) and the previous state (d)
+        // it (1 - d) and the previous state (d); h_t's not here under a projection (d_h 0)
         c = f * c_prev + i * g;
         const acc_t d_c = ld(p.zone_c + b * p.ld_zone_c, j);
-        const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
+        const acc_t d_h = zones<kZone>(p) ? ld(p.zone_h + b * p.ld_zone_h, j) : acc_t(0);
         Cell::backward(i, f, g, o, c, c_prev, (acc_t(1) - d_h) * dh, (acc_t(1) - d_c) * dc, da_i,
                        da_f, da_g, da_o, dc_prev);
         dc_prev += d_c * dc;
-        p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
+        if (zones<kZone>(p)) p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
       } else {
         Cell::backward(i, f, g, o, c, c_prev, dh, dc, da_i, da_f, da_g, da_o, dc_prev);
       }
@@ -284,15 +295,15 @@ FUSEDRNN_HD void lstm_backward_element(const LSTMBackwardStep<scalar_t>& p, int6
       const acc_t w_ci = ld(p.peephole, j), w_cf = ld(p.peephole, H + j),
                   w_co = ld(p.peephole, 2 * H + j);
       acc_t dh = dh_total(), dc = ld(p.dc_state, s);
-      if (zones<kZone>(p)) {  // as the plain LSTM's; c̃_t kept for the gradient of w_co
+      if (zones_c<kZone>(p)) {  // as the plain LSTM's; c̃_t kept for the gradient of w_co
         c = f * c_prev + i * g;
         p.c_own[s] = static_cast<scalar_t>(c);
         const acc_t d_c = ld(p.zone_c + b * p.ld_zone_c, j);
-        const acc_t d_h = ld(p.zone_h + b * p.ld_zone_h, j);
+        const acc_t d_h = zones<kZone>(p) ? ld(p.zone_h + b * p.ld_zone_h, j) : acc_t(0);
         Cell::backward(i, f, g, o, c, c_prev, w_ci, w_cf, w_co, (acc_t(1) - d_h) * dh,
                        (acc_t(1) - d_c) * dc, da_i, da_f, da_g, da_o, dc_prev);
         dc_prev += d_c * dc;
-        p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
+        if (zones<kZone>(p)) p.dh_carry[s] = static_cast<scalar_t>(d_h * dh);
       } else {
         Cell::backward(i, f, g, o, c, c_prev, w_ci, w_cf, w_co, dh, dc, da_i, da_f, da_g, da_o,
                        dc_prev);
@@ -360,6 +371,30 @@ FUSEDRNN_HD void gru_backward_element(const GRUBackwardStep<scalar_t>& p, int64_
   dhg[H] = static_cast<scalar_t>(dx_z);
   dhg[2 * H] = static_cast<scalar_t>(dh_n);
   p.dh_state[s] = static_cast<scalar_t>(dh_prev);
+}
+
+// Zoneout of a projected LSTM's h_t after the projection (ZoneStep).
+template <typename scalar_t, typename weight_t>
+FUSEDRNN_HD void zone_forward_element(const ZoneStep<scalar_t, weight_t>& p, int64_t b, int64_t j) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t s = b * p.H + j;
+  const acc_t d = static_cast<acc_t>(ld(p.zone + b * p.ld_zone, j));
+  const acc_t h = zoned(d, ld(p.state, s), ld(p.out, s));
+  p.out[s] = static_cast<scalar_t>(h);
+  p.state[s] = static_cast<scalar_t>(h);
+}
+
+template <int kDy, typename scalar_t, typename weight_t>
+FUSEDRNN_HD void zone_backward_element(const ZoneStep<scalar_t, weight_t>& p, int64_t b,
+                                       int64_t j) {
+  using acc_t = acc_type<scalar_t>;
+  static_assert(kDy == kOn || kDy == kOff, "kDy is fixed at compile time (see kRuntime)");
+  const int64_t s = b * p.H + j;
+  acc_t g = ld(p.state, s);
+  if constexpr (kDy == kOn) g += ld(p.dy, s);
+  const acc_t d = static_cast<acc_t>(ld(p.zone + b * p.ld_zone, j));
+  p.out[s] = static_cast<scalar_t>((acc_t(1) - d) * g);
+  p.state[s] = static_cast<scalar_t>(d * g);
 }
 
 FUSEDRNN_ISA_END

@@ -43,22 +43,19 @@ Zone check_zone(const char* op, const char* name, const optional<Tensor>& z, con
 
 std::pair<Zone, Zone> check_zones(const char* op, const optional<Tensor>& zoneout_c,
                                   const optional<Tensor>& zoneout_h, const Tensor& input, bool lstm,
-                                  bool proj, int64_t N, int64_t H) {
+                                  int64_t N, int64_t H, int64_t Hout) {
   if (!zoneout_c.has_value() && !zoneout_h.has_value()) return {};
   TORCH_CHECK(!lstm || (zoneout_c.has_value() && zoneout_h.has_value()), op,
-              ": zoneout_c and zoneout_h must be given together (a state at rate 0: a (1, H) "
-              "row of zeros)");
-  TORCH_CHECK(!proj, op,
-              ": zoneout_c / zoneout_h are not supported with weight_hr (a projection); the "
-              "modules run it through the reference equations");
+              ": zoneout_c and zoneout_h must be given together (a state at rate 0: a row of "
+              "zeros)");
   return {check_zone(op, "zoneout_c", zoneout_c, input, N, H),
-          check_zone(op, "zoneout_h", zoneout_h, input, N, H)};
+          check_zone(op, "zoneout_h", zoneout_h, input, N, Hout)};
 }
 
 std::pair<Zone, Zone> check_lstm_zones(CellKind cell, const optional<Tensor>& zoneout_c,
                                        const optional<Tensor>& zoneout_h, const Tensor& input,
-                                       bool proj, int64_t N, int64_t H) {
-  return check_zones(cell_name(cell), zoneout_c, zoneout_h, input, true, proj, N, H);
+                                       int64_t N, const Dims& d) {
+  return check_zones(cell_name(cell), zoneout_c, zoneout_h, input, true, N, d.H, d.Hout);
 }
 
 Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,

@@ -39,15 +39,14 @@ Zone check_zone(const char* op, const char* name, const optional<Tensor>& z, con
                 int64_t N, int64_t width);
 
 // The zoneout weights (zoneout_c, zoneout_h) of a call of `op`: an LSTM's (lstm) both or neither,
-// a GRU's zoneout_h alone; none with a projection.
+// a GRU's zoneout_h alone; zoneout_c H columns, zoneout_h Hout (the projection size, else H).
 std::pair<Zone, Zone> check_zones(const char* op, const optional<Tensor>& zoneout_c,
                                   const optional<Tensor>& zoneout_h, const Tensor& input, bool lstm,
-                                  bool proj, int64_t N, int64_t H);
-
-// check_zones for an LSTM-family cell (every one zones, without a projection).
+                                  int64_t N, int64_t H, int64_t Hout);
+// check_zones for an LSTM-family cell of dimensions d (check_args).
 std::pair<Zone, Zone> check_lstm_zones(CellKind cell, const optional<Tensor>& zoneout_c,
                                        const optional<Tensor>& zoneout_h, const Tensor& input,
-                                       bool proj, int64_t N, int64_t H);
+                                       int64_t N, const Dims& d);
 
 Dims check_args(CellKind cell, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
                 const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,

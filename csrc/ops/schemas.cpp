@@ -121,8 +121,11 @@ TORCH_LIBRARY(fusedrnn, m) {
       "Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh, Tensor grad_ln_weight_ih, Tensor grad_ln_weight_hh)");
   // Zoneout's training masks on the CPU (ops/zoneout_mask.cpp): (rows, width) bool, True with
-  // probability p, a function of `seed` (a one-element int64 tensor) and each element's index.
-  m.def("zoneout_mask(SymInt rows, SymInt width, float p, Tensor seed) -> Tensor");
+  // probability p, a function of `seed` (a one-element int64 tensor) and each element's index;
+  // with a floating dtype, 1 / 0 of it.
+  m.def(
+      "zoneout_mask(SymInt rows, SymInt width, float p, Tensor seed, ScalarType? dtype=None) -> "
+      "Tensor");
   // The facts of cells/traits.h of the cell named `cell`: [gates, weight_ch kind (0 none, 1
   // (3, H), 2 (3H, H)), has_cell_state, two_phase, workspace_cols, proj_cols], for the tests
   // that check fusedrnn/cells.py against them.

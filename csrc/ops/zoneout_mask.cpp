@@ -1,6 +1,8 @@
-// Zoneout's training masks (design.md §1.7) on the CPU: `zoneout_mask(rows, width, p, seed)`,
-// a (rows, width) bool tensor, True with probability p, from one seed that torch's generator
-// draws (fusedrnn.reference.zoneout_masks), so that torch.manual_seed fixes it.
+// Zoneout's training masks (design.md §1.7) on the CPU: `zoneout_mask(rows, width, p, seed,
+// dtype=None)`, a (rows, width) bool tensor, True with probability p, from one seed that torch's
+// generator draws (fusedrnn.reference.zoneout_masks), so that torch.manual_seed fixes it. With a
+// floating dtype the same masks as 1 / 0 of that dtype: the weights the fused ops take, written
+// once instead of drawn as bool and converted (a pass over the mask, 2-3% of a training pass).
 //
 // Each element is a function of the seed and its index alone (a counter-based draw): no state
 // is carried from one element to the next, so the rows are split among threads and the result
@@ -13,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 namespace fusedrnn {
 namespace {
@@ -28,7 +31,25 @@ inline uint64_t draw(uint64_t seed, uint64_t counter) {
   return z ^ (z >> 31);
 }
 
-at::Tensor zoneout_mask(int64_t rows, int64_t width, double p, const at::Tensor& seed) {
+// Element k of the masks (draw k / 2, its low or high 32 bits) into o[k], for k in [0, n).
+template <typename T>
+void fill_mask(T* o, int64_t n, uint64_t key, uint64_t threshold) {
+  const int64_t pairs = n / 2;
+  at::parallel_for(0, pairs, int64_t(1) << 15, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const uint64_t r = draw(key, static_cast<uint64_t>(k));
+      o[2 * k] = static_cast<T>((r & 0xFFFFFFFFULL) < threshold);
+      o[2 * k + 1] = static_cast<T>((r >> 32) < threshold);
+    }
+  });
+  if (n % 2) {
+    o[n - 1] =
+        static_cast<T>((draw(key, static_cast<uint64_t>(pairs)) & 0xFFFFFFFFULL) < threshold);
+  }
+}
+
+at::Tensor zoneout_mask(int64_t rows, int64_t width, double p, const at::Tensor& seed,
+                        std::optional<at::ScalarType> dtype) {
   const char* op = "fusedrnn::zoneout_mask";
   TORCH_CHECK(rows >= 0 && width >= 0, op, ": rows and width must be >= 0, got ", rows, " and ",
               width);
@@ -40,17 +61,14 @@ at::Tensor zoneout_mask(int64_t rows, int64_t width, double p, const at::Tensor&
   // An element is kept when its 32-bit draw u < p 2^32: probability floor(p 2^32) / 2^32, within
   // 2^-32 of p (p = 1: always).
   const uint64_t threshold = static_cast<uint64_t>(std::ldexp(p, 32));
-  at::Tensor out = at::empty({rows, width}, at::TensorOptions().dtype(at::kBool));
-  bool* const o = out.data_ptr<bool>();
-  const int64_t n = rows * width, pairs = n / 2;
-  at::parallel_for(0, pairs, int64_t(1) << 15, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const uint64_t r = draw(key, static_cast<uint64_t>(k));
-      o[2 * k] = (r & 0xFFFFFFFFULL) < threshold;
-      o[2 * k + 1] = (r >> 32) < threshold;
-    }
+  const at::ScalarType type = dtype.value_or(at::kBool);
+  TORCH_CHECK(type == at::kBool || type == at::kFloat || type == at::kDouble ||
+                  type == at::kBFloat16 || type == at::kHalf,
+              op, ": dtype must be None (bool), float32, float64, bfloat16 or float16, got ", type);
+  at::Tensor out = at::empty({rows, width}, at::TensorOptions().dtype(type));
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kBool, at::kBFloat16, at::kHalf, type, "zoneout_mask", [&] {
+    fill_mask(out.data_ptr<scalar_t>(), rows * width, key, threshold);
   });
-  if (n % 2) o[n - 1] = (draw(key, static_cast<uint64_t>(pairs)) & 0xFFFFFFFFULL) < threshold;
   return out;
 }
 

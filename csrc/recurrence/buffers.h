@@ -15,6 +15,7 @@
 
 #include "execution/gemm.h"
 #include "kernels/kernels.h"
+#include "ops/args.h"
 #include "steps.h"
 
 namespace fusedrnn {
@@ -30,6 +31,22 @@ inline Tensor fresh_copy(const Tensor& t) {
     return out;
   }
   return t.clone(at::MemoryFormat::Contiguous);
+}
+
+// The ZoneStep (kernels.h: a projected LSTM's zoneout of h_t) of rows [r0, r0 + n) of
+// zoneout's weights z (of type W), over `width` columns of out, state and dy.
+template <typename T, typename W>
+ZoneStep<T, W> zone_rows(const Zone& z, int64_t r0, int64_t n, int64_t width, T* out, T* state,
+                         const T* dy = nullptr) {
+  ZoneStep<T, W> p;
+  p.n = n;
+  p.H = width;
+  p.zone = z.t.const_data_ptr<W>() + r0 * z.ld;
+  p.ld_zone = z.ld;
+  p.out = out;
+  p.state = state;
+  p.dy = dy;
+  return p;
 }
 
 inline Tensor state_or_zeros(const c10::optional<Tensor>& t, const Tensor& like, int64_t B,

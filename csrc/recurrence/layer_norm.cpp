@@ -337,7 +337,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
   const bool proj = w_hr.has_value();
   // (named, not structured bindings: the step loop's lambda captures them, which C++17 refuses)
   const std::pair<Zone, Zone> zones =
-      check_zones(op, zoneout_c, zoneout_h, input, true, proj, s.N, H);
+      check_zones(op, zoneout_c, zoneout_h, input, true, s.N, H, Hout);
   const Zone &zone_c = zones.first, &zone_h = zones.second;
   check_gain(op, "ln_weight_ih", g_ih, input, G);
   check_gain(op, "ln_weight_hh", g_hh, input, G);
@@ -394,12 +394,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
           p.r0 = need_workspace ? r0 : 0;
           p.xr0 = r0;
           p.out = out + r0 * Hout;
-          set_zone_rows(p, zone_c, zone_h, r0);
+          // projected: the rows zone c_t, h_t is zoned after the projection (ZoneStep)
+          set_zone_rows(p, zone_c, proj ? Zone{} : zone_h, r0);
           run_rows(Pass::kLSTMForward, dev, p, n, G);
           if (proj) {
-            dev.gemm(n, Hout, H, rp, H, false, w_hr_c.const_data_ptr<scalar_t>(), H, true,
-                     out + r0 * Hout, Hout, 0.0f);
-            dev.copy(hs, out + r0 * Hout, n * Hout);
+            scalar_t* const out_t = out + r0 * Hout;
+            dev.gemm(n, Hout, H, rp, H, false, w_hr_c.const_data_ptr<scalar_t>(), H, true, out_t,
+                     Hout, 0.0f);
+            if (zone_h.t.defined()) {
+              FUSEDRNN_LAUNCH(dev, zone_forward_step,
+                              zone_rows<scalar_t, scalar_t>(zone_h, r0, n, Hout, out_t, hs));
+            } else {
+              dev.copy(hs, out_t, n * Hout);
+            }
           }
         }
       });
@@ -424,7 +431,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
   const int64_t H = d.H, Hout = d.Hout, G = 4 * H, N = s.N;
   const bool proj = w_hr.has_value();
   const std::pair<Zone, Zone> zones =
-      check_zones(op, zoneout_c, zoneout_h, input, true, proj, N, H);
+      check_zones(op, zoneout_c, zoneout_h, input, true, N, H, Hout);
   const Zone &zone_c = zones.first, &zone_h = zones.second;
   // zoned: the row pass leaves the direct part of dh_{t-1} in dh_state, the GEMM adds onto it
   const float dh_beta = zone_h.t.defined() ? 1.0f : 0.0f;
@@ -510,9 +517,17 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           const StepChunks::Chunk& ch = sc.of(k);
           if (dyp) add_rows(dev, dhs, dyp + r0 * Hout, n * Hout);
           if (proj) {
-            dev.copy(dho.data_ptr<acc_t>() + r0 * Hout, dhs, n * Hout);
-            dev.gemm(n, H, Hout, dhs, Hout, false, w_hr_a.const_data_ptr<acc_t>(), H, false, drp, H,
-                     0.0f);
+            // dL/dh_t kept per chunk for the gradient of W_hr; zoned, (1 - d_h) of it (the
+            // gradient of h̃_t) and d_h of it left in dh_state (ZoneStep)
+            acc_t* const dho_t = dho.data_ptr<acc_t>() + r0 * Hout;
+            if (zone_h.t.defined()) {
+              FUSEDRNN_LAUNCH(dev, zone_backward_step,
+                              zone_rows<acc_t, scalar_t>(zone_h, r0, n, Hout, dho_t, dhs));
+            } else {
+              dev.copy(dho_t, dhs, n * Hout);
+            }
+            dev.gemm(n, H, Hout, dho_t, Hout, false, w_hr_a.const_data_ptr<acc_t>(), H, false, drp,
+                     H, 0.0f);
           }
           const acc_t* const dh_in = proj ? drp : dhs;
           LNStep<scalar_t> p = base;
@@ -520,7 +535,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           p.xr0 = r0;
           p.g0 = r0 - ch.lo;
           p.dh = const_cast<acc_t*>(dh_in);
-          set_zone_rows(p, zone_c, zone_h, r0);
+          set_zone_rows(p, zone_c, proj ? Zone{} : zone_h, r0);
           run_rows(Pass::kLSTMBackward, dev, p, n, G, &sums);
           dh_product(n, dhgp + p.g0 * G, G, dhs, Hout, dh_beta);
           if (k == ch.k_lo) finish_chunk(ch);

@@ -86,7 +86,7 @@ class ForwardGemmStep {
     if (c_.wm) {
       const int64_t H = c_.d.H;
       FUSEDRNN_LAUNCH(dev_, lstm_forward_step, c_.cell, Phase::kIFG, p);
-      if (p.zone_h != nullptr) {
+      if (p.zone_c != nullptr) {
         // zoned: u_o reads the cell's own c̃_t, the next step's u_i, u_f the zoned c_t
         dev_.gemm(p.n, H, H, p.c_own, H, false, w_ch_ + 2 * H * H, H, true, p_buf_ + 2 * H, 3 * H,
                   0.0f);
@@ -205,17 +205,23 @@ void forward_loop(const ForwardCall& c, const StepDevice& dev, Exec& exec) {
     p.c_save = c_save + row_step * r0 * H;
     p.h_out = c.proj ? r_rows + row_step * r0 * H : out + r0 * Hout;
     if (c.wm) p.u = u_rows + row_step * r0 * 3 * H;
-    if (zone_h != nullptr) {
+    if (zone_c != nullptr) {
       p.zone_c = zone_c + r0 * c.zone_c.ld;
-      p.zone_h = zone_h + r0 * c.zone_h.ld;
+      // projected: the step zones c_t, h_t is zoned after the projection
+      if (!c.proj) p.zone_h = zone_h + r0 * c.zone_h.ld;
     }
     exec.step(k, p);
     if (c.proj) {
       // h_t = r_t W_hr^T: r_t (n x H) times W_hr (Hout x H) transposed, into the output rows,
-      // then into the state the next step's GEMM reads
+      // then (zoned, ZoneStep) into the state the next step's GEMM reads
       scalar_t* const out_t = out + r0 * Hout;
       dev.gemm(n, Hout, H, p.h_out, H, false, w_hr, H, true, out_t, Hout, 0.0f);
-      dev.copy(hy, out_t, n * Hout);
+      if (zone_h != nullptr) {
+        FUSEDRNN_LAUNCH(dev, zone_forward_step,
+                        zone_rows<scalar_t, scalar_t>(c.zone_h, r0, n, Hout, out_t, hy));
+      } else {
+        dev.copy(hy, out_t, n * Hout);
+      }
     }
   }
 }
@@ -261,7 +267,7 @@ class BackwardGemmStep {
   // u_i, u_f read the zoned c_t, whose gradient kO splits); rows of dp whose next step did not
   // run them are still zero.
   void dh_phase(int64_t, Phase phase, const LSTMBackwardStep<scalar_t>& p) {
-    if (c_.wm && p.zone_h != nullptr) {
+    if (c_.wm && p.zone_c != nullptr) {
       const int64_t H = c_.d.H;
       dev_.gemm(p.n, H, 2 * H, dp_, 3 * H, false, w_ch_, H, false, dc_state_, H, 1.0f);
     }
@@ -271,7 +277,7 @@ class BackwardGemmStep {
   // (3H x H); zoned, dc (then the gradient of c̃_t) += dp_o(t) W_co only.
   void dc_phase(int64_t, LSTMBackwardStep<scalar_t>& p) {
     const int64_t H = c_.d.H;
-    if (p.zone_h != nullptr) {
+    if (p.zone_c != nullptr) {
       dev_.gemm(p.n, H, H, dp_ + 2 * H, 3 * H, false, w_ch_ + 2 * H * H, H, false, dc_state_, H,
                 1.0f);
     } else {
@@ -280,10 +286,10 @@ class BackwardGemmStep {
     FUSEDRNN_LAUNCH(dev_, lstm_backward_step, c_.cell, Phase::kIFG, p);
   }
   // dh_{t-1} = dgates (n x 4H) times W_hh (4H x Hout); under zoneout added to the direct part
-  // d_h * dh_t the step kernel wrote there
+  // d_h * dh_t the step kernel (projected: the ZoneStep) wrote there
   void finish_step(int64_t, const LSTMBackwardStep<scalar_t>& p) {
     const int64_t H = c_.d.H, Hout = c_.d.Hout;
-    const float beta = p.zone_h != nullptr ? 1.0f : 0.0f;
+    const float beta = c_.zone_h.t.defined() ? 1.0f : 0.0f;
     dev_.gemm(p.n, Hout, 4 * H, p.dgates, 4 * H, false, w_hh_, Hout, false, dh_state_, Hout, beta);
   }
 
@@ -347,7 +353,7 @@ class BackwardTiles {
   void finish_step(int64_t k, const LSTMBackwardStep<scalar_t>& p) {
     if (k == 0) {
       gemm(rows(c_.dh_state, 0, p.n), c_.dgates_rows(k, c_.s.off[c_.s.at(k)], p.n), c_.w_hh,
-           p.zone_h != nullptr ? 1.0f : 0.0f);
+           c_.zone_h.t.defined() ? 1.0f : 0.0f);
     }
   }
 
@@ -393,7 +399,7 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
   const scalar_t* const zone_h = opt_ptr<scalar_t>(c.zone_h.t);
   base.ld_zone_c = c.zone_c.ld;
   base.ld_zone_h = c.zone_h.ld;
-  if (zone_h != nullptr) base.dh_carry = dh_state;
+  if (zone_h != nullptr && !c.proj) base.dh_carry = dh_state;
   scalar_t* const dgates_bufs[2] = {maybe_ptr<scalar_t>(c.dgates_buf[0]),
                                     maybe_ptr<scalar_t>(c.dgates_buf[1])};
   scalar_t* const dh_bufs[2] = {maybe_ptr<scalar_t>(c.dh_buf[0]), maybe_ptr<scalar_t>(c.dh_buf[1])};
@@ -412,9 +418,14 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
     p.m_prev = m_prev;
     if (c.proj) {
       // dh_t = dh_state + dy_t (kept per chunk for the gradient of W_hr), then
-      // dr = dh_t (n x Hout) times W_hr (Hout x H)
+      // dr = dh_t (n x Hout) times W_hr (Hout x H); zoned, dh_t's part (1 - d_h) dh_t, the
+      // gradient of h̃_t, and d_h dh_t left in dh_state (ZoneStep)
       scalar_t* const dh_t = c.sc.row_ptr(dh_bufs, Hout, k, r0);
-      if (c.has_dy) {
+      if (zone_h != nullptr) {
+        FUSEDRNN_LAUNCH(dev, zone_backward_step,
+                        zone_rows<scalar_t, scalar_t>(c.zone_h, r0, n, Hout, dh_t, dh_state,
+                                                      c.has_dy ? dy + r0 * Hout : nullptr));
+      } else if (c.has_dy) {
         dev.add(dh_t, dh_state, dy + r0 * Hout, n * Hout);
       } else {
         dev.copy(dh_t, dh_state, n * Hout);
@@ -424,9 +435,9 @@ void backward_loop(BackwardCall& c, const StepDevice& dev, Exec& exec, const Ten
       p.dy = c.has_dy ? dy + r0 * Hout : nullptr;
     }
     p.dgates = c.sc.row_ptr(dgates_bufs, 4 * H, k, r0);
-    if (zone_h != nullptr) {
+    if (zone_c != nullptr) {
       p.zone_c = zone_c + r0 * c.zone_c.ld;
-      p.zone_h = zone_h + r0 * c.zone_h.ld;
+      if (!c.proj) p.zone_h = zone_h + r0 * c.zone_h.ld;  // projected: the ZoneStep above
       if (c_own_bufs[0] != nullptr) p.c_own = c.sc.row_ptr(c_own_bufs, H, k, r0);
     }
     if (c.wm) {
@@ -453,8 +464,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
     const optional<Tensor>& zoneout_c, const optional<Tensor>& zoneout_h) {
   const Steps s = make_steps(cell_name(cell), input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
-  const auto [zone_c, zone_h] =
-      check_lstm_zones(cell, zoneout_c, zoneout_h, input, w_hr.has_value(), s.N, d.H);
+  const auto [zone_c, zone_h] = check_lstm_zones(cell, zoneout_c, zoneout_h, input, s.N, d);
   auto guard = guard_for(input);
   const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;
@@ -522,8 +532,7 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
   const char* op = cell_name(cell);
   const Steps s = make_steps(op, input, batch_sizes, reverse);
   const Dims d = check_args(cell, input, w_ih, w_hh, b_ih, b_hh, w_ch, w_hr, hx, cx, s);
-  const auto [zone_c, zone_h] =
-      check_lstm_zones(cell, zoneout_c, zoneout_h, input, w_hr.has_value(), s.N, d.H);
+  const auto [zone_c, zone_h] = check_lstm_zones(cell, zoneout_c, zoneout_h, input, s.N, d);
   auto guard = guard_for(input);
   const StepDevice dev(input);  // the per-step GEMMs, copies and launches (step_device.h)
   const int64_t H = d.H, Hout = d.Hout;

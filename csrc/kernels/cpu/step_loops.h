@@ -29,7 +29,7 @@ void for_each_row(int64_t n, int64_t H, const Fn& fn) {
 
 template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
 void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
-  dispatch_zone<kZoneable<kCell>>(p.zone_h != nullptr, [&](auto zone) {
+  dispatch_zone<kZoneable<kCell>>(p, [&](auto zone) {
     for_each_row(p.n, p.H, [&](int64_t b) {
       const LSTMForwardStep<scalar_t> q = p;  // a local copy: stores cannot alias its pointers
 #pragma GCC ivdep
@@ -47,7 +47,7 @@ void lstm_forward_rows(const LSTMForwardStep<scalar_t>& p) {
 template <CellKind kCell, Phase kPhase, typename scalar_t>
 void lstm_backward_rows(const LSTMBackwardStep<scalar_t>& p) {
   dispatch_on_off(p.dy != nullptr, [&](auto dy) {
-    dispatch_zone<kZoneable<kCell>>(p.zone_h != nullptr, [&](auto zone) {
+    dispatch_zone<kZoneable<kCell>>(p, [&](auto zone) {
       for_each_row(p.n, p.H, [&](int64_t b) {
         const LSTMBackwardStep<scalar_t> q = p;
         dispatch_on_off(b < q.m_prev, [&](auto prev) {

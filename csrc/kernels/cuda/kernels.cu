@@ -33,50 +33,52 @@ int num_blocks(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// Element idx of the step is unit j = idx % H of row b = idx / H.
-template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LSTMForwardStep<scalar_t> p) {
-  const int64_t total = p.n * p.H;
+// fn(b, j) for every element of an n x H step, grid-stride: element idx is unit j = idx % H of
+// row b = idx / H.
+template <typename Fn>
+__device__ __forceinline__ void each_element(int64_t n, int64_t H, const Fn& fn) {
+  const int64_t total = n * H;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
-    const int64_t b = idx / p.H;
-    lstm_forward_element<kCell, kPhase, kBias>(p, b, idx - b * p.H);
+    const int64_t b = idx / H;
+    fn(b, idx - b * H);
   }
+}
+
+template <CellKind kCell, Phase kPhase, bool kBias, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LSTMForwardStep<scalar_t> p) {
+  each_element(p.n, p.H,
+               [&](int64_t b, int64_t j) { lstm_forward_element<kCell, kPhase, kBias>(p, b, j); });
 }
 
 template <CellKind kCell, Phase kPhase, int kDy, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     lstm_backward_kernel(const LSTMBackwardStep<scalar_t> p) {
-  const int64_t total = p.n * p.H;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += stride) {
-    const int64_t b = idx / p.H;
-    lstm_backward_element<kCell, kPhase, kDy>(p, b, idx - b * p.H);
-  }
+  each_element(p.n, p.H,
+               [&](int64_t b, int64_t j) { lstm_backward_element<kCell, kPhase, kDy>(p, b, j); });
 }
 
 template <bool kBias, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GRUForwardStep<scalar_t> p) {
-  const int64_t total = p.n * p.H;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += stride) {
-    const int64_t b = idx / p.H;
-    gru_forward_element<kBias>(p, b, idx - b * p.H);
-  }
+  each_element(p.n, p.H, [&](int64_t b, int64_t j) { gru_forward_element<kBias>(p, b, j); });
 }
 
 template <int kDy, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GRUBackwardStep<scalar_t> p) {
-  const int64_t total = p.n * p.H;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += stride) {
-    const int64_t b = idx / p.H;
-    gru_backward_element<kDy>(p, b, idx - b * p.H);
-  }
+  each_element(p.n, p.H, [&](int64_t b, int64_t j) { gru_backward_element<kDy>(p, b, j); });
+}
+
+template <typename scalar_t, typename weight_t>
+__global__ void __launch_bounds__(kThreads)
+    zone_forward_kernel(const ZoneStep<scalar_t, weight_t> p) {
+  each_element(p.n, p.H, [&](int64_t b, int64_t j) { zone_forward_element(p, b, j); });
+}
+
+template <int kDy, typename scalar_t, typename weight_t>
+__global__ void __launch_bounds__(kThreads)
+    zone_backward_kernel(const ZoneStep<scalar_t, weight_t> p) {
+  each_element(p.n, p.H, [&](int64_t b, int64_t j) { zone_backward_element<kDy>(p, b, j); });
 }
 
 template <typename scalar_t>
@@ -140,6 +142,18 @@ void gru_backward_step(const GRUBackwardStep<scalar_t>& p, void* stream) {
   });
 }
 
+template <typename scalar_t, typename weight_t>
+void zone_forward_step(const ZoneStep<scalar_t, weight_t>& p, void* stream) {
+  launch(zone_forward_kernel<scalar_t, weight_t>, p, stream);
+}
+
+template <typename scalar_t, typename weight_t>
+void zone_backward_step(const ZoneStep<scalar_t, weight_t>& p, void* stream) {
+  dispatch_on_off(p.dy != nullptr, [&](auto dy) {
+    launch(zone_backward_kernel<decltype(dy)::value, scalar_t, weight_t>, p, stream);
+  });
+}
+
 template <typename scalar_t>
 void add_elements(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t count,
                   void* stream) {
@@ -165,6 +179,18 @@ FUSEDRNN_INSTANTIATE(float)
 FUSEDRNN_INSTANTIATE(double)
 FUSEDRNN_INSTANTIATE(c10::BFloat16)
 FUSEDRNN_INSTANTIATE(c10::Half)
+#undef FUSEDRNN_INSTANTIATE
+
+// (the layer's dtype, the weights'): a layer's own, and the op-math buffers of a half type's
+#define FUSEDRNN_INSTANTIATE(T, W)                                     \
+  template void zone_forward_step<T, W>(const ZoneStep<T, W>&, void*); \
+  template void zone_backward_step<T, W>(const ZoneStep<T, W>&, void*);
+FUSEDRNN_INSTANTIATE(float, float)
+FUSEDRNN_INSTANTIATE(double, double)
+FUSEDRNN_INSTANTIATE(c10::BFloat16, c10::BFloat16)
+FUSEDRNN_INSTANTIATE(c10::Half, c10::Half)
+FUSEDRNN_INSTANTIATE(float, c10::BFloat16)
+FUSEDRNN_INSTANTIATE(float, c10::Half)
 #undef FUSEDRNN_INSTANTIATE
 
 }  // namespace cuda

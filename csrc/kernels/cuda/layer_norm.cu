@@ -90,7 +90,7 @@ struct BlockRow {
 
 // The step's row blockIdx.x on its block. The step struct is a kernel parameter (by value).
 #define FUSEDRNN_LN_KERNEL(name, fn)                                               \
-  template <bool kZone, typename scalar_t>                                         \
+  template <int kZone, typename scalar_t>                                          \
   __global__ void __launch_bounds__(kRowThreads) name(const LNStep<scalar_t> p) {  \
     __shared__ double scratch[2 * kWarps];                                         \
     layer_norm::fn<kZone>(BlockRow{scratch}, p, static_cast<int64_t>(blockIdx.x)); \
@@ -101,14 +101,19 @@ FUSEDRNN_LN_KERNEL(ln_gru_forward_kernel, gru_forward_of)
 FUSEDRNN_LN_KERNEL(ln_gru_backward_kernel, gru_backward_of)
 #undef FUSEDRNN_LN_KERNEL
 
-// Launches kernel<kZone> on rows [0, n) of step p, kZone = whether p zones its states; an
-// empty step launches nothing (a zero-block grid is a launch error).
 template <typename scalar_t>
-void launch(void (*with_zone)(const LNStep<scalar_t>), void (*without)(const LNStep<scalar_t>),
+using RowKernel = void (*)(const LNStep<scalar_t>);
+
+// Launches on rows [0, n) of step p the kernel of its zoneout: `off` (none), `on` (p.zone_h set)
+// or `cell_only` (the LSTM's: p.zone_c alone, a projected step); an empty step launches nothing
+// (a zero-block grid is a launch error).
+template <typename scalar_t>
+void launch(RowKernel<scalar_t> off, RowKernel<scalar_t> on, RowKernel<scalar_t> cell_only,
             const LNStep<scalar_t>& p, int64_t n, void* stream) {
   if (n <= 0) return;
   TORCH_CHECK(n <= 0x7fffffff, "fusedrnn: ", n, " rows in a step, more than a CUDA grid holds");
-  auto* kernel = p.zone_h != nullptr ? with_zone : without;
+  RowKernel<scalar_t> kernel = p.zone_h != nullptr ? on : p.zone_c != nullptr ? cell_only : off;
+  TORCH_INTERNAL_ASSERT(kernel != nullptr, "a zoned layer-normalised step without its kernel");
   kernel<<<static_cast<unsigned>(n), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -117,26 +122,26 @@ void launch(void (*with_zone)(const LNStep<scalar_t>), void (*without)(const LNS
 
 template <typename scalar_t>
 void ln_lstm_forward_rows(const LNStep<scalar_t>& p, int64_t n, void* stream) {
-  launch(ln_lstm_forward_kernel<true, scalar_t>, ln_lstm_forward_kernel<false, scalar_t>, p, n,
-         stream);
+  launch(ln_lstm_forward_kernel<kOff, scalar_t>, ln_lstm_forward_kernel<kOn, scalar_t>,
+         ln_lstm_forward_kernel<kCellOnly, scalar_t>, p, n, stream);
 }
 
 template <typename scalar_t>
 void ln_lstm_backward_rows(const LNStep<scalar_t>& p, int64_t n, void* stream) {
-  launch(ln_lstm_backward_kernel<true, scalar_t>, ln_lstm_backward_kernel<false, scalar_t>, p, n,
-         stream);
+  launch(ln_lstm_backward_kernel<kOff, scalar_t>, ln_lstm_backward_kernel<kOn, scalar_t>,
+         ln_lstm_backward_kernel<kCellOnly, scalar_t>, p, n, stream);
 }
 
 template <typename scalar_t>
 void ln_gru_forward_rows(const LNStep<scalar_t>& p, int64_t n, void* stream) {
-  launch(ln_gru_forward_kernel<true, scalar_t>, ln_gru_forward_kernel<false, scalar_t>, p, n,
-         stream);
+  launch<scalar_t>(ln_gru_forward_kernel<kOff, scalar_t>, ln_gru_forward_kernel<kOn, scalar_t>,
+                   nullptr, p, n, stream);
 }
 
 template <typename scalar_t>
 void ln_gru_backward_rows(const LNStep<scalar_t>& p, int64_t n, void* stream) {
-  launch(ln_gru_backward_kernel<true, scalar_t>, ln_gru_backward_kernel<false, scalar_t>, p, n,
-         stream);
+  launch<scalar_t>(ln_gru_backward_kernel<kOff, scalar_t>, ln_gru_backward_kernel<kOn, scalar_t>,
+                   nullptr, p, n, stream);
 }
 
 #define FUSEDRNN_INSTANTIATE(T)                                             \

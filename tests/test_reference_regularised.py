@@ -200,6 +200,24 @@ def test_mask_op_is_its_formula_for_every_thread_count():
 
 
 @needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_mask_op_in_a_dtype_is_the_bool_masks_as_weights(dtype):
+    """dtype given: the same masks (one seed, the same elements kept) as 1 / 0 of that dtype,
+    the weights the fused ops take; reference.zoneout_masks passes it through (its seed drawn
+    from torch's generator as for bool masks)."""
+    t = torch.tensor(42, dtype=torch.int64)
+    bits = reference.MASK_OP(101, 37, 0.35, t)
+    weights = reference.MASK_OP(101, 37, 0.35, t, dtype)
+    assert weights.dtype == dtype and torch.equal(weights, bits.to(dtype))
+    like = torch.zeros(1)
+    torch.manual_seed(3)
+    a = reference.zoneout_masks(64, 33, 0.2, like)
+    torch.manual_seed(3)
+    b = reference.zoneout_masks(64, 33, 0.2, like, dtype)
+    assert b.dtype == dtype and torch.equal(b, a.to(dtype))
+
+
+@needs_op
 def test_mask_op_elements_are_independent():
     """Neighbouring elements (the two halves of one draw, and consecutive draws) are both kept
     with probability p^2 (within the binomial bound of the other mask tests), and two seeds
@@ -227,6 +245,7 @@ def test_mask_op_elements_are_independent():
         ((4, 4, 0.5, torch.tensor(1.0)), "seed must be a one-element int64"),
         ((4, 4, 0.5, torch.tensor([1, 2])), "seed must be a one-element int64"),
         ((-1, 4, 0.5, torch.tensor(1)), "rows and width must be >= 0"),
+        ((4, 4, 0.5, torch.tensor(1), torch.int32), "dtype must be None"),
     ],
 )
 def test_mask_op_bad_arguments(args, match):

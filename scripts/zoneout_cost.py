@@ -1,7 +1,7 @@
 """What zoneout costs: fusedrnn.LSTM, GRU and their layer-normalised forms with and without
 zoneout=0.1, fp32, T=100 B=64 I=H=256, the training pass (forward+backward) and the eval forward,
 timed alternately in one process (median of the rounds), and the time of drawing the masks alone
-(fusedrnn.reference.zoneout_masks, as the modules draw them, converted to the op's dtype). One
+(fusedrnn.reference.zoneout_masks, as the modules draw them: in the op's dtype). One
 thread unless told; with proj_size, the LSTM-family modules projected to that width.
 
     python scripts/zoneout_cost.py [rounds] [LSTM,GRU,LayerNormLSTM,LayerNormGRU] [threads] \
@@ -39,7 +39,7 @@ for kind in sys.argv[2].split(",") if len(sys.argv) > 2 else ("LSTM", "GRU"):
 
     def masks(m):
         for width in (H, P or H) if "LSTM" in kind else (H,):
-            reference.zoneout_masks(T * B, width, 0.1, x).float()
+            reference.zoneout_masks(T * B, width, 0.1, x, x.dtype)
 
     for name, fn, mods in (("train", train, (plain, zoned)), ("eval fwd", fwd, (plain, zoned))):
         for m in mods:

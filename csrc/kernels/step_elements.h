@@ -64,14 +64,15 @@ inline void dispatch_on_off(bool on, const Fn& fn) {
 }
 
 // Whether an LSTM-family cell's kernels zone: every one's on the step-kernel path (the GRU's
-// always can). The fused tiles zone the one-phase cells only (kTilesZone): the working-memory
-// cell's second phase reads c̃_t through a GEMM between its two kernels, whose tile would need
-// the cell's own c̃_t for u_o and the zoned c_t for the next step's u_i, u_f; its zoned calls run
-// GEMM + step kernel (recurrence/lstm.cpp).
+// always can). The fused tiles' forward zones the one-phase cells' steps and the working-memory
+// cell's first phase (kTilesZone; a tile of its second phase's GEMM would need the cell's own
+// c̃_t for u_o and the zoned c_t for the next step's u_i, u_f: its zoned steps run two GEMMs and
+// the step kernel of that phase, recurrence/lstm.cpp); their backward, the one-phase cells'
+// (a zoned working-memory backward runs GEMM + step kernel).
 template <CellKind kCell>
 constexpr bool kZoneable = traits(kCell).has_cell_state;
-template <CellKind kCell>
-constexpr bool kTilesZone = !traits(kCell).two_phase;
+template <CellKind kCell, Phase kPhase>
+constexpr bool kTilesZone = !traits(kCell).two_phase || kPhase == Phase::kIFG;
 
 // The kZone of an LSTM-family step p, as an IntTag to fn (host code): kOn, kCellOnly or kOff.
 // kCan false (a cell the caller runs without zoneout) compiles the kOff case only, kCellOnly

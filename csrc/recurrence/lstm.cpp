@@ -121,14 +121,26 @@ class ForwardGemmStep {
 // from, so that GEMM reads the previous step's output rows or a copy (fused_h_prev); the WM step
 // writes h_t in its second phase only, after the GEMMs, and with a projection the step writes
 // r_t, projected into the state after the GEMM. fp32 and bf16.
+//
+// The zoned WM step: its kIFG tiles zone c_t (and keep c̃_t); u_o reads c̃_t and the next
+// step's u_i, u_f the zoned c_t, so the products with W_ch are two GEMMs from W_co and
+// [W_ci; W_cf] packed plain, and the o phase runs as the step kernel after them (its gates hold
+// the whole pre-activation: `hg` is a row of zeros).
 template <typename scalar_t>
 class ForwardTiles {
  public:
   ForwardTiles(const ForwardCall& c, const cpu::FusedStepKernels& k)
       : c_(c), f_(k), x_rows_(c.x.contiguous()) {
+    const int64_t H = c.d.H;
     w_ih_ = cpu::pack_weight(c.w_ih, 4, k);
     w_hh_ = cpu::pack_weight(c.w_hh, 4, k);
-    if (c.wm) w_ch_ = cpu::pack_weight(*c.w_ch, 3, k);
+    if (c.wm && c.c_own.defined()) {
+      w_cif_ = cpu::pack_plain(c.w_ch->narrow(0, 0, 2 * H).t(), k);
+      w_co_ = cpu::pack_plain(c.w_ch->narrow(0, 2 * H, H).t(), k);
+      no_hg_ = at::zeros({c.s.B, 4 * H}, c.x.options());
+    } else if (c.wm) {
+      w_ch_ = cpu::pack_weight(*c.w_ch, 3, k);
+    }
     if (!c.wm && !c.proj) h_prev_ = at::empty({c.s.B, c.d.Hout}, c.x.options());
   }
   // The step's gate rows: the workspace's (training) or a scratch buffer.
@@ -139,7 +151,15 @@ class ForwardTiles {
     const int64_t H = c_.d.H, Hout = c_.d.Hout, r0 = c_.s.off[c_.s.at(k)];
     p.hg = nullptr;  // the GEMM tile is the whole pre-activation, written into p.gates
     const cpu::GemmSource x_src{ptr<scalar_t>(x_rows_) + r0 * c_.d.I, c_.d.I, &w_ih_};
-    if (c_.wm) {
+    if (c_.wm && p.zone_c != nullptr) {
+      f_.lstm_forward(c_.cell, Phase::kIFG, p, p.gates, 4 * H, x_src,
+                      {ptr<scalar_t>(c_.hy), Hout, &w_hh_});
+      scalar_t* const p_buf = ptr<scalar_t>(c_.p_buf);
+      f_.gemm(p_buf + 2 * H, 3 * H, {p.c_own, H, &w_co_}, p.n, false);
+      f_.gemm(p_buf, 3 * H, {ptr<scalar_t>(c_.cy), H, &w_cif_}, p.n, false);
+      p.hg = ptr<scalar_t>(no_hg_);
+      cpu::lstm_forward_step(c_.cell, Phase::kO, p);
+    } else if (c_.wm) {
       f_.lstm_forward(c_.cell, Phase::kIFG, p, p.gates, 4 * H, x_src,
                       {ptr<scalar_t>(c_.hy), Hout, &w_hh_});
       f_.lstm_forward(c_.cell, Phase::kO, p, ptr<scalar_t>(c_.p_buf), 3 * H,
@@ -156,8 +176,8 @@ class ForwardTiles {
   const ForwardCall& c_;
   const cpu::FusedSteps f_;
   const Tensor x_rows_;
-  cpu::PackedWeight w_ih_, w_hh_, w_ch_;
-  Tensor h_prev_;
+  cpu::PackedWeight w_ih_, w_hh_, w_ch_, w_cif_, w_co_;
+  Tensor h_prev_, no_hg_;
 };
 
 template <typename scalar_t, typename Exec>
@@ -498,12 +518,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
                      : LSTMWorkspace(opts),
       zone_c, zone_h};
   if (wm) gemm(c.p_buf.narrow(1, 0, 2 * H), c.cy, w_ch->narrow(0, 0, 2 * H).t());
-  // the working-memory cell's zoned steps run GEMM + step kernel (kernels/step_elements.h,
-  // kTilesZone)
   const bool wm_zoned = wm && zone_h.t.defined();
   if (wm_zoned) c.c_own = at::empty({s.B, H}, opts);
 
-  const Plan plan = wm_zoned ? Plan{} : plan_call(input, s, TilesFor::kAlsoWideShortCalls);
+  const Plan plan = plan_call(input, s, TilesFor::kAlsoWideShortCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     dispatch_tiles(input.scalar_type(), [&](auto type) {
       ForwardTiles<decltype(type)> exec(c, *plan.kernels);

@@ -303,7 +303,7 @@ void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* ou
         dispatch_on_off(p.h_state != nullptr, [&](auto h_state) {
           // c_t only (kCellOnly): a projected step, which has no h_state
           constexpr bool kCellOnly_ = decltype(h_state)::value == kOff;
-          dispatch_zone<kTilesZone<kCell>, kCellOnly_>(p, [&](auto zone) {
+          dispatch_zone<kTilesZone<kCell, kPhase>, kCellOnly_>(p, [&](auto zone) {
             auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
               const LSTMForwardStep<T> q = p;  // a local copy: stores cannot alias its pointers
               for_tile<kL>(
@@ -378,8 +378,9 @@ void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<T>& p, T* 
     // the WM kIFG phase; under zoneout dh (+=) onto the direct part the previous processed
     // step's kernel wrote (dh_carry).
     constexpr bool kIntoDc = traits(kCell).two_phase && kPhase == Phase::kIFG;
-    // (a projected step's backward, zoning c_t only, is not tiled)
-    dispatch_zone<kTilesZone<kCell>, false>(p, [&](auto zone) {
+    // (a projected step's backward, zoning c_t only, is not tiled, nor a zoned working-memory
+    // step's)
+    dispatch_zone<!traits(kCell).two_phase, false>(p, [&](auto zone) {
       constexpr int kZone = decltype(zone)::value;
       backward_panels<kIntoDc || kZone == kOn>(
           p, out, ldo, g, p0, p1,

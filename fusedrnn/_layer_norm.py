@@ -6,8 +6,8 @@ csrc/recurrence/layer_norm.cpp): fake kernels, autograd, autocast.
 CUDA calls where the extension has CUDA kernels, run the fused ops; calls on other devices,
 inside a torch.func transform, with forward-mode dual tensors, during an ONNX export, or
 without the compiled extension run the reference equations (fusedrnn.reference.layer_of with
-the LayerNorm parameters): correct, not fused. (The CUDA kernels are compiled, not verified on
-a GPU yet: tests/test_cuda.py covers them on one.)
+the LayerNorm parameters): correct, not fused. (The CUDA kernels pass tests/test_cuda.py on an
+H200, bench/results/nvidia-h200.)
 
 Zoneout (design.md §1.7) is fused in these ops as in the plain cells': `run` takes the modules'
 `keep` and passes the ops their zoneout_c / zoneout_h weights (with a projection, zoneout_h of

@@ -11,6 +11,7 @@
 # leaves the others their time and results:
 #   env             nvidia-smi, nvcc, python, torch and the optional modules present
 #   build           the extension for sm_90 only (the GPU's own capability if it is not 9.0),
+#                   without debug information,
 #                   in place; reused instead when a build of the same stamp is at hand (below)
 #   inline          scripts/gpu_check_inline.py: every cell, layout and dtype, forward and
 #                   backward, against the fp64 reference, each case and dtype on its own; grid
@@ -355,7 +356,10 @@ if [ -n "$BUILD_HOW" ]; then
   BUILD_LIMIT=0
 else
   # reserve: inline 40, pytest 30, two benchmarks 40 each, memcheck 20
-  run_stage build "$(cap build 270)" 170 TERM "$PY" setup.py build_ext --inplace
+  # without debug information (-g0 after the interpreter's -g): less to compile and write, and
+  # the returned extension is stripped of it anyway
+  run_stage build "$(cap build 270)" 170 TERM env CFLAGS="${CFLAGS:+$CFLAGS }-g0" \
+    "$PY" setup.py build_ext --inplace
   BUILD_RC=$STAGE_RC
   BUILD_S=$STAGE_S
   BUILD_LIMIT=$STAGE_LIMIT

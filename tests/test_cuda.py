@@ -278,8 +278,8 @@ def test_cuda_graph_capture_replay(cell):
     with torch.cuda.graph(graph):
         static = step()
     with torch.no_grad():
-        for t in leaves:
-            t.copy_(torch.randn_like(t) * 0.3)
+        for leaf in leaves:
+            leaf.copy_(torch.randn_like(leaf) * 0.3)
         gy.copy_(torch.randn_like(gy))
     graph.replay()
     eager = step()

@@ -156,6 +156,38 @@ def _compile_flags():
     return flags + ["-I" + p for p in include_paths()]
 
 
+def _isa_units(isa):
+    """The translation units compiled for `isa`: kernels/cpu/isa/<isa>_*.cpp (for avx512, not
+    avx512_bf16's)."""
+    d = os.path.join(ROOT, "csrc", "kernels", "cpu", "isa")
+    names = [f for f in os.listdir(d) if f.startswith(isa + "_") and f.endswith(".cpp")]
+    if isa == "avx512":
+        names = [f for f in names if not f.startswith("avx512_bf16_")]
+    return sorted(os.path.join(d, f) for f in names)
+
+
+def _compile_and_dump(src, d):
+    """nm's defined symbols and objdump's disassembly of `src` compiled alone."""
+    obj = os.path.join(d, os.path.basename(src) + ".o")
+    r = subprocess.run(
+        ["c++", *_compile_flags(), "-c", src, "-o", obj],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    nm = subprocess.run(
+        ["nm", "-C", "--defined-only", obj], capture_output=True, text=True, check=True
+    ).stdout
+    asm = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", obj],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return nm, asm
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux")
     or shutil.which("nm") is None
@@ -163,65 +195,62 @@ def _compile_flags():
     or shutil.which("c++") is None,
     reason="needs a Linux C++ toolchain (c++, nm, objdump)",
 )
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512_bf16"])
 def test_isa_units_export_only_their_own_namespace(isa):
     """Every symbol a per-ISA translation unit defines with external linkage (functions, weak
     inline and template instances) lives in fusedrnn::cpu::<isa>:: (or is an instance of a
     template defined before the target switch, such as at::parallel_for, whose code is compiled
-    for the baseline and whose name carries the ISA's lambda), except the two table getters, which
+    for the baseline and whose name carries the ISA's lambda), except the table getters, which
     are compiled for the baseline: no code compiled for the ISA can be chosen by the linker for a
-    caller in portable code."""
-    src = os.path.join(ROOT, "csrc", "kernels", "cpu", "isa", f"isa_{isa}.cpp")
+    caller in portable code. Every unit of the ISA (kernels/cpu/isa/<isa>_*.cpp), compiled side
+    by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    units = _isa_units(isa)
+    assert len(units) >= 4, f"expected the units of {isa} in csrc/kernels/cpu/isa, got {units}"
+    kinds = ["fused_kernels"] + (
+        [] if isa == "avx512_bf16" else ["step_kernels", "layer_norm_kernels"]
+    )
+    getters = {f"fusedrnn::cpu::{k}_{isa}()" for k in kinds}
     with tempfile.TemporaryDirectory() as d:
-        obj = os.path.join(d, "isa.o")
-        r = subprocess.run(
-            ["c++", *_compile_flags(), "-c", src, "-o", obj],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-        nm = subprocess.run(
-            ["nm", "-C", "--defined-only", obj], capture_output=True, text=True, check=True
-        ).stdout
-        asm = subprocess.run(
-            ["objdump", "-d", "--no-show-raw-insn", "-C", obj],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    # external linkage: upper-case types, and weak / unique / indirect ones (w, v, u, i)
-    exported = [
-        parts[2]
-        for parts in (line.split(" ", 2) for line in nm.splitlines())
-        if len(parts) == 3 and (parts[1].isupper() or parts[1] in "wvui")
-    ]
-    getters = {f"fusedrnn::cpu::fused_kernels_{isa}()", f"fusedrnn::cpu::step_kernels_{isa}()"}
-    assert getters <= set(exported), f"{getters} not defined by {src}"
-    # DW.ref.__gxx_personality_v0: the exception-handling personality pointer (data, the same
-    # in every unit)
-    foreign = [
-        s
-        for s in exported
-        if s not in getters
-        and s != "DW.ref.__gxx_personality_v0"
-        and not re.search(rf"\bfusedrnn::cpu::{isa}::", s)
-    ]
-    assert not foreign, f"{src} exports code outside its ISA namespace: {foreign[:10]}"
-    # What runs on every CPU: the getters and the unit's static initialiser (from the headers it
-    # includes) must contain no VEX / EVEX instruction (their mnemonics start with v).
-    portable = {}
-    current = None
-    for line in asm.splitlines():
-        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
-        if head:
-            name = head.group(1)
-            current = name if (name in getters or name.startswith("_GLOBAL__sub_I")) else None
-            if current:
-                portable[current] = []
-        elif current and "\t" in line:
-            portable[current].append(line.split("\t")[1].split()[0])
-    assert set(portable) >= getters, f"getters not found in the disassembly: {sorted(portable)}"
-    for name, mnemonics in portable.items():
-        vex = [m for m in mnemonics if m.startswith("v")]
-        assert not vex, f"{name} in {src} runs on every CPU but has {vex[:5]}"
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            dumps = list(pool.map(lambda src: _compile_and_dump(src, d), units))
+    defined = set()
+    for src, (nm, asm) in zip(units, dumps):
+        # external linkage: upper-case types, and weak / unique / indirect ones (w, v, u, i)
+        exported = [
+            parts[2]
+            for parts in (line.split(" ", 2) for line in nm.splitlines())
+            if len(parts) == 3 and (parts[1].isupper() or parts[1] in "wvui")
+        ]
+        own = getters & set(exported)
+        defined |= own
+        # DW.ref.__gxx_personality_v0: the exception-handling personality pointer (data, the
+        # same in every unit)
+        foreign = [
+            s
+            for s in exported
+            if s not in getters
+            and s != "DW.ref.__gxx_personality_v0"
+            and not re.search(rf"\bfusedrnn::cpu::{isa}::", s)
+        ]
+        assert not foreign, f"{src} exports code outside its ISA namespace: {foreign[:10]}"
+        # What runs on every CPU: the getters and the unit's static initialiser (from the
+        # headers it includes) must contain no VEX / EVEX instruction (their mnemonics start
+        # with v).
+        portable = {}
+        current = None
+        for line in asm.splitlines():
+            head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+            if head:
+                name = head.group(1)
+                current = name if (name in own or name.startswith("_GLOBAL__sub_I")) else None
+                if current:
+                    portable[current] = []
+            elif current and "\t" in line:
+                portable[current].append(line.split("\t")[1].split()[0])
+        assert set(portable) >= own, f"getters not found in the disassembly: {sorted(portable)}"
+        for name, mnemonics in portable.items():
+            vex = [m for m in mnemonics if m.startswith("v")]
+            assert not vex, f"{name} in {src} runs on every CPU but has {vex[:5]}"
+    assert defined == getters, f"{isa}'s units define the getters {defined}, expected {getters}"

@@ -11,10 +11,10 @@
 
 // The cell math and the step elements (kernels/step_elements.h) are compiled several times into one
 // library: for the portable CPU code, for the CUDA kernels and once per CPU instruction set
-// (cpu/isa_*.cpp, with that ISA's target flags). Each copy lives in its own inline namespace,
-// FUSEDRNN_ISA_NAMESPACE, set by the translation unit before it includes these headers, so that
-// the linker can never take an AVX-512 copy of an inline function or template for a caller that
-// runs on every CPU: the copies have different symbol names.
+// (kernels/cpu/isa/*.cpp, with that ISA's target flags). Each copy lives in its own inline
+// namespace, FUSEDRNN_ISA_NAMESPACE, set by the translation unit before it includes these headers,
+// so that the linker can never take an AVX-512 copy of an inline function or template for a caller
+// that runs on every CPU: the copies have different symbol names.
 #ifndef FUSEDRNN_ISA_NAMESPACE
 #define FUSEDRNN_ISA_NAMESPACE portable
 #endif

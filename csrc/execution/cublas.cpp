@@ -1,5 +1,5 @@
 // The per-step GEMMs of CUDA calls: cublasGemmEx on ATen's cuBLAS handle (step_device.h).
-// Compiled, not verified on a GPU yet.
+// Its tests (tests/test_cuda.py) pass on an H200.
 //
 // cuBLAS is not linked: this library calls the cuBLAS that torch's CUDA library (libtorch_cuda)
 // is linked with and has already loaded, whose handle ATen hands out. Its functions are looked

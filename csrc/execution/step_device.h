@@ -9,8 +9,8 @@
 //   flag the CUDA path passes to cuBLAS is built and checked by the same code on the CPU.
 // - CUDA: the GEMM is one cublasGemmEx on the cuBLAS handle of the current device and thread,
 //   set by ATen to the current stream when the StepDevice is made (cublas.cpp); the copy is a
-//   cudaMemcpyAsync and the add a kernel, both on that stream. Compiled, not verified on a GPU
-//   yet: the CUDA tests, gradcheck and opcheck (tests/test_cuda.py) cover this path on a GPU.
+//   cudaMemcpyAsync and the add a kernel, both on that stream. The CUDA tests, gradcheck
+//   and opcheck (tests/test_cuda.py) cover this path on a GPU (passed on an H200).
 #pragma once
 
 #include <ATen/ATen.h>

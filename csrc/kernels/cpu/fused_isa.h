@@ -1,7 +1,7 @@
 // The boundary between the portable driver and the per-ISA fused step kernels: plain structs of
 // pointers and sizes, and one table of entry points per instruction set. Nothing here includes
-// ATen (c10's BFloat16 type only), so that the per-ISA translation units (cpu/isa_*.cpp), compiled
-// with AVX2 or AVX-512 target flags, instantiate no inline code of torch's headers (see
+// ATen (c10's BFloat16 type only), so that the per-ISA translation units (kernels/cpu/isa/*.cpp),
+// compiled with AVX2 or AVX-512 target flags, instantiate no inline code of torch's headers (see
 // cells/common.h on why per-ISA inline code must not share symbol names with portable code).
 #pragma once
 

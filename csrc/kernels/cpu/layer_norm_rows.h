@@ -1,7 +1,7 @@
 // The row loops of the layer-normalised cells' steps over the rows [b0, b1) of a step, and their
 // table `kLayerNormKernels`. Included once per instruction set, in namespace
 // fusedrnn::cpu::FUSEDRNN_ISA_NAMESPACE (recurrence/layer_norm.cpp: portable;
-// isa/layer_norm_avx2.cpp, isa/layer_norm_avx512.cpp), as step_loops.h is.
+// isa/avx2_layer_norm.cpp, isa/avx512_layer_norm.cpp), as step_loops.h is.
 #pragma once
 
 #include <type_traits>

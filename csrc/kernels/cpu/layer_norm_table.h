@@ -1,6 +1,6 @@
 // The row loops of the layer-normalised cells' fused steps (cells/layer_norm.h) as a table of
 // entry points per instruction set: compiled portably (recurrence/layer_norm.cpp) and once per
-// ISA (kernels/cpu/isa/layer_norm_avx2.cpp, layer_norm_avx512.cpp); the driver calls the table of
+// ISA (kernels/cpu/isa/avx2_layer_norm.cpp, avx512_layer_norm.cpp); the driver calls the table of
 // the ISA in use (`layer_norm_kernels()`) on each task's rows of a step.
 #pragma once
 

@@ -1,8 +1,8 @@
 // The CPU loops of the unfused step kernels: parallel over the rows of the step, the units of a
 // row in one loop that the compiler vectorises (the cell math is branch-free, see
 // cells/common.h). Included once per instruction set, in namespace
-// fusedrnn::cpu::FUSEDRNN_ISA_NAMESPACE (kernels_cpu.cpp: portable; isa_avx2.cpp,
-// isa_avx512.cpp), each defining that ISA's StepKernels table `kStepKernels`.
+// fusedrnn::cpu::FUSEDRNN_ISA_NAMESPACE (kernels_cpu.cpp: portable; isa/avx2_steps.cpp,
+// isa/avx512_steps.cpp), each defining that ISA's StepKernels table `kStepKernels`.
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -1,7 +1,7 @@
 // The unfused CPU step kernels (the step kernel after a separate GEMM: every dtype, the cells'
 // single steps, the baseline ISA) as a table of entry points per instruction set: compiled once
-// portably (kernels_cpu.cpp) and once per ISA (isa_avx2.cpp, isa_avx512.cpp); the cpu::*_step
-// functions of kernels/kernels.h call the table of the ISA in use.
+// portably (kernels_cpu.cpp) and once per ISA (isa/avx2_steps.cpp, isa/avx512_steps.cpp); the
+// cpu::*_step functions of kernels/kernels.h call the table of the ISA in use.
 #pragma once
 
 #include <c10/util/BFloat16.h>

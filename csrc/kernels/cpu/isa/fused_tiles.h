@@ -1,5 +1,5 @@
 // The fused CPU steps, written once over a vector type and compiled once per instruction set:
-// kernels/cpu/isa/isa_avx2.cpp, isa_avx512.cpp and isa_avx512_bf16.cpp each define
+// kernels/cpu/isa/unit_avx2.h, unit_avx512.h and unit_avx512_bf16.h each define
 // FUSEDRNN_ISA_NAMESPACE, switch on their target, define `Vec` (the ISA's float vector: lanes,
 // loads, stores, fma, masks, bf16 conversions) and the tile heights, and then include this file,
 // which defines that ISA's FusedStepKernels table.
@@ -439,55 +439,15 @@ void panel_gemm_only(const PanelGemm& g, T* out, int64_t ldo, bool accumulate, i
 }  // namespace cpu
 }  // namespace fusedrnn
 
-#include "small_gemm.h"
-
-namespace fusedrnn {
-namespace cpu {
-namespace FUSEDRNN_ISA_NAMESPACE {
-
-// The transposing copy that packs the gated weights (FusedStepKernels::transpose): blocks of
-// kL columns of the kL source rows through the registers (Vec::transpose), the last columns
-// one by one.
-void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
-                    int64_t ldd) {
-  int64_t c = 0;
-  for (; c + kL <= cols; c += kL) {
-    typename Vec::Reg r[kL];
-#pragma GCC unroll 16
-    for (int i = 0; i < kL; ++i) r[i] = i < rows ? Vec::load(src + i * lds + c) : Vec::zero();
-    Vec::transpose(r);
-#pragma GCC unroll 16
-    for (int i = 0; i < kL; ++i) Vec::store(dst + (c + i) * ldd, r[i]);
-  }
-  for (; c < cols; ++c) {
-    for (int64_t i = 0; i < kL; ++i) dst[c * ldd + i] = i < rows ? src[i * lds + c] : 0.0f;
-  }
-}
-
-template <typename T>
-constexpr FusedFns<T> fused_fns() {
-  FusedFns<T> f;
-  f.lstm_forward = &lstm_forward<T>;
-  f.lstm_backward = &lstm_backward<T>;
-  f.gru_forward = &gru_forward<T>;
-  f.gru_backward = &gru_backward<T>;
-  f.gemm = &panel_gemm_only<T>;
-  return f;
-}
-
-// Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
-constexpr FusedStepKernels kKernels{Vec::kName,
-                                    kL,
-                                    Vec::kPass3,
-                                    Vec::kPass4,
-                                    /*bf16_pairs=*/Vec::kBf16Dot,
-                                    fused_fns<float>(),
-                                    fused_fns<c10::BFloat16>(),
-                                    &small_gemm_nt,
-                                    &small_gemm_nn,
-                                    &small_gemm_tn,
-                                    &transpose_rows};
-
-}  // namespace FUSEDRNN_ISA_NAMESPACE
-}  // namespace cpu
-}  // namespace fusedrnn
+// The LSTM steps take most of the compile time of an ISA's tiles (every cell, phase and option
+// their dispatch fixes at compile time): each ISA instantiates them in units of their own,
+// <isa>_lstm_forward_f32.cpp, <isa>_lstm_forward_bf16.cpp and <isa>_lstm_backward.cpp
+// (`template`), which a parallel build compiles side by side, and its table unit <isa>_tiles.cpp
+// declares them (`extern template`, fused_table.h). Used inside namespace
+// fusedrnn::cpu::FUSEDRNN_ISA_NAMESPACE.
+#define FUSEDRNN_LSTM_FORWARD_TILES(kw, T)                                         \
+  kw void lstm_forward<T>(CellKind, Phase, const LSTMForwardStep<T>&, T*, int64_t, \
+                          const PanelGemm&, int64_t, int64_t)
+#define FUSEDRNN_LSTM_BACKWARD_TILES(kw, T)                                          \
+  kw void lstm_backward<T>(CellKind, Phase, const LSTMBackwardStep<T>&, T*, int64_t, \
+                           const PanelGemm&, int64_t, int64_t)

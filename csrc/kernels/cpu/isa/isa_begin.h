@@ -1,6 +1,8 @@
-// Opens a per-ISA translation unit (isa_avx2.cpp, isa_avx512.cpp); isa_end.h closes it. The
-// unit defines FUSEDRNN_ISA_NAMESPACE and FUSEDRNN_ISA_TARGET (a target attribute string), then
-// includes this header, defines `Vec`, includes fused_tiles.h, step_loops.h and isa_end.h.
+// Opens a per-ISA translation unit (through unit_avx2.h, unit_avx512.h, unit_avx512_bf16.h);
+// isa_end.h closes it. The unit header defines FUSEDRNN_ISA_NAMESPACE and FUSEDRNN_ISA_TARGET (a
+// target attribute string), then includes this header and defines `Vec`; the unit then includes
+// what it compiles for the ISA (fused_tiles.h, fused_table.h, step_loops.h, layer_norm_rows.h)
+// and isa_end.h.
 //
 // Only the code between the two headers is compiled for the ISA, through the compiler's target
 // pragma, not through command-line flags: the unit compiles with the same flags as the rest of the

@@ -1,6 +1,5 @@
 // GEMMs of a few rows against a row-major weight, written once over a vector type and compiled
-// per instruction set (included by kernels/cpu/isa/isa_avx2.cpp and isa_avx512.cpp after
-// fused_tiles.h).
+// per instruction set (included by kernels/cpu/isa/fused_table.h, in each ISA's <isa>_tiles.cpp).
 //
 // A step of a cell call or of a small-batch layer multiplies 1-4 rows by a whole weight matrix:
 // the work is reading the weight (1 MB for H = 256), once, at the memory bandwidth the core

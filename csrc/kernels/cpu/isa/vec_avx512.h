@@ -1,6 +1,6 @@
 // The AVX-512 vector type of the fused CPU steps (AVX512F + BW, VL, DQ: 16 floats per vector,
-// 32 vector registers), shared by the units compiled for AVX-512 (isa_avx512.cpp) and for
-// AVX-512 with the bf16 dot products (isa_avx512_bf16.cpp), which each derive their `Vec` from it.
+// 32 vector registers), shared by the units compiled for AVX-512 (unit_avx512.h) and for
+// AVX-512 with the bf16 dot products (unit_avx512_bf16.h), which each derive their `Vec` from it.
 #pragma once
 
 #ifndef FUSEDRNN_ISA_NAMESPACE

@@ -1,15 +1,23 @@
-// The fused CPU steps for AVX-512 with AVX512_BF16 (Cooper Lake, Sapphire Rapids and later, AMD
-// Zen 4 and later): the AVX-512 kernels (vec_avx512.h), with the bf16 steps' GEMMs on the bf16
-// dot-product instruction (vdpbf16ps: per float lane, the sum of two bf16 products added to the
-// accumulator, so a vector instruction does twice the multiply-adds of an fp32 FMA and the
+// Opens a translation unit compiled for AVX-512 with AVX512_BF16 (Cooper Lake, Sapphire Rapids and
+// later, AMD Zen 4 and later): the AVX-512 kernels (vec_avx512.h), with the bf16 steps' GEMMs on
+// the bf16 dot-product instruction (vdpbf16ps: per float lane, the sum of two bf16 products added
+// to the accumulator, so a vector instruction does twice the multiply-adds of an fp32 FMA and the
 // packed weights take half the memory). Selected only on CPUs that have it (isa.cpp).
+// Included first by every kernels/cpu/isa/avx512_bf16_*.cpp, which close it with isa_end.h
+// (see unit_avx2.h).
+
+// The tables' declarations first, compiled for the baseline like every header before the
+// target switch (isa_begin.h).
 #include "kernels/cpu/fused_isa.h"
+#include "kernels/cpu/layer_norm_table.h"
+#include "kernels/cpu/step_table.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDRNN_ISA_UNIT 1
 #define FUSEDRNN_ISA_NAMESPACE avx512_bf16
 #define FUSEDRNN_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"
-#include "isa_begin.h"
-#include "vec_avx512.h"
+#include "kernels/cpu/isa/isa_begin.h"
+#include "kernels/cpu/isa/vec_avx512.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -36,15 +44,6 @@ struct Vec : Avx512Vec {
 }  // namespace avx512_bf16
 }  // namespace cpu
 }  // namespace fusedrnn
-
-#include "fused_tiles.h"
-#include "isa_end.h"
-
-const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx512_bf16() {
-  return &avx512_bf16::kKernels;
-}
 #else
-const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx512_bf16() {
-  return nullptr;
-}
+#define FUSEDRNN_ISA_UNIT 0
 #endif

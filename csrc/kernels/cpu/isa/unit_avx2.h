@@ -1,11 +1,20 @@
-// The fused CPU steps for AVX2 + FMA: 8 floats per vector, 16 vector registers.
+// Opens a translation unit compiled for AVX2 + FMA (8 floats per vector, 16 vector registers):
+// the target and the namespace `avx2` (isa_begin.h), then the ISA's vector type `Vec` of the
+// fused tiles. Included first by every kernels/cpu/isa/avx2_*.cpp, which close it with
+// isa_end.h; FUSEDRNN_ISA_UNIT is 0 where the compiler has no such target (not x86-64, not
+// gcc or clang), and the unit then defines its getters as nullptr.
+
+// The tables' declarations first, compiled for the baseline like every header before the
+// target switch (isa_begin.h).
 #include "kernels/cpu/fused_isa.h"
+#include "kernels/cpu/layer_norm_table.h"
 #include "kernels/cpu/step_table.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDRNN_ISA_UNIT 1
 #define FUSEDRNN_ISA_NAMESPACE avx2
 #define FUSEDRNN_ISA_TARGET "avx2,fma"
-#include "isa_begin.h"
+#include "kernels/cpu/isa/isa_begin.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -87,16 +96,6 @@ struct Vec {
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace fusedrnn
-
-#include "fused_tiles.h"
-#include "kernels/cpu/step_loops.h"
-#include "isa_end.h"
-
-const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() {
-  return &avx2::kKernels;
-}
-const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx2() { return &avx2::kStepKernels; }
 #else
-const fusedrnn::cpu::FusedStepKernels* fusedrnn::cpu::fused_kernels_avx2() { return nullptr; }
-const fusedrnn::cpu::StepKernels* fusedrnn::cpu::step_kernels_avx2() { return nullptr; }
+#define FUSEDRNN_ISA_UNIT 0
 #endif

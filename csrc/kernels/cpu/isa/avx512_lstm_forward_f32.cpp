@@ -1,0 +1,17 @@
+// AVX-512: the fused LSTM-family forward steps (fused_tiles.h) in fp32, for the
+// table of avx512_tiles.cpp.
+#include "kernels/cpu/isa/unit_avx512.h"
+
+#if FUSEDRNN_ISA_UNIT
+#include "kernels/cpu/isa/fused_tiles.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace avx512 {
+FUSEDRNN_LSTM_FORWARD_TILES(template, float);
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace fusedrnn
+
+#include "kernels/cpu/isa/isa_end.h"
+#endif

@@ -149,13 +149,16 @@ def test_packed_changing_row_counts(cell, proj, reverse):
     )
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_fused_steps_multithreaded(cell):
-    """More than one thread splits each step's panels (16 units each) between them; the result
-    is the one-thread result (each element is computed by one thread in the same order)."""
+def test_fused_steps_multithreaded(cell, dtype):
+    """More than one thread splits each step's panels (8 or 16 units each) between them; the
+    result is the one-thread result (each element is computed by one thread in the same order).
+    80 units: 5 AVX-512 panels, which three threads cannot split into the panel pairs the bf16
+    steps hand to their kernel together (gemm_panels), nor AVX2's 10 into groups of four."""
     old = torch.get_num_threads()
-    x = torch.randn(4, 64, 32)
-    w = cast_weights(make_weights(cell, 32, 96, 0, True, scale=0.3), F32)
+    x = torch.randn(4, 64, 32).to(dtype)
+    w = cast_weights(make_weights(cell, 32, 80, 0, True, scale=0.3), dtype)
     try:
         torch.set_num_threads(1)
         one = run_layer(functional.rnn_layer, cell, x, w)

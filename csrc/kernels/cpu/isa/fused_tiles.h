@@ -226,9 +226,15 @@ inline void gemm_tail(int rows, const PanelSource<T>* src, int nsrc, int64_t row
   }
 }
 
-// Panels [p0, p1) of out = (kAcc: +=) the GEMM g, for rows [0, g.rows); epi(r0, rows, j0, units)
-// runs after each tile, tail(j0, units) after the panel's last tile.
-template <int NV, bool kAcc, typename T, typename Epi, typename Tail>
+// Panels [p0, p1) of out = (kAcc: +=) the GEMM g, for rows [0, g.rows), kGroup consecutive
+// panels at a time: per tile height, the tiles of the group's panels, then epi(r0, rows, j0,
+// units) on the group's units (consecutive); tail(j0, units) after the group's last tiles.
+// Groups of more than one panel are for bf16 steps of gated panels (kEpiUnits): their kernel's
+// loop mixes 16-bit and 32-bit elements, which gcc vectorises with vectors of the 16-bit
+// elements' width only when the loop has that many iterations (32 at 512 bits, 16 at 256): over
+// one 16-unit AVX-512 panel it would run the cell math on 256-bit vectors (8 lanes), over one
+// 8-unit AVX2 panel on 128-bit ones.
+template <int NV, bool kAcc, int kGroup = 1, typename T, typename Epi, typename Tail>
 void gemm_panels(const PanelGemm& g, T* out, int64_t ldo, int64_t p0, int64_t p1, const Epi& epi,
                  const Tail& tail) {
   constexpr int MR = NV == 4 ? Vec::kRows4 : Vec::kRows3;
@@ -239,34 +245,52 @@ void gemm_panels(const PanelGemm& g, T* out, int64_t ldo, int64_t p0, int64_t p1
     bad_dispatch("fused step: operands packed for another kernel");
   }
   const int64_t n = g.rows, panel_floats = NV * kL;  // per row k of a panel
-  for (int64_t pb = p0; pb < p1; ++pb) {
-    const int64_t j0 = pb * g.unit_block;
-    const int64_t units = imin(g.unit_block, g.units - j0);
-    int64_t count[NV];
-    Vec::Mask mask[NV];
-    for (int v = 0; v < NV; ++v) {
-      count[v] = imax(0, imin(kL, g.gates == 1 ? units - v * kL : units));
-      mask[v] = Vec::first_lanes(count[v]);
-    }
-    PanelSource<T> src[2];
-    for (int q = 0; q < g.nsrc; ++q) {
-      src[q] = {static_cast<const T*>(g.src[q].a), g.src[q].lda,
-                g.src[q].panels + pb * g.src[q].K * panel_floats, g.src[q].K, g.src[q].ka};
+  for (int64_t pb0 = p0; pb0 < p1; pb0 += kGroup) {
+    const int64_t group = imin(kGroup, p1 - pb0);
+    const int64_t j0 = pb0 * g.unit_block;
+    int64_t all_units = 0;
+    int64_t count[kGroup][NV] = {};
+    Vec::Mask mask[kGroup][NV] = {};
+    PanelSource<T> src[kGroup][2] = {};
+    for (int64_t e = 0; e < group; ++e) {
+      const int64_t pb = pb0 + e;
+      const int64_t units = imin(g.unit_block, g.units - pb * g.unit_block);
+      all_units += units;
+      for (int v = 0; v < NV; ++v) {
+        count[e][v] = imax(0, imin(kL, g.gates == 1 ? units - v * kL : units));
+        mask[e][v] = Vec::first_lanes(count[e][v]);
+      }
+      for (int q = 0; q < g.nsrc; ++q) {
+        src[e][q] = {static_cast<const T*>(g.src[q].a), g.src[q].lda,
+                     g.src[q].panels + pb * g.src[q].K * panel_floats, g.src[q].K, g.src[q].ka};
+      }
     }
     int64_t r = 0;
     for (; r + MR <= n; r += MR) {
-      gemm_tile<NV, kPass, MR, kAcc>(src, g.nsrc, r, out + r * ldo + j0, ldo, g.col_stride, count,
-                                     mask);
-      epi(r, static_cast<int64_t>(MR), j0, units);
+      for (int64_t e = 0; e < group; ++e) {
+        gemm_tile<NV, kPass, MR, kAcc>(src[e], g.nsrc, r, out + r * ldo + j0 + e * g.unit_block,
+                                       ldo, g.col_stride, count[e], mask[e]);
+      }
+      epi(r, static_cast<int64_t>(MR), j0, all_units);
     }
     if (r < n) {
-      gemm_tail<NV, kPass, MR - 1, kAcc>(static_cast<int>(n - r), src, g.nsrc, r,
-                                         out + r * ldo + j0, ldo, g.col_stride, count, mask);
-      epi(r, n - r, j0, units);
+      for (int64_t e = 0; e < group; ++e) {
+        gemm_tail<NV, kPass, MR - 1, kAcc>(static_cast<int>(n - r), src[e], g.nsrc, r,
+                                           out + r * ldo + j0 + e * g.unit_block, ldo, g.col_stride,
+                                           count[e], mask[e]);
+      }
+      epi(r, n - r, j0, all_units);
     }
-    tail(j0, units);
+    tail(j0, all_units);
   }
 }
+
+// The panels per step-kernel call of gated panels (a panel: kL units of every gate), and the
+// units of a whole call: 32 units for bf16 (see gemm_panels), one panel for float.
+template <typename T>
+constexpr int kEpiGroup = std::is_same_v<T, c10::BFloat16> && kL < 32 ? 32 / kL : 1;
+template <typename T>
+constexpr int64_t kEpiUnits = kEpiGroup<T> * kL;
 
 // fn(b, j) over rows [r0, r0 + rows) and units [j0, j0 + units); a whole block of kBlock units
 // as a fixed-length loop, which the compiler turns into whole-vector code (no masks, no
@@ -306,7 +330,7 @@ void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* ou
           dispatch_zone<kTilesZone<kCell, kPhase>, kCellOnly_>(p, [&](auto zone) {
             auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
               const LSTMForwardStep<T> q = p;  // a local copy: stores cannot alias its pointers
-              for_tile<kL>(
+              for_tile<kEpiUnits<T>>(
                   r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
                     lstm_forward_element<kCell, kPhase, decltype(bias)::value, /*kHg=*/false,
                                          decltype(save)::value, decltype(h_state)::value,
@@ -314,9 +338,9 @@ void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* ou
                   });
             };
             if constexpr (traits(kCell).two_phase && kPhase == Phase::kO) {
-              gemm_panels<3, false>(g, out, ldo, p0, p1, epi, no_tail);
+              gemm_panels<3, false, kEpiGroup<T>>(g, out, ldo, p0, p1, epi, no_tail);
             } else {
-              gemm_panels<4, false>(g, out, ldo, p0, p1, epi, no_tail);
+              gemm_panels<4, false, kEpiGroup<T>>(g, out, ldo, p0, p1, epi, no_tail);
             }
           });
         });
@@ -399,11 +423,12 @@ void gru_forward(const GRUForwardStep<T>& p, const PanelGemm& g, int64_t p0, int
     dispatch_on_off(p.zone_h != nullptr, [&](auto zone) {
       auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
         const GRUForwardStep<T> q = p;
-        for_tile<kL>(r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
-          gru_forward_element<decltype(bias)::value, decltype(zone)::value>(q, b, j);
-        });
+        for_tile<kEpiUnits<T>>(
+            r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
+              gru_forward_element<decltype(bias)::value, decltype(zone)::value>(q, b, j);
+            });
       };
-      gemm_panels<3, false>(g, const_cast<T*>(p.hg), p.ld_hg, p0, p1, epi, no_tail);
+      gemm_panels<3, false, kEpiGroup<T>>(g, const_cast<T*>(p.hg), p.ld_hg, p0, p1, epi, no_tail);
     });
   });
 }

@@ -41,6 +41,7 @@ __all__ = [
     "convert",
     "backend",
     "build_info",
+    "empty_cpu_cache",
 ]
 
 
@@ -60,6 +61,7 @@ def build_info() -> dict:
         "cpu_onednn_fp32_gemm": False,
         "cpu_bf16_tiles": False,
         "cpu_onednn_bf16_amx": False,
+        "cpu_pool_mb": 0,
     }
     if _ops.HAS_C:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
@@ -81,4 +83,15 @@ def build_info() -> dict:
         # there); FUSEDRNN_CPU_BF16_TILES=auto|on|off
         info["cpu_bf16_tiles"] = ops.cpu_bf16_tiles() and info["cpu_fused_steps"]
         info["cpu_onednn_bf16_amx"] = ops.cpu_onednn_bf16_amx()
+        # the most free memory the layers keep for their next CPU calls (FUSEDRNN_CPU_POOL_MB)
+        info["cpu_pool_mb"] = ops.cpu_pool_stats()[0] >> 20
     return info
+
+
+def empty_cpu_cache() -> None:
+    """Returns the memory the layers keep for their next CPU calls to the system (as
+    torch.cuda.empty_cache() does for CUDA's cache): the outputs, workspaces and scratch of
+    earlier calls, up to FUSEDRNN_CPU_POOL_MB megabytes (docs/cpu_kernels.md). Tensors still
+    alive keep theirs, which returns to the pool when they are freed."""
+    if _ops.HAS_C:
+        torch.ops.fusedrnn.cpu_pool_release()

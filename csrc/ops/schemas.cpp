@@ -29,6 +29,7 @@
 #endif
 
 #include "cells/traits.h"
+#include "execution/buffer_pool.h"
 #include "execution/gemm.h"
 #include "execution/step_device.h"
 #include "kernels/cpu/fused_step.h"
@@ -156,6 +157,14 @@ TORCH_LIBRARY(fusedrnn, m) {
   // Whether bf16 CPU layer calls run the fused tiles (kernels/cpu/isa.h), whether oneDNN's bf16
   // GEMMs may run on AMX (what "auto" decides on), and the switch the tests force the tiles with.
   m.def("cpu_bf16_tiles() -> bool", [] { return fusedrnn::cpu::bf16_tiles(); });
+  // The pool of the layers' large CPU buffers (execution/buffer_pool.h): [limit, free bytes,
+  // bytes in use], and the release of its free blocks (fusedrnn.empty_cpu_cache()).
+  m.def("cpu_pool_stats() -> int[]", [] {
+    const fusedrnn::PoolStats st = fusedrnn::cpu_pool_stats();
+    return std::vector<int64_t>{st.limit, st.free, st.in_use};
+  });
+  m.def("cpu_pool_release() -> ()", [] { fusedrnn::cpu_pool_release(); });
+  m.def("_cpu_pool_poison() -> ()", [] { fusedrnn::cpu_pool_poison(); });
   m.def("cpu_onednn_bf16_amx() -> bool", [] { return fusedrnn::cpu::onednn_bf16_amx(); });
   m.def("_set_cpu_bf16_tiles(str mode) -> str",
         [](const std::string& mode) { return fusedrnn::cpu::set_bf16_tiles(mode); });

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "execution/buffer_pool.h"
+
 namespace fusedrnn {
 namespace {
 
@@ -66,7 +68,7 @@ at::Tensor zoneout_mask(int64_t rows, int64_t width, double p, const at::Tensor&
   TORCH_CHECK(type == at::kBool || type == at::kFloat || type == at::kDouble ||
                   type == at::kBFloat16 || type == at::kHalf,
               op, ": dtype must be None (bool), float32, float64, bfloat16 or float16, got ", type);
-  at::Tensor out = at::empty({rows, width}, at::TensorOptions().dtype(type));
+  at::Tensor out = pooled_empty({rows, width}, at::TensorOptions().dtype(type));
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kBool, at::kBFloat16, at::kHalf, type, "zoneout_mask", [&] {
     fill_mask(out.data_ptr<scalar_t>(), rows * width, key, threshold);
   });

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "execution/gemm.h"
+#include "execution/buffer_pool.h"
 #include "kernels/kernels.h"
 #include "ops/args.h"
 #include "steps.h"
@@ -155,7 +156,7 @@ class InputProjection {
       hi_ = s.N;
     } else {
       cap_ = std::max<int64_t>(kChunkRows, s.B);
-      buf_ = at::empty({std::min(cap_, s.N), width}, opts);
+      buf_ = pooled_empty({std::min(cap_, s.N), width}, opts);
     }
     base_ = buf_.data_ptr();
   }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "buffers.h"
+#include "execution/buffer_pool.h"
 #include "execution/strategy.h"
 #include "ops/args.h"
 #include "recurrence.h"
@@ -221,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_family_forward(
   const StepDevice dev(input);  // the per-step GEMMs and launches (step_device.h)
   const int64_t H = d.H;
   const auto opts = input.options();
-  const Tensor output = at::empty(out_shape(input, H), opts);
+  const Tensor output = pooled_empty(out_shape(input, H), opts);
   // The workspace keeps every step's r, z, n and h_n (training); inference keeps none.
   // w_hh contiguous: the steps read it through a raw pointer
   const ForwardCall c{
@@ -231,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_family_forward(
       w_ih,
       w_hh.contiguous(),
       /*x=*/input.reshape({s.N, d.I}),
-      /*ws=*/at::empty({need_workspace ? s.N : 0, workspace_row(cell, H, /*proj=*/false)}, opts),
+      /*ws=*/pooled_empty({need_workspace ? s.N : 0, workspace_row(cell, H, /*proj=*/false)}, opts),
       /*out=*/output.view({s.N, H}),
       /*hy=*/state_or_zeros(hx, input, s.B, H),
       /*hg=*/at::empty({s.B, 3 * H}, opts),
@@ -298,12 +299,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_family_backward(
     c.dhg_buf[i] = c.sc.buffer(3 * H, opts, i);
   }
   auto none = [&] { return at::empty({0}, opts); };  // one tensor per output: no aliasing
-  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
+  Tensor grad_input = output_mask[0] ? pooled_empty(input.sizes(), opts) : none();
   Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
   if (output_mask[1]) {
     // written by the first chunk's GEMMs (beta 0): no zero fill (see lstm.cpp)
     auto weight_grad = [&](at::IntArrayRef shape) {
-      return c.sc.chunks.empty() ? at::zeros(shape, opts) : at::empty(shape, opts);
+      return c.sc.chunks.empty() ? at::zeros(shape, opts) : pooled_empty(shape, opts);
     };
     grad_w_ih = weight_grad({3 * H, d.I});
     grad_w_hh = weight_grad({3 * H, H});

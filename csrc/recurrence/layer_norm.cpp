@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "buffers.h"
+#include "execution/buffer_pool.h"
 #include "execution/gemm.h"
 #include "execution/step_device.h"
 #include "execution/strategy.h"
@@ -132,11 +133,11 @@ struct InputSide {
     const auto opts = input.options().dtype(acc);
     if (mask[0]) {
       w_ih = w.to(acc).contiguous();
-      grad_input = at::empty({N, w.size(1)}, opts);
+      grad_input = pooled_empty({N, w.size(1)}, opts);
     }
     if (mask[1]) {
       x = input.reshape({N, w.size(1)}).to(acc).contiguous();
-      grad_w_ih = at::empty(w.sizes(), opts);
+      grad_w_ih = pooled_empty(w.sizes(), opts);
     }
   }
   // A chunk's part, rows [lo, lo + m), from dx (its rows: the gradient of x W_ih^T).
@@ -164,12 +165,14 @@ StepChunks ln_chunks(const Steps& s) {
 
 Tensor none_like(const Tensor& input) { return at::empty({0}, input.options()); }
 
-// A fresh CPU buffer of `numel` values, backed by transparent huge pages where the kernel allows
-// them on request (madvise mode): the workspace and the backward's per-row buffers are large
-// (~100 MB at T=100, B=64, H=256) and fresh on every call (torch's CPU allocator keeps nothing),
-// so with 4 KiB pages a call spent a third of its time in page faults. Nothing is touched here.
+// A CPU buffer of `numel` values from the pool of the layers' buffers (execution/buffer_pool.h),
+// backed by transparent huge pages where the kernel allows them on request (madvise mode): the
+// workspace and the backward's per-row buffers are large (~100 MB at T=100, B=64, H=256), and
+// fresh from the system on every call they spent a third of the call in page faults with 4 KiB
+// pages. The pool keeps them for the next call (within its limit); the advice costs one system
+// call. Nothing is touched here.
 Tensor large_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  Tensor t = at::empty(shape, opts);
+  Tensor t = pooled_empty(shape, opts);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -295,7 +298,7 @@ Tensor block_of(const Tensor& ws, const Blocks& blocks, size_t i, int64_t N) {
 // weight gradient with its parameter (null where the parameter is absent).
 void zero_grads(std::array<bool, 2> mask, const Tensor& input, Tensor& grad_input,
                 const std::vector<std::pair<Tensor*, const Tensor*>>& weights) {
-  if (mask[0]) grad_input = at::zeros(input.sizes(), input.options());
+  if (mask[0]) grad_input = pooled_zeros(input.sizes(), input.options());
   if (!mask[1]) return;
   for (const auto& [grad, param] : weights) {
     if (param) *grad = at::zeros(param->sizes(), input.options());
@@ -350,7 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
   // training: every row's blocks; inference: x̂ of every row and the step's rows of the others
   const int64_t rows = need_workspace ? s.N : s.B;
   const Tensor ws = large_buffer({blocks.numel(s.N, rows)}, acc_opts);
-  const Tensor output = at::empty(out_shape(input, Hout), opts);
+  const Tensor output = pooled_empty(out_shape(input, Hout), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, Hout);
   const Tensor c_state =
       cx.has_value() ? cx->to(acc_st).contiguous().clone() : at::zeros({s.B, H}, acc_opts);
@@ -605,7 +608,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
   const Blocks blocks = gru_blocks(H);
   const int64_t rows = need_workspace ? s.N : s.B;  // as in the LSTM
   const Tensor ws = large_buffer({blocks.numel(s.N, rows)}, acc_opts);
-  const Tensor output = at::empty(out_shape(input, H), opts);
+  const Tensor output = pooled_empty(out_shape(input, H), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, H);
   const Tensor hg = at::empty({s.B, G}, opts);
   const Tensor bi = b_ih.has_value() ? b_ih->contiguous() : Tensor();

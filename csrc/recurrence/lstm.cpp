@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "buffers.h"
+#include "execution/buffer_pool.h"
 #include "execution/strategy.h"
 #include "ops/args.h"
 #include "recurrence.h"
@@ -498,7 +499,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
   // only the current step's, in per-call scratch buffers. The output is allocated in its final
   // shape (not returned as a view, so that callers may modify it in place); `out` is its
   // (N, H_out) row view.
-  const Tensor output = at::empty(out_shape(input, Hout), opts);
+  const Tensor output = pooled_empty(out_shape(input, Hout), opts);
   ForwardCall c{
       // the weights the steps read through raw pointers, contiguous
       cell, s, d, proj, wm, need_workspace, w_ih, w_hh.contiguous(), contiguous_opt(w_ch),
@@ -513,7 +514,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_family_forward(
       /*p_buf=*/wm ? at::empty({s.B, 3 * H}, opts) : Tensor(),  // WM: c W_ch^T for [i | f | o]
       /*r_scratch=*/!need_workspace && proj ? at::empty({s.B, H}, opts) : Tensor(),
       /*u_scratch=*/!need_workspace && wm ? at::empty({s.B, 3 * H}, opts) : Tensor(),
-      need_workspace ? LSTMWorkspace(at::empty({LSTMWorkspace::numel(cell, s.N, H, proj)}, opts),
+      need_workspace ? LSTMWorkspace(pooled_empty({LSTMWorkspace::numel(cell, s.N, H, proj)}, opts),
                                      cell, s.N, H, proj)
                      : LSTMWorkspace(opts),
       zone_c, zone_h};
@@ -605,14 +606,14 @@ lstm_family_backward(CellKind cell, const optional<Tensor>& grad_output,
 
   // The gradients the chunks accumulate into.
   auto none = [&] { return at::empty({0}, opts); };  // one tensor per absent gradient: no aliasing
-  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), opts) : none();
+  Tensor grad_input = output_mask[0] ? pooled_empty(input.sizes(), opts) : none();
   Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b = none(), grad_w_ch = none(),
          grad_w_hr = none();
   // The matrices are written by the first chunk's GEMMs (beta 0) and accumulated by the
   // others': no zero fill, which for a cell's single step is as much memory traffic as the
   // GEMM itself. Zeros where no chunk runs.
   auto weight_grad = [&](at::IntArrayRef shape) {
-    return c.sc.chunks.empty() ? at::zeros(shape, opts) : at::empty(shape, opts);
+    return c.sc.chunks.empty() ? at::zeros(shape, opts) : pooled_empty(shape, opts);
   };
   if (output_mask[1]) {
     grad_w_ih = weight_grad({4 * H, d.I});

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "execution/buffer_pool.h"
+
 namespace fusedrnn {
 namespace driver {
 
@@ -99,7 +101,7 @@ struct StepChunks {
   // Buffer `which` (0 or 1) of `width` columns; undefined when there is no second chunk.
   Tensor buffer(int64_t width, const at::TensorOptions& opts, int which) const {
     if (which == 1 && chunks.size() < 2) return Tensor();
-    return at::empty({buf_rows, width}, opts);
+    return pooled_empty({buf_rows, width}, opts);
   }
   const Chunk& of(int64_t k) const { return chunks[chunk_of[k]]; }
   // rows [r, r + count) of a per-row buffer pair, for a row r of processed step k

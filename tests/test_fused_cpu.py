@@ -278,6 +278,31 @@ def test_bf16_tiles(cell, B, H, I, bf16_tiles):
     _check_bf16(cell, B, H, I)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_inference_equals_training_forward(cell, bf16_tiles):
+    """A forward without grad stores no gates (the LSTM family's step kernels take their other
+    branch, kernels/step_elements.h). Same cell math, so the outputs must be the same bits as
+    those of a forward that saves its gates. 70 units: two 32-unit groups and a remainder; 13
+    rows: two 6-row tiles and a 1-row tail."""
+    torch.manual_seed(0)
+    T, B, I, H = 6, 13, 9, 70
+    w = {
+        k: v.to(BF16)
+        for k, v in make_weights(cell, I, H, 0, True, scale=0.5).items()
+        if v is not None
+    }
+    x = make_input(T, B, I, None).to(BF16)
+    hx, cx = (None if t is None else t.to(BF16) for t in make_states(cell, B, H, 0))
+    with torch.no_grad():
+        inference = run_layer(functional.rnn_layer, cell, x, w, hx, cx, None, False)
+    w = {k: v.requires_grad_() for k, v in w.items()}
+    training = run_layer(functional.rnn_layer, cell, x, w, hx, cx, None, False)
+    assert training[0].requires_grad
+    for a, b in zip(inference, training):
+        if a is not None:
+            assert torch.equal(a, b.detach())
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_bf16_packed_changing_row_counts(cell, reverse, bf16_tiles):

@@ -76,10 +76,10 @@ def _call(cell, dtype, x, w, hx, cx, bs, reverse, zone, equations=False):
     return outs, grads
 
 
-def _check_against_the_equations(cell, dtype, layout, reverse, mode, P=0):
+def _check_against_the_equations(cell, dtype, layout, reverse, mode, P=0, H=33):
     torch.manual_seed(0)
     T, B, batch_sizes = LAYOUTS[layout]
-    H, I = 33, 9
+    I = 9
     bs = torch.tensor(batch_sizes) if batch_sizes is not None else None
     Bn = batch_sizes[0] if batch_sizes is not None else B
     x = make_input(T, B, I, batch_sizes)
@@ -112,6 +112,16 @@ def _check_against_the_equations(cell, dtype, layout, reverse, mode, P=0):
 @pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "wm_lstm", "gru"])
 def test_fused_zoneout_matches_the_equations(cell, dtype, layout, reverse, mode):
     _check_against_the_equations(cell, dtype, layout, reverse, mode)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("layout", ["tiles", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole_lstm", "gru"])
+def test_fused_zoneout_whole_vectors_bf16(cell, layout, reverse, mode):
+    """70 units: the bf16 steps' whole-vector kernels (AVX-512: 32-unit forward groups, 64-unit
+    backward panels, kernels/cpu/isa/fused_tiles.h) besides the scalar remainder."""
+    _check_against_the_equations(cell, BF16, layout, reverse, mode, H=70)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

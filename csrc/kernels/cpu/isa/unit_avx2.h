@@ -24,6 +24,8 @@ struct Vec {
   static constexpr const char* kName = "avx2";
   static constexpr int kRegisters = 16;
   static constexpr int kLanes = 8;
+  // No lane math (lane_math.h): the cells run through the compiler's vectorisation.
+  static constexpr bool kLaneMath = false;
   // 4-vector tiles: 5 rows in passes of 2 vectors (5 x 2 accumulators, 2 b vectors and a
   // broadcast in the 16 registers; with 6 rows gcc spills an accumulator in the inner loop).
   // 3-vector tiles: 4 rows in one pass (12 accumulators, 3 b vectors and a broadcast).

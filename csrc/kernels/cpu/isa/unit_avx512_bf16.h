@@ -35,6 +35,12 @@ struct Vec : Avx512Vec {
   }
   // The row's last element with a zero partner (odd columns).
   static Pair broadcast_low(const uint16_t* p) { return _mm512_set1_epi32(*p); }
+  // 16 floats rounded to bf16 by the conversion instruction: to nearest even as c10::BFloat16,
+  // but a NaN keeps its sign and payload (quietened) and a denormal float or result becomes
+  // zero (below 1.2e-38: far under every tolerance, docs/design.md §4). Hides Avx512Vec's.
+  static void store_bf16(uint16_t* p, Reg v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+  }
   // acc + a.lo * b.lo + a.hi * b.hi in each float lane (b: a panel vector of pairs).
   static Reg dot_pairs(Reg acc, Pair a, Reg b) {
     return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)_mm512_castps_si512(b));

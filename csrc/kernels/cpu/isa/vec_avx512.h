@@ -60,6 +60,29 @@ struct Avx512Vec {
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
+  // The element-wise operations of the lane-wise cell math (lane_math.h). min / max return
+  // their second operand where either is NaN (so min(bound, x) keeps a NaN x); scale2(p, n) is
+  // p * 2^n for integral n.
+  static constexpr bool kLaneMath = true;
+  static Reg set1(float x) { return _mm512_set1_ps(x); }
+  static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static Reg min(Reg a, Reg b) { return _mm512_min_ps(a, b); }
+  static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
+  static Reg abs(Reg a) { return _mm512_abs_ps(a); }
+  static Reg round(Reg a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static Reg scale2(Reg p, Reg n) { return _mm512_scalef_ps(p, n); }
+  static Reg div(Reg a, Reg b) { return _mm512_div_ps(a, b); }
+  // |mag| with the sign of `sign` (mag >= 0)
+  static Reg with_sign(Reg mag, Reg sign) {
+    return _mm512_or_ps(mag, _mm512_and_ps(sign, set1(-0.0f)));
+  }
+  // a < b ? x : y per lane (false where a or b is NaN)
+  static Reg select_lt(Reg a, Reg b, Reg x, Reg y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+  }
   // r[i] lane j <- r[j] lane i (a 16 x 16 block): interleave pairs of rows, then 2 x 2 blocks
   // within the 128-bit lanes, then the 128-bit lanes across rows 0-7 and 8-15 (zero-masked
   // forms: see sum()).

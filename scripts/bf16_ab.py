@@ -1,0 +1,90 @@
+"""Two builds of fusedrnn side by side: bf16 LSTM and GRU layers, one thread, T=100 at
+(B, H) = (16, 128), (64, 256), (64, 512), I = H, forward (no grad) and forward + backward,
+each against torch.nn in the same process; the builds' processes interleaved, `rounds` each, and
+the median per build reported. A build is a folder holding a `fusedrnn` package with its
+compiled extension (e.g. a copy of the repository's `fusedrnn/` after `setup.py build_ext
+--inplace` at one commit, and another at the next).
+
+    python scripts/bf16_ab.py BEFORE_DIR AFTER_DIR [rounds] [repeats]
+
+Timing: medians of `repeats` calls' CPU time of the calling thread (time.thread_time).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+SHAPES = ((16, 128), (64, 256), (64, 512))
+
+
+def measure(repeats):
+    """Run inside one build's process: {case: (fused ms, torch.nn ms)} as JSON on stdout."""
+    import torch
+    from bf16_layers import median_ms  # this folder's: thread CPU time, the median
+
+    import fusedrnn
+
+    torch.set_num_threads(1)
+
+    out = {}
+    for name, fused_cls, nn_cls in (
+        ("lstm", fusedrnn.LSTM, torch.nn.LSTM),
+        ("gru", fusedrnn.GRU, torch.nn.GRU),
+    ):
+        for B, H in SHAPES:
+            torch.manual_seed(0)
+            fused = fused_cls(H, H).bfloat16()
+            nn = nn_cls(H, H).bfloat16()
+            nn.load_state_dict(fused.state_dict())
+            x = torch.randn(100, B, H).bfloat16()
+            for mode in ("fwd", "fwd+bwd"):
+
+                def run(m, mode=mode, x=x):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            m(x)
+                    else:
+                        y, _ = m(x)
+                        y.float().sum().backward()
+
+                out[f"{name} B={B} H={H} {mode}"] = (
+                    median_ms(lambda: run(fused), repeats),
+                    median_ms(lambda: run(nn), repeats),
+                )
+    print(json.dumps(out))
+
+
+def main():
+    if sys.argv[1] == "--measure":
+        measure(int(sys.argv[2]))
+        return
+    builds = sys.argv[1:3]
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 5
+    runs = {b: [] for b in builds}
+    for _ in range(rounds):
+        for b in builds:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(b))
+            res = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--measure", str(repeats)],
+                env=env,
+                cwd="/",
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            runs[b].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    print(f"one thread, {rounds} interleaved processes per build; ms and x torch.nn, medians")
+    for case in runs[builds[0]][0]:
+        cells = []
+        for b in builds:
+            fused = statistics.median(r[case][0] for r in runs[b])
+            ratio = statistics.median(r[case][1] / r[case][0] for r in runs[b])
+            cells.append(f"{fused:9.2f} ms {ratio:5.2f}x")
+        print(f"{case:24s} " + "   ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -90,15 +90,23 @@ inline void dispatch_zone(const Step& p, const Fn& fn) {
   bad_dispatch("dispatch_zone: a zoned step this kernel does not run");
 }
 
-// The state before this step of row b: the previous step's saved row where that step ran row b
-// (b < m_prev), else the initial state.
+// The row of the state before this step for row b: the previous step's saved row where that step
+// ran row b (b < m_prev), else the initial state's. kPrev fixes which (kOn, kOff) where the caller
+// knows it for a whole tile.
+template <int kPrev = kRuntime, typename scalar_t>
+FUSEDRNN_HD const scalar_t* prev_row(const scalar_t* prev, int64_t ld_prev, const scalar_t* init,
+                                     int64_t m_prev, int64_t H, int64_t b) {
+  if constexpr (kPrev == kOn) return prev + b * ld_prev;
+  if constexpr (kPrev == kOff) return init + b * H;
+  return b < m_prev ? prev + b * ld_prev : init + b * H;
+}
+
+// Element j of that row.
 template <int kPrev = kRuntime, typename scalar_t>
 FUSEDRNN_HD acc_type<scalar_t> prev_state(const scalar_t* prev, int64_t ld_prev,
                                           const scalar_t* init, int64_t m_prev, int64_t H,
                                           int64_t b, int64_t j) {
-  if constexpr (kPrev == kOn) return ld(prev + b * ld_prev, j);
-  if constexpr (kPrev == kOff) return ld(init + b * H, j);
-  return b < m_prev ? ld(prev + b * ld_prev, j) : ld(init + b * H, j);
+  return ld(prev_row<kPrev>(prev, ld_prev, init, m_prev, H, b), j);
 }
 
 // Zoneout's update of one state element (design.md §1.7): d * prev + (1 - d) * next, d the

@@ -318,9 +318,10 @@ __attribute__((always_inline)) inline void for_tile(int64_t r0, int64_t rows, in
 
 inline void no_tail(int64_t, int64_t) {}
 
-// Whether an LSTM-family backward step of T runs lstm_backward_lanes on whole vectors: bf16
-// steps of the one-phase cells, where the Vec has the lane math (lane_math.h). (The forward
-// keeps the compiler-vectorised element: its lane version measured ~3% slower on Zen 4.)
+// Whether a step of cell kCell in T runs its lane element on whole vectors (lstm_backward_lanes,
+// gru_forward_lanes, gru_backward_lanes): bf16 steps of the one-phase cells, where the Vec has the
+// lane math (lane_math.h). (The LSTM family's forward keeps the compiler-vectorised element: its
+// lane version measured ~3% slower on Zen 4.)
 template <typename T, CellKind kCell>
 constexpr bool kLaneCell =
     std::is_same_v<T, c10::BFloat16> && Vec::kLaneMath && !traits(kCell).two_phase;
@@ -344,16 +345,14 @@ void lstm_forward(CellKind cell, Phase phase, const LSTMForwardStep<T>& p, T* ou
           // c_t only (kCellOnly): a projected step, which has no h_state
           constexpr bool kCellOnly_ = decltype(h_state)::value == kOff;
           dispatch_zone<kTilesZone<kCell, kPhase>, kCellOnly_>(p, [&](auto zone) {
-            constexpr bool kBias = decltype(bias)::value;
-            constexpr int kSave = decltype(save)::value, kHState = decltype(h_state)::value,
-                          kZone = decltype(zone)::value;
             auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
               const LSTMForwardStep<T> q = p;  // a local copy: stores cannot alias its pointers
-              for_tile<kEpiUnits<T>>(r0, rows, j0, units,
-                                     [&](int64_t b, int64_t j) __attribute__((always_inline)) {
-                                       lstm_forward_element<kCell, kPhase, kBias, /*kHg=*/false,
-                                                            kSave, kHState, kZone>(q, b, j);
-                                     });
+              for_tile<kEpiUnits<T>>(
+                  r0, rows, j0, units, [&](int64_t b, int64_t j) __attribute__((always_inline)) {
+                    lstm_forward_element<kCell, kPhase, decltype(bias)::value, /*kHg=*/false,
+                                         decltype(save)::value, decltype(h_state)::value,
+                                         decltype(zone)::value>(q, b, j);
+                  });
             };
             if constexpr (traits(kCell).two_phase && kPhase == Phase::kO) {
               gemm_panels<3, false, kEpiGroup<T>>(g, out, ldo, p0, p1, epi, no_tail);
@@ -384,8 +383,7 @@ __attribute__((always_inline)) inline void lstm_backward_lanes(
   const T* gt = p.gates + b * p.ld_gates + j;
   const F i = ld(gt), f = ld(gt + H), g = ld(gt + 2 * H), o = ld(gt + 3 * H);
   F c = ld(p.c + b * p.ld_c + j);
-  const bool from_prev = kPrev == kOn || (kPrev == kRuntime && b < p.m_prev);
-  const F c_prev = ld(from_prev ? p.c_prev + b * p.ld_c_prev + j : p.c_init + s);
+  const F c_prev = ld(prev_row<kPrev>(p.c_prev, p.ld_c_prev, p.c_init, p.m_prev, H, b) + j);
   F dh = ld(p.dh + b * p.ld_dh + j);
   if constexpr (kDy == kOn) dh = dh + ld(p.dy + b * p.ld_dy + j);
   const F dc = ld(p.dc_state + s);
@@ -504,10 +502,6 @@ void lstm_backward(CellKind cell, Phase phase, const LSTMBackwardStep<T>& p, T* 
   });
 }
 
-// Whether a GRU forward step of T runs gru_forward_lanes (as kLaneCell).
-template <typename T>
-constexpr bool kLaneGRU = std::is_same_v<T, c10::BFloat16> && Vec::kLaneMath;
-
 // gru_forward_element (kernels/step_elements.h) on the kL units [j, j + kL) of row b at once,
 // as lstm_backward_lanes.
 template <bool kBias, int kZone>
@@ -553,18 +547,17 @@ __attribute__((always_inline)) inline void gru_backward_lanes(
   const T* gt = p.gates + b * p.ld_gates + j;
   F dh = ld(p.dh_state + s);
   if constexpr (kDy == kOn) dh = dh + ld(p.dy + b * p.ld_dy + j);
-  const bool from_prev = kPrev == kOn || (kPrev == kRuntime && b < p.m_prev);
-  const F h_prev = ld(from_prev ? p.h_prev + b * p.ld_h_prev + j : p.h_init + s);
-  F dx_r, dx_z, dx_n, dh_n, dh_prev;
+  const F h_prev = ld(prev_row<kPrev>(p.h_prev, p.ld_h_prev, p.h_init, p.m_prev, H, b) + j);
+  // zoned: the cell's h̃_t takes (1 - d) of dh, the previous state d of it
+  F d, dh_cell = dh;
   if constexpr (kZone == kOn) {
-    const F d = ld(p.zone_h + b * p.ld_zone_h + j);
-    math_of<CellKind::kGRU, F>::backward(ld(gt), ld(gt + H), ld(gt + 2 * H), ld(gt + 3 * H), h_prev,
-                                         (F(1.0f) - d) * dh, dx_r, dx_z, dx_n, dh_n, dh_prev);
-    dh_prev = dh_prev + d * dh;
-  } else {
-    math_of<CellKind::kGRU, F>::backward(ld(gt), ld(gt + H), ld(gt + 2 * H), ld(gt + 3 * H), h_prev,
-                                         dh, dx_r, dx_z, dx_n, dh_n, dh_prev);
+    d = ld(p.zone_h + b * p.ld_zone_h + j);
+    dh_cell = (F(1.0f) - d) * dh;
   }
+  F dx_r, dx_z, dx_n, dh_n, dh_prev;
+  math_of<CellKind::kGRU, F>::backward(ld(gt), ld(gt + H), ld(gt + 2 * H), ld(gt + 3 * H), h_prev,
+                                       dh_cell, dx_r, dx_z, dx_n, dh_n, dh_prev);
+  if constexpr (kZone == kOn) dh_prev = dh_prev + d * dh;
   T* dx = p.dx + b * p.ld_dx + j;
   T* dhg = p.dhg + b * p.ld_dhg + j;
   st(dx, dx_r);
@@ -584,7 +577,7 @@ void gru_forward(const GRUForwardStep<T>& p, const PanelGemm& g, int64_t p0, int
       constexpr int kZone = decltype(zone)::value;
       auto epi = [&](int64_t r0, int64_t rows, int64_t j0, int64_t units) {
         const GRUForwardStep<T> q = p;
-        if constexpr (kLaneGRU<T>) {
+        if constexpr (kLaneCell<T, CellKind::kGRU>) {
           if (units == kEpiUnits<T>) {
             for (int64_t b = r0; b < r0 + rows; ++b) {
 #pragma GCC unroll 4
@@ -613,7 +606,7 @@ void gru_backward(const GRUBackwardStep<T>& p, const PanelGemm& g, int64_t p0, i
                        int64_t j) __attribute__((always_inline)) {
       gru_backward_element<decltype(dy)::value, decltype(prev)::value, kZone>(q, b, j);
     };
-    if constexpr (kLaneGRU<T>) {
+    if constexpr (kLaneCell<T, CellKind::kGRU>) {
       auto lanes = [&](auto dy, auto prev, const GRUBackwardStep<T>& q, int64_t b,
                        int64_t j) __attribute__((always_inline)) {
         gru_backward_lanes<decltype(dy)::value, decltype(prev)::value, kZone>(q, b, j);

@@ -1,11 +1,12 @@
-"""Two builds of fusedrnn side by side: bf16 LSTM and GRU layers, one thread, T=100 at
+"""Two builds of fusedrnn side by side: LSTM and GRU layers (bf16, or --dtype float32), one
+thread, T=100 at
 (B, H) = (16, 128), (64, 256), (64, 512), I = H, forward (no grad) and forward + backward,
 each against torch.nn in the same process; the builds' processes interleaved, `rounds` each, and
 the median per build reported. A build is a folder holding a `fusedrnn` package with its
 compiled extension (e.g. a copy of the repository's `fusedrnn/` after `setup.py build_ext
 --inplace` at one commit, and another at the next).
 
-    python scripts/bf16_ab.py BEFORE_DIR AFTER_DIR [rounds] [repeats]
+    python scripts/ab_builds.py BEFORE_DIR AFTER_DIR [rounds] [repeats] [--dtype float32]
 
 Timing: medians of `repeats` calls' CPU time of the calling thread (time.thread_time).
 """
@@ -19,7 +20,7 @@ import sys
 SHAPES = ((16, 128), (64, 256), (64, 512))
 
 
-def measure(repeats):
+def measure(repeats, dtype):
     """Run inside one build's process: {case: (fused ms, torch.nn ms)} as JSON on stdout."""
     import torch
     from bf16_layers import median_ms  # this folder's: thread CPU time, the median
@@ -35,10 +36,10 @@ def measure(repeats):
     ):
         for B, H in SHAPES:
             torch.manual_seed(0)
-            fused = fused_cls(H, H).bfloat16()
-            nn = nn_cls(H, H).bfloat16()
+            fused = fused_cls(H, H).to(dtype)
+            nn = nn_cls(H, H).to(dtype)
             nn.load_state_dict(fused.state_dict())
-            x = torch.randn(100, B, H).bfloat16()
+            x = torch.randn(100, B, H).to(dtype)
             for mode in ("fwd", "fwd+bwd"):
 
                 def run(m, mode=mode, x=x):
@@ -57,18 +58,35 @@ def measure(repeats):
 
 
 def main():
-    if sys.argv[1] == "--measure":
-        measure(int(sys.argv[2]))
+    import torch
+
+    args = sys.argv[1:]
+    dtype = "bfloat16"
+    if "--dtype" in args:
+        k = args.index("--dtype")
+        dtype = args[k + 1]
+        del args[k : k + 2]
+    if dtype not in ("bfloat16", "float32"):
+        raise SystemExit(f"--dtype: expected bfloat16 or float32, got {dtype!r}")
+    if args[0] == "--measure":
+        measure(int(args[1]), getattr(torch, dtype))
         return
-    builds = sys.argv[1:3]
-    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 5
+    builds = args[0:2]
+    rounds = int(args[2]) if len(args) > 2 else 3
+    repeats = int(args[3]) if len(args) > 3 else 5
     runs = {b: [] for b in builds}
     for _ in range(rounds):
         for b in builds:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(b))
             res = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--measure", str(repeats)],
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--measure",
+                    str(repeats),
+                    "--dtype",
+                    dtype,
+                ],
                 env=env,
                 cwd="/",
                 check=True,
@@ -76,7 +94,9 @@ def main():
                 text=True,
             )
             runs[b].append(json.loads(res.stdout.strip().splitlines()[-1]))
-    print(f"one thread, {rounds} interleaved processes per build; ms and x torch.nn, medians")
+    print(
+        f"{dtype}, one thread, {rounds} interleaved processes per build; ms and x torch.nn, medians"
+    )
     for case in runs[builds[0]][0]:
         cells = []
         for b in builds:

@@ -322,8 +322,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_family_backward(
     gemm(grad_w_ih, dx.t(), rows(x, ch.lo, m), beta);
     gemm_prev(grad_w_hh, dhg, clip_segments(segs, ch.lo, ch.hi), c.out, c.h0, beta);
     if (grad_b_ih.numel()) {
-      grad_b_ih += dx.sum(0);
-      grad_b_hh += dhg.sum(0);
+      // r and z: the input and hidden sides share their gate's gradient (dhg's first 2H
+      // columns are dx's, kernels/step_elements.h), so one column sum serves both
+      const Tensor sum_x = dx.sum(0);
+      grad_b_ih += sum_x;
+      grad_b_hh.narrow(0, 0, 2 * H) += sum_x.narrow(0, 0, 2 * H);
+      grad_b_hh.narrow(0, 2 * H, H) += dhg.narrow(1, 2 * H, H).sum(0);
     }
   };
   const Plan plan = plan_call(input, s, TilesFor::kLongCalls);

@@ -111,14 +111,19 @@ void check_gain(const char* op, const char* name, const Tensor& t, const Tensor&
 
 // The input side's product x W_ih^T of every row (N x G), which the rows' forward passes
 // normalise into the workspace block `xhat` (cells/layer_norm.h): computed in that block itself
-// when the dtype is the op-math type, else a tensor of its own.
+// when the dtype is the op-math type, else a tensor of its own. Through gemm() as the other
+// cells' input projection: oneDNN where it is the faster GEMM (on a Zen 4 core at::mm's MKL
+// sgemm ran this product at the speed of its AVX2 kernel), and bf16 through fp32 where ATen's
+// bf16 at::mm would be its slow loops (execution/gemm.cpp).
 template <typename scalar_t, typename acc_t>
 Tensor input_product(const Tensor& x, const Tensor& w_ih, Tensor xhat) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    at::mm_out(xhat, x, w_ih.t());
+    gemm(xhat, x, w_ih.t());
     return xhat;
   } else {
-    return at::mm(x, w_ih.t()).contiguous();
+    Tensor xp = at::empty({x.size(0), w_ih.size(0)}, x.options());
+    gemm(xp, x, w_ih.t());
+    return xp;
   }
 }
 

@@ -170,6 +170,14 @@ StepChunks ln_chunks(const Steps& s) {
 
 Tensor none_like(const Tensor& input) { return at::empty({0}, input.options()); }
 
+// w^T (a matrix) as a contiguous `dtype` tensor from the pool of the layers' buffers: a plain
+// copy (a megabyte at H=256) took fresh pages from the system on every backward.
+Tensor transposed(const Tensor& w, at::ScalarType dtype) {
+  Tensor t = pooled_empty({w.size(1), w.size(0)}, w.options().dtype(dtype));
+  t.copy_(w.t());
+  return t;
+}
+
 // A CPU buffer of `numel` values from the pool of the layers' buffers (execution/buffer_pool.h),
 // backed by transparent huge pages where the kernel allows them on request (madvise mode): the
 // workspace and the backward's per-row buffers are large (~100 MB at T=100, B=64, H=256), and
@@ -362,8 +370,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
   const Tensor h_state = state_or_zeros(hx, input, s.B, Hout);
   const Tensor c_state =
       cx.has_value() ? cx->to(acc_st).contiguous().clone() : at::zeros({s.B, H}, acc_opts);
-  const Tensor hg = at::empty({s.B, G}, opts);
-  const Tensor r_buf = proj ? at::empty({s.B, H}, opts) : Tensor();
+  const Tensor hg = pooled_empty({s.B, G}, opts);
+  const Tensor r_buf = proj ? pooled_empty({s.B, H}, opts) : Tensor();
   const Tensor bias =
       b_ih.has_value() ? bias_sum(b_ih->contiguous(), b_hh->contiguous()) : Tensor();
   const Tensor w_hh_c = w_hh.contiguous(), w_hr_c = proj ? w_hr->contiguous() : Tensor();
@@ -469,11 +477,11 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
   const StepChunks sc = ln_chunks(s);
   const Tensor dx = large_buffer({sc.buf_rows, G}, acc_opts),
                dhg = large_buffer({sc.buf_rows, G}, acc_opts);
-  const Tensor dho = proj ? at::empty({N, Hout}, acc_opts) : Tensor();
+  const Tensor dho = proj ? pooled_empty({N, Hout}, acc_opts) : Tensor();
   const Tensor dr = proj ? at::empty({s.B, H}, acc_opts) : Tensor();
   // W_hh^T (Hout, G), so that the per-step dh_{t-1} = dhg W_hh reads it transposed, as the
   // forward's GEMM reads W_hh (a plain W_hh made MKL repack it on every step)
-  const Tensor w_hh_t = w_hh.to(acc_st).t().contiguous();
+  const Tensor w_hh_t = transposed(w_hh, acc_st);
   const Tensor w_hr_a = proj ? w_hr->to(acc_st).contiguous() : Tensor();
   const Tensor gi = g_ih.contiguous(), gh = g_hh.contiguous(), gc = g_c.contiguous(),
                bc = b_c.contiguous();
@@ -498,8 +506,8 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
         // Σdyc, Σdyc ĉ that the row passes add to (cells/layer_norm.h)
         Tensor gw_hh, gw_hr;
         if (output_mask[1]) {
-          gw_hh = at::empty({G, Hout}, acc_opts);
-          if (proj) gw_hr = at::empty({Hout, H}, acc_opts);
+          gw_hh = pooled_empty({G, Hout}, acc_opts);
+          if (proj) gw_hr = pooled_empty({Hout, H}, acc_opts);
         }
         const GradSums sums(3 * G + 2 * H, s.B, acc_opts);
         auto finish_chunk = [&](const StepChunks::Chunk& ch) {
@@ -615,7 +623,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
   const Tensor ws = large_buffer({blocks.numel(s.N, rows)}, acc_opts);
   const Tensor output = pooled_empty(out_shape(input, H), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, H);
-  const Tensor hg = at::empty({s.B, G}, opts);
+  const Tensor hg = pooled_empty({s.B, G}, opts);
   const Tensor bi = b_ih.has_value() ? b_ih->contiguous() : Tensor();
   const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
   const Tensor w_hh_c = w_hh.contiguous(), gi = g_ih.contiguous(), gh = g_hh.contiguous();
@@ -689,7 +697,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
   const StepChunks sc = ln_chunks(s);
   const Tensor dx = large_buffer({sc.buf_rows, G}, acc_opts),
                dhg = large_buffer({sc.buf_rows, G}, acc_opts);
-  const Tensor w_hh_t = w_hh.to(acc_st).t().contiguous();  // as in the LSTM's backward
+  const Tensor w_hh_t = transposed(w_hh, acc_st);  // as in the LSTM's backward
   const Tensor gi = g_ih.contiguous(), gh = g_hh.contiguous();
   const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
   const StepDevice dev(dh_state);
@@ -708,7 +716,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         // the chunks' grad_weight_hh, and the column sums Σdxs, Σdxs x̂, Σdhs, Σdhs ĥ that the
         // row passes add to (cells/layer_norm.h)
         Tensor gw_hh;
-        if (output_mask[1]) gw_hh = at::empty({G, H}, acc_opts);
+        if (output_mask[1]) gw_hh = pooled_empty({G, H}, acc_opts);
         const GradSums sums(4 * G, s.B, acc_opts);
         auto finish_chunk = [&](const StepChunks::Chunk& ch) {
           const int64_t lo = ch.lo, m = ch.hi - ch.lo;

@@ -497,14 +497,26 @@ def test_long_calls_step_products(cpu_isa, cell, dtype, layout):
         assert_close(g, r, dtype, f"{cpu_isa} result {i}", lowp=lp)
 
 
-def test_inference_and_training_forward_agree():
-    """Inference keeps only the step's rows of the workspace blocks (x̂ excepted): its outputs
-    equal a training forward's exactly."""
-    for cell in ("lstm", "gru"):
-        a, ln = _layer_case(cell, torch.float32, packed=True)
-        op = getattr(torch.ops.fusedrnn, f"layer_norm_{cell}_forward")
-        train = op(*_layer_norm._op_args(cell, a, ln), True)
-        infer = op(*_layer_norm._op_args(cell, a, ln), False)
-        assert infer[-1].numel() == 0 and train[-1].numel() > 0
-        for t, i in zip(train[:-1], infer[:-1]):
-            torch.testing.assert_close(i, t, rtol=0, atol=0)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["packed", "proj", "zoneout"])
+def test_inference_and_training_forward_agree(cpu_isa, cell, dtype, layout):
+    """Inference keeps only the step's rows of the workspace blocks (x̂ excepted) and writes
+    only what its step reads again (cells/layer_norm.h, kKeep): its outputs equal a training
+    forward's exactly, under every ISA's row loops, with a projection and with zoneout's
+    weights of the previous states (eval's rates: both states mixed)."""
+    if layout == "proj" and cell == "gru":
+        pytest.skip("the GRU has no projection")
+    a, ln = _layer_case(cell, dtype, packed=layout == "packed", proj=P if layout == "proj" else 0)
+    zones = ()
+    if layout == "zoneout":
+        n = a.input.shape[0] * a.input.shape[1]
+        gen = torch.Generator().manual_seed(3)
+        zones = tuple(torch.rand(n, H, generator=gen).to(dtype) for _ in range(2))
+        zones = zones if cell == "lstm" else zones[1:]
+    op = getattr(torch.ops.fusedrnn, f"layer_norm_{cell}_forward")
+    train = op(*_layer_norm._op_args(cell, a, ln), True, *zones)
+    infer = op(*_layer_norm._op_args(cell, a, ln), False, *zones)
+    assert infer[-1].numel() == 0 and train[-1].numel() > 0
+    for t, i in zip(train[:-1], infer[:-1]):
+        torch.testing.assert_close(i, t, rtol=0, atol=0)

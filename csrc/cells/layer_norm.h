@@ -141,8 +141,12 @@ struct LSTMRow {
 // normalises into w.xhat (xp may be w.xhat itself: each column is read before it is written);
 // `hg` (4H) the row's h_{t-1} W_hh^T; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in:
 // c_{t-1}, out: c_t; h_prev (Hout) the row's state before the step (saved; h_copy may be it).
-// Writes h_t = o tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t.
-template <int kZone, typename scalar_t, typename acc_t, typename Row>
+// Writes h_t = o tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t. kKeep: a
+// training step, which fills the row's workspace for the backward; else an inference step,
+// which writes only what the step itself reads again (the output gate, c_t in ĉ's place): not
+// writing x̂ back over the input product spared an inference call one store of every row's 4H
+// values to memory.
+template <int kZone, bool kKeep, typename scalar_t, typename acc_t, typename Row>
 FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const scalar_t* xp,
                                   const scalar_t* hg, const scalar_t* h_prev, const scalar_t* g_ih,
                                   const scalar_t* g_hh, const scalar_t* bias, const scalar_t* g_c,
@@ -151,7 +155,9 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
                                   const scalar_t* zc, const scalar_t* zh) {
   const int64_t G = 4 * H;
   constexpr bool kZoneC = kZone != kOff, kZoneH = kZone == kOn;
-  row.each(Hout, [&](int64_t k) FUSEDRNN_PASS { w.h_prev[k] = static_cast<acc_t>(h_prev[k]); });
+  if constexpr (kKeep || kZoneH) {  // (zoned: the output pass reads it, h_copy may be h_prev)
+    row.each(Hout, [&](int64_t k) FUSEDRNN_PASS { w.h_prev[k] = static_cast<acc_t>(h_prev[k]); });
+  }
   acc_t mean_x, rstd_x, mean, rstd_h;
   row_stats<acc_t>(row, xp, G, mean_x, rstd_x);
   row_stats<acc_t>(row, hg, G, mean, rstd_h);
@@ -160,8 +166,10 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
   auto pre = [&](int64_t k) FUSEDRNN_PASS {
     const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;
     const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
-    w.xhat[k] = xh;
-    w.hhat[k] = hh;
+    if constexpr (kKeep) {
+      w.xhat[k] = xh;
+      w.hhat[k] = hh;
+    }
     acc_t a = static_cast<acc_t>(g_ih[k]) * xh + static_cast<acc_t>(g_hh[k]) * hh;
     if (bias) a += static_cast<acc_t>(bias[k]);
     return a;
@@ -170,12 +178,14 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
   row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t i = math::sigmoid(pre(j)), f = math::sigmoid(pre(H + j));
     const acc_t g = math::tanh(pre(2 * H + j)), o = math::sigmoid(pre(3 * H + j));
-    gt[j] = i;
-    gt[H + j] = f;
-    gt[2 * H + j] = g;
+    if constexpr (kKeep) {
+      gt[j] = i;
+      gt[H + j] = f;
+      gt[2 * H + j] = g;
+    }
     gt[3 * H + j] = o;
     const acc_t cp = c_state[j];
-    w.c_prev[j] = cp;
+    if constexpr (kKeep) w.c_prev[j] = cp;
     const acc_t c = f * cp + i * g;
     w.chat[j] = c;           // c_t, normalised in place below
     if constexpr (kZoneC) {  // the carried state zoned; chat keeps the cell's own, which LN reads
@@ -196,15 +206,19 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
       const acc_t d = static_cast<acc_t>(zh[j]);
       h = d * w.h_prev[j] + (acc_t(1) - d) * h;
     }
-    if (w.r) w.r[j] = h;
+    if constexpr (kKeep) {
+      if (w.r) w.r[j] = h;
+    }
     h_out[j] = static_cast<scalar_t>(h);
     if (h_copy) h_copy[j] = static_cast<scalar_t>(h);
   });
-  row.once([&]() FUSEDRNN_PASS {
-    w.stats[0] = rstd_x;
-    w.stats[1] = rstd_h;
-    w.stats[2] = rstd_c;
-  });
+  if constexpr (kKeep) {
+    row.once([&]() FUSEDRNN_PASS {
+      w.stats[0] = rstd_x;
+      w.stats[1] = rstd_h;
+      w.stats[2] = rstd_c;
+    });
+  }
 }
 
 // Backward of one row of an LN-LSTM step. dh (H): the gradient of o tanh(LN(c_t)) (after the
@@ -286,7 +300,7 @@ struct GRURow {
 // Forward of one row of an LN-GRU step: xp (3H) the row's x W_ih^T, normalised into w.xhat (as
 // in the LSTM), hg (3H) the row's h_{t-1} W_hh^T, h_state (H) in: h_{t-1}, out: h_t (also
 // written to h_out).
-template <int kZone, typename scalar_t, typename acc_t, typename Row>
+template <int kZone, bool kKeep, typename scalar_t, typename acc_t, typename Row>
 FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, const scalar_t* hg,
                                  const scalar_t* g_ih, const scalar_t* g_hh, const scalar_t* b_ih,
                                  const scalar_t* b_hh, scalar_t* h_state,
@@ -300,13 +314,13 @@ FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, 
   // it is written), scaled and shifted, in the unit's pass.
   auto xs = [&](int64_t k) FUSEDRNN_PASS {
     const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;
-    w.xhat[k] = xh;
+    if constexpr (kKeep) w.xhat[k] = xh;
     acc_t v = static_cast<acc_t>(g_ih[k]) * xh;
     return b_ih ? v + static_cast<acc_t>(b_ih[k]) : v;
   };
   auto hs = [&](int64_t k) FUSEDRNN_PASS {
     const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
-    w.hhat[k] = hh;
+    if constexpr (kKeep) w.hhat[k] = hh;
     acc_t v = static_cast<acc_t>(g_hh[k]) * hh;
     return b_hh ? v + static_cast<acc_t>(b_hh[k]) : v;
   };
@@ -315,10 +329,12 @@ FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, 
     const acc_t z = math::sigmoid(xs(H + j) + hs(H + j));
     const acc_t n = math::tanh(xs(2 * H + j) + r * hs(2 * H + j));
     const acc_t hp = static_cast<acc_t>(h_state[j]);
-    w.h_prev[j] = hp;
-    w.gates[j] = r;
-    w.gates[H + j] = z;
-    w.gates[2 * H + j] = n;
+    if constexpr (kKeep) {
+      w.h_prev[j] = hp;
+      w.gates[j] = r;
+      w.gates[H + j] = z;
+      w.gates[2 * H + j] = n;
+    }
     acc_t h = (acc_t(1) - z) * n + z * hp;
     if constexpr (kZone == kOn) {
       const acc_t d = static_cast<acc_t>(zh[j]);
@@ -327,10 +343,12 @@ FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, 
     h_state[j] = static_cast<scalar_t>(h);
     h_out[j] = static_cast<scalar_t>(h);
   });
-  row.once([&]() FUSEDRNN_PASS {
-    w.stats[0] = rstd_x;
-    w.stats[1] = rstd_h;
-  });
+  if constexpr (kKeep) {
+    row.once([&]() FUSEDRNN_PASS {
+      w.stats[0] = rstd_x;
+      w.stats[1] = rstd_h;
+    });
+  }
 }
 
 // Backward of one row of an LN-GRU step: dh (H) in: dL/dh_t, out: the direct part of

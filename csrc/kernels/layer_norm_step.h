@@ -36,6 +36,10 @@ struct LNStep {
   int64_t r0 = 0;   // the workspace row of the step's row 0 (0 in inference: the blocks then hold
                     // the step's rows only)
   int64_t xr0 = 0;  // the same for the x̂ block, which holds every row
+  // the forward of a training call, whose rows fill the workspace for the backward; false: an
+  // inference call's, which writes only what the step reads again (cells/layer_norm.h, kKeep;
+  // the CUDA kernels keep every row's workspace)
+  bool keep = true;
   const scalar_t* g_ih = nullptr;  // LayerNorm gains and shifts
   const scalar_t* g_hh = nullptr;
   const scalar_t* g_c = nullptr;

@@ -392,6 +392,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
         scalar_t* const rp = proj ? r_buf.data_ptr<scalar_t>() : nullptr;
         LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, rows, w);
+        base.keep = need_workspace;
         base.xp = xp.const_data_ptr<scalar_t>();
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
@@ -642,6 +643,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         const scalar_t* const bip = bi.defined() ? bi.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* const bhp = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
         LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, rows, w);
+        base.keep = need_workspace;
         base.xp = xp.const_data_ptr<scalar_t>();
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();

@@ -28,6 +28,16 @@ void with_zone(const LNStep<scalar_t>& p, const Fn& fn) {
   }
 }
 
+// fn(std::bool_constant<p.keep>): a training step's forward or an inference step's.
+template <typename scalar_t, typename Fn>
+void with_keep(const LNStep<scalar_t>& p, const Fn& fn) {
+  if (p.keep) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
 // Row b's part of the first `blocks` workspace blocks of step p asked into the cache (the L2)
 // while the row before it runs. The blocks of a training call hold every row of the call
 // (~100 MB at T=100 B=64 H=256), a row's part of a block a few KiB; the hardware's prefetchers,
@@ -52,10 +62,13 @@ __attribute__((always_inline)) inline void prefetch_row(const LNStep<scalar_t>& 
 template <typename scalar_t>
 void ln_lstm_forward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
   with_zone<true>(p, [&](auto zone) {
-    for (int64_t b = b0; b < b1; ++b) {
-      if (b + 1 < b1) prefetch_row(p, kLSTMStats + 1, b + 1, true);
-      layer_norm::lstm_forward_of<decltype(zone)::value>(layer_norm::SerialRow{}, p, b);
-    }
+    with_keep(p, [&](auto keep) {
+      constexpr bool kKeep = decltype(keep)::value;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b + 1 < b1) prefetch_row(p, kKeep ? kLSTMStats + 1 : 1, b + 1, true);
+        layer_norm::lstm_forward_of<decltype(zone)::value, kKeep>(layer_norm::SerialRow{}, p, b);
+      }
+    });
   });
 }
 
@@ -72,10 +85,13 @@ void ln_lstm_backward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
 template <typename scalar_t>
 void ln_gru_forward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
   with_zone<false>(p, [&](auto zone) {
-    for (int64_t b = b0; b < b1; ++b) {
-      if (b + 1 < b1) prefetch_row(p, kGRUStats + 1, b + 1, true);
-      layer_norm::gru_forward_of<decltype(zone)::value>(layer_norm::SerialRow{}, p, b);
-    }
+    with_keep(p, [&](auto keep) {
+      constexpr bool kKeep = decltype(keep)::value;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b + 1 < b1) prefetch_row(p, kKeep ? kGRUStats + 1 : 1, b + 1, true);
+        layer_norm::gru_forward_of<decltype(zone)::value, kKeep>(layer_norm::SerialRow{}, p, b);
+      }
+    });
   });
 }
 

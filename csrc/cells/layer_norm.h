@@ -16,11 +16,11 @@
 // 3H columns) before any unit's gates, and the LN-LSTM the statistics of its whole c_t before any
 // unit's output, so the unit of work is a row (not an element, as in the other cells): a few
 // passes over the row's columns, each a loop that gcc vectorises. The input side x W_ih^T does not
-// depend on the recurrence: it is one GEMM for every row of the call before the step loop
-// (recurrence/layer_norm.cpp), which each row's forward pass normalises (its statistics taken
-// there); its backward runs in the row's backward pass, which
-// also adds the row's terms of the gains' and biases' gradients (column sums over every row) to
-// sums of its thread's own.
+// depend on the recurrence: it is one GEMM for every row of the call before the step loop in
+// training, for a chunk of steps at a time in inference (recurrence/layer_norm.cpp), which each
+// row's forward pass normalises (its statistics taken there); its backward runs in the row's
+// backward pass, which also adds the row's terms of the gains' and biases' gradients (column
+// sums over every row) to sums of its thread's own.
 //
 // The training workspace of a row (acc_t, the op-math type: fp32 for the half types) keeps
 // what the backward reads: the normalised products x̂ and ĥ, the activated gates, the states
@@ -143,9 +143,7 @@ struct LSTMRow {
 // c_{t-1}, out: c_t; h_prev (Hout) the row's state before the step (saved; h_copy may be it).
 // Writes h_t = o tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t. kKeep: a
 // training step, which fills the row's workspace for the backward; else an inference step,
-// which writes only what the step itself reads again (the output gate, c_t in ĉ's place): not
-// writing x̂ back over the input product spared an inference call one store of every row's 4H
-// values to memory.
+// which writes only what the step itself reads again (the output gate, c_t in ĉ's place).
 template <int kZone, bool kKeep, typename scalar_t, typename acc_t, typename Row>
 FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const scalar_t* xp,
                                   const scalar_t* hg, const scalar_t* h_prev, const scalar_t* g_ih,

@@ -18,7 +18,7 @@ template <int kZone, bool kKeep = true, typename scalar_t, typename Row>
 FUSEDRNN_HD void lstm_forward_of(const Row& row, const LNStep<scalar_t>& p, int64_t b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = 4 * p.H, r = p.r0 + b;
-  const LSTMRow::Ptrs<acc_t> w{p.block(kXhat, p.xr0 + b),
+  const LSTMRow::Ptrs<acc_t> w{p.block(kXhat, r),
                                p.block(kHhat, r),
                                p.block(kGates, r),
                                p.block(kCPrev, r),
@@ -27,10 +27,9 @@ FUSEDRNN_HD void lstm_forward_of(const Row& row, const LNStep<scalar_t>& p, int6
                                p.r_out ? p.block(kR, r) : nullptr,
                                p.block(kLSTMStats, r)};
   lstm_forward_row<kZone, kKeep, scalar_t, acc_t>(
-      row, p.H, p.Hout, p.xp + (p.xr0 + b) * G, p.hg + b * G, p.h_state + b * p.Hout, p.g_ih,
-      p.g_hh, p.bias, p.g_c, p.b_c, p.c_state + b * p.H, w,
-      p.r_out ? p.r_out + b * p.H : p.out + b * p.Hout, p.r_out ? nullptr : p.h_state + b * p.Hout,
-      p.zc(b), p.zh(b));
+      row, p.H, p.Hout, p.xp + b * G, p.hg + b * G, p.h_state + b * p.Hout, p.g_ih, p.g_hh, p.bias,
+      p.g_c, p.b_c, p.c_state + b * p.H, w, p.r_out ? p.r_out + b * p.H : p.out + b * p.Hout,
+      p.r_out ? nullptr : p.h_state + b * p.Hout, p.zc(b), p.zh(b));
 }
 
 template <int kZone, typename scalar_t, typename Row>
@@ -54,11 +53,11 @@ template <int kZone, bool kKeep = true, typename scalar_t, typename Row>
 FUSEDRNN_HD void gru_forward_of(const Row& row, const LNStep<scalar_t>& p, int64_t b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = 3 * p.H, r = p.r0 + b;
-  const GRURow::Ptrs<acc_t> w{p.block(kGXhat, p.xr0 + b), p.block(kGHhat, r), p.block(kGGates, r),
+  const GRURow::Ptrs<acc_t> w{p.block(kGXhat, r), p.block(kGHhat, r), p.block(kGGates, r),
                               p.block(kGHPrev, r), p.block(kGRUStats, r)};
-  gru_forward_row<kZone, kKeep, scalar_t, acc_t>(row, p.H, p.xp + (p.xr0 + b) * G, p.hg + b * G,
-                                                 p.g_ih, p.g_hh, p.b_ih, p.b_hh,
-                                                 p.h_state + b * p.H, w, p.out + b * p.H, p.zh(b));
+  gru_forward_row<kZone, kKeep, scalar_t, acc_t>(row, p.H, p.xp + b * G, p.hg + b * G, p.g_ih,
+                                                 p.g_hh, p.b_ih, p.b_hh, p.h_state + b * p.H, w,
+                                                 p.out + b * p.H, p.zh(b));
 }
 
 template <int kZone, typename scalar_t, typename Row>

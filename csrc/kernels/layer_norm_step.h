@@ -25,17 +25,16 @@ enum LNGRUBlock : int { kGXhat, kGHhat, kGGates, kGHPrev, kGRUStats };
 constexpr int kMaxLNBlocks = 8;
 
 // One step of a layer-normalised layer, for the row loops: rows b of the step's state are rows
-// r0 + b of the workspace blocks (xr0 + b of x̂). Forward and backward, LSTM and GRU; each loop
-// reads its own part.
+// r0 + b of the workspace blocks. Forward and backward, LSTM and GRU; each loop reads its own
+// part.
 template <typename scalar_t>
 struct LNStep {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t H = 0, Hout = 0;
   acc_t* ws = nullptr;
   int64_t off[kMaxLNBlocks] = {}, width[kMaxLNBlocks] = {};
-  int64_t r0 = 0;   // the workspace row of the step's row 0 (0 in inference: the blocks then hold
-                    // the step's rows only)
-  int64_t xr0 = 0;  // the same for the x̂ block, which holds every row
+  int64_t r0 = 0;  // the workspace row of the step's row 0 (0 in inference: the blocks then hold
+                   // the step's rows only)
   // the forward of a training call, whose rows fill the workspace for the backward; false: an
   // inference call's, which writes only what the step reads again (cells/layer_norm.h, kKeep;
   // the CUDA kernels keep every row's workspace)
@@ -48,7 +47,8 @@ struct LNStep {
   const scalar_t* b_ih = nullptr;  // GRU: the two biases, or null
   const scalar_t* b_hh = nullptr;
   // forward
-  const scalar_t* xp = nullptr;  // (N, G) x W_ih^T of every row (the x̂ block itself in fp32/64)
+  const scalar_t* xp = nullptr;  // (n, G) the step's rows of x W_ih^T (training in fp32/64: its
+                                 // rows of the x̂ block itself)
   const scalar_t* hg = nullptr;  // (n, G) the step's h_{t-1} W_hh^T
   scalar_t* h_state = nullptr;   // (n, Hout) in: h_{t-1}; out: h_t (not with a projection)
   acc_t* c_state = nullptr;      // LSTM (n, H) in: c_{t-1}; out: c_t

@@ -52,7 +52,8 @@ using c10::optional;
 namespace ln = fusedrnn::layer_norm;  // the row math (cells/layer_norm.h)
 
 // The workspace: one flat buffer of the op-math type, blocks one after the other, block i of
-// widths[i] columns.
+// widths[i] columns, each of `rows` rows: every row of the call in training (N), the step being
+// run in inference (B).
 struct Blocks {
   std::vector<int64_t> widths;
   int64_t row_values() const {
@@ -60,19 +61,13 @@ struct Blocks {
     for (int64_t x : widths) w += x;
     return w;
   }
-  // Values of a buffer whose first block (x̂) has N rows and the others `rows`: N in training;
-  // in inference the others hold only the step being run (B rows).
-  int64_t numel(int64_t N, int64_t rows) const {
-    return N * widths[0] + rows * (row_values() - widths[0]);
-  }
-  // element offset of row r of block i in such a buffer
-  int64_t at(size_t i, int64_t N, int64_t rows, int64_t r) const {
-    if (i == 0) return r * widths[0];
-    int64_t off = N * widths[0];
-    for (size_t k = 1; k < i; ++k) off += widths[k] * rows;
+  int64_t numel(int64_t rows) const { return rows * row_values(); }
+  // element offset of row r of block i in a buffer of `rows` rows a block
+  int64_t at(size_t i, int64_t rows, int64_t r) const {
+    int64_t off = 0;
+    for (size_t k = 0; k < i; ++k) off += widths[k] * rows;
     return off + r * widths[i];
   }
-  int64_t at(size_t i, int64_t N, int64_t r) const { return at(i, N, N, r); }
 };
 
 using namespace cpu;  // NOLINT: the workspace blocks' names (kernels/cpu/layer_norm_table.h)
@@ -85,17 +80,17 @@ Blocks gru_blocks(int64_t H) { return {{3 * H, 3 * H, 3 * H, H, 2}}; }
 // Rows per task of the row loops: enough columns of work per task to repay a task.
 int64_t row_grain(int64_t G) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(G, 1)); }
 
-// What every step of a call shares: sizes and the workspace blocks' places (`rows` rows in each
-// block but the first, which has N: see Blocks).
+// What every step of a call shares: sizes and the workspace blocks' places (`rows` rows a
+// block: see Blocks).
 template <typename scalar_t>
-LNStep<scalar_t> step_base(int64_t H, int64_t Hout, const Blocks& blocks, int64_t N, int64_t rows,
+LNStep<scalar_t> step_base(int64_t H, int64_t Hout, const Blocks& blocks, int64_t rows,
                            at::opmath_type<scalar_t>* ws) {
   LNStep<scalar_t> p;
   p.H = H;
   p.Hout = Hout;
   p.ws = ws;
   for (size_t i = 0; i < blocks.widths.size(); ++i) {
-    p.off[i] = blocks.at(i, N, rows, 0);
+    p.off[i] = blocks.at(i, rows, 0);
     p.width[i] = blocks.widths[i];
   }
   return p;
@@ -109,23 +104,43 @@ void check_gain(const char* op, const char* name, const Tensor& t, const Tensor&
   check_tensor(op, name, t, input, {n});
 }
 
-// The input side's product x W_ih^T of every row (N x G), which the rows' forward passes
-// normalise into the workspace block `xhat` (cells/layer_norm.h): computed in that block itself
-// when the dtype is the op-math type, else a tensor of its own. Through gemm() as the other
-// cells' input projection: oneDNN where it is the faster GEMM (on a Zen 4 core at::mm's MKL
-// sgemm ran this product at the speed of its AVX2 kernel), and bf16 through fp32 where ATen's
-// bf16 at::mm would be its slow loops (execution/gemm.cpp).
+// The input side's product x W_ih^T (G columns a row), which the rows' forward passes read
+// (LNStep::xp) and normalise. Training: every row's in one GEMM before the step loop, into the
+// workspace block x̂ itself when the dtype is the op-math type (each row normalised in place),
+// else into a tensor of its own. Inference: a chunk of consecutive steps' rows at a time into a
+// small buffer, as the other cells' inference (InputProjection, buffers.h), still in cache when
+// its steps read it (the whole call's product, 26 MB at T=100 B=64 H=256 in fp32, went to
+// memory and back). Both through gemm() as the other cells' projection: oneDNN where it is the
+// faster GEMM (on a Zen 4 core at::mm's MKL sgemm ran it at the speed of its AVX2 kernel), bf16
+// through fp32 where ATen's bf16 at::mm would be its slow loops (execution/gemm.cpp).
 template <typename scalar_t, typename acc_t>
-Tensor input_product(const Tensor& x, const Tensor& w_ih, Tensor xhat) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    gemm(xhat, x, w_ih.t());
-    return xhat;
-  } else {
-    Tensor xp = at::empty({x.size(0), w_ih.size(0)}, x.options());
-    gemm(xp, x, w_ih.t());
-    return xp;
+class LNInput {
+ public:
+  // xhat: the workspace's block x̂ (every row's, training) or undefined (inference)
+  LNInput(const Steps& s, const Tensor& input, const Tensor& w_ih, const Tensor& xhat)
+      : x_(input.reshape({s.N, input.size(-1)})), w_ih_t_(w_ih.t()) {
+    if (!xhat.defined()) {
+      chunks_.emplace(s, x_, w_ih_t_, Tensor(), w_ih.size(0), input.options());
+      return;
+    }
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      all_ = xhat;
+    } else {
+      all_ = at::empty({s.N, w_ih.size(0)}, input.options());
+    }
+    gemm(all_, x_, w_ih_t_);
   }
-}
+  // The rows of the k-th processed step (from row r0 of the call), G values each.
+  const scalar_t* rows_of(int64_t k, int64_t r0) {
+    if (chunks_) return chunks_->rows_for<scalar_t>(k);
+    return all_.const_data_ptr<scalar_t>() + r0 * all_.size(1);
+  }
+
+ private:
+  const Tensor x_, w_ih_t_;  // (N, I) the input, (I, G) W_ih^T
+  Tensor all_;
+  c10::optional<InputProjection> chunks_;
+};
 
 // The input side's gradients of a backward, which its chunks accumulate (op-math type;
 // undefined where output_mask does not ask): grad_input's rows, and grad_weight_ih, written by
@@ -363,9 +378,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
   const at::ScalarType acc_st = acc_dtype(input.scalar_type());
   const auto acc_opts = opts.dtype(acc_st);
   const Blocks blocks = lstm_blocks(H, Hout, proj);
-  // training: every row's blocks; inference: x̂ of every row and the step's rows of the others
+  // training: every row's blocks; inference: the step's rows
   const int64_t rows = need_workspace ? s.N : s.B;
-  const Tensor ws = large_buffer({blocks.numel(s.N, rows)}, acc_opts);
+  const Tensor ws = large_buffer({blocks.numel(rows)}, acc_opts);
   const Tensor output = pooled_empty(out_shape(input, Hout), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, Hout);
   const Tensor c_state =
@@ -383,17 +398,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         using acc_t = at::opmath_type<scalar_t>;
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
-        const int64_t N = s.N;
-        const Tensor xp = input_product<scalar_t, acc_t>(input.reshape({N, d.I}), w_ih,
-                                                         ws.narrow(0, 0, N * G).view({N, G}));
+        LNInput<scalar_t, acc_t> xp(s, input, w_ih,
+                                    need_workspace ? block_of(ws, blocks, 0, rows) : Tensor());
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
         acc_t* const cs = c_state.data_ptr<acc_t>();
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
         scalar_t* const rp = proj ? r_buf.data_ptr<scalar_t>() : nullptr;
-        LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, rows, w);
+        LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, rows, w);
         base.keep = need_workspace;
-        base.xp = xp.const_data_ptr<scalar_t>();
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.g_c = gc.const_data_ptr<scalar_t>();
@@ -409,7 +422,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
           hh_product(n, hs, Hout, hgp, G, 0.0f);
           LNStep<scalar_t> p = base;
           p.r0 = need_workspace ? r0 : 0;
-          p.xr0 = r0;
+          p.xp = xp.rows_of(k, r0);
           p.out = out + r0 * Hout;
           // projected: the rows zone c_t, h_t is zoned after the projection (ZoneStep)
           set_zone_rows(p, zone_c, proj ? Zone{} : zone_h, r0);
@@ -520,7 +533,7 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           }
           in.add_chunk(dx, lo, m, beta);
         };
-        LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, N, w);
+        LNStep<scalar_t> base = step_base<scalar_t>(H, Hout, blocks, N, w);
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.g_c = gc.const_data_ptr<scalar_t>();
@@ -549,7 +562,6 @@ ln_lstm_backward(const optional<Tensor>& grad_output, const optional<Tensor>& gr
           const acc_t* const dh_in = proj ? drp : dhs;
           LNStep<scalar_t> p = base;
           p.r0 = r0;
-          p.xr0 = r0;
           p.g0 = r0 - ch.lo;
           p.dh = const_cast<acc_t*>(dh_in);
           set_zone_rows(p, zone_c, proj ? Zone{} : zone_h, r0);
@@ -621,7 +633,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
   const auto acc_opts = opts.dtype(acc_st);
   const Blocks blocks = gru_blocks(H);
   const int64_t rows = need_workspace ? s.N : s.B;  // as in the LSTM
-  const Tensor ws = large_buffer({blocks.numel(s.N, rows)}, acc_opts);
+  const Tensor ws = large_buffer({blocks.numel(rows)}, acc_opts);
   const Tensor output = pooled_empty(out_shape(input, H), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, H);
   const Tensor hg = pooled_empty({s.B, G}, opts);
@@ -634,17 +646,15 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         using acc_t = at::opmath_type<scalar_t>;
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
-        const int64_t N = s.N;
-        const Tensor xp = input_product<scalar_t, acc_t>(input.reshape({N, d.I}), w_ih,
-                                                         ws.narrow(0, 0, N * G).view({N, G}));
+        LNInput<scalar_t, acc_t> xp(s, input, w_ih,
+                                    need_workspace ? block_of(ws, blocks, 0, rows) : Tensor());
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
         const scalar_t* const bip = bi.defined() ? bi.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* const bhp = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
-        LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, rows, w);
+        LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, rows, w);
         base.keep = need_workspace;
-        base.xp = xp.const_data_ptr<scalar_t>();
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.b_ih = bip;
@@ -657,7 +667,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
           hh_product(n, hs, H, hgp, G, 0.0f);
           LNStep<scalar_t> p = base;
           p.r0 = need_workspace ? r0 : 0;
-          p.xr0 = r0;
+          p.xp = xp.rows_of(k, r0);
           p.out = out + r0 * H;
           set_zone_rows(p, Zone{}, zone_h, r0);
           run_rows(Pass::kGRUForward, dev, p, n, G);
@@ -729,7 +739,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
           }
           in.add_chunk(dx, lo, m, beta);
         };
-        LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, N, w);
+        LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, w);
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.b_hh = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
@@ -743,7 +753,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
           if (dyp) add_rows(dev, dhsp, dyp + r0 * H, n * H);
           LNStep<scalar_t> p = base;
           p.r0 = r0;
-          p.xr0 = r0;
           p.g0 = r0 - ch.lo;
           set_zone_rows(p, Zone{}, zone_h, r0);
           run_rows(Pass::kGRUBackward, dev, p, n, G, &sums);

@@ -38,22 +38,26 @@ void with_keep(const LNStep<scalar_t>& p, const Fn& fn) {
   }
 }
 
-// Row b's part of the first `blocks` workspace blocks of step p asked into the cache (the L2)
-// while the row before it runs. The blocks of a training call hold every row of the call
-// (~100 MB at T=100 B=64 H=256), a row's part of a block a few KiB; the hardware's prefetchers,
-// which stop at every 4 KiB page, left each row's first reads to wait for memory (perf: a
-// fifth of the LN-LSTM forward's row pass on the loads of its x W_ih^T row). The forward's row
-// writes the blocks (but x̂, which holds every row's x W_ih^T already), the backward reads them.
-// (Inlined where it is called: a function of prefetches only, gcc finds it free of side effects
-// and drops the calls.)
+// Row b's part of the first `blocks` workspace blocks of a training step p asked into the cache
+// (the L2) while the row before it runs, and in bf16 its row of the input product, which is
+// not the block x̂ then. These hold every row of the call (the workspace ~100 MB at T=100 B=64
+// H=256), a row's part of a block a few KiB; the hardware's prefetchers, which stop at every
+// 4 KiB page, left each row's first reads to wait for memory (perf: a fifth of the LN-LSTM
+// forward's row pass on the loads of its x W_ih^T row). The forward's row writes the blocks
+// (but x̂ in fp32, the input product itself), the backward reads them. An inference step's
+// blocks and input product are a few rows in cache. (Inlined where it is called: a function of
+// prefetches only, gcc finds it free of side effects and drops the calls.)
 template <typename scalar_t>
 __attribute__((always_inline)) inline void prefetch_row(const LNStep<scalar_t>& p, int blocks,
-                                                        int64_t b, bool forward) {
+                                                        int64_t b) {
   using acc_t = typename LNStep<scalar_t>::acc_t;
-  constexpr int64_t kLine = 64 / sizeof(acc_t);  // values of a cache line
   for (int k = 0; k < blocks; ++k) {
-    const acc_t* const q = p.block(k, (forward && k == 0 ? p.xr0 : p.r0) + b);
-    for (int64_t i = 0; i < p.width[k]; i += kLine) __builtin_prefetch(q + i, 1, 2);
+    const acc_t* const q = p.block(k, p.r0 + b);
+    for (int64_t i = 0; i < p.width[k]; i += 64 / sizeof(acc_t)) __builtin_prefetch(q + i, 1, 2);
+  }
+  if (!std::is_same_v<scalar_t, acc_t> && p.xp != nullptr) {
+    const scalar_t* const x = p.xp + b * p.width[0];
+    for (int64_t i = 0; i < p.width[0]; i += 64 / sizeof(scalar_t)) __builtin_prefetch(x + i, 0, 2);
   }
 }
 
@@ -65,7 +69,7 @@ void ln_lstm_forward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
     with_keep(p, [&](auto keep) {
       constexpr bool kKeep = decltype(keep)::value;
       for (int64_t b = b0; b < b1; ++b) {
-        if (b + 1 < b1) prefetch_row(p, kKeep ? kLSTMStats + 1 : 1, b + 1, true);
+        if (kKeep && b + 1 < b1) prefetch_row(p, kLSTMStats + 1, b + 1);
         layer_norm::lstm_forward_of<decltype(zone)::value, kKeep>(layer_norm::SerialRow{}, p, b);
       }
     });
@@ -76,7 +80,7 @@ template <typename scalar_t>
 void ln_lstm_backward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
   with_zone<true>(p, [&](auto zone) {
     for (int64_t b = b0; b < b1; ++b) {
-      if (b + 1 < b1) prefetch_row(p, kLSTMStats + 1, b + 1, false);
+      if (b + 1 < b1) prefetch_row(p, kLSTMStats + 1, b + 1);
       layer_norm::lstm_backward_of<decltype(zone)::value>(layer_norm::SerialRow{}, p, b);
     }
   });
@@ -88,7 +92,7 @@ void ln_gru_forward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
     with_keep(p, [&](auto keep) {
       constexpr bool kKeep = decltype(keep)::value;
       for (int64_t b = b0; b < b1; ++b) {
-        if (b + 1 < b1) prefetch_row(p, kKeep ? kGRUStats + 1 : 1, b + 1, true);
+        if (kKeep && b + 1 < b1) prefetch_row(p, kGRUStats + 1, b + 1);
         layer_norm::gru_forward_of<decltype(zone)::value, kKeep>(layer_norm::SerialRow{}, p, b);
       }
     });
@@ -99,7 +103,7 @@ template <typename scalar_t>
 void ln_gru_backward_rows(const LNStep<scalar_t>& p, int64_t b0, int64_t b1) {
   with_zone<false>(p, [&](auto zone) {
     for (int64_t b = b0; b < b1; ++b) {
-      if (b + 1 < b1) prefetch_row(p, kGRUStats + 1, b + 1, false);
+      if (b + 1 < b1) prefetch_row(p, kGRUStats + 1, b + 1);
       layer_norm::gru_backward_of<decltype(zone)::value>(layer_norm::SerialRow{}, p, b);
     }
   });

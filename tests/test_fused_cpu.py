@@ -278,6 +278,20 @@ def test_bf16_tiles(cell, B, H, I, bf16_tiles):
     _check_bf16(cell, B, H, I)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_wm_weight_ch_gradient_large_gemm(dtype, bf16_tiles):
+    """A working-memory backward whose weight_ch gradient GEMMs are large enough for oneDNN's
+    matmul where the library takes it (execution/gemm.cpp: >= 2^22 multiply-adds; here
+    2H x H x 1024 rows of a chunk): their operand dp_{i,f}^T is the transpose of a column block
+    of the chunk's dp buffer, which gemm() hands to oneDNN as the transpose of a dense copy of
+    the block's rows. Against the fp64 reference, every gradient."""
+    B, H, I, T = 32, 64, 16, 32
+    if dtype == BF16:
+        _check_bf16("wm_lstm", B, H, I, T=T)
+    else:
+        _check("wm_lstm", B, H, I, 0, None, False, True, long_sums=True, T=T)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_bf16_inference_equals_training_forward(cell, bf16_tiles):
     """A forward without grad stores no gates (the LSTM family's step kernels take their other

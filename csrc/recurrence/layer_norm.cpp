@@ -284,25 +284,29 @@ void run_rows(Pass pass, const StepDevice& dev, const LNStep<scalar_t>& p, int64
 }
 
 // The per-step product out (m x N) = beta * out + a (m x K) @ B of a call, B fixed for the call
-// (h_{t-1} W_hh^T forward, dhg W_hh backward). In fp32 on the CPU, where the call is long enough
-// to repay packing B (cpu::fused_kernels_for), the fused kernels' panel GEMM from B packed once
-// per call (cpu::FusedSteps::gemm); else the call's StepDevice (oneDNN, MKL or cuBLAS), which
-// pack B again on every call: at T=100 B=64 H=256, one thread, MKL's packing copies were a tenth
-// of a layer-normalised LSTM's training pass (perf).
+// (h_{t-1} W_hh^T forward, dhg W_hh backward). In fp32 and bf16 on the CPU, where the call is
+// long enough to repay packing B and the fused kernels take the dtype (cpu::fused_kernels_for),
+// the fused kernels' panel GEMM from B packed once per call (cpu::FusedSteps::gemm); else the
+// call's StepDevice (oneDNN, MKL or cuBLAS), which pack B again on every call: at T=100 B=64
+// H=256, one thread, MKL's packing copies were a tenth of a layer-normalised LSTM's training
+// pass (perf); in bf16 on a CPU without oneDNN's bf16 GEMM, it converted B to fp32 on every
+// step (execution/gemm.cpp).
 template <typename T>
 class StepGemm {
+  static constexpr bool kFusedType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
  public:
   // b: B (K x N), a matrix or the transposed view of one
   StepGemm(const StepDevice& dev, const Tensor& b, const Steps& s) : dev_(dev), b_(b) {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kFusedType) {
       if (!dev.cuda()) k_ = cpu::fused_kernels_for(b, s.T, s.N, s.B, /*wide_short_calls=*/false);
       if (k_ != nullptr) w_ = cpu::pack_plain(b, *k_);
     }
   }
   void operator()(int64_t m, const T* a, int64_t lda, T* out, int64_t ldo, float beta) const {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kFusedType) {
       if (k_ != nullptr) {
-        return cpu::FusedSteps(*k_).gemm<float>(out, ldo, {a, lda, &w_}, m, beta != 0.0f);
+        return cpu::FusedSteps(*k_).gemm<T>(out, ldo, {a, lda, &w_}, m, beta != 0.0f);
       }
     }
     const bool trans = b_.stride(1) != 1;  // B stored as its transpose

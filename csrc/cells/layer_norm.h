@@ -36,6 +36,8 @@
 // (1 - d) of each state's gradient and adds d of it to the previous state's.
 #pragma once
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace fusedrnn {
@@ -139,7 +141,8 @@ struct LSTMRow {
 
 // Forward of one row of an LN-LSTM step. `xp` (4H) is the row's input product x W_ih^T, which it
 // normalises into w.xhat (xp may be w.xhat itself: each column is read before it is written);
-// `hg` (4H) the row's h_{t-1} W_hh^T; bias (4H) b_ih + b_hh or null; c_state (H, acc_t) in:
+// `hg` (4H) the row's h_{t-1} W_hh^T; bias (4H) b_ih + b_hh (zeros without biases: no null
+// test in a pass, whose loop gcc then left scalar in bf16); c_state (H, acc_t) in:
 // c_{t-1}, out: c_t; h_prev (Hout) the row's state before the step (saved; h_copy may be it).
 // Writes h_t = o tanh(LN(c_t)) to `h_out` (and `h_copy` when not null), as scalar_t. kKeep: a
 // training step, which fills the row's workspace for the backward; else an inference step,
@@ -169,8 +172,7 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
       w.hhat[k] = hh;
     }
     acc_t a = static_cast<acc_t>(g_ih[k]) * xh + static_cast<acc_t>(g_hh[k]) * hh;
-    if (bias) a += static_cast<acc_t>(bias[k]);
-    return a;
+    return a + static_cast<acc_t>(bias[k]);
   };
   acc_t* const gt = w.gates;
   row.each(H, [&](int64_t j) FUSEDRNN_PASS {
@@ -195,21 +197,30 @@ FUSEDRNN_HD void lstm_forward_row(const Row& row, int64_t H, int64_t Hout, const
   });
   acc_t mean_c, rstd_c;
   row_stats<acc_t>(row, w.chat, H, mean_c, rstd_c);
-  row.each(H, [&](int64_t j) FUSEDRNN_PASS {
-    const acc_t ch = (w.chat[j] - mean_c) * rstd_c;
-    w.chat[j] = ch;
-    acc_t h =
-        gt[3 * H + j] * math::tanh(static_cast<acc_t>(g_c[j]) * ch + static_cast<acc_t>(b_c[j]));
-    if constexpr (kZoneH) {  // (no projection: h_prev has H values)
-      const acc_t d = static_cast<acc_t>(zh[j]);
-      h = d * w.h_prev[j] + (acc_t(1) - d) * h;
-    }
-    if constexpr (kKeep) {
-      if (w.r) w.r[j] = h;
-    }
-    h_out[j] = static_cast<scalar_t>(h);
-    if (h_copy) h_copy[j] = static_cast<scalar_t>(h);
-  });
+  // The output pass with a projection (h_copy null: h_out is the cell's r_t, which a training
+  // step keeps in w.r) or without, chosen once per row: with the test per column gcc left the
+  // bf16 pass scalar.
+  auto output = [&](auto projected) FUSEDRNN_PASS {
+    constexpr bool kProj = decltype(projected)::value;
+    row.each(H, [&](int64_t j) FUSEDRNN_PASS {
+      const acc_t ch = (w.chat[j] - mean_c) * rstd_c;
+      w.chat[j] = ch;
+      acc_t h =
+          gt[3 * H + j] * math::tanh(static_cast<acc_t>(g_c[j]) * ch + static_cast<acc_t>(b_c[j]));
+      if constexpr (kZoneH) {  // (no projection: h_prev has H values)
+        const acc_t d = static_cast<acc_t>(zh[j]);
+        h = d * w.h_prev[j] + (acc_t(1) - d) * h;
+      }
+      if constexpr (kKeep && kProj) w.r[j] = h;
+      h_out[j] = static_cast<scalar_t>(h);
+      if constexpr (!kProj) h_copy[j] = static_cast<scalar_t>(h);
+    });
+  };
+  if (h_copy == nullptr) {
+    output(std::true_type{});
+  } else {
+    output(std::false_type{});
+  }
   if constexpr (kKeep) {
     row.once([&]() FUSEDRNN_PASS {
       w.stats[0] = rstd_x;
@@ -314,13 +325,13 @@ FUSEDRNN_HD void gru_forward_row(const Row& row, int64_t H, const scalar_t* xp, 
     const acc_t xh = (static_cast<acc_t>(xp[k]) - mean_x) * rstd_x;
     if constexpr (kKeep) w.xhat[k] = xh;
     acc_t v = static_cast<acc_t>(g_ih[k]) * xh;
-    return b_ih ? v + static_cast<acc_t>(b_ih[k]) : v;
+    return v + static_cast<acc_t>(b_ih[k]);  // (zeros without biases, as the LSTM's)
   };
   auto hs = [&](int64_t k) FUSEDRNN_PASS {
     const acc_t hh = (static_cast<acc_t>(hg[k]) - mean) * rstd_h;
     if constexpr (kKeep) w.hhat[k] = hh;
     acc_t v = static_cast<acc_t>(g_hh[k]) * hh;
-    return b_hh ? v + static_cast<acc_t>(b_hh[k]) : v;
+    return v + static_cast<acc_t>(b_hh[k]);
   };
   row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t r = math::sigmoid(xs(j) + hs(j));
@@ -366,7 +377,7 @@ FUSEDRNN_HD void gru_backward_row(const Row& row, int64_t H, const scalar_t* g_i
   row.each(H, [&](int64_t j) FUSEDRNN_PASS {
     const acc_t r = w.gates[j], z = w.gates[H + j], n = w.gates[2 * H + j];
     acc_t hn = static_cast<acc_t>(g_hh[2 * H + j]) * w.hhat[2 * H + j];
-    if (b_hh) hn += static_cast<acc_t>(b_hh[2 * H + j]);
+    hn += static_cast<acc_t>(b_hh[2 * H + j]);
     const acc_t g = dh[j];
     acc_t d = g, carry = 0;  // the cell's part of dL/dh_t, and the previous state's
     if constexpr (kZone == kOn) {

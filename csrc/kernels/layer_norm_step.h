@@ -43,8 +43,8 @@ struct LNStep {
   const scalar_t* g_hh = nullptr;
   const scalar_t* g_c = nullptr;
   const scalar_t* b_c = nullptr;
-  const scalar_t* bias = nullptr;  // LSTM: b_ih + b_hh, or null
-  const scalar_t* b_ih = nullptr;  // GRU: the two biases, or null
+  const scalar_t* bias = nullptr;  // LSTM: b_ih + b_hh (zeros without biases)
+  const scalar_t* b_ih = nullptr;  // GRU: the two biases (zeros without biases)
   const scalar_t* b_hh = nullptr;
   // forward
   const scalar_t* xp = nullptr;  // (n, G) the step's rows of x W_ih^T (training in fp32/64: its

@@ -391,8 +391,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
       cx.has_value() ? cx->to(acc_st).contiguous().clone() : at::zeros({s.B, H}, acc_opts);
   const Tensor hg = pooled_empty({s.B, G}, opts);
   const Tensor r_buf = proj ? pooled_empty({s.B, H}, opts) : Tensor();
+  // (zeros without biases: the row passes add a bias unconditionally, cells/layer_norm.h)
   const Tensor bias =
-      b_ih.has_value() ? bias_sum(b_ih->contiguous(), b_hh->contiguous()) : Tensor();
+      b_ih.has_value() ? bias_sum(b_ih->contiguous(), b_hh->contiguous()) : at::zeros({G}, opts);
   const Tensor w_hh_c = w_hh.contiguous(), w_hr_c = proj ? w_hr->contiguous() : Tensor();
   const Tensor gi = g_ih.contiguous(), gh = g_hh.contiguous(), gc = g_c.contiguous(),
                bc = b_c.contiguous();
@@ -415,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         base.g_hh = gh.const_data_ptr<scalar_t>();
         base.g_c = gc.const_data_ptr<scalar_t>();
         base.b_c = bc.const_data_ptr<scalar_t>();
-        base.bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+        base.bias = bias.const_data_ptr<scalar_t>();
         base.hg = hgp;
         base.h_state = hs;
         base.c_state = cs;
@@ -641,8 +642,9 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
   const Tensor output = pooled_empty(out_shape(input, H), opts);
   const Tensor h_state = state_or_zeros(hx, input, s.B, H);
   const Tensor hg = pooled_empty({s.B, G}, opts);
-  const Tensor bi = b_ih.has_value() ? b_ih->contiguous() : Tensor();
-  const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
+  // (zeros without biases, as in the LSTM)
+  const Tensor bi = b_ih.has_value() ? b_ih->contiguous() : at::zeros({G}, opts);
+  const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({G}, opts);
   const Tensor w_hh_c = w_hh.contiguous(), gi = g_ih.contiguous(), gh = g_hh.contiguous();
   const StepDevice dev(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -655,8 +657,8 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
         scalar_t* const hgp = hg.data_ptr<scalar_t>();
-        const scalar_t* const bip = bi.defined() ? bi.const_data_ptr<scalar_t>() : nullptr;
-        const scalar_t* const bhp = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* const bip = bi.const_data_ptr<scalar_t>();
+        const scalar_t* const bhp = bh.const_data_ptr<scalar_t>();
         LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, rows, w);
         base.keep = need_workspace;
         base.g_ih = gi.const_data_ptr<scalar_t>();
@@ -715,7 +717,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
                dhg = large_buffer({sc.buf_rows, G}, acc_opts);
   const Tensor w_hh_t = transposed(w_hh, acc_st);  // as in the LSTM's backward
   const Tensor gi = g_ih.contiguous(), gh = g_hh.contiguous();
-  const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
+  const Tensor bh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({G}, opts);
   const StepDevice dev(dh_state);
   Tensor grad_input = none_like(input), grad_w_ih = none_like(input), grad_w_hh = none_like(input),
          grad_b_ih = none_like(input), grad_b_hh = none_like(input), grad_g_ih = none_like(input),
@@ -746,7 +748,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_gr
         LNStep<scalar_t> base = step_base<scalar_t>(H, H, blocks, N, w);
         base.g_ih = gi.const_data_ptr<scalar_t>();
         base.g_hh = gh.const_data_ptr<scalar_t>();
-        base.b_hh = bh.defined() ? bh.const_data_ptr<scalar_t>() : nullptr;
+        base.b_hh = bh.const_data_ptr<scalar_t>();
         base.dh = dhsp;
         base.dx = dx.data_ptr<acc_t>();
         base.dhg = dhgp;

@@ -7,6 +7,11 @@ Environment:
   FUSEDRNN_CPU_ARCH=...   -march for the whole extension (default: none, a portable build whose
                           AVX2 and AVX-512 kernels are chosen at run time; "native" ties the
                           build to the build machine's CPU)
+  FUSEDRNN_DEBUG_INFO=1   keep debug info (-g; Python's own flags ask for it, and it makes the
+                          library ~6x larger and its compile ~40% longer): off by default
+  FUSEDRNN_QUICK_BUILD=1  a build that only checks that the sources compile, link and run (CI's
+                          second and third environments): -O0, ~4x faster to compile, kernels many
+                          times slower; never for use
   TORCH_CUDA_ARCH_LIST    CUDA architectures (torch's variable), e.g. "9.0"; without it and
                           without a visible GPU: DEFAULT_CUDA_ARCHS below
   MAX_JOBS                parallel compile jobs (ninja), as torch's cpp_extension reads it
@@ -61,9 +66,12 @@ def _extensions():
         )
 
     arch = os.environ.get("FUSEDRNN_CPU_ARCH", "none")
+    opt = "-O0" if _flag("FUSEDRNN_QUICK_BUILD") else "-O3"
+    # (the flags below come after Python's own, so -g0 overrides the -g in them)
+    debug = "-g" if _flag("FUSEDRNN_DEBUG_INFO") else "-g0"
     # -fno-trapping-math: the cell math's selects (cells/common.h) may then be computed on both
     # sides, which AVX2 code needs to vectorise a step kernel's loop (no masked FP ops there)
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    cxx = [opt, debug, "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if arch != "none":
         cxx.append(f"-march={arch}")
     # Every .cpp under csrc/ (docs/design.md, "Layout"); kernels/cpu/isa/*.cpp compile their
@@ -92,7 +100,7 @@ def _extensions():
         # No GPU to read the architecture from (a build machine, CI): torch's default would
         # fail. Build for the current data-centre and workstation generations, plus PTX.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = [opt, "--expt-relaxed-constexpr", "-lineinfo"]
     return [
         CUDAExtension(
             "fusedrnn._C",

@@ -53,7 +53,8 @@ SOURCE_SUFFIXES = (".cpp", ".cc", ".h", ".hpp", ".cu", ".cuh")
 
 def stamp(repo: str, mode: str) -> str:
     """16 hex digits that change with the extension's sources, setup.py, the torch, CUDA and
-    Python versions, the build mode and FUSEDRNN_CPU_ARCH: a build with the same stamp is
+    Python versions, the build mode and the build's variables (FUSEDRNN_CPU_ARCH,
+    FUSEDRNN_QUICK_BUILD, FUSEDRNN_DEBUG_INFO): a build with the same stamp is
     the same build."""
     import platform
 
@@ -76,6 +77,8 @@ def stamp(repo: str, mode: str) -> str:
         platform.python_version(),
         mode,
         os.environ.get("FUSEDRNN_CPU_ARCH", "none"),
+        os.environ.get("FUSEDRNN_QUICK_BUILD", "0"),
+        os.environ.get("FUSEDRNN_DEBUG_INFO", "0"),
     ):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]

@@ -447,7 +447,9 @@ def test_report_layout_rule():
     assert report.layout([f"f{k}" for k in range(9)])["ok"] is False  # nine files
 
 
-def test_stamp_follows_sources_and_target(tmp_path):
+def test_stamp_follows_sources_and_target(tmp_path, monkeypatch):
+    for name in ("FUSEDRNN_CPU_ARCH", "FUSEDRNN_QUICK_BUILD", "FUSEDRNN_DEBUG_INFO"):
+        monkeypatch.delenv(name, raising=False)
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "a.cu").write_text("// kernel\n")
     (tmp_path / "setup.py").write_text("# setup\n")
@@ -455,6 +457,10 @@ def test_stamp_follows_sources_and_target(tmp_path):
     assert len(first) == 16 and int(first, 16) >= 0
     assert report.stamp(str(tmp_path), "cuda:9.0") == first
     assert report.stamp(str(tmp_path), "cpu") != first
+    # an unoptimised build is another build
+    monkeypatch.setenv("FUSEDRNN_QUICK_BUILD", "1")
+    assert report.stamp(str(tmp_path), "cuda:9.0") != first
+    monkeypatch.delenv("FUSEDRNN_QUICK_BUILD")
     (tmp_path / "csrc" / "a.cu").write_text("// kernel, changed\n")
     assert report.stamp(str(tmp_path), "cuda:9.0") != first
 

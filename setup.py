@@ -8,7 +8,7 @@ Environment:
                           AVX2 and AVX-512 kernels are chosen at run time; "native" ties the
                           build to the build machine's CPU)
   FUSEDRNN_DEBUG_INFO=1   keep debug info (-g; Python's own flags ask for it, and it makes the
-                          library ~6x larger and its compile ~40% longer): off by default
+                          library several times larger and its compile ~40% longer): off by default
   FUSEDRNN_QUICK_BUILD=1  a build that only checks that the sources compile, link and run (CI's
                           second and third environments): -O0, ~4x faster to compile, kernels many
                           times slower; never for use

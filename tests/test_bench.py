@@ -14,7 +14,7 @@ import torch
 
 import fusedrnn.bench
 from fusedrnn import cells
-from fusedrnn.bench import cli, env, impls, measure, plot
+from fusedrnn.bench import cli, env, impls, measure, plot, scaling
 from fusedrnn.bench.cases import CELLS, QUICK_SHAPE_CPU, Settings, build_cases, slow_repeats
 
 TINY = ["--device", "cpu", "--shapes", "3,2,4,5", "--repeats", "2", "--threads", "1"]
@@ -601,8 +601,24 @@ def test_two_thread_counts_write_a_folder_each_and_the_scaling(tmp_path, capsys)
             assert row["fused_over_torch"] == pytest.approx(
                 row["scaling"]["fused"] / row["scaling"]["torch"]
             )
+    # the paired measurement: fused and torch.nn of every case with both, each pass, medians
+    # at both counts from one loop
+    paired = report["paired"]
+    assert paired["rounds"] == scaling.paired_rounds(int(TINY[TINY.index("--repeats") + 1]))
+    with_nn = {(r["label"], r["pass"]) for r in docs[0]["results"] if "torch" in r["impls"]}
+    assert {(r["label"], r["pass"]) for r in paired["rows"]} == with_nn
+    for row in paired["rows"]:
+        med = row["median_ms"]
+        for impl in ("fused", "torch"):
+            assert set(med[impl]) == {"1", "2"} and min(med[impl].values()) > 0
+            assert row["scaling"][impl] == pytest.approx(med[impl]["1"] / med[impl]["2"])
+        assert row["fused_over_torch"] == pytest.approx(
+            row["scaling"]["fused"] / row["scaling"]["torch"]
+        )
+    assert torch.get_num_threads() == 2  # the last count's, as the suites leave it
     text = (out / "scaling.txt").read_text()
     assert text.startswith("thread scaling") and "1 -> 2" in text
+    assert "paired thread scaling" in text
     assert text.strip() in capsys.readouterr().out
 
 

@@ -16,7 +16,8 @@ The modules, one job each:
 - ``measure``: timing, the peak memory of a training step, the records of a case.
 - ``report``: the printed table (``table.txt``).
 - ``throughput``: the GEMM rate of the machine and each fused row's rate against it.
-- ``scaling``: the thread-scaling report of a run at several thread counts (``scaling.txt``).
+- ``scaling``: the thread-scaling report of a run at several thread counts (``scaling.txt``), and
+  its paired measurement (fused and torch.nn at every count in one loop).
 - ``plot``: the speed-up plot (``speedups.png``) and ``python -m fusedrnn.bench.plot``.
 - ``serving``: the serving group (``--serving``): cells in a Python loop and small-batch layer
   inference, with each row's weight-streaming bound, and its plot (``serving.png``).
@@ -33,7 +34,7 @@ Import graph: each module imports only modules listed above it, so there is no c
     measure    -> cases, impls
     report     -> cases
     throughput -> cases
-    scaling    -> cases
+    scaling    -> cases, impls
     plot       -> argparser, cases
     serving    -> throughput
     cli        -> argparser, cases, env, impls, measure, plot, report, scaling, serving, throughput

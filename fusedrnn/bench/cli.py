@@ -430,8 +430,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if doc["interrupted"]:  # stopped by a signal: no further thread count
                 return code
         if len(docs) > 1:
-            _write_scaling(docs, out_dir, err)
+            paired = None
+            if device.type == "cpu":
+                used = [d["settings"]["threads"] for d in docs]
+                paired = _paired_scaling(args, device, used, err)
+            _write_scaling(docs, out_dir, err, paired)
         return next((c for c in codes if c), 0)
+
+
+def _paired_scaling(args: argparse.Namespace, device: torch.device, counts: List[int], err):
+    """The paired measurement of the scaling (scaling.paired) over the suite's cases; None if
+    it fails (the suites' own results stand; a warning says why)."""
+    cases = build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
+    settings = _settings(args, device)
+    print(
+        f"paired thread scaling: fused and torch.nn at {counts} threads, "
+        f"{scaling.paired_rounds(settings.repeats)} rounds",
+        file=err,
+    )
+    try:
+        return scaling.paired(cases, settings, counts, lambda d: print(f"  {d}", file=err))
+    except Exception as exc:
+        print(
+            f"warning: the paired scaling measurement failed: {type(exc).__name__}: {exc}",
+            file=err,
+        )
+        return None
 
 
 def _set_threads(n: Optional[int]) -> None:
@@ -439,12 +463,16 @@ def _set_threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
-def _write_scaling(docs: List[dict], out_dir: str, err) -> None:
-    """scaling.json / scaling.txt (printed too) and, for two thread counts, the two plots side
-    by side (speedups_compare.png) in the run's folder."""
+def _write_scaling(docs: List[dict], out_dir: str, err, paired: Optional[dict] = None) -> None:
+    """scaling.json / scaling.txt (printed too; with the paired measurement's table when there
+    is one) and, for two thread counts, the two plots side by side (speedups_compare.png) in the
+    run's folder."""
     report = scaling.scaling(docs)
+    report["paired"] = paired
     _write_json(os.path.join(out_dir, "scaling.json"), report)
     text = scaling.format_scaling(report)
+    if paired and paired["rows"]:
+        text += "\n\n" + scaling.format_paired(paired)
     with open(os.path.join(out_dir, "scaling.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
@@ -517,6 +545,19 @@ def _exit_status(failed: List[str], err) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace, device: torch.device) -> Settings:
+    return Settings(
+        device=device,
+        dtype=DTYPES[args.dtype],
+        repeats=args.repeats,
+        warmup=WARMUP[device.type],
+        compile=not args.no_compile,
+        compile_backend=args.compile_backend,
+        memory=not args.no_memory,
+        input_grad=args.input_grad,
+    )
+
+
 def _run(
     args: argparse.Namespace,
     argv: List[str],
@@ -527,16 +568,7 @@ def _run(
 ) -> Tuple[int, dict]:
     """The layer suite at the current thread count, written to out_dir: (exit status, the
     results document)."""
-    settings = Settings(
-        device=device,
-        dtype=DTYPES[args.dtype],
-        repeats=args.repeats,
-        warmup=WARMUP[device.type],
-        compile=not args.no_compile,
-        compile_backend=args.compile_backend,
-        memory=not args.no_memory,
-        input_grad=args.input_grad,
-    )
+    settings = _settings(args, device)
     cases = build_cases(args.cells, args.shape_list, input_grad=args.input_grad)
     env = environment(device, settings.dtype)
     os.makedirs(out_dir, exist_ok=True)

@@ -4,11 +4,23 @@ more (``scaling.txt`` / ``scaling.json`` of a run with several ``--threads`` cou
 A row's scaling is the median time at the fewest threads / the median time at more (2.0: twice
 as fast); "fused / nn" is fused's scaling over torch.nn's (>= 1: the fused layer gains at least
 as much from the added cores as torch.nn does).
+
+The suite runs once per thread count, minutes apart, so on a shared machine each pass carries
+what the neighbours did meanwhile. The paired measurement (``paired``) times fused and torch.nn
+at every thread count call by call in one loop, so that the load of the moment weighs on every
+count alike: its ratios are the ones to judge a layer's scaling by.
 """
 
+import gc
+import time
 from typing import List, Optional, Sequence
 
-from .cases import IMPLS
+import torch
+
+from .cases import IMPLS, Case, Settings, shape_str
+from .impls import Workload
+
+PAIRED_IMPLS = ("fused", "torch")
 
 SHORT = {"fused": "fused", "torch": "nn", "eager": "eager", "compiled": "compiled"}
 
@@ -79,6 +91,108 @@ def format_scaling(report: dict) -> str:
     lines = [
         "thread scaling (time at the fewest threads / time at more; fused / nn >= 1: fused "
         "gains at least as much as torch.nn)",
+        fmt(head),
+        fmt(["-" * w for w in widths]),
+    ]
+    lines += [fmt(r) for r in table]
+    return "\n".join(lines)
+
+
+def paired_rounds(repeats: int) -> int:
+    """Rounds of the paired measurement: half the suite's repeats, at least 3."""
+    return max(3, repeats // 2)
+
+
+def paired(cases: Sequence[Case], settings: Settings, counts: Sequence[int], progress=None) -> dict:
+    """Fused and torch.nn of every case that has both, each pass, timed at every thread count
+    in one loop: a warm-up call at each (implementation, count), then `paired_rounds` rounds, each
+    one call at each (implementation, count), the counts' order reversed every other round.
+    Medians per (implementation, count); scaling as in ``scaling``. Restores torch's thread
+    count."""
+    counts = list(counts)
+    rounds = paired_rounds(settings.repeats)
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for case in cases:
+            if not set(PAIRED_IMPLS) <= set(case.impls):
+                continue
+            work = Workload(case, settings)
+            for pass_ in case.passes:
+                if progress is not None:
+                    progress(f"{case.label} {shape_str(case.shape)} {pass_}")
+                calls = {impl: work.calls(impl, pass_) for impl in PAIRED_IMPLS}
+                times = {(impl, n): [] for impl in PAIRED_IMPLS for n in counts}
+                for r in range(rounds + 1):  # round 0: the warm-up
+                    order = counts if r % 2 == 0 else counts[::-1]
+                    gc.collect()
+                    for impl in PAIRED_IMPLS:
+                        prepare, call = calls[impl]
+                        for n in order:
+                            torch.set_num_threads(n)
+                            prepare()
+                            t0 = time.perf_counter()
+                            call()
+                            if r > 0:
+                                times[(impl, n)].append((time.perf_counter() - t0) * 1e3)
+                work.clear_grads()
+                med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+                for n in counts[1:]:
+                    ratios = {i: med[(i, counts[0])] / med[(i, n)] for i in PAIRED_IMPLS}
+                    rows.append(
+                        {
+                            "label": case.label,
+                            "shape_str": shape_str(case.shape),
+                            "pass": pass_,
+                            "threads_from": counts[0],
+                            "threads_to": n,
+                            "median_ms": {
+                                i: {str(c): med[(i, c)] for c in (counts[0], n)}
+                                for i in PAIRED_IMPLS
+                            },
+                            "scaling": ratios,
+                            "fused_over_torch": ratios["fused"] / ratios["torch"],
+                        }
+                    )
+            del work
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "definition": "fused and torch.nn at every thread count timed call by call in one loop "
+        f"({rounds} rounds after a warm-up round; counts' order reversed every other round); "
+        "scaling = median at threads_from / median at threads_to",
+        "rounds": rounds,
+        "rows": rows,
+    }
+
+
+def format_paired(report: dict) -> str:
+    rows = report["rows"]
+    if not rows:
+        return ""
+    head = ["cell", "shape TxBxIxH", "pass", "threads", "fused", "nn", "fused / nn"]
+    table = [
+        [
+            r["label"],
+            r["shape_str"],
+            r["pass"],
+            f"{r['threads_from']} -> {r['threads_to']}",
+            f"{r['scaling']['fused']:.2f}x",
+            f"{r['scaling']['torch']:.2f}x",
+            f"{r['fused_over_torch']:.2f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x[k]) for x in table + [head]) for k in range(len(head))]
+
+    def fmt(row):
+        return "  ".join(
+            v.ljust(w) if k < 3 else v.rjust(w) for k, (v, w) in enumerate(zip(row, widths))
+        ).rstrip()
+
+    lines = [
+        f"paired thread scaling (fused and torch.nn at each count timed call by call in one "
+        f"loop, {report['rounds']} rounds: robust to a shared machine's changing load)",
         fmt(head),
         fmt(["-" * w for w in widths]),
     ]

@@ -7,7 +7,7 @@ as much from the added cores as torch.nn does).
 
 The suite runs once per thread count, minutes apart, so on a shared machine each pass carries
 what the neighbours did meanwhile. The paired measurement (``paired``) times fused and torch.nn
-at every thread count call by call in one loop, so that the load of the moment weighs on every
+at every thread count in turn in one loop, so that the load of the moment weighs on every
 count alike: its ratios are the ones to judge a layer's scaling by.
 """
 
@@ -105,8 +105,10 @@ def paired_rounds(repeats: int) -> int:
 
 def paired(cases: Sequence[Case], settings: Settings, counts: Sequence[int], progress=None) -> dict:
     """Fused and torch.nn of every case that has both, each pass, timed at every thread count
-    in one loop: a warm-up call at each (implementation, count), then `paired_rounds` rounds, each
-    one call at each (implementation, count), the counts' order reversed every other round.
+    in one loop: a warm-up round, then `paired_rounds` rounds, each two calls at each
+    (implementation, count), the second timed (the first after a switch of the thread count
+    finds the other cores' caches cold, as no call of a run at one count does), the counts'
+    order reversed every other round.
     Medians per (implementation, count); scaling as in ``scaling``. Restores torch's thread
     count."""
     counts = list(counts)
@@ -130,6 +132,10 @@ def paired(cases: Sequence[Case], settings: Settings, counts: Sequence[int], pro
                         prepare, call = calls[impl]
                         for n in order:
                             torch.set_num_threads(n)
+                            # an untimed call after the switch: the timed one then finds the
+                            # caches of the cores it runs on as a run at one count would
+                            prepare()
+                            call()
                             prepare()
                             t0 = time.perf_counter()
                             call()
@@ -158,8 +164,9 @@ def paired(cases: Sequence[Case], settings: Settings, counts: Sequence[int], pro
     finally:
         torch.set_num_threads(before)
     return {
-        "definition": "fused and torch.nn at every thread count timed call by call in one loop "
-        f"({rounds} rounds after a warm-up round; counts' order reversed every other round); "
+        "definition": "fused and torch.nn at every thread count timed in one loop "
+        f"({rounds} rounds after a warm-up round, each two calls at each implementation and "
+        "count, the second timed; counts' order reversed every other round); "
         "scaling = median at threads_from / median at threads_to",
         "rounds": rounds,
         "rows": rows,
@@ -191,8 +198,8 @@ def format_paired(report: dict) -> str:
         ).rstrip()
 
     lines = [
-        f"paired thread scaling (fused and torch.nn at each count timed call by call in one "
-        f"loop, {report['rounds']} rounds: robust to a shared machine's changing load)",
+        f"paired thread scaling (fused and torch.nn at each count timed in turn in one loop, "
+        f"{report['rounds']} rounds: robust to a shared machine's changing load)",
         fmt(head),
         fmt(["-" * w for w in widths]),
     ]

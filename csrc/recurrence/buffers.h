@@ -155,7 +155,7 @@ class InputProjection {
       lo_ = 0;
       hi_ = s.N;
     } else {
-      cap_ = std::max<int64_t>(std::getenv("XCHUNK") ? std::atoll(std::getenv("XCHUNK")) : kChunkRows, s.B);
+      cap_ = std::max<int64_t>(kChunkRows, s.B);
       buf_ = pooled_empty({std::min(cap_, s.N), width}, opts);
     }
     base_ = buf_.data_ptr();

@@ -68,17 +68,17 @@ def scaling(docs: Sequence[dict]) -> dict:
     }
 
 
-def format_scaling(report: dict) -> str:
-    rows = report["rows"]
+def _format(title: str, rows: Sequence[dict], impls: Sequence[str]) -> str:
+    """The table of scaling rows: one column per implementation in `impls`, then fused / nn."""
     if not rows:
         return ""
     head = ["cell", "shape TxBxIxH", "pass", "threads"]
-    head += [SHORT[i] for i in IMPLS] + ["fused / nn"]
+    head += [SHORT[i] for i in impls] + ["fused / nn"]
     table: List[List[str]] = []
     for r in rows:
         table.append(
             [r["label"], r["shape_str"], r["pass"], f"{r['threads_from']} -> {r['threads_to']}"]
-            + [f"{r['scaling'][i]:.2f}x" if i in r["scaling"] else "-" for i in IMPLS]
+            + [f"{r['scaling'][i]:.2f}x" if i in r["scaling"] else "-" for i in impls]
             + ["-" if r["fused_over_torch"] is None else f"{r['fused_over_torch']:.2f}"]
         )
     widths = [max(len(x[k]) for x in table + [head]) for k in range(len(head))]
@@ -88,14 +88,18 @@ def format_scaling(report: dict) -> str:
             v.ljust(w) if k < 3 else v.rjust(w) for k, (v, w) in enumerate(zip(row, widths))
         ).rstrip()
 
-    lines = [
-        "thread scaling (time at the fewest threads / time at more; fused / nn >= 1: fused "
-        "gains at least as much as torch.nn)",
-        fmt(head),
-        fmt(["-" * w for w in widths]),
-    ]
+    lines = [title, fmt(head), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in table]
     return "\n".join(lines)
+
+
+def format_scaling(report: dict) -> str:
+    return _format(
+        "thread scaling (time at the fewest threads / time at more; fused / nn >= 1: fused "
+        "gains at least as much as torch.nn)",
+        report["rows"],
+        IMPLS,
+    )
 
 
 def paired_rounds(repeats: int) -> int:
@@ -174,34 +178,9 @@ def paired(cases: Sequence[Case], settings: Settings, counts: Sequence[int], pro
 
 
 def format_paired(report: dict) -> str:
-    rows = report["rows"]
-    if not rows:
-        return ""
-    head = ["cell", "shape TxBxIxH", "pass", "threads", "fused", "nn", "fused / nn"]
-    table = [
-        [
-            r["label"],
-            r["shape_str"],
-            r["pass"],
-            f"{r['threads_from']} -> {r['threads_to']}",
-            f"{r['scaling']['fused']:.2f}x",
-            f"{r['scaling']['torch']:.2f}x",
-            f"{r['fused_over_torch']:.2f}",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(x[k]) for x in table + [head]) for k in range(len(head))]
-
-    def fmt(row):
-        return "  ".join(
-            v.ljust(w) if k < 3 else v.rjust(w) for k, (v, w) in enumerate(zip(row, widths))
-        ).rstrip()
-
-    lines = [
+    return _format(
         f"paired thread scaling (fused and torch.nn at each count timed in turn in one loop, "
         f"{report['rounds']} rounds: robust to a shared machine's changing load)",
-        fmt(head),
-        fmt(["-" * w for w in widths]),
-    ]
-    lines += [fmt(r) for r in table]
-    return "\n".join(lines)
+        report["rows"],
+        PAIRED_IMPLS,
+    )

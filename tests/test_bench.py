@@ -622,6 +622,27 @@ def test_two_thread_counts_write_a_folder_each_and_the_scaling(tmp_path, capsys)
     assert text.strip() in capsys.readouterr().out
 
 
+def test_sigterm_during_the_paired_scaling_keeps_the_suites_scaling(tmp_path, monkeypatch):
+    """SIGTERM during the paired measurement (after every suite): the command exits 143 and still
+    writes scaling.txt / scaling.json of the complete suites, with no paired table."""
+    paired = scaling.paired
+
+    def then_terminate(cases, settings, counts, progress=None):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this thread
+        return paired(cases, settings, counts, progress)
+
+    monkeypatch.setattr(scaling, "paired", then_terminate)
+    out = tmp_path / "stopped"
+    argv = TINY[:-2] + ["--threads", "1,2", "--cells", "lstm", "--no-compile", "--no-memory"]
+    assert cli.main(argv + ["--out", str(out)]) == 128 + signal.SIGTERM
+    for n in (1, 2):
+        assert json.loads((out / f"threads-{n}" / "results.json").read_text())["complete"]
+    report = json.loads((out / "scaling.json").read_text())
+    assert report["paired"] is None and len(report["rows"]) > 0
+    text = (out / "scaling.txt").read_text()
+    assert "1 -> 2" in text and "paired thread scaling" not in text
+
+
 def test_dropconnect_row_drops_the_same_weight_in_every_implementation():
     """The "lstm dropconnect" row: under one seed, fused, torch.nn and the eager loop compute the
     same training output (each drops weight_hh with torch's dropout once per call)."""

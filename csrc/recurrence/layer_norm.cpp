@@ -105,41 +105,29 @@ void check_gain(const char* op, const char* name, const Tensor& t, const Tensor&
 }
 
 // The input side's product x W_ih^T (G columns a row), which the rows' forward passes read
-// (LNStep::xp) and normalise. Training: every row's in one GEMM before the step loop, into the
-// workspace block x̂ itself when the dtype is the op-math type (each row normalised in place),
-// else into a tensor of its own. Inference: a chunk of consecutive steps' rows at a time into a
-// small buffer, as the other cells' inference (InputProjection, buffers.h), still in cache when
-// its steps read it (the whole call's product, 26 MB at T=100 B=64 H=256 in fp32, went to
-// memory and back). Both through gemm() as the other cells' projection: oneDNN where it is the
-// faster GEMM (on a Zen 4 core at::mm's MKL sgemm ran it at the speed of its AVX2 kernel), bf16
-// through fp32 where ATen's bf16 at::mm would be its slow loops (execution/gemm.cpp).
+// (LNStep::xp) and normalise, through the other cells' InputProjection (buffers.h): training,
+// every row's before the step loop, into the workspace block x̂ itself when the dtype is the
+// op-math type (each row normalised in place), else into a tensor of its own; inference, a chunk
+// of consecutive steps' rows at a time into a small buffer, still in cache when its steps read
+// it (the whole call's product, 26 MB at T=100 B=64 H=256 in fp32, went to memory and back).
 template <typename scalar_t, typename acc_t>
 class LNInput {
  public:
   // xhat: the workspace's block x̂ (every row's, training) or undefined (inference)
   LNInput(const Steps& s, const Tensor& input, const Tensor& w_ih, const Tensor& xhat)
-      : x_(input.reshape({s.N, input.size(-1)})), w_ih_t_(w_ih.t()) {
-    if (!xhat.defined()) {
-      chunks_.emplace(s, x_, w_ih_t_, Tensor(), w_ih.size(0), input.options());
-      return;
-    }
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      all_ = xhat;
-    } else {
-      all_ = at::empty({s.N, w_ih.size(0)}, input.options());
-    }
-    gemm(all_, x_, w_ih_t_);
-  }
-  // The rows of the k-th processed step (from row r0 of the call), G values each.
-  const scalar_t* rows_of(int64_t k, int64_t r0) {
-    if (chunks_) return chunks_->rows_for<scalar_t>(k);
-    return all_.const_data_ptr<scalar_t>() + r0 * all_.size(1);
-  }
+      : x_(input.reshape({s.N, input.size(-1)})),
+        w_ih_t_(w_ih.t()),
+        proj_(s, x_, w_ih_t_, full(s, input, w_ih, xhat), w_ih.size(0), input.options()) {}
+  // The rows of the k-th processed step, G values each.
+  const scalar_t* rows_of(int64_t k) { return proj_.rows_for<scalar_t>(k); }
 
  private:
+  static Tensor full(const Steps& s, const Tensor& input, const Tensor& w_ih, const Tensor& xhat) {
+    if (!xhat.defined() || std::is_same_v<scalar_t, acc_t>) return xhat;
+    return at::empty({s.N, w_ih.size(0)}, input.options());
+  }
   const Tensor x_, w_ih_t_;  // (N, I) the input, (I, G) W_ih^T
-  Tensor all_;
-  c10::optional<InputProjection> chunks_;
+  InputProjection proj_;
 };
 
 // The input side's gradients of a backward, which its chunks accumulate (op-math type;
@@ -427,7 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
           hh_product(n, hs, Hout, hgp, G, 0.0f);
           LNStep<scalar_t> p = base;
           p.r0 = need_workspace ? r0 : 0;
-          p.xp = xp.rows_of(k, r0);
+          p.xp = xp.rows_of(k);
           p.out = out + r0 * Hout;
           // projected: the rows zone c_t, h_t is zoned after the projection (ZoneStep)
           set_zone_rows(p, zone_c, proj ? Zone{} : zone_h, r0);
@@ -673,7 +661,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
           hh_product(n, hs, H, hgp, G, 0.0f);
           LNStep<scalar_t> p = base;
           p.r0 = need_workspace ? r0 : 0;
-          p.xp = xp.rows_of(k, r0);
+          p.xp = xp.rows_of(k);
           p.out = out + r0 * H;
           set_zone_rows(p, Zone{}, zone_h, r0);
           run_rows(Pass::kGRUForward, dev, p, n, G);

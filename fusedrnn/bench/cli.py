@@ -345,6 +345,13 @@ class _Stop(KeyboardInterrupt):
         self.signum = signum
 
 
+def _interruption(exc: KeyboardInterrupt) -> Tuple[str, int]:
+    """The reason ("SIGTERM", "SIGINT") and exit status (128 + the signal) of an interruption."""
+    if isinstance(exc, _Stop):
+        return str(exc), 128 + exc.signum
+    return "SIGINT", 128 + signal.SIGINT
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm():
     """SIGTERM raises _Stop for the duration of the block (main thread only; elsewhere, and
@@ -431,10 +438,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return code
         if len(docs) > 1:
             paired = None
+            stopped = 0
             if device.type == "cpu":
                 used = [d["settings"]["threads"] for d in docs]
-                paired = _paired_scaling(args, device, used, err)
+                try:
+                    paired = _paired_scaling(args, device, used, err)
+                except KeyboardInterrupt as exc:  # the suites are complete: keep their scaling
+                    reason, stopped = _interruption(exc)
+                    print(
+                        f"interrupted ({reason}) during the paired thread scaling: the suites' "
+                        "results and scaling kept, no paired table",
+                        file=err,
+                    )
             _write_scaling(docs, out_dir, err, paired)
+            if stopped:
+                return stopped
         return next((c for c in codes if c), 0)
 
 
@@ -644,8 +662,7 @@ def _run(
                 results.extend(measure.run_case(case, settings, bar))
                 _write_json(results_path, document(results, False, None, None))
     except KeyboardInterrupt as exc:
-        stopped = str(exc) if isinstance(exc, _Stop) else "SIGINT"
-        exit_code = 128 + getattr(exc, "signum", signal.SIGINT)
+        stopped, exit_code = _interruption(exc)
     wall = time.perf_counter() - started
     report = None
     if stopped:
@@ -658,8 +675,7 @@ def _run(
         try:
             report = throughput.measure(results, device, settings.dtype)
         except KeyboardInterrupt as exc:
-            stopped = str(exc) if isinstance(exc, _Stop) else "SIGINT"
-            exit_code = 128 + getattr(exc, "signum", signal.SIGINT)
+            stopped, exit_code = _interruption(exc)
             print(
                 f"interrupted ({stopped}) while measuring the GEMM rate: results kept, no "
                 "GEMM-rate report",

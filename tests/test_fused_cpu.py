@@ -317,6 +317,35 @@ def test_bf16_inference_equals_training_forward(cell, bf16_tiles):
             assert torch.equal(a, b.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_equals_training_forward_over_input_chunks(cell, dtype, bf16_tiles):
+    """The GRU's (and an unfused LSTM-family call's) input product x W_ih^T: in training every
+    row's before the loop, in inference for spans of whole steps, both through the fused
+    kernels' panel GEMM 128 rows at a time where they take the call (recurrence/buffers.h,
+    InputProjection), so that each row's sums run in the same order: a packed call of 368 rows
+    whose chunk boundaries fall inside steps gives the same bits both ways."""
+    torch.manual_seed(0)
+    sizes = [40] * 3 + [37] * 4 + [20] * 5
+    I, H = 9, 20
+    w = {
+        k: v.to(dtype)
+        for k, v in make_weights(cell, I, H, 0, True, scale=0.5).items()
+        if v is not None
+    }
+    x = make_input(len(sizes), 40, I, sizes).to(dtype)
+    bs = torch.tensor(sizes)
+    hx, cx = (None if t is None else t.to(dtype) for t in make_states(cell, 40, H, 0))
+    with torch.no_grad():
+        inference = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, True)
+    w = {k: v.requires_grad_() for k, v in w.items()}
+    training = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, True)
+    assert training[0].requires_grad
+    for a, b in zip(inference, training):
+        if a is not None:
+            assert torch.equal(a, b.detach())
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_bf16_packed_changing_row_counts(cell, reverse, bf16_tiles):

@@ -497,17 +497,62 @@ def test_long_calls_step_products(cpu_isa, cell, dtype, layout):
         assert_close(g, r, dtype, f"{cpu_isa} result {i}", lowp=lp)
 
 
+def _chunks_case(cell, dtype, seed):
+    """A packed call of 368 rows (40, 37 and 20 a step): more than two of the 128-row chunks in
+    which the fused kernels' GEMM projects the input (recurrence/buffers.h, InputProjection),
+    their boundaries inside steps."""
+    gen = torch.Generator().manual_seed(seed)
+    w, w_hr, ln = _params(cell, dtype, gen=gen)
+    sizes = torch.tensor([40] * 3 + [37] * 4 + [20] * 5)
+    x = torch.randn(int(sizes.sum()), I, generator=gen, dtype=F64).to(dtype)
+    hx = torch.randn(40, H, generator=gen, dtype=F64).to(dtype)
+    cx = torch.randn(40, H, generator=gen, dtype=F64).to(dtype) if cell == "lstm" else None
+    return LayerArgs(x, *w, None, w_hr, hx, cx, sizes, False), ln
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["packed", "proj", "zoneout"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_input_product_in_chunks(cpu_isa, cell, dtype, reverse):
+    """The forward of a call long enough for the fused kernels projects its input through their
+    panel GEMM from W_ih packed once per call, 128 rows at a time (training: every row's before
+    the loop; inference: spans of whole steps); under the baseline ISA through the GEMM library.
+    Its outputs against the fp64 reference under the tolerance rule, in training and in
+    inference. (The backward does not take this path: its gradients over these 368 rows are
+    sums too long for fp32's elementwise 1e-5, see tests/test_fused_cpu.py, long_sums.)"""
+    a, ln = _chunks_case(cell, dtype, seed=11)
+    a = a._replace(reverse=reverse)
+    op = getattr(torch.ops.fusedrnn, f"layer_norm_{cell}_forward")
+    a64 = LayerArgs(
+        *(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in a)
+    )
+    ref = [o for o in reference.layer_of(cell, a64, tuple(t.double() for t in ln)) if o is not None]
+    lowp = [o for o in reference.layer_of(cell, a, ln) if o is not None]
+    for train in (True, False):
+        got = op(*_layer_norm._op_args(cell, a, ln), train)[: len(ref)]
+        for i, (g, r, lp) in enumerate(zip(got, ref, lowp)):
+            assert_close(g, r, dtype, f"{cpu_isa} train={train} output {i}", lowp=lp)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["packed", "proj", "zoneout", "chunks"])
 def test_inference_and_training_forward_agree(cpu_isa, cell, dtype, layout):
     """Inference keeps only the step's rows of the workspace blocks (x̂ excepted) and writes
     only what its step reads again (cells/layer_norm.h, kKeep): its outputs equal a training
     forward's exactly, under every ISA's row loops, with a projection and with zoneout's
-    weights of the previous states (eval's rates: both states mixed)."""
+    weights of the previous states (eval's rates: both states mixed). "chunks": a call of 368
+    packed rows, whose input product inference computes for spans of whole steps and training
+    for all rows at once, 128 rows at a time (recurrence/buffers.h, InputProjection)."""
     if layout == "proj" and cell == "gru":
         pytest.skip("the GRU has no projection")
-    a, ln = _layer_case(cell, dtype, packed=layout == "packed", proj=P if layout == "proj" else 0)
+    if layout == "chunks":
+        a, ln = _chunks_case(cell, dtype, seed=5)
+        a = a._replace(reverse=True)
+    else:
+        a, ln = _layer_case(
+            cell, dtype, packed=layout == "packed", proj=P if layout == "proj" else 0
+        )
     zones = ()
     if layout == "zoneout":
         n = a.input.shape[0] * a.input.shape[1]

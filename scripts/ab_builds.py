@@ -1,12 +1,14 @@
-"""Two builds of fusedrnn side by side: LSTM and GRU layers (bf16, or --dtype float32), one
-thread, T=100 at
-(B, H) = (16, 128), (64, 256), (64, 512), I = H, forward (no grad) and forward + backward,
-each against torch.nn in the same process; the builds' processes interleaved, `rounds` each, and
-the median per build reported. A build is a folder holding a `fusedrnn` package with its
-compiled extension (e.g. a copy of the repository's `fusedrnn/` after `setup.py build_ext
+"""Two builds of fusedrnn side by side: recurrent layers (bf16, or --dtype float32), one
+thread, T=100 at (B, H) = (16, 128), (64, 256), (64, 512) (or --shapes "B,H;B,H"), I = H,
+forward (no grad) and forward + backward, the LSTM and GRU each against torch.nn in the same
+process (--cells: any of lstm, gru, layer_norm_lstm, layer_norm_gru; default lstm,gru; the
+layer-normalised ones have no torch.nn layer); the builds' processes interleaved, `rounds`
+each, and the median per build reported. A build is a folder holding a `fusedrnn` package with
+its compiled extension (e.g. a copy of the repository's `fusedrnn/` after `setup.py build_ext
 --inplace` at one commit, and another at the next).
 
     python scripts/ab_builds.py BEFORE_DIR AFTER_DIR [rounds] [repeats] [--dtype float32]
+        [--cells lstm,gru,layer_norm_lstm,layer_norm_gru] [--shapes "64,256;16,128"]
 
 Timing: medians of `repeats` calls' CPU time of the calling thread (time.thread_time).
 """
@@ -20,25 +22,34 @@ import sys
 SHAPES = ((16, 128), (64, 256), (64, 512))
 
 
-def measure(repeats, dtype):
-    """Run inside one build's process: {case: (fused ms, torch.nn ms)} as JSON on stdout."""
+CELLS = ("lstm", "gru", "layer_norm_lstm", "layer_norm_gru")
+
+
+def measure(repeats, dtype, cells, shapes):
+    """Run inside one build's process: {case: (fused ms, torch.nn ms or None)} as JSON on
+    stdout."""
     import torch
     from bf16_layers import median_ms  # this folder's: thread CPU time, the median
 
     import fusedrnn
 
     torch.set_num_threads(1)
-
+    layers = {
+        "lstm": (fusedrnn.LSTM, torch.nn.LSTM),
+        "gru": (fusedrnn.GRU, torch.nn.GRU),
+        "layer_norm_lstm": (fusedrnn.LayerNormLSTM, None),
+        "layer_norm_gru": (fusedrnn.LayerNormGRU, None),
+    }
     out = {}
-    for name, fused_cls, nn_cls in (
-        ("lstm", fusedrnn.LSTM, torch.nn.LSTM),
-        ("gru", fusedrnn.GRU, torch.nn.GRU),
-    ):
-        for B, H in SHAPES:
+    for name in cells:
+        fused_cls, nn_cls = layers[name]
+        for B, H in shapes:
             torch.manual_seed(0)
             fused = fused_cls(H, H).to(dtype)
-            nn = nn_cls(H, H).to(dtype)
-            nn.load_state_dict(fused.state_dict())
+            nn = None
+            if nn_cls is not None:
+                nn = nn_cls(H, H).to(dtype)
+                nn.load_state_dict(fused.state_dict())
             x = torch.randn(100, B, H).to(dtype)
             for mode in ("fwd", "fwd+bwd"):
 
@@ -52,7 +63,7 @@ def measure(repeats, dtype):
 
                 out[f"{name} B={B} H={H} {mode}"] = (
                     median_ms(lambda: run(fused), repeats),
-                    median_ms(lambda: run(nn), repeats),
+                    median_ms(lambda: run(nn), repeats) if nn is not None else None,
                 )
     print(json.dumps(out))
 
@@ -61,15 +72,31 @@ def main():
     import torch
 
     args = sys.argv[1:]
-    dtype = "bfloat16"
-    if "--dtype" in args:
-        k = args.index("--dtype")
-        dtype = args[k + 1]
+
+    def option(flag, default):
+        if flag not in args:
+            return default
+        k = args.index(flag)
+        value = args[k + 1]
         del args[k : k + 2]
+        return value
+
+    dtype = option("--dtype", "bfloat16")
+    cells = option("--cells", "lstm,gru")
+    shapes = option("--shapes", ";".join(f"{b},{h}" for b, h in SHAPES))
     if dtype not in ("bfloat16", "float32"):
         raise SystemExit(f"--dtype: expected bfloat16 or float32, got {dtype!r}")
+    bad = [c for c in cells.split(",") if c not in CELLS]
+    if bad:
+        raise SystemExit(f"--cells: expected some of {','.join(CELLS)}, got {cells!r}")
+    try:
+        shape_list = [tuple(int(v) for v in s.split(",")) for s in shapes.split(";")]
+        if any(len(s) != 2 or min(s) < 1 for s in shape_list):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f'--shapes: expected "B,H;B,H..." of positive sizes, got {shapes!r}')
     if args[0] == "--measure":
-        measure(int(args[1]), getattr(torch, dtype))
+        measure(int(args[1]), getattr(torch, dtype), cells.split(","), shape_list)
         return
     builds = args[0:2]
     rounds = int(args[2]) if len(args) > 2 else 3
@@ -86,6 +113,10 @@ def main():
                     str(repeats),
                     "--dtype",
                     dtype,
+                    "--cells",
+                    cells,
+                    "--shapes",
+                    shapes,
                 ],
                 env=env,
                 cwd="/",
@@ -98,12 +129,15 @@ def main():
         f"{dtype}, one thread, {rounds} interleaved processes per build; ms and x torch.nn, medians"
     )
     for case in runs[builds[0]][0]:
-        cells = []
+        columns = []
         for b in builds:
             fused = statistics.median(r[case][0] for r in runs[b])
+            if runs[b][0][case][1] is None:
+                columns.append(f"{fused:9.2f} ms      -")
+                continue
             ratio = statistics.median(r[case][1] / r[case][0] for r in runs[b])
-            cells.append(f"{fused:9.2f} ms {ratio:5.2f}x")
-        print(f"{case:24s} " + "   ".join(cells))
+            columns.append(f"{fused:9.2f} ms {ratio:5.2f}x")
+        print(f"{case:34s} " + "   ".join(columns))
 
 
 if __name__ == "__main__":

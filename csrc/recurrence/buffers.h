@@ -151,12 +151,18 @@ struct LSTMWorkspace {
 // layer-normalised layers' inference forward at T=100 B=64 H=256 on a Zen 1 core.
 class InputProjection {
  public:
-  InputProjection(const Steps& s, const Tensor& x, const Tensor& w_ih_t, Tensor full, int64_t width,
-                  const at::TensorOptions& opts)
+  // w_ih_t: W_ih^T, the transposed view of W_ih (gates * H, I), its rows `gates` blocks of H
+  InputProjection(const Steps& s, const Tensor& x, const Tensor& w_ih_t, int64_t gates, Tensor full,
+                  int64_t width, const at::TensorOptions& opts)
       : s_(s), x_(x), w_ih_t_(w_ih_t), width_(width), small_ok_(s.N <= kSmallGemmMaxRowsNt) {
+    TORCH_INTERNAL_ASSERT(w_ih_t.dim() == 2 && w_ih_t.size(1) % gates == 0,
+                          "InputProjection: W_ih^T of ", w_ih_t.size(1), " columns, not ", gates,
+                          " gates");
     if (!small_ok_ && x.is_contiguous() && x.dim() == 2 && x.size(1) == w_ih_t.size(0)) {
       k_ = cpu::fused_kernels_for(x, s.T, s.N, s.B, /*wide_short_calls=*/false);
-      if (k_ != nullptr) w_ = cpu::pack_plain(w_ih_t, *k_);
+      // packed from W_ih itself, gate-blocked as the tiles' weights (through the registers; a
+      // plain packing of the transposed view copied it element by element first)
+      if (k_ != nullptr) w_ = cpu::pack_weight(w_ih_t.t(), gates, *k_);
     }
     if (!full.defined() && x.is_cuda()) full = at::empty({s.N, width}, opts);
     if (full.defined()) {

@@ -240,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_family_forward(
       b_hh.has_value() ? b_hh->contiguous() : Tensor(),
       zone_h};
   const Tensor w_ih_t = w_ih.t();
-  InputProjection xproj(s, c.x, w_ih_t, need_workspace ? c.ws : Tensor(), 4 * H, opts);
+  InputProjection xproj(s, c.x, w_ih_t, 3, need_workspace ? c.ws : Tensor(), 4 * H, opts);
   const Plan plan = plan_call(input, s, TilesFor::kLongCalls);
   if (plan.strategy == Strategy::kFusedTiles) {
     dispatch_tiles(input.scalar_type(), [&](auto type) {

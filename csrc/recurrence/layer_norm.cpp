@@ -114,10 +114,11 @@ template <typename scalar_t, typename acc_t>
 class LNInput {
  public:
   // xhat: the workspace's block x̂ (every row's, training) or undefined (inference)
-  LNInput(const Steps& s, const Tensor& input, const Tensor& w_ih, const Tensor& xhat)
+  LNInput(const Steps& s, const Tensor& input, const Tensor& w_ih, int64_t gates,
+          const Tensor& xhat)
       : x_(input.reshape({s.N, input.size(-1)})),
         w_ih_t_(w_ih.t()),
-        proj_(s, x_, w_ih_t_, full(s, input, w_ih, xhat), w_ih.size(0), input.options()) {}
+        proj_(s, x_, w_ih_t_, gates, full(s, input, w_ih, xhat), w_ih.size(0), input.options()) {}
   // The rows of the k-th processed step, G values each.
   const scalar_t* rows_of(int64_t k) { return proj_.rows_for<scalar_t>(k); }
 
@@ -284,11 +285,14 @@ class StepGemm {
   static constexpr bool kFusedType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
  public:
-  // b: B (K x N), a matrix or the transposed view of one
-  StepGemm(const StepDevice& dev, const Tensor& b, const Steps& s) : dev_(dev), b_(b) {
+  // b: B (K x N), a matrix, or with `gates` the transposed view of a weight W (gates * H, K)
+  // (packed from W, gate-blocked as the tiles' weights: a plain packing of the view copied it
+  // element by element first)
+  StepGemm(const StepDevice& dev, const Tensor& b, const Steps& s, int64_t gates = 0)
+      : dev_(dev), b_(b) {
     if constexpr (kFusedType) {
       if (!dev.cuda()) k_ = cpu::fused_kernels_for(b, s.T, s.N, s.B, /*wide_short_calls=*/false);
-      if (k_ != nullptr) w_ = cpu::pack_plain(b, *k_);
+      if (k_ != nullptr) w_ = gates ? cpu::pack_weight(b.t(), gates, *k_) : cpu::pack_plain(b, *k_);
     }
   }
   void operator()(int64_t m, const T* a, int64_t lda, T* out, int64_t ldo, float beta) const {
@@ -391,7 +395,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         using acc_t = at::opmath_type<scalar_t>;
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
-        LNInput<scalar_t, acc_t> xp(s, input, w_ih,
+        LNInput<scalar_t, acc_t> xp(s, input, w_ih, 4,
                                     need_workspace ? block_of(ws, blocks, 0, rows) : Tensor());
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
@@ -409,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_lstm_forward(
         base.h_state = hs;
         base.c_state = cs;
         base.r_out = rp;
-        const StepGemm<scalar_t> hh_product(dev, w_hh_c.t(), s);  // h_{t-1} W_hh^T
+        const StepGemm<scalar_t> hh_product(dev, w_hh_c.t(), s, 4);  // h_{t-1} W_hh^T
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           hh_product(n, hs, Hout, hgp, G, 0.0f);
@@ -640,7 +644,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         using acc_t = at::opmath_type<scalar_t>;
         if (s.N == 0) return;
         acc_t* const w = ws.data_ptr<acc_t>();
-        LNInput<scalar_t, acc_t> xp(s, input, w_ih,
+        LNInput<scalar_t, acc_t> xp(s, input, w_ih, 3,
                                     need_workspace ? block_of(ws, blocks, 0, rows) : Tensor());
         scalar_t* const out = output.data_ptr<scalar_t>();
         scalar_t* const hs = h_state.data_ptr<scalar_t>();
@@ -655,7 +659,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_gru_forward(const Tensor& input, const Ten
         base.b_hh = bhp;
         base.hg = hgp;
         base.h_state = hs;
-        const StepGemm<scalar_t> hh_product(dev, w_hh_c.t(), s);  // h_{t-1} W_hh^T
+        const StepGemm<scalar_t> hh_product(dev, w_hh_c.t(), s, 3);  // h_{t-1} W_hh^T
         for (int64_t k = 0; k < s.T; ++k) {
           const int64_t t = s.at(k), n = s.n[t], r0 = s.off[t];
           hh_product(n, hs, H, hgp, G, 0.0f);

@@ -67,7 +67,7 @@ class ForwardGemmStep {
       : c_(c),
         dev_(dev),
         w_ih_t_(c.w_ih.t()),
-        xproj_(c.s, c.x, w_ih_t_, c.need_workspace ? c.ws.gates : Tensor(), 4 * c.d.H,
+        xproj_(c.s, c.x, w_ih_t_, 4, c.need_workspace ? c.ws.gates : Tensor(), 4 * c.d.H,
                c.x.options()),
         w_hh_(ptr<scalar_t>(c.w_hh)),
         w_ch_(c.wm ? ptr<scalar_t>(*c.w_ch) : nullptr),

@@ -147,8 +147,9 @@ struct LSTMWorkspace {
 // On the CPU in fp32 and bf16, for a call the fused tiles would take (cpu::fused_kernels_for),
 // the GEMM is the tiles' panel GEMM from W_ih^T packed once per call, kChunkRows rows at a time
 // in both cases (each output row's sums in the same order, however the rows are grouped): a
-// GEMM library packs both operands again on every call, which cost 8-12% of the GRU's and the
-// layer-normalised layers' inference forward at T=100 B=64 H=256 on a Zen 1 core.
+// GEMM library packs both operands again on every call, which cost 4-15% of the GRU's and the
+// layer-normalised layers' inference forward at T=100 B=64 H=256 on a Zen 1 core
+// (docs/performance.md).
 class InputProjection {
  public:
   // w_ih_t: W_ih^T, the transposed view of W_ih (gates * H, I), its rows `gates` blocks of H

@@ -298,19 +298,25 @@ def test_bf16_inference_equals_training_forward(cell, bf16_tiles):
     branch, kernels/step_elements.h). Same cell math, so the outputs must be the same bits as
     those of a forward that saves its gates. 70 units: two 32-unit groups and a remainder; 13
     rows: two 6-row tiles and a 1-row tail."""
+    _assert_inference_equals_training(cell, BF16, 13, 9, 70, T=6)
+
+
+def _assert_inference_equals_training(cell, dtype, B, I, H, T=None, sizes=None, reverse=False):
+    """A forward without grad and one whose weights require grad (which saves the workspace):
+    the same outputs, bit for bit."""
     torch.manual_seed(0)
-    T, B, I, H = 6, 13, 9, 70
     w = {
-        k: v.to(BF16)
+        k: v.to(dtype)
         for k, v in make_weights(cell, I, H, 0, True, scale=0.5).items()
         if v is not None
     }
-    x = make_input(T, B, I, None).to(BF16)
-    hx, cx = (None if t is None else t.to(BF16) for t in make_states(cell, B, H, 0))
+    x = make_input(T, B, I, sizes).to(dtype)
+    bs = torch.tensor(sizes) if sizes is not None else None
+    hx, cx = (None if t is None else t.to(dtype) for t in make_states(cell, B, H, 0))
     with torch.no_grad():
-        inference = run_layer(functional.rnn_layer, cell, x, w, hx, cx, None, False)
+        inference = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, reverse)
     w = {k: v.requires_grad_() for k, v in w.items()}
-    training = run_layer(functional.rnn_layer, cell, x, w, hx, cx, None, False)
+    training = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, reverse)
     assert training[0].requires_grad
     for a, b in zip(inference, training):
         if a is not None:
@@ -325,25 +331,8 @@ def test_inference_equals_training_forward_over_input_chunks(cell, dtype, bf16_t
     kernels' panel GEMM 128 rows at a time where they take the call (recurrence/buffers.h,
     InputProjection), so that each row's sums run in the same order: a packed call of 368 rows
     whose chunk boundaries fall inside steps gives the same bits both ways."""
-    torch.manual_seed(0)
     sizes = [40] * 3 + [37] * 4 + [20] * 5
-    I, H = 9, 20
-    w = {
-        k: v.to(dtype)
-        for k, v in make_weights(cell, I, H, 0, True, scale=0.5).items()
-        if v is not None
-    }
-    x = make_input(len(sizes), 40, I, sizes).to(dtype)
-    bs = torch.tensor(sizes)
-    hx, cx = (None if t is None else t.to(dtype) for t in make_states(cell, 40, H, 0))
-    with torch.no_grad():
-        inference = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, True)
-    w = {k: v.requires_grad_() for k, v in w.items()}
-    training = run_layer(functional.rnn_layer, cell, x, w, hx, cx, bs, True)
-    assert training[0].requires_grad
-    for a, b in zip(inference, training):
-        if a is not None:
-            assert torch.equal(a, b.detach())
+    _assert_inference_equals_training(cell, dtype, 40, 9, 20, sizes=sizes, reverse=True)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])

@@ -278,6 +278,19 @@ def test_bf16_tiles(cell, B, H, I, bf16_tiles):
     _check_bf16(cell, B, H, I)
 
 
+# Where the ISA has no bf16 dot product and a tile takes two passes (AVX2's 4-vector tiles: the
+# LSTM family's forward steps, every backward step), the tile's bf16 rows are widened to floats
+# into a buffer of 16384 floats (fused_tiles.h, kWidenFloats); sources of more columns than that
+# buffer holds at the tile's height keep the widening in the broadcasts. I = 4100: the LSTM
+# family's forward products with x_t and h_{t-1} are past it; H = 1100: the backward's products
+# of the gate gradients (3H or 4H columns) with W_hh are past it. The other products of the same
+# calls are widened or one-pass, so several ways run in one call.
+@pytest.mark.parametrize("I,H", [(4100, 16), (8, 1100)], ids=["wide_input", "wide_hidden"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_rows_past_the_widening_buffer(cell, I, H, bf16_tiles):
+    _check_bf16(cell, 6, H, I)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_wm_weight_ch_gradient_large_gemm(dtype, bf16_tiles):
     """A working-memory backward whose weight_ch gradient GEMMs are large enough for oneDNN's

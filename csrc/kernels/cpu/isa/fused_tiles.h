@@ -140,8 +140,8 @@ inline void accumulate_pairs(const c10::BFloat16* a, int64_t lda, const float* p
 // One pass over an output tile: MR rows x NV vectors, summed over the sources, from the pass's
 // part of the panels (K rows of NV vectors, fused_step.h). Vector v of row r is stored at out + r *
 // ldo + v * col_stride, its first count[v] lanes (the units that exist).
-template <int NV, int MR, bool kAcc, typename T>
-inline void gemm_pass(const PanelSource<T>* src, int nsrc, int64_t row0, T* out, int64_t ldo,
+template <int NV, int MR, bool kAcc, typename TA, typename T>
+inline void gemm_pass(const PanelSource<TA>* src, int nsrc, int64_t row0, T* out, int64_t ldo,
                       int64_t col_stride, const int64_t* count, const Vec::Mask* mask) {
   Vec::Reg acc[MR][NV];
 #pragma GCC unroll 16
@@ -150,10 +150,10 @@ inline void gemm_pass(const PanelSource<T>* src, int nsrc, int64_t row0, T* out,
     for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
   }
   for (int q = 0; q < nsrc; ++q) {
-    const T* a = src[q].a + row0 * src[q].lda;
+    const TA* a = src[q].a + row0 * src[q].lda;
     const int64_t lda = src[q].lda, K = src[q].K;
     const float* panel = src[q].panel;
-    if constexpr (kPairs<T>) {
+    if constexpr (kPairs<TA>) {
       accumulate_pairs<NV, MR, Vec>(a, lda, panel, K, src[q].ka, acc);
     } else {
 #pragma GCC unroll 2
@@ -164,7 +164,7 @@ inline void gemm_pass(const PanelSource<T>* src, int nsrc, int64_t row0, T* out,
         for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + v * kL);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
-          const Vec::Reg av = Act<T>::broadcast(a + r * lda + k);
+          const Vec::Reg av = Act<TA>::broadcast(a + r * lda + k);
 #pragma GCC unroll 4
           for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fma(av, bv[v], acc[r][v]);
         }
@@ -198,13 +198,13 @@ inline void gemm_pass(const PanelSource<T>* src, int nsrc, int64_t row0, T* out,
 // most kPass vectors: AVX2's 16 registers hold 5 rows x 2 vectors of accumulators, so its
 // 4-vector tiles take two passes over the (L1-resident) rows of the sources. Each pass reads its
 // own contiguous part of the panel.
-template <int NV, int kPass, int MR, bool kAcc, typename T>
-inline void gemm_tile(const PanelSource<T>* src, int nsrc, int64_t row0, T* out, int64_t ldo,
+template <int NV, int kPass, int MR, bool kAcc, typename TA, typename T>
+inline void gemm_tile(const PanelSource<TA>* src, int nsrc, int64_t row0, T* out, int64_t ldo,
                       int64_t col_stride, const int64_t* count, const Vec::Mask* mask) {
   constexpr int kNow = NV < kPass ? NV : kPass;
   gemm_pass<kNow, MR, kAcc>(src, nsrc, row0, out, ldo, col_stride, count, mask);
   if constexpr (NV > kNow) {
-    PanelSource<T> rest[2];
+    PanelSource<TA> rest[2];
     for (int q = 0; q < nsrc; ++q) {
       rest[q] = src[q];
       rest[q].panel += kNow * src[q].K * kL;
@@ -215,8 +215,8 @@ inline void gemm_tile(const PanelSource<T>* src, int nsrc, int64_t row0, T* out,
 }
 
 // A tile of `rows` < MR rows, by recursion on the tile height (each height is its own kernel).
-template <int NV, int kPass, int MR, bool kAcc, typename T>
-inline void gemm_tail(int rows, const PanelSource<T>* src, int nsrc, int64_t row0, T* out,
+template <int NV, int kPass, int MR, bool kAcc, typename TA, typename T>
+inline void gemm_tail(int rows, const PanelSource<TA>* src, int nsrc, int64_t row0, T* out,
                       int64_t ldo, int64_t col_stride, const int64_t* count,
                       const Vec::Mask* mask) {
   if constexpr (MR > 0) {
@@ -225,6 +225,23 @@ inline void gemm_tail(int rows, const PanelSource<T>* src, int nsrc, int64_t row
     } else {
       gemm_tail<NV, kPass, MR - 1, kAcc>(rows, src, nsrc, row0, out, ldo, col_stride, count, mask);
     }
+  }
+}
+
+// The floats of a tile's widened bf16 rows (gemm_panels): MR rows of every source, 64 KB of
+// the stack, i.e. sources of up to 3276 columns in all at AVX2's 5-row tiles.
+constexpr int64_t kWidenFloats = 16384;
+
+// rows x ka bf16 elements (row stride lda) to floats, row stride ka.
+inline void widen_rows(const c10::BFloat16* a, int64_t lda, int64_t rows, int64_t ka, float* w) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::BFloat16* row = a + r * lda;
+    float* wr = w + r * ka;
+    int64_t k = 0;
+    for (; k + kL <= ka; k += kL) {
+      Vec::store(wr + k, Vec::load_bf16(reinterpret_cast<const uint16_t*>(row + k)));
+    }
+    for (; k < ka; ++k) wr[k] = static_cast<float>(row[k]);
   }
 }
 
@@ -247,6 +264,19 @@ void gemm_panels(const PanelGemm& g, T* out, int64_t ldo, int64_t p0, int64_t p1
     bad_dispatch("fused step: operands packed for another kernel");
   }
   const int64_t n = g.rows, panel_floats = NV * kL;  // per row k of a panel
+  // bf16 rows where the ISA has no bf16 dot product and a tile takes more than one pass (AVX2's
+  // 4-vector tiles): each tile height's rows of the sources are widened to floats once for the
+  // group's panels, so that the passes' inner loops broadcast a float from memory (one
+  // instruction) instead of widening an element at each broadcast (a 16-bit load, a shift, a
+  // move to a vector register and the broadcast), once per pass. A one-pass tile broadcasts each
+  // element once, and there the widening in the broadcast is hidden behind the tile's FMAs: a
+  // buffer only adds its stores and loads (measured on Zen 1: the GRU's 3-vector tiles 4-15%
+  // slower with it). Where the rows do not fit the buffer, they are widened in the broadcasts.
+  constexpr bool kWiden = std::is_same_v<T, c10::BFloat16> && !kPairs<T> && NV > kPass;
+  [[maybe_unused]] alignas(64) float wide[kWiden ? kWidenFloats : 1];
+  int64_t widened = 0;
+  for (int q = 0; q < g.nsrc; ++q) widened += MR * g.src[q].ka;
+  [[maybe_unused]] const bool widen = kWiden && widened <= kWidenFloats;
   for (int64_t pb0 = p0; pb0 < p1; pb0 += kGroup) {
     const int64_t group = imin(kGroup, p1 - pb0);
     const int64_t j0 = pb0 * g.unit_block;
@@ -267,21 +297,39 @@ void gemm_panels(const PanelGemm& g, T* out, int64_t ldo, int64_t p0, int64_t p1
                      g.src[q].panels + pb * g.src[q].K * panel_floats, g.src[q].K, g.src[q].ka};
       }
     }
-    int64_t r = 0;
-    for (; r + MR <= n; r += MR) {
+    // The tiles of rows [r, r + rows) of every panel of the group, from the sources as they are
+    // or from their rows widened to floats (row0 0: the widened rows start at the buffer).
+    auto tiles = [&](int64_t r, int64_t rows, const auto& s, int64_t row0) {
       for (int64_t e = 0; e < group; ++e) {
-        gemm_tile<NV, kPass, MR, kAcc>(src[e], g.nsrc, r, out + r * ldo + j0 + e * g.unit_block,
-                                       ldo, g.col_stride, count[e], mask[e]);
+        T* const o = out + r * ldo + j0 + e * g.unit_block;
+        if (rows == MR) {
+          gemm_tile<NV, kPass, MR, kAcc>(s[e], g.nsrc, row0, o, ldo, g.col_stride, count[e],
+                                         mask[e]);
+        } else {
+          gemm_tail<NV, kPass, MR - 1, kAcc>(static_cast<int>(rows), s[e], g.nsrc, row0, o, ldo,
+                                             g.col_stride, count[e], mask[e]);
+        }
       }
-      epi(r, static_cast<int64_t>(MR), j0, all_units);
-    }
-    if (r < n) {
-      for (int64_t e = 0; e < group; ++e) {
-        gemm_tail<NV, kPass, MR - 1, kAcc>(static_cast<int>(n - r), src[e], g.nsrc, r,
-                                           out + r * ldo + j0 + e * g.unit_block, ldo, g.col_stride,
-                                           count[e], mask[e]);
+      epi(r, rows, j0, all_units);
+    };
+    for (int64_t r = 0; r < n; r += MR) {
+      const int64_t rows = imin(MR, n - r);
+      if constexpr (kWiden) {
+        if (widen) {
+          PanelSource<float> wsrc[kGroup][2] = {};
+          float* w = wide;
+          for (int q = 0; q < g.nsrc; ++q) {
+            widen_rows(src[0][q].a + r * src[0][q].lda, src[0][q].lda, rows, src[0][q].ka, w);
+            for (int64_t e = 0; e < group; ++e) {
+              wsrc[e][q] = {w, src[e][q].ka, src[e][q].panel, src[e][q].K, src[e][q].ka};
+            }
+            w += MR * src[0][q].ka;
+          }
+          tiles(r, rows, wsrc, 0);
+          continue;
+        }
       }
-      epi(r, n - r, j0, all_units);
+      tiles(r, rows, src, r);
     }
     tail(j0, all_units);
   }

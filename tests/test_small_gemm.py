@@ -4,16 +4,23 @@ than 4 rows in groups of 4, execution/gemm.cpp) instead of calling at::mm. Row c
 13, 16, 24, 32, hidden and input sizes that leave vector remainders and weight-row remainders,
 projections, packed batches that shrink to a few rows, and every cell, forward and backward, against
 the fp64 reference, under every ISA the CPU has (the `cpu_isa` fixture; the baseline runs at::mm,
-the same checks)."""
+the same checks).
+
+bf16: where ATen's bf16 GEMM is its fallback loops (no oneDNN bf16 GEMMs: CPUs without AVX-512),
+the nt and nn GEMMs of few rows run in bf16 too (the elements widened in the loads, fp32 sums,
+each output rounded once), instead of fp32 at::mm on fp32 copies of both operands, made per
+step. Layers against the reference by the bf16 rule, the GEMMs' single rounding, and that the
+steps of such a forward call no ATen GEMM."""
 
 import pytest
 import torch
 
 from fusedrnn import cells, functional, reference
+from fusedrnn.testing import assert_close
 
 pytestmark = pytest.mark.usefixtures("cpu_isa")
 
-F32, F64 = torch.float32, torch.float64
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
 
 def _weights(cell, I, H, proj):
@@ -91,3 +98,111 @@ def test_one_step_cells_match_torch_nn():
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             # both fp32 with different summation orders: a few ulps of O(1) values
             torch.testing.assert_close(v, u, atol=2e-6, rtol=1e-5)
+
+
+def _aten_bf16_gemm_is_fallback():
+    """ATen's own check, which execution/gemm.cpp makes: without oneDNN's bf16 GEMMs, bf16
+    at::mm is ATen's fallback loops."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _small_bf16_gemms(isa):
+    # the ISAs without a bf16 dot product have them; the baseline has no kernels at all
+    return isa in ("avx2", "avx512") and _aten_bf16_gemm_is_fallback()
+
+
+def _run_bf16(fn, cell, x, w, hx, cx, dtype):
+    """fn's outputs and the gradients of every input, the inputs rounded to bf16 first (the same
+    values for fused and reference), the gradients seeded with the same fixed fp64 weights of
+    every output (as tests/test_fused_cpu.py's bf16 checks: a seed that does not depend on the
+    forward's own rounding)."""
+    r = lambda t: None if t is None else t.to(BF16).to(dtype).requires_grad_()  # noqa: E731
+    leaves = [r(t) for t in (x, *w.values(), hx, cx)]
+    out, hy, cy = fn(cell, *leaves, None)
+    results = [o for o in (out, hy, cy) if o is not None]
+    gen = torch.Generator().manual_seed(3)
+    seed = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum() for o in results)
+    grads = torch.autograd.grad(seed, [t for t in leaves if t is not None])
+    return results + list(grads)
+
+
+# Not the 5 units of the fp32 test: the bf16 rule compares maxima over a tensor, and over the few
+# elements of a 5-unit layer's gradients the bf16 reference's own error can be a fraction of one
+# rounding by chance (25 seeds of these cases at I = 7, H = 5: 3 of 7000 comparisons over the
+# bound, the same 3 under the baseline ISA, whose GEMMs are fp32 at::mm). Vectors narrower than
+# a register: test_bf16_small_gemm_rounds_once.
+@pytest.mark.parametrize("cell", list(cells.CELLS))
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 13, 32])
+@pytest.mark.parametrize("I,H", [(33, 17), (16, 48)])
+def test_bf16_small_batches_match_the_reference(cell, B, I, H):
+    """As the fp32 test above, in bf16: outputs, states and every gradient against the fp64
+    reference by the bf16 rule (design.md §4: at most twice the error of the reference run in
+    bf16, plus the bf16 floor)."""
+    T = 3  # the GEMM steps, not the tiles
+    proj = 3 if cells.CELLS[cell].has_cell_state and H > 5 else 0
+    w = _weights(cell, I, H, proj)
+    x = torch.randn(T, B, I, dtype=F64)
+    hx = torch.randn(B, proj or H, dtype=F64)
+    cx = torch.randn(B, H, dtype=F64) if cells.CELLS[cell].has_cell_state else None
+    got = _run_bf16(functional.rnn_layer, cell, x, w, hx, cx, BF16)
+    lowp = _run_bf16(reference.layer, cell, x, w, hx, cx, BF16)
+    want = _run_bf16(reference.layer, cell, x, w, hx, cx, F64)
+    for i, (g, lo, r) in enumerate(zip(got, lowp, want)):
+        assert_close(g, r, BF16, f"{cell} B={B} I={I} H={H} result {i}", lo)
+
+
+def _bf16_ulp(v):
+    """The spacing of bf16 numbers at |v| (8 significant bits); that of the smallest normal at 0."""
+    e = torch.floor(torch.log2(v.abs().clamp_min(2.0**-126)))
+    return torch.pow(2.0, e - 7)
+
+
+@pytest.mark.parametrize("nt", [True, False], ids=["nt", "nn"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 13, 16, 32])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("n,k", [(70, 1030), (5, 7)])
+def test_bf16_small_gemm_rounds_once(cpu_isa, nt, m, beta, n, k):
+    """C = beta C + A op(B) in bf16 through the step GEMM (the op `_raw_gemm`), m rows (nn: the
+    backward's, at most 16 rows in the small GEMMs), with sums of 1030 terms and output columns
+    that leave vector and weight-row remainders, and sizes below one vector: each result within
+    one bf16 ulp of the exact value (one rounding is at most half an ulp; the other half covers
+    the fp32 sum's own error, bounded by the second term). A sum rounded to bf16 more than once on
+    its way (a partial sum stored in bf16 per block of weight rows) misses this by several ulps."""
+    if not nt and m > 16:
+        pytest.skip("the backward's small GEMMs take at most 16 rows")
+    gen = torch.Generator().manual_seed(m)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64).to(BF16)  # noqa: E731
+    a, c = r(m, k), r(m, n)
+    b = r(n, k) if nt else r(k, n)  # W (n x k) used transposed, or W (k x n)
+    op_b = b.double().t() if nt else b.double()
+    exact = a.double() @ op_b + (c.double() if beta else 0.0)
+    scale = a.double().abs() @ op_b.abs() + (c.double().abs() if beta else 0.0)
+    got = c.clone()
+    ldb = k if nt else n
+    torch.ops.fusedrnn._raw_gemm(got, a, b, m, n, k, k, ldb, n, False, nt, beta)
+    err = (got.double() - exact).abs()
+    # fp32 sums of 1030 terms: at most ~1030 x 2^-24 of the sum of magnitudes, 2^-14 with margin
+    bound = _bf16_ulp(exact) + 2.0**-14 * scale
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{cpu_isa} m={m}: error {worst:.2f} x the bound"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bf16_small_steps_call_no_aten_gemm(cpu_isa, cell):
+    """A bf16 forward of 2 rows a step and 32 rows in all (input projection and steps of few
+    rows): where the ISA has the bf16 small GEMMs and ATen's bf16 GEMM is its fallback, no
+    aten::mm at all (each step's would convert the whole weight to fp32); elsewhere one per step
+    at least, the GEMMs through ATen."""
+    T, B, H = 16, 2, 24
+    w = [None if v is None else v.to(BF16) for v in _weights(cell, H, H, 0).values()]
+    x = torch.randn(T, B, H).to(BF16)
+    hx = torch.zeros(B, H, dtype=BF16)
+    cx = hx if cells.CELLS[cell].has_cell_state else None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as p:
+        functional.rnn_layer(cell, x, *w, hx, cx, None)
+    mm = sum(e.count for e in p.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    if _small_bf16_gemms(cpu_isa):
+        assert mm == 0, f"{cpu_isa}: {mm} ATen GEMMs"
+    else:
+        assert mm >= T, f"{cpu_isa}: {mm} ATen GEMMs, expected one a step at least"

@@ -56,6 +56,22 @@ GemmMode gemm_mode() {
   return mode;
 }
 
+// Without oneDNN's bf16 GEMMs (a CPU without AVX512BW/VL/DQ, AVX-NE-CONVERT or AMX, or oneDNN
+// capped below them), ATen's bf16 at::mm falls back to loops that are slow in most layouts: on a
+// Zen 4 core with torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), a
+// (6400 x 1024) @ (1024 x 256) bf16 product took 1.4 s, and 49 ms with both operands converted
+// to fp32 and the result back. Those loops accumulate in fp32 and round once, as the fp32
+// route does. ATen's own check (the mkldnn::_is_mkldnn_bf16_supported op), made once.
+bool aten_bf16_gemm_is_fallback() {
+  static const bool aten_bf16_onednn = [] {
+    // (absent from a torch built without oneDNN, whose bf16 at::mm is the loops)
+    const auto op =
+        c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    return op.has_value() && op->typed<bool()>().call();
+  }();
+  return !aten_bf16_onednn;
+}
+
 // fp32 CPU GEMMs of at most kSmallGemmRows rows against a row-major weight (b = W^T or b = W)
 // go to the ISA's small GEMMs (kernels/cpu/isa/small_gemm.h): they stream the weight once, at up to
 // twice the rate of at::mm's M = 1..4 calls (docs/cpu_kernels.md), with no call overhead to speak
@@ -92,14 +108,21 @@ bool small_rank_update(Tensor& out, const Tensor& a, const Tensor& b, float beta
 
 bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (!(out.device().is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
-        b.scalar_type() == at::kFloat)) {
+  const at::ScalarType t = out.scalar_type();
+  if (!(out.device().is_cpu() && (t == at::kFloat || t == at::kBFloat16) && a.scalar_type() == t &&
+        b.scalar_type() == t)) {
     return false;
   }
   const bool nt = b.stride(0) == 1 && b.stride(1) >= k;         // b = W^T, W (n x k) row-major
   const bool nn = !nt && b.stride(1) == 1 && b.stride(0) >= n;  // b = W (k x n)
   const bool rows_ok = m <= (nt ? kSmallGemmMaxRowsNt : kSmallGemmMaxRowsNn) &&
                        (a.stride(1) == 1 || k == 1) && (out.stride(1) == 1 || n == 1);
+  if (t == at::kBFloat16) {
+    return rows_ok && (nt || nn) &&
+           small_gemm_bf16(m, n, k, a.const_data_ptr<c10::BFloat16>(), a.stride(0),
+                           b.const_data_ptr<c10::BFloat16>(), nt ? b.stride(1) : b.stride(0), nt,
+                           out.data_ptr<c10::BFloat16>(), out.stride(0), beta);
+  }
   if (!(rows_ok && (nt || nn))) return small_rank_update(out, a, b, beta);
   return small_gemm_f32(m, n, k, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(),
                         nt ? b.stride(1) : b.stride(0), nt, out.data_ptr<float>(), out.stride(0),
@@ -114,21 +137,23 @@ bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
 constexpr int64_t kNtBlockRows = 128;
 constexpr int64_t kNnBlockColumns = 256;
 
-}  // namespace
-
-bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
-                    int64_t ldw, bool w_transposed, float* out, int64_t ldo, float beta) {
+// The small GEMMs of m rows in T (small_gemm_f32, small_gemm_bf16): groups of kSmallGemmRows rows,
+// each block of the weight multiplied by every group while it is in cache, the blocks split
+// between threads. nt / nn: the ISA's kernels for T.
+template <typename T, typename Nt, typename Nn>
+bool small_gemm_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w,
+                     int64_t ldw, bool w_transposed, T* out, int64_t ldo, float beta, Nt nt, Nn nn,
+                     int64_t lanes) {
   if (m < 1 || m > (w_transposed ? kSmallGemmMaxRowsNt : kSmallGemmMaxRowsNn)) return false;
-  const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
-  if (kernels == nullptr) return false;
-  cpu::SmallGemm g;
+  if (nt == nullptr || nn == nullptr) return false;
+  cpu::SmallGemmOf<T> g;
   g.accumulate = beta != 0.0f;
   g.w = w;
   g.ldw = ldw;
   // group q: rows [q * kSmallGemmRows, ...) of a and out
   const int64_t groups = (m + cpu::kSmallGemmRows - 1) / cpu::kSmallGemmRows;
   auto group = [&](int64_t q) {
-    cpu::SmallGemm gq = g;
+    cpu::SmallGemmOf<T> gq = g;
     gq.m = std::min(cpu::kSmallGemmRows, m - q * cpu::kSmallGemmRows);
     gq.a = a + q * cpu::kSmallGemmRows * lda;
     gq.lda = lda;
@@ -143,22 +168,41 @@ bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
     at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) {
       for (int64_t c0 = j0; c0 < j1; c0 += kNtBlockRows) {
         const int64_t c1 = std::min(j1, c0 + kNtBlockRows);
-        for (int64_t q = 0; q < groups; ++q) kernels->gemm_nt(group(q), c0, c1);
+        for (int64_t q = 0; q < groups; ++q) nt(group(q), c0, c1);
       }
     });
   } else {
     g.n = k;  // out (m x n) = a (m x k) W, W (k x n): the nn kernel's n is the sum's length
     g.k = n;
-    const int64_t lanes = kernels->lanes, blocks = (n + lanes - 1) / lanes;
+    const int64_t blocks = (n + lanes - 1) / lanes;
     at::parallel_for(0, blocks, std::max<int64_t>(1, grain / lanes), [&](int64_t b0, int64_t b1) {
       const int64_t hi = std::min(b1 * lanes, n);
       for (int64_t c0 = b0 * lanes; c0 < hi; c0 += kNnBlockColumns) {
         const int64_t c1 = std::min(hi, c0 + kNnBlockColumns);
-        for (int64_t q = 0; q < groups; ++q) kernels->gemm_nn(group(q), c0, c1);
+        for (int64_t q = 0; q < groups; ++q) nn(group(q), c0, c1);
       }
     });
   }
   return true;
+}
+
+}  // namespace
+
+bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
+                    int64_t ldw, bool w_transposed, float* out, int64_t ldo, float beta) {
+  const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
+  if (kernels == nullptr) return false;
+  return small_gemm_rows(m, n, k, a, lda, w, ldw, w_transposed, out, ldo, beta, kernels->gemm_nt,
+                         kernels->gemm_nn, kernels->lanes);
+}
+
+bool small_gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
+                     const c10::BFloat16* w, int64_t ldw, bool w_transposed, c10::BFloat16* out,
+                     int64_t ldo, float beta) {
+  const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
+  if (kernels == nullptr || !aten_bf16_gemm_is_fallback()) return false;
+  return small_gemm_rows(m, n, k, a, lda, w, ldw, w_transposed, out, ldo, beta,
+                         kernels->gemm_nt_bf16, kernels->gemm_nn_bf16, kernels->lanes);
 }
 
 bool onednn_gemm_enabled() {
@@ -178,21 +222,11 @@ bool onednn_fp32_gemm() {
   return gemm_mode() == GemmMode::kOneDnn || !intel;
 }
 
-// Without oneDNN's bf16 GEMMs (a CPU without AVX512BW/VL/DQ, AVX-NE-CONVERT or AMX, or oneDNN
-// capped below them), ATen's bf16 at::mm falls back to loops that are slow in most layouts: on a
-// Zen 4 core with torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), a
-// (6400 x 1024) @ (1024 x 256) bf16 product took 1.4 s, and 49 ms with both operands converted
-// to fp32 and the result back. Those loops accumulate in fp32 and round once, as the fp32
-// route does. ATen's own check (the mkldnn::_is_mkldnn_bf16_supported op), made once.
+// bf16 GEMMs where ATen's are its fallback loops (aten_bf16_gemm_is_fallback) run as fp32 at::mm
+// on converted operands, but those of a few rows, which take the small GEMMs in bf16.
 static bool bf16_gemm_via_fp32(const Tensor& out) {
-  if (out.scalar_type() != at::kBFloat16 || !out.device().is_cpu()) return false;
-  static const bool aten_bf16_onednn = [] {
-    // (absent from a torch built without oneDNN, whose bf16 at::mm is the loops)
-    const auto op =
-        c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
-    return op.has_value() && op->typed<bool()>().call();
-  }();
-  return !aten_bf16_onednn;
+  return out.scalar_type() == at::kBFloat16 && out.device().is_cpu() &&
+         aten_bf16_gemm_is_fallback();
 }
 
 // An operand as oneDNN's matmul (through ATen) takes it without a copy of its own: ATen makes

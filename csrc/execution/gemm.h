@@ -43,6 +43,15 @@ constexpr int64_t kSmallGemmMaxRowsNn = 16;
 bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w,
                     int64_t ldw, bool w_transposed, float* out, int64_t ldo, float beta);
 
+// The same in bf16 (a, W and out bf16, the sums in fp32, each output rounded once), with the
+// ISA's bf16 small GEMMs, where ATen's bf16 GEMM is its fallback loops (a CPU without oneDNN's
+// bf16 GEMMs: there the other bf16 GEMMs convert both operands to fp32, for a step the whole
+// weight). False (nothing done) elsewhere, where ATen's bf16 GEMM is oneDNN's, and as
+// small_gemm_f32.
+bool small_gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
+                     const c10::BFloat16* w, int64_t ldw, bool w_transposed, c10::BFloat16* out,
+                     int64_t ldo, float beta);
+
 // Whether gemm() takes oneDNN's matmul for large CPU GEMMs: bf16 ones (onednn_gemm_enabled) and
 // fp32 ones (onednn_fp32_gemm: not on Intel CPUs, where at::mm is faster, unless
 // FUSEDRNN_CPU_GEMM=onednn); see gemm.cpp. Exposed for build_info and the tests.

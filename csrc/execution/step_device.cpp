@@ -95,10 +95,17 @@ at::Tensor StepDevice::wrap(const void* p, int64_t rows, int64_t cols, int64_t l
 void StepDevice::aten_gemm(int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                            bool trans_a, const void* b, int64_t ldb, bool trans_b, void* c,
                            int64_t ldc, float beta) const {
-  // fp32 steps of a few rows: the small GEMMs on the pointers (no tensor to wrap)
+  // fp32 steps of a few rows, and bf16 ones where ATen's bf16 GEMM is its fallback loops: the
+  // small GEMMs on the pointers (no tensor to wrap)
   if (device_.is_cpu() && dtype_ == at::kFloat && !trans_a && k > 0 &&
       small_gemm_f32(m, n, k, static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
                      trans_b, static_cast<float*>(c), ldc, beta)) {
+    return;
+  }
+  if (device_.is_cpu() && dtype_ == at::kBFloat16 && !trans_a && k > 0 &&
+      small_gemm_bf16(m, n, k, static_cast<const c10::BFloat16*>(a), lda,
+                      static_cast<const c10::BFloat16*>(b), ldb, trans_b,
+                      static_cast<c10::BFloat16*>(c), ldc, beta)) {
     return;
   }
   driver::gemm(wrap(c, m, n, ldc, false), wrap(a, m, k, lda, trans_a), wrap(b, k, n, ldb, trans_b),

@@ -47,19 +47,23 @@ struct PanelGemm {
 // A GEMM of m <= kSmallGemmRows rows against a row-major weight W (n x k, row stride ldw), as
 // kernels/cpu/isa/small_gemm.h computes it: nt: out (m x n) = [out +] a (m x k) W^T; nn: out (m x
 // k) = [out +] a (m x n) W; tn (a rank-m update): out (n x k) = [out +] a^T W, a (m x n), W (m x
-// k). Row strides lda, ldo; unit column strides everywhere.
+// k). Row strides lda, ldo; unit column strides everywhere. T: the elements of a, W and out,
+// float or c10::BFloat16 (accumulated in float, rounded once into out).
 constexpr int64_t kSmallGemmRows = 4;
 
-struct SmallGemm {
+template <typename T>
+struct SmallGemmOf {
   int64_t m = 0, n = 0, k = 0;
-  const float* a = nullptr;
+  const T* a = nullptr;
   int64_t lda = 0;
-  const float* w = nullptr;
+  const T* w = nullptr;
   int64_t ldw = 0;
-  float* out = nullptr;
+  T* out = nullptr;
   int64_t ldo = 0;
   bool accumulate = false;
 };
+using SmallGemm = SmallGemmOf<float>;
+using SmallGemmBf16 = SmallGemmOf<c10::BFloat16>;
 
 // The fused steps of one instruction set, for one element type T of the activations (float;
 // c10::BFloat16, accumulated in float). Each entry runs panels [p0, p1) of its step's GEMM (the
@@ -104,6 +108,12 @@ struct FusedStepKernels {
   // elements: floats, or pairs of bf16).
   void (*transpose)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                     int64_t ldd) = nullptr;
+  // The nt and nn small GEMMs in bf16 (a, W and out bf16; the elements widened to floats in the
+  // loads, the sums in float, each output rounded once), for the ISAs without a bf16 dot
+  // product; nullptr elsewhere. (The driver takes them where ATen's bf16 GEMM is its fallback
+  // loops: execution/gemm.cpp.)
+  void (*gemm_nt_bf16)(const SmallGemmBf16&, int64_t c0, int64_t c1) = nullptr;
+  void (*gemm_nn_bf16)(const SmallGemmBf16&, int64_t c0, int64_t c1) = nullptr;
 
   template <typename T>
   const FusedFns<T>& of() const {

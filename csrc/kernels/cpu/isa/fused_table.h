@@ -49,6 +49,18 @@ constexpr FusedFns<T> fused_fns() {
   return f;
 }
 
+// The bf16 small GEMMs where the ISA has no bf16 dot product (FusedStepKernels::gemm_nt_bf16).
+constexpr auto small_gemm_nt_bf16() {
+  void (*f)(const SmallGemmBf16&, int64_t, int64_t) = nullptr;
+  if constexpr (!Vec::kBf16Dot) f = &small_gemm_nt<c10::BFloat16>;
+  return f;
+}
+constexpr auto small_gemm_nn_bf16_entry() {
+  void (*f)(const SmallGemmBf16&, int64_t, int64_t) = nullptr;
+  if constexpr (!Vec::kBf16Dot) f = &small_gemm_nn_bf16;
+  return f;
+}
+
 // Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
 constexpr FusedStepKernels kKernels{Vec::kName,
                                     kL,
@@ -57,10 +69,12 @@ constexpr FusedStepKernels kKernels{Vec::kName,
                                     /*bf16_pairs=*/Vec::kBf16Dot,
                                     fused_fns<float>(),
                                     fused_fns<c10::BFloat16>(),
-                                    &small_gemm_nt,
+                                    &small_gemm_nt<float>,
                                     &small_gemm_nn,
                                     &small_gemm_tn,
-                                    &transpose_rows};
+                                    &transpose_rows,
+                                    small_gemm_nt_bf16(),
+                                    small_gemm_nn_bf16_entry()};
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu

@@ -49,6 +49,7 @@ struct Act;
 template <>
 struct Act<float> {
   static Vec::Reg broadcast(const float* p) { return Vec::broadcast(p); }
+  static Vec::Reg load(const float* p) { return Vec::load(p); }  // a whole vector
   static Vec::Reg load(const float* p, int64_t, Vec::Mask mask) {
     return Vec::load_masked(p, mask);
   }
@@ -70,10 +71,11 @@ struct Act<c10::BFloat16> {
     const float f = static_cast<float>(*p);
     return Vec::broadcast(&f);
   }
+  static Vec::Reg load(const T* p) { return Vec::load_bf16(bits(p)); }  // a whole vector
   // A partial vector goes through a float buffer, element by element (the last vector of a
   // panel whose units do not fill it).
   static Vec::Reg load(const T* p, int64_t count, Vec::Mask) {
-    if (count == kL) return Vec::load_bf16(bits(p));
+    if (count == kL) return load(p);
     alignas(64) float buf[kL] = {};
     for (int64_t l = 0; l < count; ++l) buf[l] = static_cast<float>(p[l]);
     return Vec::load(buf);
@@ -239,7 +241,7 @@ inline void widen_rows(const c10::BFloat16* a, int64_t lda, int64_t rows, int64_
     float* wr = w + r * ka;
     int64_t k = 0;
     for (; k + kL <= ka; k += kL) {
-      Vec::store(wr + k, Vec::load_bf16(reinterpret_cast<const uint16_t*>(row + k)));
+      Vec::store(wr + k, Act<c10::BFloat16>::load(row + k));
     }
     for (; k < ka; ++k) wr[k] = static_cast<float>(row[k]);
   }

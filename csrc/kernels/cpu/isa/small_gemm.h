@@ -13,6 +13,10 @@
 // - gemm_tn: out (n x k) = [out +] a^T W, a (m x n), W (m x k): the weight gradients of a step
 //   of m rows, dW = dgates^T x (a rank-m update). Each output row written once, from m
 //   broadcast coefficients and the m rows of W (in L1): the work is writing out.
+// gemm_nt and gemm_nn also run in bf16 (a, W and out bf16) on the ISAs without a bf16 dot
+// product: every element widened to a float in the loads (Act<T> of fused_tiles.h), the sums in
+// float, each output rounded once (nn: the rows are summed in a float buffer, not in out). Half
+// the bytes of the weight to stream, and no copy of it converted to fp32 per step.
 #pragma once
 
 #ifndef FUSEDRNN_ISA_NAMESPACE
@@ -22,6 +26,7 @@
 #include <cstdint>
 
 #include "kernels/cpu/fused_isa.h"
+#include "kernels/cpu/isa/fused_tiles.h"  // Act<T>: the loads of float and bf16 elements
 
 namespace fusedrnn {
 namespace cpu {
@@ -35,20 +40,21 @@ constexpr int kL = Vec::kLanes;
 // block, so that the R streams are in cache when the next block starts (at H = 256 the rate of
 // scripts/small_gemm_rate.py went from 24.1 to 19.8 us for m = 1 in one session, within the
 // spread between sessions of this shared machine: not a verified gain, no loss).
-constexpr int64_t kLineFloats = 64 / sizeof(float);
+template <typename T>
+constexpr int64_t kLineElems = 64 / sizeof(T);
 
 // At the first vector of each line (`col` counted from the block's first column): the line at
 // column `at` of each of the R rows from `next` (nullptr: no next block).
-template <int R>
-inline void prefetch_next(const float* next, int64_t ldw, int64_t col, int64_t at) {
-  if (next == nullptr || (col & (kLineFloats - 1)) != 0) return;
+template <int R, typename T>
+inline void prefetch_next(const T* next, int64_t ldw, int64_t col, int64_t at) {
+  if (next == nullptr || (col & (kLineElems<T> - 1)) != 0) return;
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * ldw + at, 0, 3);
 }
 
 // m (<= kSmallGemmRows) rows, R weight rows per iteration.
-template <int M, int R>
-inline void nt_block(const SmallGemm& g, int64_t j0, int64_t j1) {
+template <int M, int R, typename T>
+inline void nt_block(const SmallGemmOf<T>& g, int64_t j0, int64_t j1) {
   const int64_t k = g.k, kv = k / kL * kL;
   const Vec::Mask tail = Vec::first_lanes(k - kv);
   int64_t j = j0;
@@ -59,16 +65,16 @@ inline void nt_block(const SmallGemm& g, int64_t j0, int64_t j1) {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) s[b][r] = Vec::zero();
     }
-    const float* w = g.w + j * g.ldw;
-    const float* next = j + 2 * R <= j1 ? w + R * g.ldw : nullptr;
+    const T* w = g.w + j * g.ldw;
+    const T* next = j + 2 * R <= j1 ? w + R * g.ldw : nullptr;
     for (int64_t q = 0; q < kv; q += kL) {
       Vec::Reg wv[R];
       prefetch_next<R>(next, g.ldw, q, q);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) wv[r] = Vec::load(w + r * g.ldw + q);
+      for (int r = 0; r < R; ++r) wv[r] = Act<T>::load(w + r * g.ldw + q);
 #pragma GCC unroll 4
       for (int b = 0; b < M; ++b) {
-        const Vec::Reg av = Vec::load(g.a + b * g.lda + q);
+        const Vec::Reg av = Act<T>::load(g.a + b * g.lda + q);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) s[b][r] = Vec::fma(av, wv[r], s[b][r]);
       }
@@ -76,20 +82,20 @@ inline void nt_block(const SmallGemm& g, int64_t j0, int64_t j1) {
     if (kv < k) {
 #pragma GCC unroll 4
       for (int b = 0; b < M; ++b) {
-        const Vec::Reg av = Vec::load_masked(g.a + b * g.lda + kv, tail);
+        const Vec::Reg av = Act<T>::load(g.a + b * g.lda + kv, k - kv, tail);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          s[b][r] = Vec::fma(av, Vec::load_masked(w + r * g.ldw + kv, tail), s[b][r]);
+          s[b][r] = Vec::fma(av, Act<T>::load(w + r * g.ldw + kv, k - kv, tail), s[b][r]);
         }
       }
     }
 #pragma GCC unroll 4
     for (int b = 0; b < M; ++b) {
-      float* o = g.out + b * g.ldo + j;
+      T* o = g.out + b * g.ldo + j;
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const float v = Vec::sum(s[b][r]);
-        o[r] = g.accumulate ? o[r] + v : v;
+        o[r] = static_cast<T>(g.accumulate ? static_cast<float>(o[r]) + v : v);
       }
     }
   }
@@ -98,13 +104,15 @@ inline void nt_block(const SmallGemm& g, int64_t j0, int64_t j1) {
   }
 }
 
-// m rows of the nn product, columns [c0, c1) of out (a multiple of kL wide but for the last).
-template <int M, int R>
-inline void nn_block(const SmallGemm& g, int64_t c0, int64_t c1) {
+// m rows of the nn product, columns [c0, c1) of a float `out` (row stride ldo; a multiple of kL
+// wide but for the last), which holds the sum so far (zero_first: set to 0 first). a and W of g.
+template <int M, int R, typename T>
+inline void nn_block(const SmallGemmOf<T>& g, float* out, int64_t ldo, bool zero_first, int64_t c0,
+                     int64_t c1) {
   const int64_t n = g.n;
   for (int b = 0; b < M; ++b) {
-    float* o = g.out + b * g.ldo;
-    if (!g.accumulate) {
+    float* o = out + b * ldo;
+    if (zero_first) {
       for (int64_t c = c0; c < c1; ++c) o[c] = 0.0f;
     }
   }
@@ -116,18 +124,18 @@ inline void nn_block(const SmallGemm& g, int64_t c0, int64_t c1) {
 #pragma GCC unroll 4
     for (int b = 0; b < M; ++b) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) d[b][r] = Vec::broadcast(g.a + b * g.lda + j + r);
+      for (int r = 0; r < R; ++r) d[b][r] = Act<T>::broadcast(g.a + b * g.lda + j + r);
     }
-    const float* w = g.w + j * g.ldw;
-    const float* next = j + 2 * R <= n ? w + R * g.ldw : nullptr;
+    const T* w = g.w + j * g.ldw;
+    const T* next = j + 2 * R <= n ? w + R * g.ldw : nullptr;
     for (int64_t c = c0; c < cv; c += kL) {
       Vec::Reg wv[R];
       prefetch_next<R>(next, g.ldw, c - c0, c);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) wv[r] = Vec::load(w + r * g.ldw + c);
+      for (int r = 0; r < R; ++r) wv[r] = Act<T>::load(w + r * g.ldw + c);
 #pragma GCC unroll 4
       for (int b = 0; b < M; ++b) {
-        float* o = g.out + b * g.ldo + c;
+        float* o = out + b * ldo + c;
         Vec::Reg acc = Vec::load(o);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) acc = Vec::fma(d[b][r], wv[r], acc);
@@ -137,10 +145,10 @@ inline void nn_block(const SmallGemm& g, int64_t c0, int64_t c1) {
     if (cv < c1) {
       Vec::Reg wv[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) wv[r] = Vec::load_masked(w + r * g.ldw + cv, tail);
+      for (int r = 0; r < R; ++r) wv[r] = Act<T>::load(w + r * g.ldw + cv, c1 - cv, tail);
 #pragma GCC unroll 4
       for (int b = 0; b < M; ++b) {
-        float* o = g.out + b * g.ldo + cv;
+        float* o = out + b * ldo + cv;
         Vec::Reg acc = Vec::load_masked(o, tail);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) acc = Vec::fma(d[b][r], wv[r], acc);
@@ -150,12 +158,34 @@ inline void nn_block(const SmallGemm& g, int64_t c0, int64_t c1) {
   }
   // the last n % R weight rows, one at a time (out is already initialised)
   for (; j < n; ++j) {
-    SmallGemm one = g;
+    SmallGemmOf<T> one = g;
     one.a = g.a + j;
     one.w = g.w + j * g.ldw;
     one.n = 1;
-    one.accumulate = true;
-    nn_block<M, 1>(one, c0, c1);
+    nn_block<M, 1>(one, out, ldo, false, c0, c1);
+  }
+}
+
+// The bf16 nn product's columns [c0, c1): blocks of kNnBufferColumns columns summed in a float
+// buffer (from out's values where g.accumulate), then rounded once into out.
+constexpr int64_t kNnBufferColumns = 256;
+
+template <int M, int R>
+inline void nn_block_bf16(const SmallGemmBf16& g, int64_t c0, int64_t c1) {
+  alignas(64) float buf[M][kNnBufferColumns];
+  for (int64_t cb = c0; cb < c1; cb += kNnBufferColumns) {
+    const int64_t cols = c1 - cb < kNnBufferColumns ? c1 - cb : kNnBufferColumns;
+    for (int b = 0; b < M; ++b) {
+      const c10::BFloat16* o = g.out + b * g.ldo + cb;
+      for (int64_t c = 0; c < cols; ++c) buf[b][c] = g.accumulate ? static_cast<float>(o[c]) : 0.0f;
+    }
+    SmallGemmBf16 block = g;
+    block.w = g.w + cb;  // the weight's columns [cb, cb + cols) as columns [0, cols)
+    nn_block<M, R>(block, &buf[0][0], kNnBufferColumns, false, 0, cols);
+    for (int b = 0; b < M; ++b) {
+      c10::BFloat16* o = g.out + b * g.ldo + cb;
+      for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<c10::BFloat16>(buf[b][c]);
+    }
   }
 }
 
@@ -193,16 +223,6 @@ constexpr int rows_per_pass() {
   return (Vec::kRegisters >= 32 || M <= 2) ? 4 : 2;
 }
 
-template <int M>
-void nt_rows(const SmallGemm& g, int64_t j0, int64_t j1) {
-  nt_block<M, rows_per_pass<M>()>(g, j0, j1);
-}
-
-template <int M>
-void nn_rows(const SmallGemm& g, int64_t c0, int64_t c1) {
-  nn_block<M, rows_per_pass<M>()>(g, c0, c1);
-}
-
 template <typename Fn>
 void by_rows(int64_t m, Fn&& fn) {
   switch (m) {
@@ -231,13 +251,27 @@ inline void small_gemm_tn(const SmallGemm& g, int64_t i0, int64_t i1) {
 }
 
 // Output columns [j0, j1) (weight rows) of the nt product; every row of g.
-inline void small_gemm_nt(const SmallGemm& g, int64_t j0, int64_t j1) {
-  small::by_rows(g.m, [&](auto m) { small::nt_rows<decltype(m)::value>(g, j0, j1); });
+template <typename T>
+inline void small_gemm_nt(const SmallGemmOf<T>& g, int64_t j0, int64_t j1) {
+  small::by_rows(g.m, [&](auto m) {
+    constexpr int kM = decltype(m)::value;
+    small::nt_block<kM, small::rows_per_pass<kM>()>(g, j0, j1);
+  });
 }
 
 // Output columns [c0, c1) of the nn product; every row of g.
 inline void small_gemm_nn(const SmallGemm& g, int64_t c0, int64_t c1) {
-  small::by_rows(g.m, [&](auto m) { small::nn_rows<decltype(m)::value>(g, c0, c1); });
+  small::by_rows(g.m, [&](auto m) {
+    constexpr int kM = decltype(m)::value;
+    small::nn_block<kM, small::rows_per_pass<kM>()>(g, g.out, g.ldo, !g.accumulate, c0, c1);
+  });
+}
+
+inline void small_gemm_nn_bf16(const SmallGemmBf16& g, int64_t c0, int64_t c1) {
+  small::by_rows(g.m, [&](auto m) {
+    constexpr int kM = decltype(m)::value;
+    small::nn_block_bf16<kM, small::rows_per_pass<kM>()>(g, c0, c1);
+  });
 }
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE

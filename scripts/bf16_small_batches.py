@@ -1,11 +1,12 @@
 """bf16 layers and cells at the batch sizes of serving (1-4 rows a step, the steps' GEMMs of few
 rows, not the tiles) against the same in fp32 and torch.nn's bf16: LSTM and GRU layers of
 H = I = 512 at T = 200 and 10, B = 1, and of H = 256 at T = 100, B = 4; a 10-step loop of an
-LSTMCell / GRUCell at B = 1, H = 512. Forward without grad, one thread, median of CPU time of
-the calling thread (time.thread_time) over rounds in which the three are called in turn, so
-that a neighbour's load falls on all of them.
+LSTMCell / GRUCell at B = 1, H = 512. Forward without grad (--backward: forward + backward of
+the outputs' sum, the input not requiring grad), one thread, median of CPU time of the calling
+thread (time.thread_time) over rounds in which the three are called in turn, so that a
+neighbour's load falls on all of them.
 
-    PYTHONPATH=. python scripts/bf16_small_batches.py [rounds] [--no-nn]
+    PYTHONPATH=. python scripts/bf16_small_batches.py [rounds] [--no-nn] [--backward]
 
 --no-nn leaves out torch.nn's bf16 column (on a CPU without oneDNN's bf16 GEMMs it runs ATen's
 fallback loops and takes most of the time).
@@ -30,23 +31,29 @@ def thread_ms(fn):
     return (time.thread_time() - t0) * 1e3
 
 
-def call(module, x):
+def call(module, x, backward):
     if "Cell" in type(module).__name__:
-        state = None
+        state, outs = None, []
         for t in range(x.shape[0]):  # a step loop, the state fed back
             state = module(x[t], state)
-        return state
-    return module(x)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        out = torch.stack(outs)
+    else:
+        out = module(x)[0]
+    if backward:
+        out.float().sum().backward()
 
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     rounds = int(args[0]) if args else 5
     with_nn = "--no-nn" not in sys.argv
+    backward = "--backward" in sys.argv
     torch.set_num_threads(1)
     info = fusedrnn.build_info()
     print(f"{cpu_name()}, torch {torch.__version__}, cpu_isa {info['cpu_isa']}, one thread")
-    print("forward, no grad; ms, medians of CPU time over", rounds, "rounds")
+    what = "forward + backward" if backward else "forward, no grad"
+    print(f"{what}; ms, medians of CPU time over", rounds, "rounds")
     header = f"{'case':<26}{'fused fp32':>12}{'fused bf16':>12}{'bf16 x fp32':>12}"
     print(header + (f"{'nn bf16':>12}{'x nn':>8}" if with_nn else ""))
     for name, T, B, H in LAYERS + CELLS:
@@ -61,12 +68,12 @@ def main():
         x16 = x32.bfloat16()
         runs = [("f32", f32, x32), ("f16", f16, x16)] + ([("nn", ref, x16)] if with_nn else [])
         times = {k: [] for k, _, _ in runs}
-        with torch.no_grad():
+        with torch.set_grad_enabled(backward):
             for k, m, x in runs:  # warm-up
-                call(m, x)
+                call(m, x, backward)
             for _ in range(rounds):
                 for k, m, x in runs:
-                    times[k].append(thread_ms(lambda: call(m, x)))
+                    times[k].append(thread_ms(lambda: call(m, x, backward)))
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         line = f"{name} T={T} B={B} H={H}".ljust(26)
         line += f"{med['f32']:12.2f}{med['f16']:12.2f}{med['f32'] / med['f16']:11.2f}x"

@@ -160,11 +160,12 @@ def _bf16_ulp(v):
 @pytest.mark.parametrize("nt", [True, False], ids=["nt", "nn"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 13, 16, 32])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-@pytest.mark.parametrize("n,k", [(70, 1030), (5, 7)])
+@pytest.mark.parametrize("n,k", [(70, 1030), (300, 40), (5, 7)])
 def test_bf16_small_gemm_rounds_once(cpu_isa, nt, m, beta, n, k):
     """C = beta C + A op(B) in bf16 through the step GEMM (the op `_raw_gemm`), m rows (nn: the
     backward's, at most 16 rows in the small GEMMs), with sums of 1030 terms and output columns
-    that leave vector and weight-row remainders, and sizes below one vector: each result within
+    that leave vector and weight-row remainders, more output columns than one block of the
+    backward's buffer (256), and sizes below one vector: each result within
     one bf16 ulp of the exact value (one rounding is at most half an ulp; the other half covers
     the fp32 sum's own error, bounded by the second term). A sum rounded to bf16 more than once on
     its way (a partial sum stored in bf16 per block of weight rows) misses this by several ulps."""

@@ -49,15 +49,21 @@ constexpr FusedFns<T> fused_fns() {
   return f;
 }
 
-// The bf16 small GEMMs where the ISA has no bf16 dot product (FusedStepKernels::gemm_nt_bf16).
+// The bf16 small GEMMs (FusedStepKernels::gemm_nt_bf16): AVX2 only. The driver takes them where
+// ATen's bf16 GEMM is its fallback loops, i.e. where the CPU lacks the AVX-512 subsets oneDNN's
+// bf16 GEMMs need, which the avx512 ISAs require (kernels/cpu/isa.cpp): they would never run.
+constexpr bool kSmallGemmsBf16 = !Vec::kBf16Dot && kL == 8;
+// (templates, so that the kernels are not instantiated for the other ISAs)
+template <bool kOn = kSmallGemmsBf16>
 constexpr auto small_gemm_nt_bf16() {
   void (*f)(const SmallGemmBf16&, int64_t, int64_t) = nullptr;
-  if constexpr (!Vec::kBf16Dot) f = &small_gemm_nt<c10::BFloat16>;
+  if constexpr (kOn) f = &small_gemm_nt<c10::BFloat16>;
   return f;
 }
+template <bool kOn = kSmallGemmsBf16>
 constexpr auto small_gemm_nn_bf16_entry() {
   void (*f)(const SmallGemmBf16&, int64_t, int64_t) = nullptr;
-  if constexpr (!Vec::kBf16Dot) f = &small_gemm_nn_bf16;
+  if constexpr (kOn) f = &small_gemm_nn_bf16<>;
   return f;
 }
 

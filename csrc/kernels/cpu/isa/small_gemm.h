@@ -13,10 +13,11 @@
 // - gemm_tn: out (n x k) = [out +] a^T W, a (m x n), W (m x k): the weight gradients of a step
 //   of m rows, dW = dgates^T x (a rank-m update). Each output row written once, from m
 //   broadcast coefficients and the m rows of W (in L1): the work is writing out.
-// gemm_nt and gemm_nn also run in bf16 (a, W and out bf16) on the ISAs without a bf16 dot
-// product: every element widened to a float in the loads (Act<T> of fused_tiles.h), the sums in
-// float, each output rounded once (nn: the rows are summed in a float buffer, not in out). Half
-// the bytes of the weight to stream, and no copy of it converted to fp32 per step.
+// gemm_nt and gemm_nn also run in bf16 (a, W and out bf16), on AVX2 (fused_table.h): every
+// element widened to a float in the loads, 16 at a time where the ISA splits them
+// (Vec::load_bf16_split: nt_split, nn_split), the sums in float, each output rounded once (nn:
+// the rows are summed in a float buffer, not in out). Half the bytes of the weight to stream, and
+// no copy of it converted to fp32 per step.
 #pragma once
 
 #ifndef FUSEDRNN_ISA_NAMESPACE
@@ -24,6 +25,7 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cpu/fused_isa.h"
 #include "kernels/cpu/isa/fused_tiles.h"  // Act<T>: the loads of float and bf16 elements
@@ -52,6 +54,31 @@ inline void prefetch_next(const T* next, int64_t ldw, int64_t col, int64_t at) {
   for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * ldw + at, 0, 3);
 }
 
+// bf16 nt: s += the products of columns [q, q + 2 kL) of a's rows and w's R rows, from the
+// even-indexed and the odd-indexed elements (V::load_bf16_split: the widening of 2 kL elements
+// in two instructions, where load_bf16 takes two for kL). a's rows are split once, each weight
+// row in turn, so that the registers hold M x R sums, 2 M row vectors and two weight vectors.
+// V: the ISA's Vec (a template parameter: only ISAs that have the split instantiate this).
+template <int M, int R, typename V>
+inline void nt_split(const SmallGemmBf16& g, const c10::BFloat16* w, const c10::BFloat16* next,
+                     int64_t q, typename V::Reg (&s)[M][R]) {
+  auto bits = [](const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
+  typename V::Reg ae[M], ao[M];
+#pragma GCC unroll 4
+  for (int b = 0; b < M; ++b) V::load_bf16_split(bits(g.a + b * g.lda + q), ae[b], ao[b]);
+  prefetch_next<R>(next, g.ldw, q, q);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    typename V::Reg we, wo;
+    V::load_bf16_split(bits(w + r * g.ldw + q), we, wo);
+#pragma GCC unroll 4
+    for (int b = 0; b < M; ++b) {
+      s[b][r] = V::fma(ae[b], we, s[b][r]);
+      s[b][r] = V::fma(ao[b], wo, s[b][r]);
+    }
+  }
+}
+
 // m (<= kSmallGemmRows) rows, R weight rows per iteration.
 template <int M, int R, typename T>
 inline void nt_block(const SmallGemmOf<T>& g, int64_t j0, int64_t j1) {
@@ -67,7 +94,12 @@ inline void nt_block(const SmallGemmOf<T>& g, int64_t j0, int64_t j1) {
     }
     const T* w = g.w + j * g.ldw;
     const T* next = j + 2 * R <= j1 ? w + R * g.ldw : nullptr;
-    for (int64_t q = 0; q < kv; q += kL) {
+    int64_t q = 0;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // 2 kL elements at a time, split into even and odd ones (nt_split), then kL at a time
+      for (; q + 2 * kL <= kv; q += 2 * kL) nt_split<M, R, Vec>(g, w, next, q, s);
+    }
+    for (; q < kv; q += kL) {
       Vec::Reg wv[R];
       prefetch_next<R>(next, g.ldw, q, q);
 #pragma GCC unroll 8
@@ -166,25 +198,87 @@ inline void nn_block(const SmallGemmOf<T>& g, float* out, int64_t ldo, bool zero
   }
 }
 
+// bf16 nn: buf (floats, row stride ldb) += a's M rows times W, over W's columns [0, c16) (c16 a
+// multiple of 2 kL), which buf holds split per block of 2 kL columns: the even-indexed ones, then
+// the odd-indexed ones, as V::load_bf16_split widens a weight row's 2 kL elements. V: the ISA's
+// Vec (only ISAs that have the split instantiate this).
+template <int M, int R, typename V>
+inline void nn_split(const SmallGemmBf16& g, float* buf, int64_t ldb, int64_t c16) {
+  using Reg = typename V::Reg;
+  const int64_t n = g.n;
+  int64_t j = 0;
+  for (; j + R <= n; j += R) {
+    Reg d[M][R];
+#pragma GCC unroll 4
+    for (int b = 0; b < M; ++b) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) d[b][r] = Act<c10::BFloat16>::broadcast(g.a + b * g.lda + j + r);
+    }
+    const c10::BFloat16* w = g.w + j * g.ldw;
+    const c10::BFloat16* next = j + 2 * R <= n ? w + R * g.ldw : nullptr;
+    for (int64_t c = 0; c < c16; c += 2 * kL) {
+      prefetch_next<R>(next, g.ldw, c, c);
+      Reg even[M], odd[M];
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        even[b] = V::load(buf + b * ldb + c);
+        odd[b] = V::load(buf + b * ldb + c + kL);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        Reg we, wo;
+        V::load_bf16_split(reinterpret_cast<const uint16_t*>(w + r * g.ldw + c), we, wo);
+#pragma GCC unroll 4
+        for (int b = 0; b < M; ++b) {
+          even[b] = V::fma(d[b][r], we, even[b]);
+          odd[b] = V::fma(d[b][r], wo, odd[b]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int b = 0; b < M; ++b) {
+        V::store(buf + b * ldb + c, even[b]);
+        V::store(buf + b * ldb + c + kL, odd[b]);
+      }
+    }
+  }
+  for (; j < n; ++j) {  // the last n % R weight rows, one at a time
+    SmallGemmBf16 one = g;
+    one.a = g.a + j;
+    one.w = g.w + j * g.ldw;
+    one.n = 1;
+    nn_split<M, 1, V>(one, buf, ldb, c16);
+  }
+}
+
 // The bf16 nn product's columns [c0, c1): blocks of kNnBufferColumns columns summed in a float
-// buffer (from out's values where g.accumulate), then rounded once into out.
+// buffer (from out's values where g.accumulate), then rounded once into out. The buffer holds
+// the blocks' whole 2 kL-column groups split (nn_split), the last columns in order (nn_block).
 constexpr int64_t kNnBufferColumns = 256;
 
-template <int M, int R>
+template <int M, int R, typename V = Vec>
 inline void nn_block_bf16(const SmallGemmBf16& g, int64_t c0, int64_t c1) {
   alignas(64) float buf[M][kNnBufferColumns];
   for (int64_t cb = c0; cb < c1; cb += kNnBufferColumns) {
     const int64_t cols = c1 - cb < kNnBufferColumns ? c1 - cb : kNnBufferColumns;
+    const int64_t c16 = cols / (2 * kL) * (2 * kL);
+    // the buffer's place of column c
+    auto slot = [c16](int64_t c) {
+      const int64_t i = c % (2 * kL);
+      return c < c16 ? c - i + (i % 2) * kL + i / 2 : c;
+    };
     for (int b = 0; b < M; ++b) {
       const c10::BFloat16* o = g.out + b * g.ldo + cb;
-      for (int64_t c = 0; c < cols; ++c) buf[b][c] = g.accumulate ? static_cast<float>(o[c]) : 0.0f;
+      for (int64_t c = 0; c < cols; ++c) {
+        buf[b][slot(c)] = g.accumulate ? static_cast<float>(o[c]) : 0.0f;
+      }
     }
     SmallGemmBf16 block = g;
     block.w = g.w + cb;  // the weight's columns [cb, cb + cols) as columns [0, cols)
-    nn_block<M, R>(block, &buf[0][0], kNnBufferColumns, false, 0, cols);
+    nn_split<M, R, V>(block, &buf[0][0], kNnBufferColumns, c16);
+    if (c16 < cols) nn_block<M, R>(block, &buf[0][0], kNnBufferColumns, false, c16, cols);
     for (int b = 0; b < M; ++b) {
       c10::BFloat16* o = g.out + b * g.ldo + cb;
-      for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<c10::BFloat16>(buf[b][c]);
+      for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<c10::BFloat16>(buf[b][slot(c)]);
     }
   }
 }
@@ -267,10 +361,12 @@ inline void small_gemm_nn(const SmallGemm& g, int64_t c0, int64_t c1) {
   });
 }
 
+// (a template: instantiated only by the ISAs whose table has it, fused_table.h)
+template <typename V = Vec>
 inline void small_gemm_nn_bf16(const SmallGemmBf16& g, int64_t c0, int64_t c1) {
   small::by_rows(g.m, [&](auto m) {
     constexpr int kM = decltype(m)::value;
-    small::nn_block_bf16<kM, small::rows_per_pass<kM>()>(g, c0, c1);
+    small::nn_block_bf16<kM, small::rows_per_pass<kM>(), V>(g, c0, c1);
   });
 }
 

@@ -61,6 +61,15 @@ struct Vec {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
+  // 16 bf16 as two vectors of floats, the even-indexed elements and the odd-indexed ones (each
+  // 32-bit lane holds a pair: the even element's bits in its low half, the odd one's in its high
+  // half, which is that float): two instructions for 16 elements where load_bf16 takes two for
+  // 8. For sums over the elements whose other factor is split alike (a dot product).
+  static void load_bf16_split(const uint16_t* p, Reg& even, Reg& odd) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(~0xFFFF)));
+  }
   // 8 floats rounded to bf16 as c10::BFloat16 rounds (to nearest even; a NaN to 0x7FC0).
   static void store_bf16(uint16_t* p, Reg v) {
     const __m256i u = _mm256_castps_si256(v);

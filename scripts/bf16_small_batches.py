@@ -4,9 +4,10 @@ H = I = 512 at T = 200 and 10, B = 1, and of H = 256 at T = 100, B = 4; a 10-ste
 LSTMCell / GRUCell at B = 1, H = 512. Forward without grad (--backward: forward + backward of
 the outputs' sum, the input not requiring grad), one thread, median of CPU time of the calling
 thread (time.thread_time) over rounds in which the three are called in turn, so that a
-neighbour's load falls on all of them.
+neighbour's load falls on all of them. --threads N: N threads, wall-clock time (a thread's CPU
+time would leave out the others' work).
 
-    PYTHONPATH=. python scripts/bf16_small_batches.py [rounds] [--no-nn] [--backward]
+    PYTHONPATH=. python scripts/bf16_small_batches.py [rounds] [--no-nn] [--backward] [--threads N]
 
 --no-nn leaves out torch.nn's bf16 column (on a CPU without oneDNN's bf16 GEMMs it runs ATen's
 fallback loops and takes most of the time).
@@ -25,10 +26,10 @@ LAYERS += [("GRU", 200, 1, 512), ("GRU", 10, 1, 512), ("GRU", 100, 4, 256)]
 CELLS = [("LSTMCell", 10, 1, 512), ("GRUCell", 10, 1, 512)]
 
 
-def thread_ms(fn):
-    t0 = time.thread_time()
+def elapsed_ms(fn, clock):
+    t0 = clock()
     fn()
-    return (time.thread_time() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def call(module, x, backward):
@@ -45,15 +46,24 @@ def call(module, x, backward):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    argv = sys.argv[1:]
+    threads = 1
+    if "--threads" in argv:
+        i = argv.index("--threads")
+        threads = int(argv[i + 1])
+        del argv[i : i + 2]
+    args = [a for a in argv if not a.startswith("--")]
     rounds = int(args[0]) if args else 5
     with_nn = "--no-nn" not in sys.argv
     backward = "--backward" in sys.argv
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
     info = fusedrnn.build_info()
-    print(f"{cpu_name()}, torch {torch.__version__}, cpu_isa {info['cpu_isa']}, one thread")
+    isa = info["cpu_isa"]
+    print(f"{cpu_name()}, torch {torch.__version__}, cpu_isa {isa}, {threads} thread(s)")
     what = "forward + backward" if backward else "forward, no grad"
-    print(f"{what}; ms, medians of CPU time over", rounds, "rounds")
+    kind = "CPU time" if threads == 1 else "wall-clock time"
+    print(f"{what}; ms, medians of {kind} over", rounds, "rounds")
     header = f"{'case':<26}{'fused fp32':>12}{'fused bf16':>12}{'bf16 x fp32':>12}"
     print(header + (f"{'nn bf16':>12}{'x nn':>8}" if with_nn else ""))
     for name, T, B, H in LAYERS + CELLS:
@@ -73,7 +83,7 @@ def main():
                 call(m, x, backward)
             for _ in range(rounds):
                 for k, m, x in runs:
-                    times[k].append(thread_ms(lambda: call(m, x, backward)))
+                    times[k].append(elapsed_ms(lambda: call(m, x, backward), clock))
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         line = f"{name} T={T} B={B} H={H}".ljust(26)
         line += f"{med['f32']:12.2f}{med['f16']:12.2f}{med['f32'] / med['f16']:11.2f}x"

@@ -64,7 +64,8 @@ struct Vec {
   // 16 bf16 as two vectors of floats, the even-indexed elements and the odd-indexed ones (each
   // 32-bit lane holds a pair: the even element's bits in its low half, the odd one's in its high
   // half, which is that float): two instructions for 16 elements where load_bf16 takes two for
-  // 8. For sums over the elements whose other factor is split alike (a dot product).
+  // 8. For sums over the elements whose other factor is split alike (a dot product), or results
+  // kept in that order (the bf16 small GEMMs, small_gemm.h).
   static void load_bf16_split(const uint16_t* p, Reg& even, Reg& odd) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));

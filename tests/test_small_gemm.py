@@ -7,10 +7,14 @@ the fp64 reference, under every ISA the CPU has (the `cpu_isa` fixture; the base
 the same checks).
 
 bf16: where ATen's bf16 GEMM is its fallback loops (no oneDNN bf16 GEMMs: CPUs without AVX-512),
-the nt and nn GEMMs of few rows run in bf16 under avx2 (the elements widened in the loads, fp32
-sums, each output rounded once), instead of fp32 at::mm on fp32 copies of both operands, made per
-step. Layers against the reference by the bf16 rule, the GEMMs' single rounding, and that the
-steps of such a forward call no ATen GEMM."""
+the nt, nn and tn (rank update) GEMMs of few rows run in bf16 under avx2 (the elements widened in
+the loads, fp32 sums, each output rounded once), instead of fp32 at::mm on fp32 copies of both
+operands, made per step. Layers against the reference by the bf16 rule, the GEMMs' single
+rounding, and that the steps of such a forward, and a bf16 cell's forward and backward, call no
+ATen GEMM. The bf16 tests force the bf16 small GEMMs (the op _set_bf16_small_gemms) so that CPUs
+whose ATen has oneDNN's bf16 GEMMs check them under avx2 too."""
+
+import copy
 
 import pytest
 import torch
@@ -107,9 +111,20 @@ def _aten_bf16_gemm_is_fallback():
     return op is None or not op()
 
 
-def _small_bf16_gemms(isa):
+def _small_bf16_gemms(isa, forced):
     # AVX2's table has them (kernels/cpu/isa/fused_table.h); the baseline has no kernels at all
-    return isa == "avx2" and _aten_bf16_gemm_is_fallback()
+    return isa == "avx2" and (forced or _aten_bf16_gemm_is_fallback())
+
+
+@pytest.fixture
+def bf16_small_gemms(cpu_isa):
+    """Forces the bf16 small GEMMs where the ISA has them (as ATen's fallback does), then
+    restores the setting; yields whether this ISA runs them."""
+    previous = torch.ops.fusedrnn._set_bf16_small_gemms(True)
+    try:
+        yield _small_bf16_gemms(cpu_isa, True)
+    finally:
+        torch.ops.fusedrnn._set_bf16_small_gemms(previous)
 
 
 def _run_bf16(fn, cell, x, w, hx, cx, dtype):
@@ -135,10 +150,11 @@ def _run_bf16(fn, cell, x, w, hx, cx, dtype):
 @pytest.mark.parametrize("cell", list(cells.CELLS))
 @pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 13, 32])
 @pytest.mark.parametrize("I,H", [(33, 17), (16, 48)])
-def test_bf16_small_batches_match_the_reference(cell, B, I, H):
+def test_bf16_small_batches_match_the_reference(bf16_small_gemms, cell, B, I, H):
     """As the fp32 test above, in bf16: outputs, states and every gradient against the fp64
     reference by the bf16 rule (design.md §4: at most twice the error of the reference run in
-    bf16, plus the bf16 floor)."""
+    bf16, plus the bf16 floor). At B <= 4 the weight gradients' products over the initial state's
+    rows are rank updates (at B = 1, over all 3 steps' rows too)."""
     T = 3  # the GEMM steps, not the tiles
     proj = 3 if cells.CELLS[cell].has_cell_state and H > 5 else 0
     w = _weights(cell, I, H, proj)
@@ -162,7 +178,7 @@ def _bf16_ulp(v):
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 13, 16, 32])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("n,k", [(70, 1030), (300, 40), (5, 7)])
-def test_bf16_small_gemm_rounds_once(cpu_isa, nt, m, beta, n, k):
+def test_bf16_small_gemm_rounds_once(bf16_small_gemms, cpu_isa, nt, m, beta, n, k):
     """C = beta C + A op(B) in bf16 through the step GEMM (the op `_raw_gemm`), m rows (nn: the
     backward's, at most 16 rows in the small GEMMs), with sums of 1030 terms and output columns
     that leave vector and weight-row remainders, more output columns than one block of the
@@ -189,22 +205,120 @@ def test_bf16_small_gemm_rounds_once(cpu_isa, nt, m, beta, n, k):
     assert worst <= 1.0, f"{cpu_isa} m={m}: error {worst:.2f} x the bound"
 
 
+@pytest.mark.parametrize("rank", [1, 2, 3, 4])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("m,n", [(70, 1030), (300, 40), (5, 7)])
+def test_bf16_small_rank_update_rounds_once(bf16_small_gemms, cpu_isa, rank, beta, m, n):
+    """C = beta C + A^T B in bf16, A (rank x m), B (rank x n): the weight gradients of a step of
+    `rank` rows, dW = dgates^T x (the op `_raw_gemm` with A transposed; under avx2 the bf16 rank
+    update), rows whose length leaves a vector remainder and rows shorter than one vector: each
+    result within one bf16 ulp of the exact value, as above (the fp32 sum of at most 5 terms is
+    within 2^-14 of the sum of magnitudes with a wide margin)."""
+    gen = torch.Generator().manual_seed(rank * 100 + m)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64).to(BF16)  # noqa: E731
+    a, b, c = r(rank, m), r(rank, n), r(m, n)
+    exact = a.double().t() @ b.double() + (c.double() if beta else 0.0)
+    scale = a.double().abs().t() @ b.double().abs() + (c.double().abs() if beta else 0.0)
+    got = c.clone()
+    torch.ops.fusedrnn._raw_gemm(got, a, b, m, n, rank, m, n, n, True, False, beta)
+    err = (got.double() - exact).abs()
+    bound = _bf16_ulp(exact) + 2.0**-14 * scale
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{cpu_isa} rank {rank}: error {worst:.2f} x the bound"
+
+
+@pytest.mark.parametrize("kind", ["nt", "nn", "tn"])
+def test_bf16_small_gemms_keep_nan(bf16_small_gemms, cpu_isa, kind):
+    """A NaN in a row of A makes NaN of every output it is summed into, and of no other. The
+    small GEMMs round each as c10::BFloat16 rounds a NaN (0x7FC0, whatever its payload: this
+    one's would pass through the vectorised rounding as 0x7FC1), so that all their stores,
+    vectorised or element-wise, give the same bits (ATen's conversion, on the other ISAs' route,
+    gives 0xFFFF)."""
+    m, n, k = (3, 40, 37) if kind != "tn" else (40, 37, 3)
+    gen = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64).to(BF16)  # noqa: E731
+    nan = torch.tensor(0x7F81, dtype=torch.int16).view(BF16)  # a NaN, payload in the low bit
+    if kind == "tn":
+        a, b = r(k, m), r(k, n)  # C (m x n) = A^T B
+        a[1, 5] = nan
+        exact = a.double().t() @ b.double()
+        args = (m, n, k, m, n, n, True, False)
+    else:
+        a, b = r(m, k), r(n, k) if kind == "nt" else r(k, n)
+        a[1, 5] = nan
+        exact = a.double() @ (b.double().t() if kind == "nt" else b.double())
+        args = (m, n, k, k, k if kind == "nt" else n, n, False, kind == "nt")
+    got = torch.zeros(m, n, dtype=BF16)
+    torch.ops.fusedrnn._raw_gemm(got, a, b, *args, 0.0)
+    assert torch.equal(got.isnan(), exact.isnan()), f"{cpu_isa} {kind}: NaN where not expected"
+    nan_bits = got.view(torch.int16)[got.isnan()]
+    assert nan_bits.numel() > 0, f"{cpu_isa} {kind}"
+    if bf16_small_gemms:
+        assert (nan_bits == 0x7FC0).all(), f"{cpu_isa} {kind}: NaN bits {nan_bits.unique()}"
+
+
+def _aten_gemms(p):
+    return sum(e.count for e in p.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["as-built", "forced"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_bf16_small_steps_call_no_aten_gemm(cpu_isa, cell):
+def test_bf16_small_steps_call_no_aten_gemm(cpu_isa, cell, forced):
     """A bf16 forward of 2 rows a step and 32 rows in all (input projection and steps of few
-    rows): where the ISA has the bf16 small GEMMs (AVX2) and ATen's bf16 GEMM is its fallback, no
-    aten::mm at all (each step's would convert the whole weight to fp32); elsewhere one per step
-    at least, the GEMMs through ATen."""
+    rows): where the ISA has the bf16 small GEMMs (AVX2) and ATen's bf16 GEMM is its fallback (or
+    they are forced), no aten::mm at all (each step's would convert the whole weight to fp32);
+    elsewhere one per step at least, the GEMMs through ATen."""
     T, B, H = 16, 2, 24
     w = [None if v is None else v.to(BF16) for v in _weights(cell, H, H, 0).values()]
     x = torch.randn(T, B, H).to(BF16)
     hx = torch.zeros(B, H, dtype=BF16)
     cx = hx if cells.CELLS[cell].has_cell_state else None
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.no_grad(), torch.profiler.profile(activities=activities) as p:
-        functional.rnn_layer(cell, x, *w, hx, cx, None)
-    mm = sum(e.count for e in p.key_averages() if e.key in ("aten::mm", "aten::addmm"))
-    if _small_bf16_gemms(cpu_isa):
+    previous = torch.ops.fusedrnn._set_bf16_small_gemms(forced)
+    try:
+        with torch.no_grad(), torch.profiler.profile(activities=activities) as p:
+            functional.rnn_layer(cell, x, *w, hx, cx, None)
+    finally:
+        torch.ops.fusedrnn._set_bf16_small_gemms(previous)
+    mm = _aten_gemms(p)
+    if _small_bf16_gemms(cpu_isa, forced):
         assert mm == 0, f"{cpu_isa}: {mm} ATen GEMMs"
     else:
         assert mm >= T, f"{cpu_isa}: {mm} ATen GEMMs, expected one a step at least"
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("module", ["LSTMCell", "GRUCell"])
+def test_bf16_cell_training_step_calls_no_aten_gemm(bf16_small_gemms, cpu_isa, module, B):
+    """A bf16 cell's forward and backward at B <= 4 rows under the bf16 small GEMMs: no ATen GEMM
+    (the weight gradients are rank-B updates written in bf16, not an fp32 at::mm of the weight's
+    shape converted after), and every gradient against torch.nn's cell in fp64 by the bf16 rule
+    (its run in bf16 the low-precision reference)."""
+    import fusedrnn
+
+    torch.manual_seed(B)
+    nn_cell = getattr(torch.nn, module)(40, 24).to(BF16)  # bf16 weights, the same in every run
+    x, hx = torch.randn(B, 40).to(BF16), torch.randn(B, 24).to(BF16)
+    lstm = module == "LSTMCell"
+    states = (hx, torch.randn(B, 24).to(BF16)) if lstm else (hx,)
+    seed = torch.randn(B, 24, dtype=F64)
+
+    def grads(cell, dtype):
+        cell = cell.to(dtype)
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *states)]
+        inputs = (leaves[0], tuple(leaves[1:]) if lstm else leaves[1])
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            out = cell(*inputs)
+            h = out[0] if isinstance(out, tuple) else out
+            (h.double() * seed).sum().backward()
+        return [t.grad for t in (*leaves, *cell.parameters())], _aten_gemms(p)
+
+    ours = getattr(fusedrnn, module)(40, 24).to(BF16)
+    ours.load_state_dict(nn_cell.state_dict())
+    got, mm = grads(ours, BF16)
+    if bf16_small_gemms:
+        assert mm == 0, f"{cpu_isa} {module}: {mm} ATen GEMMs"
+    lowp, _ = grads(copy.deepcopy(nn_cell), BF16)
+    want, _ = grads(copy.deepcopy(nn_cell), F64)
+    for i, (g, lo, r) in enumerate(zip(got, lowp, want)):
+        assert_close(g, r, BF16, f"{cpu_isa} {module} B={B} gradient {i}", lo)

@@ -4,8 +4,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cpu/fused_isa.h"
 #include "kernels/cpu/isa.h"
@@ -72,6 +74,14 @@ bool aten_bf16_gemm_is_fallback() {
   return !aten_bf16_onednn;
 }
 
+// Whether bf16 GEMMs of a few rows take the ISA's bf16 small GEMMs (where it has them, AVX2's):
+// where ATen's bf16 GEMM is its fallback loops, or where the tests force them (the op
+// _set_bf16_small_gemms), so that CPUs whose ATen has oneDNN's check them against the reference
+// too.
+std::atomic<bool> bf16_small_gemms_forced{false};
+
+bool bf16_small_gemms() { return bf16_small_gemms_forced.load() || aten_bf16_gemm_is_fallback(); }
+
 // fp32 CPU GEMMs of at most kSmallGemmRows rows against a row-major weight (b = W^T or b = W)
 // go to the ISA's small GEMMs (kernels/cpu/isa/small_gemm.h): they stream the weight once, at up to
 // twice the rate of at::mm's M = 1..4 calls (docs/cpu_kernels.md), with no call overhead to speak
@@ -81,7 +91,10 @@ constexpr int64_t kSmallGemmGrainMacs = int64_t{1} << 15;
 // A rank-k update of k <= kSmallGemmRows, out (m x n) = [out +] a b with a = g^T (g (k x m)
 // row-major) and b (k x n) row-major: the weight gradients of a step of a few rows
 // (dgates^T x), as one pass that writes out once (faster than at::mm's K = 1..4 GEMM:
-// scripts/small_gemm_rate.py, docs/cpu_kernels.md).
+// scripts/small_gemm_rate.py, docs/cpu_kernels.md). T: float, or bf16 where the bf16 small GEMMs
+// are taken (bf16_small_gemms), whose rank update writes the bf16 result directly: a bf16 cell's
+// backward went through an fp32 at::mm of the whole weight's shape and its conversion.
+template <typename T>
 bool small_rank_update(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (!(k >= 1 && k <= cpu::kSmallGemmRows && (a.stride(0) == 1 || m == 1) &&
@@ -90,19 +103,26 @@ bool small_rank_update(Tensor& out, const Tensor& a, const Tensor& b, float beta
   }
   const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
   if (kernels == nullptr) return false;
-  cpu::SmallGemm g;
+  void (*tn)(const cpu::SmallGemmOf<T>&, int64_t, int64_t) = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    tn = kernels->gemm_tn;
+  } else {
+    tn = kernels->gemm_tn_bf16;
+  }
+  if (tn == nullptr) return false;
+  cpu::SmallGemmOf<T> g;
   g.m = k;
   g.n = m;
   g.k = n;
-  g.a = a.const_data_ptr<float>();
+  g.a = a.const_data_ptr<T>();
   g.lda = a.stride(1);
-  g.w = b.const_data_ptr<float>();
+  g.w = b.const_data_ptr<T>();
   g.ldw = b.stride(0);
-  g.out = out.data_ptr<float>();
+  g.out = out.data_ptr<T>();
   g.ldo = out.stride(0);
   g.accumulate = beta != 0.0f;
   const int64_t grain = std::max<int64_t>(1, kSmallGemmGrainMacs / std::max<int64_t>(1, k * n));
-  at::parallel_for(0, m, grain, [&](int64_t i0, int64_t i1) { kernels->gemm_tn(g, i0, i1); });
+  at::parallel_for(0, m, grain, [&](int64_t i0, int64_t i1) { tn(g, i0, i1); });
   return true;
 }
 
@@ -118,12 +138,13 @@ bool small_gemm(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const bool rows_ok = m <= (nt ? kSmallGemmMaxRowsNt : kSmallGemmMaxRowsNn) &&
                        (a.stride(1) == 1 || k == 1) && (out.stride(1) == 1 || n == 1);
   if (t == at::kBFloat16) {
-    return rows_ok && (nt || nn) &&
-           small_gemm_bf16(m, n, k, a.const_data_ptr<c10::BFloat16>(), a.stride(0),
+    if (!bf16_small_gemms()) return false;
+    if (!(rows_ok && (nt || nn))) return small_rank_update<c10::BFloat16>(out, a, b, beta);
+    return small_gemm_bf16(m, n, k, a.const_data_ptr<c10::BFloat16>(), a.stride(0),
                            b.const_data_ptr<c10::BFloat16>(), nt ? b.stride(1) : b.stride(0), nt,
                            out.data_ptr<c10::BFloat16>(), out.stride(0), beta);
   }
-  if (!(rows_ok && (nt || nn))) return small_rank_update(out, a, b, beta);
+  if (!(rows_ok && (nt || nn))) return small_rank_update<float>(out, a, b, beta);
   return small_gemm_f32(m, n, k, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(),
                         nt ? b.stride(1) : b.stride(0), nt, out.data_ptr<float>(), out.stride(0),
                         beta);
@@ -200,10 +221,12 @@ bool small_gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, in
                      const c10::BFloat16* w, int64_t ldw, bool w_transposed, c10::BFloat16* out,
                      int64_t ldo, float beta) {
   const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
-  if (kernels == nullptr || !aten_bf16_gemm_is_fallback()) return false;
+  if (kernels == nullptr || !bf16_small_gemms()) return false;
   return small_gemm_rows(m, n, k, a, lda, w, ldw, w_transposed, out, ldo, beta,
                          kernels->gemm_nt_bf16, kernels->gemm_nn_bf16, kernels->lanes);
 }
+
+bool force_bf16_small_gemms(bool force) { return bf16_small_gemms_forced.exchange(force); }
 
 bool onednn_gemm_enabled() {
   static const bool available =

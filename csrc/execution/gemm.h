@@ -46,8 +46,9 @@ bool small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
 // The same in bf16 (a, W and out bf16, the sums in fp32, each output rounded once), with the
 // ISA's bf16 small GEMMs, where ATen's bf16 GEMM is its fallback loops (a CPU without oneDNN's
 // bf16 GEMMs: there the other bf16 GEMMs convert both operands to fp32, for a step the whole
-// weight). False (nothing done) elsewhere, where ATen's bf16 GEMM is oneDNN's, and as
-// small_gemm_f32.
+// weight). False (nothing done) elsewhere, where ATen's bf16 GEMM is oneDNN's (unless forced:
+// force_bf16_small_gemms), and as small_gemm_f32. gemm() takes them too, and their rank update
+// for the weight gradients of a step of a few rows.
 bool small_gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
                      const c10::BFloat16* w, int64_t ldw, bool w_transposed, c10::BFloat16* out,
                      int64_t ldo, float beta);
@@ -56,6 +57,11 @@ bool small_gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, in
 // fp32 ones (onednn_fp32_gemm: not on Intel CPUs, where at::mm is faster, unless
 // FUSEDRNN_CPU_GEMM=onednn); see gemm.cpp. Exposed for build_info and the tests.
 bool onednn_gemm_enabled();
+
+// Makes the bf16 small GEMMs run where the ISA has them even where ATen's bf16 GEMM is oneDNN's
+// (the tests: the op _set_bf16_small_gemms), returning the previous setting. Not thread-safe
+// against concurrent layer calls.
+bool force_bf16_small_gemms(bool force);
 bool onednn_fp32_gemm();
 
 }  // namespace driver

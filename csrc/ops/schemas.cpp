@@ -157,6 +157,10 @@ TORCH_LIBRARY(fusedrnn, m) {
   // Whether bf16 CPU layer calls run the fused tiles (kernels/cpu/isa.h), whether oneDNN's bf16
   // GEMMs may run on AMX (what "auto" decides on), and the switch the tests force the tiles with.
   m.def("cpu_bf16_tiles() -> bool", [] { return fusedrnn::cpu::bf16_tiles(); });
+  // Forces the bf16 small GEMMs (AVX2's) where ATen's bf16 GEMM is oneDNN's, returning the
+  // previous setting (execution/gemm.h): for tests.
+  m.def("_set_bf16_small_gemms(bool force) -> bool",
+        [](bool force) { return fusedrnn::driver::force_bf16_small_gemms(force); });
   // The pool of the layers' large CPU buffers (execution/buffer_pool.h): [limit, free bytes,
   // bytes in use], and the release of its free blocks (fusedrnn.empty_cpu_cache()).
   m.def("cpu_pool_stats() -> int[]", [] {

@@ -108,11 +108,12 @@ struct FusedStepKernels {
   // elements: floats, or pairs of bf16).
   void (*transpose)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                     int64_t ldd) = nullptr;
-  // The nt and nn small GEMMs in bf16 (a, W and out bf16; the elements widened to floats in the
-  // loads, the sums in float, each output rounded once): AVX2's table; nullptr elsewhere. (The
-  // driver takes them where ATen's bf16 GEMM is its fallback loops: execution/gemm.cpp.)
+  // The small GEMMs in bf16 (a, W and out bf16; the elements widened to floats in the loads, the
+  // sums in float, each output rounded once): AVX2's table; nullptr elsewhere. (The driver takes
+  // them where ATen's bf16 GEMM is its fallback loops: execution/gemm.cpp.)
   void (*gemm_nt_bf16)(const SmallGemmBf16&, int64_t c0, int64_t c1) = nullptr;
   void (*gemm_nn_bf16)(const SmallGemmBf16&, int64_t c0, int64_t c1) = nullptr;
+  void (*gemm_tn_bf16)(const SmallGemmBf16&, int64_t r0, int64_t r1) = nullptr;
 
   template <typename T>
   const FusedFns<T>& of() const {

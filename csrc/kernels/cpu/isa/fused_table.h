@@ -49,7 +49,7 @@ constexpr FusedFns<T> fused_fns() {
   return f;
 }
 
-// The bf16 small GEMMs (FusedStepKernels::gemm_nt_bf16): AVX2 only. The driver takes them where
+// The bf16 small GEMMs (FusedStepKernels::gemm_nt_bf16 ...): AVX2 only. The driver takes them where
 // ATen's bf16 GEMM is its fallback loops, i.e. where the CPU lacks the AVX-512 subsets oneDNN's
 // bf16 GEMMs need, which the avx512 ISAs require (kernels/cpu/isa.cpp): they would never run.
 constexpr bool kSmallGemmsBf16 = !Vec::kBf16Dot && kL == 8;
@@ -66,6 +66,12 @@ constexpr auto small_gemm_nn_bf16_entry() {
   if constexpr (kOn) f = &small_gemm_nn_bf16<>;
   return f;
 }
+template <bool kOn = kSmallGemmsBf16>
+constexpr auto small_gemm_tn_bf16() {
+  void (*f)(const SmallGemmBf16&, int64_t, int64_t) = nullptr;
+  if constexpr (kOn) f = &small_gemm_tn<c10::BFloat16>;
+  return f;
+}
 
 // Constant-initialised (no load-time code compiled for this ISA runs on other CPUs).
 constexpr FusedStepKernels kKernels{Vec::kName,
@@ -77,10 +83,11 @@ constexpr FusedStepKernels kKernels{Vec::kName,
                                     fused_fns<c10::BFloat16>(),
                                     &small_gemm_nt<float>,
                                     &small_gemm_nn,
-                                    &small_gemm_tn,
+                                    &small_gemm_tn<float>,
                                     &transpose_rows,
                                     small_gemm_nt_bf16(),
-                                    small_gemm_nn_bf16_entry()};
+                                    small_gemm_nn_bf16_entry(),
+                                    small_gemm_tn_bf16()};
 
 }  // namespace FUSEDRNN_ISA_NAMESPACE
 }  // namespace cpu

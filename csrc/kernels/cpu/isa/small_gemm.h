@@ -13,11 +13,11 @@
 // - gemm_tn: out (n x k) = [out +] a^T W, a (m x n), W (m x k): the weight gradients of a step
 //   of m rows, dW = dgates^T x (a rank-m update). Each output row written once, from m
 //   broadcast coefficients and the m rows of W (in L1): the work is writing out.
-// gemm_nt and gemm_nn also run in bf16 (a, W and out bf16), on AVX2 (fused_table.h): every
-// element widened to a float in the loads, 16 at a time where the ISA splits them
-// (Vec::load_bf16_split: nt_split, nn_split), the sums in float, each output rounded once (nn:
-// the rows are summed in a float buffer, not in out). Half the bytes of the weight to stream, and
-// no copy of it converted to fp32 per step.
+// All three also run in bf16 (a, W and out bf16), on AVX2 (fused_table.h): every element widened
+// to a float in the loads, 16 at a time where the ISA splits them (Vec::load_bf16_split: nt_split,
+// nn_split), the sums in float, each output rounded once (nn: the rows are summed in a float
+// buffer, not in out). Half the bytes of the weight to stream (tn: of out to write), and no copy
+// of it converted to fp32 per step (tn: no fp32 result to convert).
 #pragma once
 
 #ifndef FUSEDRNN_ISA_NAMESPACE
@@ -45,6 +45,10 @@ constexpr int kL = Vec::kLanes;
 template <typename T>
 constexpr int64_t kLineElems = 64 / sizeof(T);
 
+// The bits of bf16 elements, as the Vec loads and stores of bf16 take them.
+inline const uint16_t* bits(const c10::BFloat16* p) { return Act<c10::BFloat16>::bits(p); }
+inline uint16_t* bits(c10::BFloat16* p) { return Act<c10::BFloat16>::bits(p); }
+
 // At the first vector of each line (`col` counted from the block's first column): the line at
 // column `at` of each of the R rows from `next` (nullptr: no next block).
 template <int R, typename T>
@@ -62,7 +66,6 @@ inline void prefetch_next(const T* next, int64_t ldw, int64_t col, int64_t at) {
 template <int M, int R, typename V>
 inline void nt_split(const SmallGemmBf16& g, const c10::BFloat16* w, const c10::BFloat16* next,
                      int64_t q, typename V::Reg (&s)[M][R]) {
-  auto bits = [](const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
   typename V::Reg ae[M], ao[M];
 #pragma GCC unroll 4
   for (int b = 0; b < M; ++b) V::load_bf16_split(bits(g.a + b * g.lda + q), ae[b], ao[b]);
@@ -227,7 +230,7 @@ inline void nn_split(const SmallGemmBf16& g, float* buf, int64_t ldb, int64_t c1
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         Reg we, wo;
-        V::load_bf16_split(reinterpret_cast<const uint16_t*>(w + r * g.ldw + c), we, wo);
+        V::load_bf16_split(bits(w + r * g.ldw + c), we, wo);
 #pragma GCC unroll 4
         for (int b = 0; b < M; ++b) {
           even[b] = V::fma(d[b][r], we, even[b]);
@@ -283,29 +286,56 @@ inline void nn_block_bf16(const SmallGemmBf16& g, int64_t c0, int64_t c1) {
   }
 }
 
-// Output rows [i0, i1) of the tn product (rank M).
-template <int M>
-inline void tn_rows(const SmallGemm& g, int64_t i0, int64_t i1) {
+// bf16 tn: columns [c, c + 2 kL) of the output row o = [o +] the sum of coef[b] times weight row
+// b, from the even- and the odd-indexed elements of the weight rows (and of o, accumulating),
+// rounded and stored in order (V::load_bf16_split, V::store_bf16_split: 16 elements widened in
+// two instructions and rounded into one store, where the loads and stores of kL elements take
+// about twice the instructions per element). V: the ISA's Vec (only ISAs that have the split
+// instantiate this).
+template <int M, typename V>
+inline void tn_split(const SmallGemmBf16& g, const typename V::Reg (&coef)[M], c10::BFloat16* o,
+                     int64_t c) {
+  typename V::Reg even = V::zero(), odd = V::zero();
+  if (g.accumulate) V::load_bf16_split(bits(o + c), even, odd);
+#pragma GCC unroll 4
+  for (int b = 0; b < M; ++b) {
+    typename V::Reg we, wo;
+    V::load_bf16_split(bits(g.w + b * g.ldw + c), we, wo);
+    even = V::fma(coef[b], we, even);
+    odd = V::fma(coef[b], wo, odd);
+  }
+  V::store_bf16_split(bits(o + c), even, odd);
+}
+
+// Output rows [i0, i1) of the tn product (rank M). In bf16 each output is rounded once, from the
+// float sum of its M products (and of its old value, accumulating).
+template <int M, typename T>
+inline void tn_rows(const SmallGemmOf<T>& g, int64_t i0, int64_t i1) {
   const int64_t k = g.k, kv = k / kL * kL;
   const Vec::Mask tail = Vec::first_lanes(k - kv);
   for (int64_t i = i0; i < i1; ++i) {
     Vec::Reg coef[M];
 #pragma GCC unroll 4
-    for (int b = 0; b < M; ++b) coef[b] = Vec::broadcast(g.a + b * g.lda + i);
-    float* o = g.out + i * g.ldo;
-    for (int64_t c = 0; c < kv; c += kL) {
-      Vec::Reg acc = g.accumulate ? Vec::load(o + c) : Vec::zero();
+    for (int b = 0; b < M; ++b) coef[b] = Act<T>::broadcast(g.a + b * g.lda + i);
+    T* o = g.out + i * g.ldo;
+    int64_t c = 0;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // 2 kL columns at a time, split into even and odd ones (tn_split), then kL at a time
+      for (; c + 2 * kL <= kv; c += 2 * kL) tn_split<M, Vec>(g, coef, o, c);
+    }
+    for (; c < kv; c += kL) {
+      Vec::Reg acc = g.accumulate ? Act<T>::load(o + c) : Vec::zero();
 #pragma GCC unroll 4
-      for (int b = 0; b < M; ++b) acc = Vec::fma(coef[b], Vec::load(g.w + b * g.ldw + c), acc);
-      Vec::store(o + c, acc);
+      for (int b = 0; b < M; ++b) acc = Vec::fma(coef[b], Act<T>::load(g.w + b * g.ldw + c), acc);
+      Act<T>::store(o + c, kL, tail, acc);
     }
     if (kv < k) {
-      Vec::Reg acc = g.accumulate ? Vec::load_masked(o + kv, tail) : Vec::zero();
+      Vec::Reg acc = g.accumulate ? Act<T>::load(o + kv, k - kv, tail) : Vec::zero();
 #pragma GCC unroll 4
       for (int b = 0; b < M; ++b) {
-        acc = Vec::fma(coef[b], Vec::load_masked(g.w + b * g.ldw + kv, tail), acc);
+        acc = Vec::fma(coef[b], Act<T>::load(g.w + b * g.ldw + kv, k - kv, tail), acc);
       }
-      Vec::store_masked(o + kv, tail, acc);
+      Act<T>::store(o + kv, k - kv, tail, acc);
     }
   }
 }
@@ -340,7 +370,8 @@ void by_rows(int64_t m, Fn&& fn) {
 }  // namespace small
 
 // Output rows [i0, i1) of the tn product; every column.
-inline void small_gemm_tn(const SmallGemm& g, int64_t i0, int64_t i1) {
+template <typename T>
+inline void small_gemm_tn(const SmallGemmOf<T>& g, int64_t i0, int64_t i1) {
   small::by_rows(g.m, [&](auto m) { small::tn_rows<decltype(m)::value>(g, i0, i1); });
 }
 

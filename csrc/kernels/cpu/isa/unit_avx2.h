@@ -73,16 +73,45 @@ struct Vec {
   }
   // 8 floats rounded to bf16 as c10::BFloat16 rounds (to nearest even; a NaN to 0x7FC0).
   static void store_bf16(uint16_t* p, Reg v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    const __m256i r = _mm256_srli_epi32(rounded_bf16(v), 16);
     // the eight 32-bit lanes' low halves: pack (within 128-bit halves), then join the halves
     const __m256i packed = _mm256_packus_epi32(r, r);
     const __m256i joined = _mm256_permute4x64_epi64(packed, 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(joined));
+  }
+  // The inverse of load_bf16_split: 16 floats as their even-indexed and odd-indexed elements,
+  // rounded as store_bf16 rounds and stored in order (each 32-bit lane of the store is the pair:
+  // the even element's bf16 shifted down, the odd one's kept in the high half), in one store.
+  // A NaN takes the element-wise path, rounded to 0x7FC0 as c10::BFloat16 and store_bf16 round it
+  // (the add would keep its payload, and carry one whose payload is all below bit 16 into
+  // infinity): one test for the 16.
+  static void store_bf16_split(uint16_t* p, Reg even, Reg odd) {
+    if (_mm256_movemask_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q)) != 0) {
+      alignas(32) float e[8], o[8];
+      _mm256_store_ps(e, even);
+      _mm256_store_ps(o, odd);
+      for (int l = 0; l < 8; ++l) {
+        p[2 * l] = c10::BFloat16(e[l]).x;
+        p[2 * l + 1] = c10::BFloat16(o[l]).x;
+      }
+      return;
+    }
+    const __m256i pairs = _mm256_blend_epi16(_mm256_srli_epi32(rounded_bf16_finite(even), 16),
+                                             rounded_bf16_finite(odd), 0xAA);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pairs);
+  }
+  // Each float (not a NaN) rounded to bf16 to nearest even, the bf16 in the high half of the
+  // lane (the low half is what the rounding left there): + 0x7FFF, + 1 where the bf16's lowest
+  // bit (bit 16) is set (the compare's -1 subtracted).
+  static __m256i rounded_bf16_finite(Reg v) {
+    const __m256i u = _mm256_castps_si256(v), bit = _mm256_set1_epi32(0x10000);
+    const __m256i odd_bf16 = _mm256_cmpeq_epi32(_mm256_and_si256(u, bit), bit);
+    return _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd_bf16);
+  }
+  // The same, a NaN to the quiet NaN 0x7FC0 as c10::BFloat16 rounds it.
+  static __m256i rounded_bf16(Reg v) {
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rounded_bf16_finite(v), _mm256_set1_epi32(0x7FC00000), nan);
   }
   // r[i] lane j <- r[j] lane i (an 8 x 8 block): interleave pairs of rows, then 2 x 2 blocks
   // within the 128-bit halves, then the halves of rows 0-3 and 4-7.

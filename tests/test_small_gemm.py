@@ -205,15 +205,16 @@ def test_bf16_small_gemm_rounds_once(bf16_small_gemms, cpu_isa, nt, m, beta, n, 
     assert worst <= 1.0, f"{cpu_isa} m={m}: error {worst:.2f} x the bound"
 
 
-@pytest.mark.parametrize("rank", [1, 2, 3, 4])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 5, 8, 13, 16])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("m,n", [(70, 1030), (300, 40), (5, 7)])
 def test_bf16_small_rank_update_rounds_once(bf16_small_gemms, cpu_isa, rank, beta, m, n):
     """C = beta C + A^T B in bf16, A (rank x m), B (rank x n): the weight gradients of a step of
-    `rank` rows, dW = dgates^T x (the op `_raw_gemm` with A transposed; under avx2 the bf16 rank
-    update), rows whose length leaves a vector remainder and rows shorter than one vector: each
-    result within one bf16 ulp of the exact value, as above (the fp32 sum of at most 5 terms is
-    within 2^-14 of the sum of magnitudes with a wide margin)."""
+    `rank` rows, or of a short call's rows in all, dW = dgates^T x (the op `_raw_gemm` with A
+    transposed; under avx2 the bf16 rank update, of up to 4 rows or of many), rows whose length
+    leaves a vector remainder and rows shorter than one vector: each result within one bf16 ulp
+    of the exact value, as above (the fp32 sum of at most 17 terms is within 2^-14 of the sum of
+    magnitudes with a wide margin)."""
     gen = torch.Generator().manual_seed(rank * 100 + m)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=F64).to(BF16)  # noqa: E731
     a, b, c = r(rank, m), r(rank, n), r(m, n)

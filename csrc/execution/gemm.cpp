@@ -88,16 +88,23 @@ bool bf16_small_gemms() { return bf16_small_gemms_forced.load() || aten_bf16_gem
 // of. Work per thread: at least this many multiply-adds.
 constexpr int64_t kSmallGemmGrainMacs = int64_t{1} << 15;
 
-// A rank-k update of k <= kSmallGemmRows, out (m x n) = [out +] a b with a = g^T (g (k x m)
-// row-major) and b (k x n) row-major: the weight gradients of a step of a few rows
-// (dgates^T x), as one pass that writes out once (faster than at::mm's K = 1..4 GEMM:
-// scripts/small_gemm_rate.py, docs/cpu_kernels.md). T: float, or bf16 where the bf16 small GEMMs
-// are taken (bf16_small_gemms), whose rank update writes the bf16 result directly: a bf16 cell's
-// backward went through an fp32 at::mm of the whole weight's shape and its conversion.
+// A rank-k update of k <= kSmallRankMaxRows, out (m x n) = [out +] a b with a = g^T (g (k x m)
+// row-major) and b (k x n) row-major: the weight gradients of a step of a few rows, or of a short
+// call's few rows in all (dgates^T x), as one pass that writes out once (faster than at::mm's
+// small-K GEMM: scripts/small_gemm_rate.py, docs/cpu_kernels.md). The kernel takes up to
+// kSmallRankRows (32) rows; from about 16 at::mm was as fast in fp32 (at 24-32 faster: a
+// (2048 x 512) result, one Zen 1 thread), so that more rows stay its.
+constexpr int64_t kSmallRankMaxRows = 16;
+static_assert(kSmallRankMaxRows <= cpu::kSmallRankRows,
+              "the rank update's kernel takes fewer rows");
+
+// T: float, or bf16 where the bf16 small GEMMs are taken (bf16_small_gemms), whose rank update
+// writes the bf16 result directly: a bf16 cell's backward went through an fp32 at::mm of the
+// whole weight's shape and its conversion.
 template <typename T>
 bool small_rank_update(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (!(k >= 1 && k <= cpu::kSmallGemmRows && (a.stride(0) == 1 || m == 1) &&
+  if (!(k >= 1 && k <= kSmallRankMaxRows && (a.stride(0) == 1 || m == 1) &&
         (b.stride(1) == 1 || n == 1) && (out.stride(1) == 1 || n == 1))) {
     return false;
   }

@@ -50,6 +50,8 @@ struct PanelGemm {
 // k). Row strides lda, ldo; unit column strides everywhere. T: the elements of a, W and out,
 // float or c10::BFloat16 (accumulated in float, rounded once into out).
 constexpr int64_t kSmallGemmRows = 4;
+// The rank update (tn) takes up to this many rows in one pass (the others: kSmallGemmRows).
+constexpr int64_t kSmallRankRows = 32;
 
 template <typename T>
 struct SmallGemmOf {

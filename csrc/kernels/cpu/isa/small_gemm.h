@@ -11,8 +11,9 @@
 // - gemm_nn: out (m x k) = [out +] a (m x n) W, W (n x k): the backward's dh = dgates W_hh and
 //   dx = dgates W_ih. R weight rows at a time, out's rows (in L1) updated once per R rows.
 // - gemm_tn: out (n x k) = [out +] a^T W, a (m x n), W (m x k): the weight gradients of a step
-//   of m rows, dW = dgates^T x (a rank-m update). Each output row written once, from m
-//   broadcast coefficients and the m rows of W (in L1): the work is writing out.
+//   of m rows, dW = dgates^T x (a rank-m update), or of a short call's m <= kSmallRankRows rows
+//   in all. Each output row written once, from m broadcast coefficients and the m rows of W (in
+//   L1): the work is writing out.
 // All three also run in bf16 (a, W and out bf16), on AVX2 (fused_table.h): every element widened
 // to a float in the loads, 16 at a time where the ISA splits them (Vec::load_bf16_split: nt_split,
 // nn_split), the sums in float, each output rounded once (nn: the rows are summed in a float
@@ -340,6 +341,77 @@ inline void tn_rows(const SmallGemmOf<T>& g, int64_t i0, int64_t i1) {
   }
 }
 
+// bf16 tn of many rows: columns [c, c + 4 kL) of the output row o, as tn_split on two groups of
+// 2 kL columns at once (four independent sums of K products each).
+template <typename V>
+inline void tn_split_many(const SmallGemmBf16& g, const typename V::Reg* coef, c10::BFloat16* o,
+                          int64_t c) {
+  typename V::Reg e0 = V::zero(), o0 = V::zero(), e1 = V::zero(), o1 = V::zero();
+  if (g.accumulate) {
+    V::load_bf16_split(bits(o + c), e0, o0);
+    V::load_bf16_split(bits(o + c + 2 * kL), e1, o1);
+  }
+  for (int64_t b = 0; b < g.m; ++b) {
+    const c10::BFloat16* w = g.w + b * g.ldw + c;
+    typename V::Reg we, wo;
+    V::load_bf16_split(bits(w), we, wo);
+    e0 = V::fma(coef[b], we, e0);
+    o0 = V::fma(coef[b], wo, o0);
+    V::load_bf16_split(bits(w + 2 * kL), we, wo);
+    e1 = V::fma(coef[b], we, e1);
+    o1 = V::fma(coef[b], wo, o1);
+  }
+  V::store_bf16_split(bits(o + c), e0, o0);
+  V::store_bf16_split(bits(o + c + 2 * kL), e1, o1);
+}
+
+// Output rows [i0, i1) of the tn product of kSmallGemmRows < K = g.m <= kSmallRankRows rows (the
+// weight gradients of a short call: every step's rows at once): each output vector summed over
+// all K rows in registers and stored once (in bf16 rounded once), so that out is written once
+// however many rows there are; four output vectors at a time (independent sums, where one would
+// wait on each multiply-add in turn), the K coefficients of an output row broadcast once.
+template <typename T>
+inline void tn_rows_many(const SmallGemmOf<T>& g, int64_t i0, int64_t i1) {
+  constexpr int kU = 4;
+  const int64_t K = g.m, k = g.k, kv = k / kL * kL;
+  const Vec::Mask tail = Vec::first_lanes(k - kv);
+  Vec::Reg coef[kSmallRankRows];
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t b = 0; b < K; ++b) coef[b] = Act<T>::broadcast(g.a + b * g.lda + i);
+    T* o = g.out + i * g.ldo;
+    int64_t c = 0;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      for (; c + kU * kL <= kv; c += kU * kL) tn_split_many<Vec>(g, coef, o, c);
+    }
+    for (; c + kU * kL <= kv; c += kU * kL) {
+      Vec::Reg acc[kU];
+#pragma GCC unroll 4
+      for (int u = 0; u < kU; ++u)
+        acc[u] = g.accumulate ? Act<T>::load(o + c + u * kL) : Vec::zero();
+      for (int64_t b = 0; b < K; ++b) {
+        const T* w = g.w + b * g.ldw + c;
+#pragma GCC unroll 4
+        for (int u = 0; u < kU; ++u) acc[u] = Vec::fma(coef[b], Act<T>::load(w + u * kL), acc[u]);
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < kU; ++u) Act<T>::store(o + c + u * kL, kL, tail, acc[u]);
+    }
+    for (; c < kv; c += kL) {
+      Vec::Reg acc = g.accumulate ? Act<T>::load(o + c) : Vec::zero();
+      for (int64_t b = 0; b < K; ++b)
+        acc = Vec::fma(coef[b], Act<T>::load(g.w + b * g.ldw + c), acc);
+      Act<T>::store(o + c, kL, tail, acc);
+    }
+    if (kv < k) {
+      Vec::Reg acc = g.accumulate ? Act<T>::load(o + kv, k - kv, tail) : Vec::zero();
+      for (int64_t b = 0; b < K; ++b) {
+        acc = Vec::fma(coef[b], Act<T>::load(g.w + b * g.ldw + kv, k - kv, tail), acc);
+      }
+      Act<T>::store(o + kv, k - kv, tail, acc);
+    }
+  }
+}
+
 // Registers: M x R accumulators (nt) or M x R broadcasts (nn), R weight vectors, a row vector.
 template <int M>
 constexpr int rows_per_pass() {
@@ -369,9 +441,14 @@ void by_rows(int64_t m, Fn&& fn) {
 
 }  // namespace small
 
-// Output rows [i0, i1) of the tn product; every column.
+// Output rows [i0, i1) of the tn product (rank g.m <= kSmallRankRows); every column.
 template <typename T>
 inline void small_gemm_tn(const SmallGemmOf<T>& g, int64_t i0, int64_t i1) {
+  if (g.m > kSmallGemmRows) {
+    if (g.m > kSmallRankRows) bad_dispatch("small gemm tn: more rows than kSmallRankRows");
+    small::tn_rows_many(g, i0, i1);
+    return;
+  }
   small::by_rows(g.m, [&](auto m) { small::tn_rows<decltype(m)::value>(g, i0, i1); });
 }
 

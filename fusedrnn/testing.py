@@ -439,8 +439,8 @@ def isas_of_cpu() -> list:
 F64 = torch.float64
 # (m, n, k): single rows, columns and inner sizes, odd sizes, and k = 0 (C = beta * C); on the
 # CPU (execution/gemm.cpp) m of 5-32 runs the small GEMMs in groups of 4 rows (13, 16, 29), and
-# k <= 16 with m > 4 and A transposed the rank-k update (the weight gradients of a step of a few
-# rows, or of a short call's rows), with n across and off a vector's width
+# k <= 4 (under avx2 k <= 16) with m > 4 and A transposed the rank-k update (the weight gradients
+# of a step of a few rows, or of a short call's rows), with n across and off a vector's width
 RAW_GEMM_SHAPES = [
     (1, 1, 1),
     (3, 5, 7),

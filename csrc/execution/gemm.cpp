@@ -93,7 +93,9 @@ constexpr int64_t kSmallGemmGrainMacs = int64_t{1} << 15;
 // call's few rows in all (dgates^T x), as one pass that writes out once (faster than at::mm's
 // small-K GEMM: scripts/small_gemm_rate.py, docs/cpu_kernels.md). The kernel takes up to
 // kSmallRankRows (32) rows; from about 16 at::mm was as fast in fp32 (at 24-32 faster: a
-// (2048 x 512) result, one Zen 1 thread), so that more rows stay its.
+// (2048 x 512) result, one Zen 1 thread), so that more rows stay its. Measured under avx2 only:
+// the AVX-512 ISAs give it at most kSmallGemmRows rows (the steps' rank updates) until it is
+// measured against oneDNN / MKL there.
 constexpr int64_t kSmallRankMaxRows = 16;
 static_assert(kSmallRankMaxRows <= cpu::kSmallRankRows,
               "the rank update's kernel takes fewer rows");
@@ -104,8 +106,10 @@ static_assert(kSmallRankMaxRows <= cpu::kSmallRankRows,
 template <typename T>
 bool small_rank_update(Tensor& out, const Tensor& a, const Tensor& b, float beta) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (!(k >= 1 && k <= kSmallRankMaxRows && (a.stride(0) == 1 || m == 1) &&
-        (b.stride(1) == 1 || n == 1) && (out.stride(1) == 1 || n == 1))) {
+  const int64_t max_rows =
+      cpu::current_isa() == cpu::Isa::kAVX2 ? kSmallRankMaxRows : cpu::kSmallGemmRows;
+  if (!(k >= 1 && k <= max_rows && (a.stride(0) == 1 || m == 1) && (b.stride(1) == 1 || n == 1) &&
+        (out.stride(1) == 1 || n == 1))) {
     return false;
   }
   const cpu::FusedStepKernels* kernels = cpu::fused_kernels();
